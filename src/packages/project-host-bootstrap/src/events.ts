@@ -1,0 +1,93 @@
+/**
+ * Progress events: what bootstrap.py sends to the hub while it runs.
+ *
+ * bootstrap.py's background sender spools every event to disk, then POSTs
+ * them in batches (`EventBatchSchema`) to `hub.events_url` with the
+ * bootstrap token in the Authorization header. Every event carries the run
+ * id and a per-run sequence number starting at 0, so the hub can store them
+ * idempotently (host, run_id, seq) and in order even when batches are
+ * replayed after an outage.
+ */
+import { z } from "zod";
+import { UUID_RE } from "./config.js";
+
+export const RUN_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$/;
+export const STEP_NAME_RE = /^[a-z][a-z0-9_.-]{0,63}$/;
+export const MAX_EVENTS_PER_BATCH = 200;
+export const MAX_BATCH_BYTES = 1024 * 1024;
+export const MAX_TEXT = 8192;
+
+export const STEP_OUTCOMES = ["changed", "unchanged", "skipped", "failed", "blocked"] as const;
+export type StepOutcome = (typeof STEP_OUTCOMES)[number];
+
+const Text = z.string().max(MAX_TEXT);
+
+const Base = {
+  run_id: z.string().regex(RUN_ID_RE).describe("Run id, new for every run of bootstrap.py."),
+  seq: z.int().min(0).max(1_000_000).describe("Sequence number within the run, from 0, without gaps."),
+  ts: z.number().min(0).describe("Unix time in seconds (float) when the event happened."),
+};
+
+export const StepInfoSchema = z.strictObject({
+  name: z.string().regex(STEP_NAME_RE),
+  deps: z.array(z.string().regex(STEP_NAME_RE)).max(64),
+  weight: z.number().min(0).describe("Expected duration in seconds, used to weight percent."),
+});
+
+export const RunStartEvent = z.strictObject({
+  ...Base,
+  type: z.literal("run_start"),
+  version: z.string().max(64).describe("bootstrap.py version."),
+  parallel: z.boolean(),
+  steps: z.array(StepInfoSchema).max(128).describe("The plan, in stable order."),
+});
+
+export const StepStartEvent = z.strictObject({
+  ...Base,
+  type: z.literal("step_start"),
+  step: z.string().regex(STEP_NAME_RE),
+});
+
+export const StepEndEvent = z.strictObject({
+  ...Base,
+  type: z.literal("step_end"),
+  step: z.string().regex(STEP_NAME_RE),
+  outcome: z.enum(STEP_OUTCOMES),
+  duration_s: z.number().min(0),
+  message: Text.default(""),
+  hint: Text.nullable().default(null),
+  log_tail: Text.nullable().default(null),
+});
+
+export const ProgressEvent = z.strictObject({
+  ...Base,
+  type: z.literal("progress"),
+  phase: z.string().max(128).describe("Human-readable phase, e.g. `installing bundles`."),
+  percent: z.number().min(0).max(100),
+});
+
+export const RunEndEvent = z.strictObject({
+  ...Base,
+  type: z.literal("run_end"),
+  ok: z.boolean(),
+  wall_s: z.number().min(0),
+  failed_step: z.string().regex(STEP_NAME_RE).nullable().default(null),
+  hint: Text.nullable().default(null),
+  log_tail: Text.nullable().default(null),
+});
+
+export const BootstrapEventSchema = z.discriminatedUnion("type", [
+  RunStartEvent,
+  StepStartEvent,
+  StepEndEvent,
+  ProgressEvent,
+  RunEndEvent,
+]);
+export type BootstrapEvent = z.output<typeof BootstrapEventSchema>;
+export type BootstrapEventInput = z.input<typeof BootstrapEventSchema>;
+
+export const EventBatchSchema = z.strictObject({
+  host_id: z.string().regex(UUID_RE),
+  events: z.array(BootstrapEventSchema).min(1).max(MAX_EVENTS_PER_BATCH),
+});
+export type EventBatch = z.output<typeof EventBatchSchema>;
