@@ -17,12 +17,14 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 __version__ = "0.1.0"
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 MIN_PYTHON = (3, 10)
@@ -109,13 +111,121 @@ MISSING: Any = _Missing()
 # ============================================================================
 
 # (engine) JSON-lines log at $BOOTSTRAP_ROOT/logs/bootstrap.log plus console.
+# Contract used by the steps: log.info/warn/error(message, **fields); every
+# record carries the current step automatically (a contextvar set by the plan).
+
+
+class Log:
+    """Minimal stand-in until the engine's logger lands; same interface."""
+
+    def info(self, message: str, **fields: Any) -> None:
+        print(message, file=sys.stderr)
+
+    def warn(self, message: str, **fields: Any) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    def error(self, message: str, **fields: Any) -> None:
+        print(f"error: {message}", file=sys.stderr)
 
 
 # ============================================================================
 # running commands
 # ============================================================================
 
-# (engine) run(), sudo, redaction, retry().
+# (engine) run_command(), sudo, redaction, retry().
+# Contract used by the steps (signatures are stable; the engine owns bodies).
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int
+    duration_s: float
+    output: str  # stdout and stderr, interleaved
+    tail: str  # last lines of output, for error messages
+
+
+class CommandError(BootstrapError):
+    def __init__(self, message: str, result: CommandResult, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint, log_tail=result.tail)
+        self.result = result
+
+
+def run_command(
+    argv: Sequence[str],
+    *,
+    sudo: bool = False,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 600.0,
+    check: bool = True,
+    cwd: str | None = None,
+    hint: str | None = None,
+) -> CommandResult:
+    """Run argv (never a shell string) with a minimal explicit environment.
+
+    `env` is added to the base environment (LANG=C.UTF-8, PATH, HOME, ...);
+    with sudo=True the command runs as `sudo -n env K=V ... argv`.
+    Raises CommandError on a non-zero exit when check=True, and on timeout
+    (after killing the whole process group).
+    """
+    import subprocess
+    import time
+
+    full_env = {
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    }
+    full_env["HOME"] = os.environ.get("HOME", "/")
+    full_env.update(env or {})
+    cmd = list(argv)
+    if sudo:
+        cmd = ["sudo", "-n", "env", *[f"{k}={v}" for k, v in sorted(full_env.items())], *cmd]
+    start = time.monotonic()
+    proc = subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout_s,
+        check=False,
+    )
+    output = proc.stdout.decode("utf-8", "replace")
+    result = CommandResult(
+        tuple(argv), proc.returncode, time.monotonic() - start, output, "\n".join(output.splitlines()[-20:])
+    )
+    if check and proc.returncode != 0:
+        raise CommandError(f"{argv[0]} exited with {proc.returncode}", result, hint=hint)
+    return result
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 3,
+    deadline_s: float = 300.0,
+    base_s: float = 1.0,
+    max_s: float = 30.0,
+    retry_if: Callable[[BaseException], bool] = lambda e: isinstance(e, BootstrapError),
+) -> T:
+    """Call fn until it succeeds: exponential backoff with jitter, bounded by
+    attempts and by a total deadline; re-raises the last error."""
+    import random
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except BaseException as e:
+            delay = min(max_s, base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            if attempt == attempts or not retry_if(e) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 # ============================================================================
@@ -297,7 +407,53 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 # steps
 # ============================================================================
 
-# (steps) one class per step of the flow.
+# (steps) one class per step of the flow, each a subclass of Step; the
+# tuple STEPS lists them all and is what the plan is built from.
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What check() found: satisfied (nothing to do) or not, and why."""
+
+    satisfied: bool
+    detail: str
+
+
+@dataclass
+class Context:
+    """What every step gets: the validated config and the logger."""
+
+    config: Config
+    log: Log
+
+
+class Step:
+    """A unit of the bootstrap: check() reads the real state (read-only);
+    apply() runs only when check() found work. inputs() is fingerprinted
+    into state.json so a changed input re-runs the step."""
+
+    name: ClassVar[str]
+    deps: ClassVar[tuple[str, ...]] = ()
+    weight_s: ClassVar[float] = 1.0  # expected seconds, weights progress percent
+    phase: ClassVar[str] = "bootstrapping"
+    hint: ClassVar[str] = "See the log for the failing command's output."
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.log = ctx.log
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {}
+
+    def check(self) -> StepState:
+        return StepState(False, "no check; always applies")
+
+    def apply(self) -> None:
+        pass
+
+
+STEPS: tuple[type[Step], ...] = ()
 
 
 # ============================================================================
@@ -351,7 +507,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def require_config_path(args: argparse.Namespace) -> str:
     if not args.config:
-        raise UsageError("--config PATH is required", hint="Pass the config the hub generated, e.g. --config bootstrap/bootstrap-config.json")
+        raise UsageError(
+            "--config PATH is required",
+            hint="Pass the config the hub generated, e.g. --config bootstrap/bootstrap-config.json",
+        )
     return str(args.config)
 
 
