@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up for tests and the demo on a fresh Linux machine
+# that has Node.js (20+) and python3: pnpm, the workspace's node_modules, the
+# Python dev venv and, when running as root, the Debian packages the real-
+# component tests use (PostgreSQL, Chromium, debootstrap, systemd-nspawn, ...).
+set -u
+
+PNPM_VERSION=10.34.9
+# What the tests and the demo use from Debian: a real PostgreSQL server, a
+# real headless browser, the throwaway-host tools, and the archive tools.
+SYSTEM_PACKAGES="postgresql chromium debootstrap systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux"
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+err() { say "error: $*"; exit 1; }
+
+need_cmd() {
+  command -v "$1" >/dev/null 2>&1 || err "need '$1' (command not found): $2"
+}
+
+ensure_pnpm() {
+  if command -v pnpm >/dev/null 2>&1 && [ "$(pnpm --version 2>/dev/null)" = "$PNPM_VERSION" ]; then
+    return 0
+  fi
+  say "installing pnpm $PNPM_VERSION"
+  npm install -g --silent "pnpm@$PNPM_VERSION" >/dev/null || err "npm install -g pnpm@$PNPM_VERSION failed"
+}
+
+missing_system_packages() {
+  local pkg
+  for pkg in $SYSTEM_PACKAGES; do
+    dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null | grep -q '^ii' || printf '%s ' "$pkg"
+  done
+}
+
+ensure_system_packages() {
+  if ! command -v apt-get >/dev/null 2>&1; then
+    say "not a Debian/Ubuntu machine: install by hand: $SYSTEM_PACKAGES"
+    return 0
+  fi
+  local missing
+  missing=$(missing_system_packages)
+  [ -n "$missing" ] || return 0
+  if [ "$(id -u)" != 0 ]; then
+    say "not root: cannot install $missing; the tests that need them will say so"
+    return 0
+  fi
+  say "installing Debian packages: $missing"
+  apt-get update -q >/dev/null || err "apt-get update failed"
+  # shellcheck disable=SC2086 # word splitting of the package list is intended
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null \
+    || err "apt-get install failed for: $missing"
+}
+
+main() {
+  local top
+  top=$(cd "$(dirname "$0")/.." && pwd) || err "cannot find the repository root"
+  cd "$top" || err "cannot cd to $top"
+  need_cmd node "install Node.js 20 or newer"
+  need_cmd python3 "install python3 (3.10 or newer)"
+  need_cmd npm "npm comes with Node.js"
+  ensure_system_packages
+  ensure_pnpm
+  say "pnpm install"
+  pnpm install --frozen-lockfile --reporter=silent || err "pnpm install failed"
+  bash scripts/python-venv.sh || err "python venv set-up failed"
+  say "building workspace packages"
+  pnpm -r --reporter=silent build || err "pnpm -r build failed"
+}
+
+main "$@" || exit 1

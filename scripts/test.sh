@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The README's test command: set-up, lint, type-check, then every test suite
+# (vitest in each package, pytest for bootstrap.py, the end-to-end bootstrap
+# of a throwaway host). Ends with one "N passed, N failed, N skipped" line.
+set -u
+
+say() { printf '\n=== %s\n' "$*" >&2; }
+
+run_vitest() {
+  local pkg=$1 out=$2
+  say "vitest: $pkg"
+  (cd "src/packages/$pkg" && pnpm exec vitest run --reporter=default --reporter=json --outputFile.json="$out/vitest-$pkg.json")
+}
+
+main() {
+  local top out rc=0 pkg
+  top=$(cd "$(dirname "$0")/.." && pwd) || return 1
+  cd "$top" || return 1
+  bash scripts/setup.sh || return 1
+  out=$(mktemp -d) || return 1
+
+  say "lint:shell"
+  pnpm --silent lint:shell || { echo "FAILED: lint:shell" >&2; rc=1; }
+  say "lint:bootstrap"
+  pnpm --silent lint:bootstrap || { echo "FAILED: lint:bootstrap" >&2; rc=1; }
+  say "typecheck"
+  pnpm --silent typecheck || { echo "FAILED: typecheck" >&2; rc=1; }
+
+  say "pytest: bootstrap.py"
+  bash scripts/pytest.sh --junitxml="$out/pytest.xml" || rc=1
+
+  for pkg in util project-host-bootstrap server host-testbed; do
+    [ -d "src/packages/$pkg/test" ] || continue
+    run_vitest "$pkg" "$out" || rc=1
+  done
+
+  .venv/bin/python scripts/test-summary.py "$out" || rc=1
+  rm -rf "$out"
+  return "$rc"
+}
+
+main "$@" || exit 1
