@@ -1,1 +1,3 @@
-export {};
+export { isValidUUID, UUID_PATTERN } from "./uuid.js";
+export { humanBytes, humanDuration } from "./human.js";
+export { shellQuote } from "./shell.js";
