@@ -162,7 +162,7 @@ export const NodeSchema = z
   .strictObject({
     version: z.string().regex(NODE_VERSION_RE, { message: "must be x.y.z" }).describe("Node.js version, e.g. `20.18.1`."),
     dist_url: HttpUrl.describe("Node dist mirror base; the release is at `<dist_url>/v<version>/` with SHASUMS256.txt."),
-    nvm: NvmSchema.nullable().default(null),
+    nvm: NvmSchema.nullable().default(null).describe("Optional pinned nvm (`~/.nvm/nvm.sh`); null installs Node.js in nvm's layout without nvm itself."),
   })
   .describe("Node.js, installed in nvm's layout under `<home>/.nvm`.");
 
@@ -187,7 +187,7 @@ export const BtrfsSchema = z
     mount_point: AbsPath.default("/btrfs").describe("Where the btrfs filesystem is mounted."),
     image_path: AbsPath.describe("Sparse loop image used when there is no data disk."),
     image_size_gb: PosInt(1 << 20).describe("Size of the sparse loop image."),
-    data_disk: DataDiskSchema.nullable().default(null),
+    data_disk: DataDiskSchema.nullable().default(null).describe("A dedicated data disk for /btrfs; null uses the sparse loop image."),
   })
   .describe("The btrfs filesystem for projects.");
 
@@ -244,7 +244,7 @@ export const BootstrapConfigSchema = z
     apt: AptSchema,
     btrfs: BtrfsSchema,
     service: ServiceSchema,
-    tunnel: TunnelSchema.nullable().default(null),
+    tunnel: TunnelSchema.nullable().default(null).describe("Optional reverse SSH tunnel (managed by the connector); null for none."),
     env: EnvVars,
   })
   .superRefine((c, ctx) => {

@@ -1,2 +1,5 @@
 export * from "./config.js";
 export * from "./events.js";
+export * from "./builders.js";
+export * from "./stub.js";
+export * from "./asset.js";
