@@ -1,0 +1,336 @@
+/**
+ * Test artifacts, built by the tests themselves and cached by their inputs:
+ *
+ * - the three bundles (.tar.xz, one top directory, stripped with
+ *   strip_components 1): project-host carries a small real daemon
+ *   (`bin/project-host`, python3) with a health endpoint; every bundle can
+ *   be padded with code-like text so it compresses like real software;
+ * - a Node.js dist mirror in the official layout
+ *   (`v<version>/node-v<version>-linux-<arch>.tar.xz` + `SHASUMS256.txt`),
+ *   made from the `node-linux-<arch>` npm package (the official `bin/node`)
+ *   plus npm under `lib/node_modules/npm`.
+ *
+ * `publishSite` lays them out for the artifact server with the hub's
+ * manifests (`<artifact>/latest-linux-<arch>.json`) and `.sha256` files.
+ */
+import { createHash } from "node:crypto";
+import { createReadStream, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync, chmodSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { cacheDir } from "./paths.js";
+import { run } from "./proc.js";
+
+/** Bump when the layout or content recipe changes. */
+const RECIPE_VERSION = 1;
+/** Fixed mtime for reproducible tarballs (2024-01-01). */
+const MTIME = "@1704067200";
+
+export const BUNDLES = ["project_host", "project", "tools"] as const;
+export type BundleName = (typeof BUNDLES)[number];
+
+export interface BundleSpec {
+  artifact: BundleName;
+  version: string;
+  /** Approximate uncompressed size of the padding (code-like text), bytes. */
+  paddingBytes: number;
+  /** xz preset; 6 is xz's default and what release tarballs use. */
+  xzLevel?: number;
+}
+
+export interface BuiltFile {
+  /** Absolute path in the cache. */
+  path: string;
+  sha256: string;
+  size_bytes: number;
+}
+
+export interface BuiltBundle extends BuiltFile {
+  spec: BundleSpec;
+  fileName: string;
+  /** Top directory inside the tarball (strip_components 1 removes it). */
+  topDir: string;
+  expectedFiles: string[];
+  executables: string[];
+}
+
+export interface NodeMirrorSpec {
+  version: string;
+  npmVersion: string;
+  /** Node's arch naming: x64 or arm64. */
+  arch?: "x64" | "arm64";
+  xzLevel?: number;
+}
+
+export interface BuiltNode extends BuiltFile {
+  spec: Required<NodeMirrorSpec>;
+  fileName: string;
+  /** Cache directory holding `v<version>/` (tarball + SHASUMS256.txt). */
+  mirrorDir: string;
+}
+
+export const DEFAULT_NODE: Required<NodeMirrorSpec> = { version: "20.20.2", npmVersion: "10.8.2", arch: "x64", xzLevel: 6 };
+
+const DAEMON_SOURCE = fileURLToPath(new URL("../src/daemon.py", import.meta.url));
+
+export function dashName(artifact: BundleName): string {
+  return artifact.replace(/_/g, "-");
+}
+
+function keyOf(value: unknown): string {
+  return createHash("sha256").update(JSON.stringify({ RECIPE_VERSION, value })).digest("hex").slice(0, 16);
+}
+
+export async function sha256File(path: string): Promise<string> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest("hex");
+}
+
+async function builtFile(path: string): Promise<BuiltFile> {
+  const metaPath = `${path}.meta.json`;
+  if (existsSync(metaPath)) return JSON.parse(readFileSync(metaPath, "utf8")) as BuiltFile;
+  const meta: BuiltFile = { path, sha256: await sha256File(path), size_bytes: statSync(path).size };
+  writeFileSync(metaPath, JSON.stringify(meta));
+  return meta;
+}
+
+// --- bundles -------------------------------------------------------------------
+
+export async function buildBundle(spec: BundleSpec, log: (line: string) => void = () => {}): Promise<BuiltBundle> {
+  const daemon = spec.artifact === "project_host" ? readFileSync(DAEMON_SOURCE, "utf8") : "";
+  const key = keyOf({ spec, daemon });
+  const name = dashName(spec.artifact);
+  const topDir = `${name}-${spec.version}`;
+  const fileName = `${name}-${spec.version}-linux-amd64.tar.xz`;
+  const dir = join(cacheDir(), "artifacts", name, `${spec.version}-${key}`);
+  const path = join(dir, fileName);
+  const expectedFiles = ["VERSION", "README.md"];
+  const executables = spec.artifact === "project_host" ? ["bin/project-host"] : ["bin/" + name];
+  if (!existsSync(path)) {
+    log(`building ${fileName} (${(spec.paddingBytes / 1e6).toFixed(0)} MB of padding)`);
+    const staging = join(dir, "staging");
+    rmSync(staging, { recursive: true, force: true });
+    const top = join(staging, topDir);
+    mkdirSync(join(top, "bin"), { recursive: true });
+    writeFileSync(join(top, "VERSION"), `${spec.version}\n`);
+    writeFileSync(join(top, "README.md"), `# ${name} ${spec.version}\n\nTest bundle built by @cocalc/host-testbed.\n`);
+    const exe = join(top, executables[0]!);
+    writeFileSync(exe, daemon ? daemon.replace("@VERSION@", spec.version) : `#!/bin/sh\necho ${name} ${spec.version}\n`);
+    chmodSync(exe, 0o755);
+    writePadding(join(top, "lib"), spec.paddingBytes, `${spec.artifact}-${spec.version}`);
+    await packTarXz(staging, topDir, path, spec.xzLevel ?? 6);
+    rmSync(staging, { recursive: true, force: true });
+  }
+  return { ...(await builtFile(path)), spec, fileName, topDir, expectedFiles, executables };
+}
+
+/** tar (reproducible: sorted, fixed owner and mtime) piped into multi-threaded xz. */
+async function packTarXz(cwd: string, entry: string, out: string, level: number): Promise<void> {
+  mkdirSync(dirname(out), { recursive: true });
+  const part = `${out}.part`;
+  await run(
+    [
+      "sh",
+      "-c",
+      'set -o pipefail 2>/dev/null; tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="$4" -C "$1" -cf - "$2" | xz -T0 -"$5" -c > "$3"',
+      "sh",
+      cwd,
+      entry,
+      part,
+      MTIME,
+      String(level),
+    ],
+    { timeoutMs: 30 * 60_000 },
+  );
+  renameSync(part, out);
+}
+
+// Code-like text: identifiers and keywords from a fixed vocabulary, so xz
+// compresses it about as well as a tree of JavaScript (4-6x), not like zeros.
+const KEYWORDS = ["const", "let", "return", "if", "else", "for", "function", "await", "async", "import", "export", "new", "this", "null", "true", "false"];
+const SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "qu", "ba", "do", "fe", "gi", "ho", "ju", "pe", "ri", "su", "ty", "wa", "xo", "yu", "ce"];
+
+class Prng {
+  private s: number;
+  constructor(seed: string) {
+    this.s = createHash("sha256").update(seed).digest().readUInt32LE(0) || 1;
+  }
+  next(): number {
+    // xorshift32: fast and deterministic; quality is irrelevant here.
+    let x = this.s;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    this.s = x >>> 0;
+    return this.s;
+  }
+  pick<T>(xs: readonly T[]): T {
+    return xs[this.next() % xs.length]!;
+  }
+}
+
+function vocabulary(rng: Prng, size: number): string[] {
+  const words: string[] = [];
+  for (let i = 0; i < size; i++) {
+    const n = 2 + (rng.next() % 3);
+    let w = "";
+    for (let j = 0; j < n; j++) w += rng.pick(SYLLABLES);
+    words.push(rng.next() % 4 === 0 ? `${w}_${rng.pick(SYLLABLES)}` : w);
+  }
+  return words;
+}
+
+function codeLine(rng: Prng, words: string[]): string {
+  const indent = "  ".repeat(rng.next() % 4);
+  switch (rng.next() % 5) {
+    case 0:
+      return `${indent}${rng.pick(KEYWORDS)} ${rng.pick(words)} = ${rng.pick(words)}(${rng.pick(words)}, ${rng.next() % 10000});`;
+    case 1:
+      return `${indent}if (${rng.pick(words)}.${rng.pick(words)} !== ${rng.pick(words)}) { ${rng.pick(words)}(); }`;
+    case 2:
+      return `${indent}// ${rng.pick(words)} ${rng.pick(words)} ${rng.pick(words)} ${rng.pick(words)}`;
+    case 3:
+      return `${indent}export function ${rng.pick(words)}(${rng.pick(words)}, ${rng.pick(words)}) {`;
+    default:
+      return `${indent}return ${rng.pick(words)}.${rng.pick(words)}[${rng.next() % 64}] + "${rng.pick(words)}";`;
+  }
+}
+
+const PADDING_FILE_BYTES = 256 * 1024;
+
+function writePadding(dir: string, bytes: number, seed: string): void {
+  if (bytes <= 0) return;
+  const rng = new Prng(seed);
+  const words = vocabulary(rng, 4096);
+  let written = 0;
+  for (let file = 0; written < bytes; file++) {
+    const sub = join(dir, `m${String(Math.floor(file / 64)).padStart(3, "0")}`);
+    if (file % 64 === 0) mkdirSync(sub, { recursive: true });
+    const target = Math.min(PADDING_FILE_BYTES, bytes - written);
+    const lines: string[] = [];
+    let size = 0;
+    while (size < target) {
+      const line = codeLine(rng, words);
+      lines.push(line);
+      size += line.length + 1;
+    }
+    const text = lines.join("\n") + "\n";
+    writeFileSync(join(sub, `${rng.pick(words)}-${file}.js`), text);
+    written += text.length;
+  }
+}
+
+// --- Node dist mirror ------------------------------------------------------------
+
+/** `npm pack` into the cache once; returns the .tgz path. */
+async function npmPack(spec: string, log: (line: string) => void): Promise<string> {
+  const dir = join(cacheDir(), "npm");
+  mkdirSync(dir, { recursive: true });
+  const [name, version] = [spec.slice(0, spec.lastIndexOf("@")), spec.slice(spec.lastIndexOf("@") + 1)];
+  const tgz = join(dir, `${name.replace(/^@/, "").replace(/\//g, "-")}-${version}.tgz`);
+  if (existsSync(tgz)) return tgz;
+  log(`npm pack ${spec}`);
+  await run(["npm", "pack", spec, "--silent", "--pack-destination", dir], { cwd: dir, timeoutMs: 10 * 60_000 });
+  if (!existsSync(tgz)) throw new Error(`npm pack ${spec} did not produce ${tgz}`);
+  return tgz;
+}
+
+export async function buildNodeMirror(input: NodeMirrorSpec = DEFAULT_NODE, log: (line: string) => void = () => {}): Promise<BuiltNode> {
+  const spec: Required<NodeMirrorSpec> = { ...DEFAULT_NODE, ...input };
+  const base = `node-v${spec.version}-linux-${spec.arch}`;
+  const fileName = `${base}.tar.xz`;
+  const mirrorDir = join(cacheDir(), "node-mirror", keyOf(spec));
+  const releaseDir = join(mirrorDir, `v${spec.version}`);
+  const path = join(releaseDir, fileName);
+  if (!existsSync(join(releaseDir, "SHASUMS256.txt"))) {
+    const nodeTgz = await npmPack(`node-linux-${spec.arch}@${spec.version}`, log);
+    const npmTgz = await npmPack(`npm@${spec.npmVersion}`, log);
+    log(`building ${fileName}`);
+    const staging = join(mirrorDir, "staging");
+    rmSync(staging, { recursive: true, force: true });
+    const top = join(staging, base);
+    const npmDir = join(top, "lib", "node_modules", "npm");
+    mkdirSync(npmDir, { recursive: true });
+    await run(["tar", "-xzf", nodeTgz, "-C", top, "--strip-components=1", "--no-same-owner"]);
+    await run(["tar", "-xzf", npmTgz, "-C", npmDir, "--strip-components=1", "--no-same-owner"]);
+    rmSync(join(top, "package.json"), { force: true }); // npm's metadata, not in the official tarball
+    chmodSync(join(top, "bin", "node"), 0o755);
+    // The official tarball links npm and npx into bin/.
+    symlinkSync("../lib/node_modules/npm/bin/npm-cli.js", join(top, "bin", "npm"));
+    symlinkSync("../lib/node_modules/npm/bin/npx-cli.js", join(top, "bin", "npx"));
+    await packTarXz(staging, base, path, spec.xzLevel);
+    rmSync(staging, { recursive: true, force: true });
+    const meta = await builtFile(path);
+    writeFileSync(join(releaseDir, "SHASUMS256.txt"), `${meta.sha256}  ${fileName}\n`);
+  }
+  return { ...(await builtFile(path)), spec, fileName, mirrorDir };
+}
+
+// --- the published site ------------------------------------------------------------
+
+export interface PublishedBundle {
+  artifact: BundleName;
+  version: string;
+  url: string;
+  manifestUrl: string;
+  /** What the manifest says (wrong on purpose when asked). */
+  sha256: string;
+  size_bytes: number;
+  strip_components: number;
+  expected_files: string[];
+  executables: string[];
+}
+
+export interface PublishedSite {
+  dir: string;
+  baseUrl: string;
+  bundles: Record<BundleName, PublishedBundle>;
+  node: { version: string; dist_url: string; sha256: string };
+}
+
+export interface PublishOptions {
+  /** The manifest and .sha256 of this bundle carry a wrong checksum. */
+  wrongChecksum?: BundleName;
+}
+
+/**
+ * Lay out `dir` (served at `baseUrl`) with links to the cached files, the
+ * manifests (`<artifact>/latest-linux-amd64.json`: url, sha256, size_bytes,
+ * built_at, os, arch) and `.sha256` files (`<hex>  <name>`).
+ */
+export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[], node: BuiltNode, opts: PublishOptions = {}): PublishedSite {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  const base = baseUrl.replace(/\/+$/, "");
+  const out = {} as Record<BundleName, PublishedBundle>;
+  for (const b of bundles) {
+    const name = dashName(b.spec.artifact);
+    const rel = `${name}/${b.spec.version}/${b.fileName}`;
+    mkdirSync(join(dir, name, b.spec.version), { recursive: true });
+    symlinkSync(b.path, join(dir, rel));
+    const sha256 = opts.wrongChecksum === b.spec.artifact ? createHash("sha256").update(`not ${b.sha256}`).digest("hex") : b.sha256;
+    writeFileSync(join(dir, `${rel}.sha256`), `${sha256}  ${b.fileName}\n`);
+    const url = `${base}/${rel}`;
+    const manifest = { url, sha256, size_bytes: b.size_bytes, built_at: new Date(statSync(b.path).mtimeMs).toISOString(), os: "linux", arch: "amd64" };
+    writeFileSync(join(dir, name, "latest-linux-amd64.json"), JSON.stringify(manifest, null, 2) + "\n");
+    out[b.spec.artifact] = {
+      artifact: b.spec.artifact,
+      version: b.spec.version,
+      url,
+      manifestUrl: `${base}/${name}/latest-linux-amd64.json`,
+      sha256,
+      size_bytes: b.size_bytes,
+      strip_components: 1,
+      expected_files: b.expectedFiles,
+      executables: b.executables,
+    };
+  }
+  mkdirSync(join(dir, "node"), { recursive: true });
+  symlinkSync(join(node.mirrorDir, `v${node.spec.version}`), join(dir, "node", `v${node.spec.version}`));
+  return { dir, baseUrl: base, bundles: out, node: { version: node.spec.version, dist_url: `${base}/node`, sha256: node.sha256 } };
+}
+
+/** Default small bundles for the tests; the benchmark passes its own sizes. */
+export function testBundleSpecs(version = "1.0.0", paddingBytes = 2_000_000): BundleSpec[] {
+  return BUNDLES.map((artifact) => ({ artifact, version, paddingBytes: artifact === "project_host" ? paddingBytes / 2 : paddingBytes }));
+}
