@@ -1958,9 +1958,7 @@ def read_token(path: Path) -> str | None:
 class EventSender:
     """Posts spooled events to the hub's events URL, oldest run first."""
 
-    def __init__(
-        self, spool: EventSpool, *, url: str, host_id: str, token: str | None, log: Log
-    ) -> None:
+    def __init__(self, spool: EventSpool, *, url: str, host_id: str, token: str | None, log: Log) -> None:
         self.spool = spool
         self.url = url
         self.host_id = host_id
@@ -2264,9 +2262,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", help="the bootstrap config JSON")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("command", nargs="?", default="run", choices=COMMANDS, help="what to do (default: run)")
-    parser.add_argument(
-        "--only", action="append", default=[], metavar="STEPS", help="run only these steps (run, plan)"
-    )
+    parser.add_argument("--only", action="append", default=[], metavar="STEPS", help="run only these steps (run, plan)")
     parser.add_argument("--skip", action="append", default=[], metavar="STEPS", help="leave these steps out")
     parser.add_argument(
         "--jobs", type=positive_int, metavar="N", help="steps at once (default: one per step; 1 if parallel is false)"
