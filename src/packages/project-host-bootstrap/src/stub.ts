@@ -44,6 +44,12 @@ export interface StubOptions {
   bootstrapPySha256?: string;
   /** curl `--max-time` per download attempt, seconds (default 300). */
   downloadMaxTimeS?: number;
+  /**
+   * curl `--retry` (default 5: with curl's doubling delays, about 30 s of
+   * retries, enough to ride out a hub restart). `--retry-all-errors` also
+   * retries a 401, so a wrong token takes that long to fail.
+   */
+  downloadRetries?: number;
 }
 
 /** Stub options for a config the builders produced. */
@@ -63,6 +69,8 @@ function checkStubOptions(opts: StubOptions): ConfigIssue[] {
   if (opts.bootstrapPySha256 !== undefined && !SHA256_RE.test(opts.bootstrapPySha256)) bad("bootstrapPySha256", "must be 64 lowercase hex digits");
   const maxTime = opts.downloadMaxTimeS;
   if (maxTime !== undefined && !(Number.isInteger(maxTime) && maxTime >= 1 && maxTime <= 3600)) bad("downloadMaxTimeS", "must be an integer from 1 to 3600");
+  const retries = opts.downloadRetries;
+  if (retries !== undefined && !(Number.isInteger(retries) && retries >= 0 && retries <= 20)) bad("downloadRetries", "must be an integer from 0 to 20");
   return issues;
 }
 
@@ -74,6 +82,7 @@ function settingsBody(opts: StubOptions): string {
     ["bootstrap_dir", opts.bootstrapDir],
     ["bootstrap_py_sha256", opts.bootstrapPySha256 ?? bootstrapPySha256()],
     ["curl_max_time", String(opts.downloadMaxTimeS ?? 300)],
+    ["curl_retries", String(opts.downloadRetries ?? 5)],
     ["token_file", `${opts.bootstrapDir}/${TOKEN_FILE_NAME}`],
     ["config_file", `${opts.bootstrapDir}/${CONFIG_FILE_NAME}`],
     ["bootstrap_py", `${opts.bootstrapDir}/${BOOTSTRAP_PY_FILE_NAME}`],
@@ -179,7 +188,7 @@ read_token() {
 fetch() {
   rm -f "$2"
   curl --fail --silent --show-error --location --proto '=http,https' \\
-    --retry 5 --retry-all-errors --connect-timeout 10 --max-time "$curl_max_time" \\
+    --retry "$curl_retries" --retry-all-errors --connect-timeout 10 --max-time "$curl_max_time" \\
     --output "$2" --config - "$1" <<EOF
 header = "Authorization: Bearer $token"
 EOF

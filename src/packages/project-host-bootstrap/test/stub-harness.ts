@@ -1,0 +1,198 @@
+/**
+ * Real things for running rendered stubs: a hub stand-in (node:http on
+ * 127.0.0.1), a throwaway non-root user (when the tests run as root), a curl
+ * wrapper that records curl's argv and then runs the real curl, and a small
+ * stand-in bootstrap.py that reports what it saw.
+ */
+import { execFileSync, spawn } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer, type Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import { tmpdir, userInfo } from "node:os";
+import { join } from "node:path";
+
+export const IS_ROOT = process.getuid?.() === 0;
+
+export const sha256 = (data: Buffer | string): string => createHash("sha256").update(data).digest("hex");
+
+export function newToken(): string {
+  return `tok_${randomBytes(24).toString("base64url")}`;
+}
+
+export interface HubRequest {
+  path: string;
+  authorization: string | undefined;
+}
+
+export interface HubStandIn {
+  baseUrl: string;
+  requests: HubRequest[];
+  /** What `<base>/bootstrap.py` and `<base>/config` answer; tests change them between runs. */
+  files: { bootstrapPy: Buffer; config: Buffer };
+  close(): Promise<void>;
+}
+
+/** Serves `<base>/bootstrap.py` and `<base>/config`, both only with `Authorization: Bearer <token>`. */
+export async function startHub(token: string, files: HubStandIn["files"]): Promise<HubStandIn> {
+  const base = "/api/bootstrap/hosts/3f2c8a1e-7b4d-4e5f-9a6b-0c1d2e3f4a5b";
+  const requests: HubRequest[] = [];
+  const hub = { files } as HubStandIn;
+  const server: Server = createServer((req, res) => {
+    requests.push({ path: req.url ?? "", authorization: req.headers.authorization });
+    if (req.headers.authorization !== `Bearer ${token}`) {
+      res.writeHead(401).end("unauthorized\n");
+      return;
+    }
+    const body = req.url === `${base}/bootstrap.py` ? hub.files.bootstrapPy : req.url === `${base}/config` ? hub.files.config : null;
+    if (req.method !== "GET" || body === null) {
+      res.writeHead(404).end("not found\n");
+      return;
+    }
+    res.writeHead(200, { "content-length": body.length }).end(body);
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as AddressInfo;
+  hub.baseUrl = `http://127.0.0.1:${port}${base}`;
+  hub.requests = requests;
+  hub.close = () => new Promise((resolve) => server.close(() => resolve()));
+  return hub;
+}
+
+export interface StubUser {
+  name: string;
+  uid: number;
+  home: string;
+  /** Removes the user (if this harness created it) and the temp tree. */
+  cleanup(): void;
+}
+
+/**
+ * The user the stub runs the bootstrap as. As root: a fresh user made with
+ * useradd (so the drop from root is real). Otherwise: the current user, with
+ * a temp dir standing in for the home directory.
+ */
+export function makeStubUser(top: string): StubUser {
+  if (!IS_ROOT) {
+    const home = join(top, "home");
+    mkdirSync(home);
+    return { name: userInfo().username, uid: process.getuid?.() ?? -1, home, cleanup: () => rmSync(top, { recursive: true, force: true }) };
+  }
+  const name = `phbt${randomBytes(4).toString("hex")}`;
+  const home = join(top, "home", name);
+  mkdirSync(join(top, "home"));
+  // The user must be able to walk down to its home inside our temp dir.
+  chmodSync(top, 0o755);
+  chmodSync(join(top, "home"), 0o755);
+  execFileSync("useradd", ["--create-home", "--home-dir", home, "--shell", "/bin/sh", "--user-group", name]);
+  const uid = Number(execFileSync("id", ["-u", name], { encoding: "utf8" }).trim());
+  return {
+    name,
+    uid,
+    home,
+    cleanup: () => {
+      execFileSync("userdel", [name]);
+      rmSync(top, { recursive: true, force: true });
+    },
+  };
+}
+
+export function makeTop(): string {
+  return mkdtempSync(join(tmpdir(), "phb-stub-"));
+}
+
+/**
+ * A directory with a `curl` that appends its argv (one argument per line) to
+ * `<dir>/curl-argv.log`, then runs the real curl.
+ */
+export function makeCurlRecorder(top: string): { binDir: string; argvLog: string } {
+  const binDir = join(top, "bin");
+  mkdirSync(binDir, { mode: 0o755 });
+  const argvLog = join(binDir, "curl-argv.log");
+  const realCurl = execFileSync("sh", ["-c", "command -v curl"], { encoding: "utf8" }).trim();
+  writeFileSync(argvLog, "", { mode: 0o666 });
+  chmodSync(argvLog, 0o666); // the dropped-to user appends to it too
+  writeFileSync(
+    join(binDir, "curl"),
+    `#!/bin/sh\nprintf '%s\\n' "$@" >>'${argvLog}'\nexec '${realCurl}' "$@"\n`,
+    { mode: 0o755 },
+  );
+  return { binDir, argvLog };
+}
+
+/**
+ * A stand-in for bootstrap.py: records argv, uid, the token file's mode, and
+ * every process whose command line contains the token (scanning /proc while
+ * the stub and its tee are still running); prints a line; exits with the
+ * config's `exit_code`.
+ */
+export const STAND_IN_BOOTSTRAP_PY = Buffer.from(`import json
+import os
+import stat
+import sys
+
+args = sys.argv[1:]
+config_path = args[args.index("--config") + 1]
+bootstrap_dir = os.path.dirname(config_path)
+token_path = os.path.join(bootstrap_dir, "bootstrap-token")
+with open(token_path, "rb") as f:
+    token = f.read().strip()
+leaks = []
+for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+        continue
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if token in f.read():
+                leaks.append(pid)
+    except OSError:
+        pass
+with open(config_path) as f:
+    config = json.load(f)
+result = {
+    "argv": args,
+    "uid": os.getuid(),
+    "cwd": os.getcwd(),
+    "token_mode": stat.S_IMODE(os.stat(token_path).st_mode),
+    "leaks": leaks,
+    "stdin_is_devnull": os.path.samefile("/proc/self/fd/0", "/dev/null"),
+}
+with open(os.path.join(bootstrap_dir, "stand-in-result.json"), "w") as f:
+    json.dump(result, f)
+print("stand-in bootstrap.py ran", flush=True)
+print("stand-in stderr line", file=sys.stderr, flush=True)
+sys.exit(int(config.get("exit_code", 0)))
+`);
+
+export interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run `sh <stubPath> [args]` (async: the hub stand-in lives in this process). */
+export function runStub(stubPath: string, opts: { env?: NodeJS.ProcessEnv; args?: string[]; wrap?: string[] } = {}): Promise<RunResult> {
+  const argv = [...(opts.wrap ?? []), "sh", stubPath, ...(opts.args ?? [])];
+  return new Promise((resolve, reject) => {
+    const child = spawn(argv[0] as string, argv.slice(1), { env: opts.env ?? process.env, stdio: ["ignore", "pipe", "pipe"], cwd: "/" });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => child.kill("SIGKILL"), 45_000);
+    child.on("error", reject);
+    child.on("close", (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+/** Can this (non-root) process become uid 0 in a user namespace? */
+export function canUnshareRoot(): boolean {
+  try {
+    return execFileSync("unshare", ["--user", "--map-root-user", "id", "-u"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim() === "0";
+  } catch {
+    return false;
+  }
+}
