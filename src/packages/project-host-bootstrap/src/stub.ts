@@ -83,12 +83,17 @@ function settingsBody(opts: StubOptions): string {
     ["bootstrap_py_sha256", opts.bootstrapPySha256 ?? bootstrapPySha256()],
     ["curl_max_time", String(opts.downloadMaxTimeS ?? 300)],
     ["curl_retries", String(opts.downloadRetries ?? 5)],
-    ["token_file", `${opts.bootstrapDir}/${TOKEN_FILE_NAME}`],
-    ["config_file", `${opts.bootstrapDir}/${CONFIG_FILE_NAME}`],
-    ["bootstrap_py", `${opts.bootstrapDir}/${BOOTSTRAP_PY_FILE_NAME}`],
-    ["log_file", `${opts.bootstrapDir}/${STUB_LOG_FILE_NAME}`],
   ];
-  return values.map(([name, value]) => `  ${name}=${shellQuote(value)}`).join("\n");
+  const files: [string, string][] = [
+    ["token_file", TOKEN_FILE_NAME],
+    ["config_file", CONFIG_FILE_NAME],
+    ["bootstrap_py", BOOTSTRAP_PY_FILE_NAME],
+    ["log_file", STUB_LOG_FILE_NAME],
+  ];
+  return [
+    ...values.map(([name, value]) => `  ${name}=${shellQuote(value)}`),
+    ...files.map(([name, file]) => `  ${name}=$bootstrap_dir/${shellQuote(file)}`),
+  ].join("\n");
 }
 
 // The here-document delimiter cannot occur in a token (BOOTSTRAP_TOKEN_RE has no space).
@@ -136,6 +141,8 @@ export function renderStub(opts: StubOptions): string {
 # Usage: sh THIS_FILE [bootstrap.py arguments]   (as root: BOOTSTRAP_USER=user)
 set -u
 
+# The rendered values are literal on purpose ($ and backticks stay as they are).
+# shellcheck disable=SC2016
 settings() {
 ${settingsBody(opts)}
 }

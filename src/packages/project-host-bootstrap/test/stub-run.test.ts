@@ -159,6 +159,21 @@ describe("a rendered stub, run for real", () => {
     expect(existsSync(oldPy) ? readFileSync(oldPy) : null).toEqual(before);
   });
 
+  it("works in a bootstrap dir whose name has quotes, $(...), backticks and a newline", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const nastyParent = join(user.home, "it's $(touch pwned) `touch pwned2` \\ \"x\"\nline 2");
+    const nastyDir = join(nastyParent, "bootstrap");
+    const stub = writeStub("nasty.sh", renderStub(stubOptions({ bootstrapDir: nastyDir })));
+    const r = await runStub(stub, { env });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    const result = JSON.parse(readFileSync(join(nastyDir, "stand-in-result.json"), "utf8")) as { argv: string[] };
+    expect(result.argv).toEqual(["--config", join(nastyDir, "bootstrap-config.json")]);
+    expect(statSync(join(nastyDir, "bootstrap-token")).mode & 0o777).toBe(0o600);
+    for (const dir of ["/", user.home, nastyParent, nastyDir]) {
+      expect(existsSync(join(dir, "pwned")) || existsSync(join(dir, "pwned2")), dir).toBe(false);
+    }
+  });
+
   it("fails cleanly when the hub refuses the token", async () => {
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
     const wrongToken = newToken();

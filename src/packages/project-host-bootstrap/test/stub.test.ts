@@ -1,0 +1,144 @@
+/**
+ * The rendered stub as text: shellcheck- and `sh -n`-clean, every value
+ * quoted (checked by letting sh itself read the values back), options
+ * validated, and a truncated download runs nothing.
+ */
+import { execFileSync, spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, describe, expect, it } from "vitest";
+import { bootstrapPySha256 } from "../src/asset.js";
+import { BootstrapConfigError, buildBootstrapConfig } from "../src/builders.js";
+import { renderStub, type StubOptions, stubOptionsFor } from "../src/stub.js";
+import { EXAMPLE_BASE_URL, EXAMPLE_TOKEN, exampleHostFacts } from "../scripts/example-host.js";
+
+const SHELLCHECK = fileURLToPath(new URL("../../../../.venv/bin/shellcheck", import.meta.url));
+const work = mkdtempSync(join(tmpdir(), "phb-stubtext-"));
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+const exampleStub = () => renderStub(stubOptionsFor(buildBootstrapConfig(exampleHostFacts()), { baseUrl: EXAMPLE_BASE_URL, token: EXAMPLE_TOKEN }));
+
+const NASTY_DIR = "/tmp/it's a $(touch pwned) `id` \\ \"dir\"\nline two/bootstrap";
+// No whitespace: URLs cannot have any. ${IFS} does the job of a space in a command.
+const NASTY_URL = "http://127.0.0.1:1/a'b/$(touch${IFS}pwned)/`id`/\"q\"";
+
+function nastyOptions(overrides: Partial<StubOptions> = {}): StubOptions {
+  return { baseUrl: NASTY_URL, bootstrapDir: NASTY_DIR, bootstrapUser: "ubuntu", token: EXAMPLE_TOKEN, ...overrides };
+}
+
+function writeScript(name: string, text: string): string {
+  const path = join(work, name);
+  writeFileSync(path, text);
+  return path;
+}
+
+describe("renderStub text", () => {
+  it("passes shellcheck --shell=sh", () => {
+    expect(existsSync(SHELLCHECK), `${SHELLCHECK} is missing: run bash scripts/python-venv.sh`).toBe(true);
+    for (const [name, text] of [
+      ["example.sh", exampleStub()],
+      ["nasty.sh", renderStub(nastyOptions())],
+      ["no-token-no-user.sh", renderStub(nastyOptions({ token: null, bootstrapUser: null }))],
+    ] as const) {
+      const r = spawnSync(SHELLCHECK, ["--shell=sh", "--severity=style", writeScript(name, text)], { encoding: "utf8" });
+      expect(r.stdout + r.stderr, name).toBe("");
+      expect(r.status, name).toBe(0);
+    }
+  });
+
+  it.each(["sh", "bash"])("parses with %s -n", (shell) => {
+    for (const text of [exampleStub(), renderStub(nastyOptions()), renderStub(nastyOptions({ token: null }))]) {
+      const r = spawnSync(shell, ["-n", writeScript(`parse-${shell}.sh`, text)], { encoding: "utf8" });
+      expect(r.stderr).toBe("");
+      expect(r.status).toBe(0);
+    }
+  });
+
+  it("is functions only: set -u first, main \"$@\" || exit 1 as the last line", () => {
+    const lines = exampleStub().trimEnd().split("\n");
+    expect(lines[0]).toBe("#!/bin/sh");
+    expect(lines.find((l) => !l.startsWith("#"))).toBe("set -u");
+    expect(lines.at(-1)).toBe('main "$@" || exit 1');
+    // Outside function bodies there is nothing but comments, blank lines, set -u and the main call.
+    let depth = 0;
+    const topLevel: string[] = [];
+    for (const line of lines) {
+      if (/^[a-z_][a-z0-9_]*\(\) \{$/.test(line)) depth += 1;
+      else if (line === "}") depth -= 1;
+      else if (depth === 0 && line.trim() !== "" && !line.startsWith("#")) topLevel.push(line);
+    }
+    expect(topLevel).toEqual(["set -u", 'main "$@" || exit 1']);
+  });
+
+  it("embeds the package's bootstrap.py sha256 by default, and the curl flags", () => {
+    const text = exampleStub();
+    expect(text).toContain(`bootstrap_py_sha256=${bootstrapPySha256()}`);
+    for (const flag of ["--fail", "--location", "--retry-all-errors", "--connect-timeout 10", '--max-time "$curl_max_time"', '--retry "$curl_retries"', "--config -"]) {
+      expect(text).toContain(flag);
+    }
+    expect(text).not.toContain("set -x");
+  });
+
+  it("quotes every value: sh reads back exactly what was rendered, and runs none of it", () => {
+    const text = renderStub(nastyOptions({ bootstrapUser: "o_neil-2" }));
+    // Run the stub's settings() only (drop the main call) and print the values.
+    const probe = `${text.replace(/main "\$@" \|\| exit 1\n$/, "")}settings\nprintf '%s\\0' "$base_url" "$bootstrap_dir" "$default_user" "$token_file" "$config_file"\n`;
+    const dir = mkdtempSync(join(work, "cwd-"));
+    const out = execFileSync("sh", [writeScript("probe.sh", probe)], { cwd: dir, encoding: "utf8" });
+    expect(out.split("\0").slice(0, -1)).toEqual([
+      NASTY_URL,
+      NASTY_DIR,
+      "o_neil-2",
+      `${NASTY_DIR}/bootstrap-token`,
+      `${NASTY_DIR}/bootstrap-config.json`,
+    ]);
+    expect(existsSync(join(dir, "pwned"))).toBe(false);
+  });
+
+  it("writes the token only through a quoted here-document, not as an argument", () => {
+    const text = exampleStub();
+    const tokenLines = text.split("\n").filter((l) => l.includes(EXAMPLE_TOKEN));
+    expect(tokenLines).toEqual([EXAMPLE_TOKEN]); // alone on its here-document line
+    expect(text).toContain("<<'COCALC_BOOTSTRAP_TOKEN_END'");
+    const withoutToken = renderStub(nastyOptions({ token: null }));
+    expect(withoutToken).not.toContain("COCALC_BOOTSTRAP_TOKEN_END");
+    expect(withoutToken).toContain("no bootstrap token");
+  });
+
+  it("rejects bad options, naming each one", () => {
+    let error: unknown;
+    try {
+      renderStub({
+        baseUrl: "ftp://hub/x",
+        bootstrapDir: "relative/dir",
+        bootstrapUser: "root",
+        token: "has space and 'quote'",
+        bootstrapPySha256: "ABC",
+        downloadMaxTimeS: 0,
+        downloadRetries: -1,
+      });
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(BootstrapConfigError);
+    const message = (error as Error).message;
+    for (const path of ["baseUrl", "bootstrapDir", "bootstrapUser", "token", "bootstrapPySha256", "downloadMaxTimeS", "downloadRetries"]) {
+      expect(message).toContain(`$.${path}:`);
+    }
+    expect(message).not.toContain("has space"); // a bad token is not echoed back
+  });
+
+  it("a truncated stub runs nothing (no directory made)", () => {
+    const dir = join(work, "truncated-target", "bootstrap");
+    const text = renderStub({ baseUrl: "http://127.0.0.1:1/x", bootstrapDir: dir, bootstrapUser: "nobody", token: EXAMPLE_TOKEN, downloadRetries: 0 });
+    const lastLine = text.lastIndexOf('main "$@"');
+    const cuts = Array.from({ length: 40 }, (_, i) => Math.floor((lastLine * i) / 40));
+    cuts.push(lastLine);
+    for (const cut of cuts) {
+      spawnSync("sh", [writeScript("truncated.sh", text.slice(0, cut))], { encoding: "utf8", cwd: work, timeout: 10_000 });
+      expect(existsSync(join(work, "truncated-target")), `cut at ${cut}`).toBe(false);
+    }
+  });
+});
