@@ -201,8 +201,9 @@ header = "Authorization: Bearer $token"
 EOF
 }
 
+# On stdin, because sha256sum escapes file names with a newline or backslash.
 verify_sha256() {
-  actual=$(sha256sum "$1") || return 1
+  actual=$(sha256sum <"$1") || return 1
   [ "\${actual%% *}" = "$2" ]
 }
 
