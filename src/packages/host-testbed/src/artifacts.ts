@@ -130,10 +130,10 @@ async function packTarXz(cwd: string, entry: string, out: string, level: number)
   const part = `${out}.part`;
   await run(
     [
-      "sh",
+      "bash",
       "-c",
-      'set -o pipefail 2>/dev/null; tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="$4" -C "$1" -cf - "$2" | xz -T0 -"$5" -c > "$3"',
-      "sh",
+      'set -o pipefail; tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="$4" -C "$1" -cf - "$2" | xz -T0 -"$5" -c > "$3"',
+      "bash",
       cwd,
       entry,
       part,

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 
 VERSION = "@VERSION@"
 ENV_FILE = os.environ.get("COCALC_PROJECT_HOST_ENV_FILE", "/etc/cocalc/project-host.env")
@@ -32,11 +33,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sys.stderr.write("project-host: " + (format % args) + "\n")
 
 
+def listen_port() -> int:
+    """The port of the host's internal URL (what the hub health-checks), else PORT."""
+    internal = os.environ.get("COCALC_HOST_INTERNAL_URL", "")
+    if internal:
+        parsed = urllib.parse.urlsplit(internal)
+        if parsed.port:
+            return parsed.port
+    return int(os.environ.get("PORT") or "9001")
+
+
 def main() -> int:
     if not os.path.isfile(ENV_FILE):
         print(f"project-host: {ENV_FILE} is missing; refusing to start", file=sys.stderr)
         return 78  # EX_CONFIG
-    port = int(os.environ.get("COCALC_PROJECT_HOST_PORT") or os.environ.get("PORT") or "9001")
+    port = listen_port()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     print(f"project-host {VERSION} listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
     server.serve_forever()

@@ -78,7 +78,7 @@ export async function ensureRootfsTarball(spec: RootfsSpec, log: (line: string) 
     await customise(work, spec);
     const t1 = Date.now();
     const partial = `${tarball}.${process.pid}.part`;
-    await run(["sh", "-c", 'tar --numeric-owner --xattrs -C "$1" -cf - . | zstd -T0 -q -3 -o "$2"', "sh", work, partial]);
+    await run(["bash", "-c", 'set -o pipefail; tar --numeric-owner --xattrs -C "$1" -cf - . | zstd -T0 -q -3 -o "$2"', "bash", work, partial]);
     renameSync(partial, tarball);
     const packMs = Date.now() - t1;
     log(`rootfs cached at ${tarball} (debootstrap ${(debootstrapMs / 1000).toFixed(1)} s, pack ${(packMs / 1000).toFixed(1)} s)`);
@@ -105,5 +105,5 @@ async function customise(root: string, spec: RootfsSpec): Promise<void> {
 /** Unpack the tarball into `dest` (which must not exist yet). */
 export async function unpackRootfs(tarball: string, dest: string): Promise<void> {
   mkdirSync(dest, { recursive: true, mode: 0o755 });
-  await run(["sh", "-c", 'zstd -dcq "$1" | tar --numeric-owner --xattrs -xpf - -C "$2"', "sh", tarball, dest]);
+  await run(["bash", "-c", 'set -o pipefail; zstd -dcq "$1" | tar --numeric-owner --xattrs -xpf - -C "$2"', "bash", tarball, dest]);
 }

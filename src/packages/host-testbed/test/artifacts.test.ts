@@ -1,0 +1,149 @@
+/**
+ * The test artifacts themselves: layout, manifests, checksums, and the
+ * stand-in daemon really serving its health URL. Runs without root.
+ */
+import { spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { buildBundle, buildNodeMirror, publishSite, sha256File, testBundleSpecs, type BuiltBundle, type BuiltNode } from "../src/artifacts.js";
+import { run } from "../src/proc.js";
+
+let scratch: string;
+let bundles: BuiltBundle[];
+let node: BuiltNode;
+const savedCache = process.env.HOST_TESTBED_CACHE;
+
+beforeAll(async () => {
+  // Node's mirror comes from the shared cache (npm pack is slow the first time);
+  // the bundles are built fresh in a scratch cache so the build itself is tested.
+  node = await buildNodeMirror();
+  scratch = mkdtempSync(join(tmpdir(), "testbed-artifacts-"));
+  process.env.HOST_TESTBED_CACHE = scratch;
+  bundles = [];
+  for (const spec of testBundleSpecs("2.3.4", 300_000)) bundles.push(await buildBundle(spec));
+}, 300_000);
+
+afterAll(() => {
+  if (savedCache === undefined) delete process.env.HOST_TESTBED_CACHE;
+  else process.env.HOST_TESTBED_CACHE = savedCache;
+  rmSync(scratch, { recursive: true, force: true });
+});
+
+async function tarList(path: string): Promise<string[]> {
+  return (await run(["tar", "-tvJf", path])).stdout.trim().split("\n");
+}
+
+describe("bundles", () => {
+  it("have one top directory, the expected files and an executable daemon", async () => {
+    const ph = bundles.find((b) => b.spec.artifact === "project_host")!;
+    const listing = await tarList(ph.path);
+    const names = listing.map((l) => l.split(/\s+/).pop()!);
+    expect(names.every((n) => n.startsWith("project-host-2.3.4/"))).toBe(true);
+    for (const f of [...ph.expectedFiles, ...ph.executables]) expect(names).toContain(`project-host-2.3.4/${f}`);
+    expect(listing.find((l) => l.endsWith("/bin/project-host"))).toMatch(/^-rwxr-xr-x 0\/0 /);
+  });
+
+  it("compress like software (not like zeros) and are reproducible", async () => {
+    const project = bundles.find((b) => b.spec.artifact === "project")!;
+    const ratio = 300_000 / project.size_bytes;
+    expect(ratio).toBeGreaterThan(2);
+    expect(ratio).toBeLessThan(10);
+    expect(await sha256File(project.path)).toBe(project.sha256);
+    rmSync(project.path);
+    rmSync(`${project.path}.meta.json`);
+    const again = await buildBundle(project.spec);
+    expect(again.sha256).toBe(project.sha256);
+  });
+
+  it("are published with manifests, .sha256 files and a Node mirror with SHASUMS256.txt", () => {
+    const site = mkdtempSync(join(scratch, "site-"));
+    const published = publishSite(site, "http://127.0.0.1:9/a/", bundles, node);
+    const ph = published.bundles.project_host;
+    expect(ph.url).toBe("http://127.0.0.1:9/a/project-host/2.3.4/project-host-2.3.4-linux-amd64.tar.xz");
+    const manifest = JSON.parse(readFileSync(join(site, "project-host", "latest-linux-amd64.json"), "utf8"));
+    expect(manifest).toMatchObject({ url: ph.url, sha256: ph.sha256, size_bytes: ph.size_bytes, os: "linux", arch: "amd64" });
+    expect(Number.isNaN(Date.parse(manifest.built_at))).toBe(false);
+    expect(readFileSync(join(site, "project-host", "2.3.4", "project-host-2.3.4-linux-amd64.tar.xz.sha256"), "utf8")).toBe(
+      `${ph.sha256}  project-host-2.3.4-linux-amd64.tar.xz\n`,
+    );
+    expect(published.node.dist_url).toBe("http://127.0.0.1:9/a/node");
+    expect(readFileSync(join(site, "node", `v${node.spec.version}`, "SHASUMS256.txt"), "utf8")).toBe(`${node.sha256}  ${node.fileName}\n`);
+  });
+
+  it("can be published with a wrong checksum on purpose", () => {
+    const site = mkdtempSync(join(scratch, "site-"));
+    const published = publishSite(site, "http://127.0.0.1:9", bundles, node, { wrongChecksum: "tools" });
+    const real = bundles.find((b) => b.spec.artifact === "tools")!.sha256;
+    expect(published.bundles.tools.sha256).not.toBe(real);
+    expect(published.bundles.project.sha256).toBe(bundles.find((b) => b.spec.artifact === "project")!.sha256);
+  });
+});
+
+describe("Node dist mirror", () => {
+  it("is the official layout: bin/node, npm under lib/node_modules, npm/npx links", async () => {
+    const listing = await tarList(node.path);
+    const top = `node-v${node.spec.version}-linux-x64/`;
+    const names = listing.map((l) => l.split(/\s+/)[5]!);
+    expect(names.every((n) => n.startsWith(top))).toBe(true);
+    expect(listing.find((l) => l.includes(`${top}bin/node`))).toMatch(/^-rwx/);
+    expect(names).toContain(`${top}lib/node_modules/npm/package.json`);
+    expect(listing.find((l) => l.includes(`${top}bin/npm `))).toContain("-> ../lib/node_modules/npm/bin/npm-cli.js");
+    expect(await sha256File(node.path)).toBe(node.sha256);
+  });
+});
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = createServer().listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+describe("stand-in project-host daemon", () => {
+  const daemonSource = () =>
+    readFileSync(new URL("../src/daemon.py", import.meta.url), "utf8").replace("@VERSION@", "9.9.9");
+
+  it("answers GET /healthz on the port of COCALC_HOST_INTERNAL_URL", async () => {
+    const dir = mkdtempSync(join(scratch, "daemon-"));
+    const envFile = join(dir, "project-host.env");
+    writeFileSync(envFile, "X=1\n");
+    writeFileSync(join(dir, "daemon.py"), daemonSource());
+    const port = await freePort();
+    const child = spawn("python3", [join(dir, "daemon.py")], {
+      env: { PATH: process.env.PATH, COCALC_PROJECT_HOST_ENV_FILE: envFile, COCALC_HOST_INTERNAL_URL: `http://127.0.0.1:${port}` },
+      stdio: "ignore",
+    });
+    try {
+      let body: { ok: boolean; version: string } | null = null;
+      for (let i = 0; i < 50 && !body; i++) {
+        try {
+          const r = await fetch(`http://127.0.0.1:${port}/healthz`);
+          if (r.status === 200) body = (await r.json()) as { ok: boolean; version: string };
+        } catch {
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+      expect(body).toMatchObject({ ok: true, version: "9.9.9" });
+      expect((await fetch(`http://127.0.0.1:${port}/other`)).status).toBe(404);
+    } finally {
+      child.kill();
+    }
+  });
+
+  it("fails fast when its env file is missing", async () => {
+    const dir = mkdtempSync(join(scratch, "daemon-"));
+    writeFileSync(join(dir, "daemon.py"), daemonSource());
+    const r = await run(["python3", join(dir, "daemon.py")], {
+      env: { PATH: process.env.PATH, COCALC_PROJECT_HOST_ENV_FILE: join(dir, "nope.env") },
+      allowFailure: true,
+      timeoutMs: 10_000,
+    });
+    expect(r.code).toBe(78);
+    expect(r.stderr).toContain("nope.env is missing");
+  });
+});
