@@ -1,0 +1,85 @@
+/**
+ * The hub side as an Express app: the bootstrap router under a prefix, plus
+ * an optional localhost-only admin route to provision hosts (demo and e2e).
+ * Never listens; `startHub()` in hub.ts does.
+ */
+import express, { type Express, type Request } from "express";
+import { z } from "zod";
+import type { Db } from "./db.js";
+import { errorHandler, HttpError, badRequest } from "./http-errors.js";
+import { type HostRecordInput, type ProvisionedHost, provisionHost, type SiteSettingsInput } from "./hosts.js";
+import { ManifestFetcher } from "./manifests.js";
+import { type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
+
+export const DEFAULT_PREFIX = "/bootstrap";
+
+export interface CreateAppOptions extends Omit<BootstrapRouterDeps, "db"> {
+  db: Db;
+  /** Site settings, or a function giving them (e.g. once the port is known). */
+  settings: SiteSettingsInput | (() => SiteSettingsInput);
+  /** Where the router is mounted (default `/bootstrap`). */
+  prefix?: string;
+  manifests?: ManifestFetcher;
+  tokenTtlMs?: number;
+  /** Mount `POST /admin/hosts` (accepted from loopback addresses only). */
+  enableAdmin?: boolean;
+}
+
+export interface HubApp {
+  app: Express;
+  provisionHost(record: HostRecordInput, opts?: { secrets?: Record<string, string> }): Promise<ProvisionedHost>;
+  close(): Promise<void>;
+}
+
+const LOOPBACK = new Set(["127.0.0.1", "::1", "::ffff:127.0.0.1"]);
+
+const ProvisionRequestSchema = z.strictObject({
+  record: z.record(z.string(), z.unknown()),
+  secrets: z.record(z.string(), z.string()).optional(),
+});
+
+function requireLoopback(req: Request): void {
+  if (!LOOPBACK.has(req.socket.remoteAddress ?? "")) throw new HttpError(403, "admin routes answer on loopback only");
+}
+
+export function createApp(opts: CreateAppOptions): HubApp {
+  const prefix = opts.prefix ?? DEFAULT_PREFIX;
+  const manifests = opts.manifests ?? new ManifestFetcher();
+  const settings = () => (typeof opts.settings === "function" ? opts.settings() : opts.settings);
+  const router = createBootstrapRouter(opts);
+  const app = express();
+  app.disable("x-powered-by");
+  app.set("trust proxy", false);
+  app.use(prefix, router);
+
+  const provision: HubApp["provisionHost"] = (record, o = {}) =>
+    provisionHost({ db: opts.db, settings: settings(), manifests, tokenTtlMs: opts.tokenTtlMs }, record, o);
+
+  if (opts.enableAdmin) {
+    app.post("/admin/hosts", express.json({ limit: 64 * 1024 }), async (req, res) => {
+      requireLoopback(req);
+      const body = ProvisionRequestSchema.safeParse(req.body);
+      if (!body.success) throw badRequest("provision request", body.error);
+      let host: ProvisionedHost;
+      try {
+        host = await provision(body.data.record as HostRecordInput, { secrets: body.data.secrets ?? {} });
+      } catch (err) {
+        // Refusals (bad record, bad manifest) are the operator's to read.
+        throw new HttpError(400, (err as Error).message);
+      }
+      res.status(201).set("Cache-Control", "no-store").json({
+        host_id: host.hostId,
+        base_url: host.baseUrl,
+        page_url: `${host.baseUrl}/`,
+        token: host.token,
+        expires_at: host.expiresAt.toISOString(),
+        stub: host.stub,
+        config: host.config,
+      });
+    });
+  }
+  app.use((req, _res, next) => next(new HttpError(404, `no route for ${req.method} ${req.path}`)));
+  app.use(errorHandler({ maxBodyBytes: 64 * 1024, logError: opts.logError ?? ((m, e) => console.error(`hub: ${m}:`, e)) }));
+
+  return { app, provisionHost: provision, close: () => router.closeBootstrap() };
+}

@@ -1,0 +1,186 @@
+/**
+ * A host's bootstrap config, assembled from what the hub knows: the host
+ * record, the site settings and the artifact manifests. Everything about the
+ * config and the stub comes from @cocalc/project-host-bootstrap; this module
+ * only gathers the facts and refuses bad ones with a clear message.
+ */
+import {
+  AbsPath,
+  ARCHES,
+  ARTIFACT_NAMES,
+  type ArtifactName,
+  type BootstrapConfig,
+  buildBootstrapConfig,
+  HOST_NAME_RE,
+  type HostFacts,
+  HttpUrl,
+  NODE_VERSION_RE,
+  renderStub,
+  SECRET_NAME_RE,
+  USER_RE,
+  UUID_RE,
+} from "@cocalc/project-host-bootstrap";
+import { z } from "zod";
+import type { Db } from "./db.js";
+import { ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
+import { saveHost, saveSecret } from "./store.js";
+import { DEFAULT_TOKEN_TTL_MS, issueToken } from "./tokens.js";
+
+/** The hub's record of one host (what the old bootstrap-host.ts read from the hosts table). */
+export const HostRecordSchema = z.strictObject({
+  id: z.string().regex(UUID_RE, { message: "must be a lowercase UUID" }),
+  name: z.string().regex(HOST_NAME_RE, { message: "must be a lowercase RFC 1123 host label" }),
+  region: z.string().max(64).default(""),
+  runtime_user: z.string().regex(USER_RE).refine((u) => u !== "root", { message: "must not be root" }),
+  arch: z.enum(ARCHES),
+  disk_size_gb: z.number().positive(),
+  data_disk_candidates: z.array(AbsPath).max(16).default([]),
+  data_disk_min_size_gb: z.int().min(1).default(10),
+  /** How users reach the host (passed to the daemon). */
+  public_url: HttpUrl.nullable().default(null),
+  /** Where the daemon listens on the host itself; its health endpoint is below it. */
+  internal_url: HttpUrl,
+});
+export type HostRecord = z.output<typeof HostRecordSchema>;
+export type HostRecordInput = z.input<typeof HostRecordSchema>;
+
+const ArtifactLayoutSchema = z.strictObject({
+  strip_components: z.int().min(0).max(8).default(0),
+  expected_files: z.array(z.string()).default([]),
+  executables: z.array(z.string()).default([]),
+});
+
+/** Site-wide settings (the hub's server settings) that every host's config uses. */
+export const SiteSettingsSchema = z.strictObject({
+  /** Base of the artifact manifests: `<software_base_url>/<artifact>/latest-<os>-<arch>.json`. */
+  software_base_url: HttpUrl,
+  /** Public URL where the bootstrap router is mounted, e.g. `https://hub.example.com/bootstrap`. */
+  bootstrap_url: HttpUrl,
+  hub_url: HttpUrl,
+  conat_urls: z.array(HttpUrl).min(1),
+  node_version: z.string().regex(NODE_VERSION_RE),
+  node_dist_url: HttpUrl.default("https://nodejs.org/dist"),
+  os: z.string().default("linux"),
+  /** Daemon executable inside the project-host bundle. */
+  project_host_exec: z.string().default("bin/project-host"),
+  health_path: z.string().startsWith("/").default("/healthz"),
+  apt_packages: z.array(z.string()).optional(),
+  parallel: z.boolean().default(true),
+  layouts: z.partialRecord(z.enum(ARTIFACT_NAMES), ArtifactLayoutSchema).default({}),
+  /** Secret names every host fetches (values are stored per host at provisioning). */
+  secret_names: z.array(z.string().regex(SECRET_NAME_RE)).default([]),
+});
+export type SiteSettings = z.output<typeof SiteSettingsSchema>;
+export type SiteSettingsInput = z.input<typeof SiteSettingsSchema>;
+
+/** Base URL of one host's routes; the stub GETs `<it>/bootstrap.py` and `<it>/config`. */
+export function hostBaseUrl(settings: Pick<SiteSettings, "bootstrap_url">, hostId: string): string {
+  return `${settings.bootstrap_url.replace(/\/+$/, "")}/hosts/${hostId}`;
+}
+
+/** All three manifests, fetched together; every refusal is reported at once. */
+export async function resolveArtifacts(
+  fetcher: ManifestFetcher,
+  settings: SiteSettings,
+  arch: HostRecord["arch"],
+): Promise<Record<ArtifactName, ResolvedArtifact>> {
+  const results = await Promise.allSettled(ARTIFACT_NAMES.map((a) => fetcher.artifact(settings.software_base_url, a, settings.os, arch)));
+  const errors = results.flatMap((r) => (r.status === "rejected" ? [(r.reason as Error).message] : []));
+  if (errors.length > 0) throw new Error(`cannot assemble the host config:\n  ${errors.join("\n  ")}`);
+  const out = {} as Record<ArtifactName, ResolvedArtifact>;
+  ARTIFACT_NAMES.forEach((a, i) => {
+    out[a] = (results[i] as PromiseFulfilledResult<ResolvedArtifact>).value;
+  });
+  return out;
+}
+
+function artifactFacts(artifacts: Record<ArtifactName, ResolvedArtifact>, settings: SiteSettings): HostFacts["artifacts"] {
+  const one = (a: ArtifactName) => ({
+    url: artifacts[a].url,
+    sha256: artifacts[a].sha256,
+    version: artifacts[a].version,
+    size_bytes: artifacts[a].size_bytes,
+    ...settings.layouts[a],
+  });
+  return { project_host: one("project_host"), project: one("project"), tools: one("tools") };
+}
+
+/** The builder's facts for this host: pure, no I/O. */
+export function hostFacts(record: HostRecord, settings: SiteSettings, artifacts: Record<ArtifactName, ResolvedArtifact>): HostFacts {
+  const base = hostBaseUrl(settings, record.id);
+  const env: Record<string, string> = { COCALC_HUB_URL: settings.hub_url, COCALC_HOST_INTERNAL_URL: record.internal_url };
+  if (record.public_url) env.COCALC_HOST_PUBLIC_URL = record.public_url;
+  if (record.region) env.COCALC_HOST_REGION = record.region;
+  const facts: HostFacts = {
+    host: { id: record.id, name: record.name },
+    bootstrap_user: record.runtime_user,
+    disk_size_gb: record.disk_size_gb,
+    arch: record.arch,
+    artifacts: artifactFacts(artifacts, settings),
+    node: { version: settings.node_version, dist_url: settings.node_dist_url },
+    hub: { url: base, events_url: `${base}/events`, secrets_url: `${base}/secrets` },
+    conat_urls: settings.conat_urls,
+    secrets: settings.secret_names,
+    service: { exec: settings.project_host_exec, health_url: `${record.internal_url.replace(/\/+$/, "")}${settings.health_path}` },
+    env,
+    parallel: settings.parallel,
+  };
+  if (settings.apt_packages) facts.apt = { packages: settings.apt_packages };
+  if (record.data_disk_candidates.length > 0) {
+    facts.btrfs = { data_disk: { candidates: record.data_disk_candidates, min_size_gb: record.data_disk_min_size_gb } };
+  }
+  return facts;
+}
+
+/** Host record + site settings + manifests → validated config (throws with the reasons). */
+export async function assembleHostConfig(
+  recordInput: HostRecordInput,
+  settingsInput: SiteSettingsInput,
+  fetcher: ManifestFetcher,
+): Promise<{ record: HostRecord; config: BootstrapConfig; artifacts: Record<ArtifactName, ResolvedArtifact> }> {
+  const record = HostRecordSchema.parse(recordInput);
+  const settings = SiteSettingsSchema.parse(settingsInput);
+  const artifacts = await resolveArtifacts(fetcher, settings, record.arch);
+  return { record, config: buildBootstrapConfig(hostFacts(record, settings, artifacts)), artifacts };
+}
+
+export interface ProvisionedHost {
+  hostId: string;
+  /** Base URL of the host's routes (`<bootstrap_url>/hosts/<id>`). */
+  baseUrl: string;
+  /** The bootstrap token: shown once, only its hash is stored. */
+  token: string;
+  expiresAt: Date;
+  /** The shell stub for cloud-init or the connector (contains the token). */
+  stub: string;
+  config: BootstrapConfig;
+}
+
+export interface ProvisionDeps {
+  db: Db;
+  settings: SiteSettingsInput;
+  manifests: ManifestFetcher;
+  tokenTtlMs?: number;
+}
+
+/**
+ * Register (or re-register) a host: assemble and store its config, store its
+ * secrets, issue a fresh token (revoking older ones) and render its stub.
+ */
+export async function provisionHost(
+  deps: ProvisionDeps,
+  recordInput: HostRecordInput,
+  opts: { secrets?: Record<string, string>; now?: Date } = {},
+): Promise<ProvisionedHost> {
+  const { record, config } = await assembleHostConfig(recordInput, deps.settings, deps.manifests);
+  const settings = SiteSettingsSchema.parse(deps.settings);
+  const now = opts.now ?? new Date();
+  const missing = config.secrets.filter((name) => opts.secrets?.[name] === undefined);
+  if (missing.length > 0) throw new Error(`host ${record.id}: no value for secret(s) ${missing.join(", ")}`);
+  await saveHost(deps.db, { hostId: record.id, record, config, now });
+  for (const [name, value] of Object.entries(opts.secrets ?? {})) await saveSecret(deps.db, record.id, name, value);
+  const { token, expiresAt } = await issueToken(deps.db, record.id, { ttlMs: deps.tokenTtlMs ?? DEFAULT_TOKEN_TTL_MS, now });
+  const baseUrl = hostBaseUrl(settings, record.id);
+  const stub = renderStub({ baseUrl, bootstrapDir: config.bootstrap_dir, bootstrapUser: config.bootstrap_user, token });
+  return { hostId: record.id, baseUrl, token, expiresAt, stub, config };
+}
