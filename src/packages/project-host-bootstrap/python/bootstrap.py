@@ -22,6 +22,7 @@ import graphlib
 import hashlib
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -919,6 +920,8 @@ def _json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a number too large for a double"
     if isinstance(value, (int, float)):
         return "a number"
     if isinstance(value, str):
@@ -963,8 +966,6 @@ def _string(*checks: StringCheck) -> Validator:
 
 
 def _is_finite_number(value: Any) -> bool:
-    import math
-
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
@@ -984,7 +985,8 @@ def _int(low: int, high: int) -> Validator:
             log.add(path, "expected an integer, got a fraction", value, fatal=True)
             return value
         number = int(value)
-        if abs(number) > MAX_SAFE_INTEGER:
+        # zod reports an unsafe integer and then the range too; say it once when the range says it already.
+        if abs(number) > MAX_SAFE_INTEGER and low <= number <= high:
             log.add(path, f"must be within +-{MAX_SAFE_INTEGER}", value)
         if number < low:
             log.add(path, f"must be >= {low}", value)
@@ -2308,7 +2310,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def issue_json(issue: ConfigIssue) -> dict[str, Any]:
     """One issue for machines: the JSON path as bootstrap.py prints it, and the value unless it is absent."""
     out: dict[str, Any] = {"path": issue.json_path(), "message": issue.message}
-    if not isinstance(issue.value, _Missing):
+    if isinstance(issue.value, float) and not math.isfinite(issue.value):
+        out["value"] = "Infinity" if issue.value > 0 else "-Infinity"  # 1e400 in the config; JSON has none
+    elif not isinstance(issue.value, _Missing):
         out["value"] = issue.value
     return out
 
