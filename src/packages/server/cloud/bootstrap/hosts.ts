@@ -15,6 +15,7 @@ import {
   type HostFacts,
   HttpUrl,
   NODE_VERSION_RE,
+  OsSchema,
   renderStub,
   SECRET_NAME_RE,
   USER_RE,
@@ -61,6 +62,8 @@ export const SiteSettingsSchema = z.strictObject({
   node_version: z.string().regex(NODE_VERSION_RE),
   node_dist_url: HttpUrl.default("https://nodejs.org/dist"),
   os: z.string().default("linux"),
+  /** Expected OS release on the hosts (`ID`, lowest `VERSION_ID`); default Ubuntu 24.04 (the builders' default). */
+  os_release: OsSchema.optional(),
   /** Daemon executable inside the project-host bundle. */
   project_host_exec: z.string().default("bin/project-host"),
   health_path: z.string().startsWith("/").default("/healthz"),
@@ -126,6 +129,7 @@ export function hostFacts(record: HostRecord, settings: SiteSettings, artifacts:
     parallel: settings.parallel,
   };
   if (settings.apt_packages) facts.apt = { packages: settings.apt_packages };
+  if (settings.os_release) facts.os = settings.os_release;
   if (record.data_disk_candidates.length > 0) {
     facts.btrfs = { data_disk: { candidates: record.data_disk_candidates, min_size_gb: record.data_disk_min_size_gb } };
   }
