@@ -1,6 +1,17 @@
+import { fileURLToPath } from "node:url";
 import { defineConfig } from "vitest/config";
 
+const pkg = (p: string) => fileURLToPath(new URL(`../${p}`, import.meta.url));
+
 export default defineConfig({
+  resolve: {
+    // Test against the workspace's sources, not whatever dist/ was built last.
+    alias: {
+      "@cocalc/server": pkg("server/cloud/bootstrap/index.ts"),
+      "@cocalc/project-host-bootstrap": pkg("project-host-bootstrap/src/index.ts"),
+      "@cocalc/util": pkg("util/src/index.ts"),
+    },
+  },
   test: {
     include: ["test/**/*.test.ts"],
     // The end-to-end suite boots real containers; one file at a time keeps

@@ -1,0 +1,265 @@
+/**
+ * The whole rig for one run of tests, the demo or the benchmark: artifacts
+ * built and published by an artifact server on 127.0.0.1, a hub from
+ * @cocalc/server on embedded PGlite, and helpers to provision a throwaway
+ * host there and run the hub's real stub inside it as root, the way
+ * cloud-init would.
+ *
+ * Variants (serial mode, a wrong checksum) are more hubs on the same
+ * database, each with its own site settings or artifact site.
+ */
+import { randomUUID } from "node:crypto";
+import { mkdirSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { join } from "node:path";
+import { startHub, type RunningHub, type HostStatus } from "@cocalc/server";
+import type { BootstrapConfig } from "@cocalc/project-host-bootstrap";
+import { startArtifactServer, type ArtifactServer } from "./artifact-server.js";
+import {
+  buildBundle,
+  buildNodeMirror,
+  DEFAULT_NODE,
+  publishSite,
+  testBundleSpecs,
+  type BuiltBundle,
+  type BuiltNode,
+  type BundleName,
+  type BundleSpec,
+  type NodeMirrorSpec,
+  type PublishedSite,
+} from "./artifacts.js";
+import type { ThrowawayHost } from "./host.js";
+import { cacheDir } from "./paths.js";
+import type { RunResult } from "./proc.js";
+
+/** A small apt set for tests; the benchmark passes the real list. */
+export const TEST_APT_PACKAGES = ["btrfs-progs", "xz-utils"];
+/** The throwaway hosts are Debian 12, not the default Ubuntu 24.04. */
+export const TESTBED_OS = { id: "debian", min_version: "12" } as const;
+/** Root disk size the hub is told: the btrfs loop image comes out at 2 GB. */
+export const TEST_DISK_SIZE_GB = 12;
+/** Where the stub lands in the host, like cloud-init's scripts (root-only). */
+export const STUB_PATH = "/root/cocalc-bootstrap-stub.sh";
+
+export interface TestbedOptions {
+  log?: (line: string) => void;
+  bundles?: BundleSpec[];
+  node?: NodeMirrorSpec;
+  aptPackages?: string[];
+  /** Artifact server limits (the benchmark's knobs). */
+  bandwidthBytesPerSec?: number;
+  latencyMs?: number;
+  hubPort?: number;
+  /** PGlite data directory (persisted); in memory when absent. */
+  hubDataDir?: string;
+  /** Work directory for the published site (default: under the cache). */
+  workDir?: string;
+}
+
+export interface HubVariant {
+  parallel?: boolean;
+  /** This bundle's manifest carries a wrong sha256. */
+  wrongChecksum?: BundleName;
+}
+
+export interface ProvisionedTestHost {
+  hostId: string;
+  hostName: string;
+  token: string;
+  stub: string;
+  config: BootstrapConfig;
+  hub: RunningHub;
+  /** The progress page. */
+  pageUrl: string;
+  statusUrl: string;
+  healthUrl: string;
+}
+
+export interface BootstrapRun extends RunResult {
+  wallMs: number;
+}
+
+export class Testbed {
+  private readonly variants = new Map<string, Promise<RunningHub>>();
+  private readonly sites = new Map<string, PublishedSite>();
+
+  private constructor(
+    readonly opts: TestbedOptions,
+    readonly artifactServer: ArtifactServer,
+    readonly bundles: BuiltBundle[],
+    readonly node: BuiltNode,
+    private readonly siteRoot: string,
+    readonly hub: RunningHub,
+  ) {
+    this.variants.set(variantKey({}), Promise.resolve(hub));
+  }
+
+  get log(): (line: string) => void {
+    return this.opts.log ?? (() => {});
+  }
+
+  /** Build (or reuse) the artifacts, serve them, start the hub. */
+  static async start(opts: TestbedOptions = {}): Promise<Testbed> {
+    const log = opts.log ?? (() => {});
+    const bundles: BuiltBundle[] = [];
+    for (const spec of opts.bundles ?? testBundleSpecs()) bundles.push(await buildBundle(spec, log));
+    const node = await buildNodeMirror(opts.node ?? DEFAULT_NODE, log);
+    const siteRoot = opts.workDir ?? join(cacheDir(), "sites", `${process.pid}-${Date.now()}`);
+    rmSync(siteRoot, { recursive: true, force: true });
+    mkdirSync(siteRoot, { recursive: true });
+    const artifactServer = await startArtifactServer({
+      root: siteRoot,
+      bandwidthBytesPerSec: opts.bandwidthBytesPerSec,
+      latencyMs: opts.latencyMs,
+    });
+    const site = publishSite(join(siteRoot, "main"), `${artifactServer.url}/main`, bundles, node);
+    const hub = await startHub({
+      port: opts.hubPort ?? 0,
+      dataDir: opts.hubDataDir,
+      artifactBaseUrl: site.baseUrl,
+      settings: siteSettings(site, opts.aptPackages ?? TEST_APT_PACKAGES, {}),
+      // Manifests change between variants and benchmark runs: never serve a stale one.
+      manifestTtlMs: 0,
+    });
+    const bed = new Testbed(opts, artifactServer, bundles, node, siteRoot, hub);
+    bed.sites.set("main", site);
+    log(`hub ${hub.url}, artifacts ${artifactServer.url}`);
+    return bed;
+  }
+
+  get site(): PublishedSite {
+    return this.sites.get("main")!;
+  }
+
+  /** A hub on the same database whose settings or artifacts differ. */
+  hubFor(variant: HubVariant = {}): Promise<RunningHub> {
+    const key = variantKey(variant);
+    let hub = this.variants.get(key);
+    if (!hub) {
+      hub = this.startVariant(variant);
+      this.variants.set(key, hub);
+    }
+    return hub;
+  }
+
+  private async startVariant(variant: HubVariant): Promise<RunningHub> {
+    let site = this.site;
+    if (variant.wrongChecksum) {
+      const name = `wrong-${variant.wrongChecksum}`;
+      site = publishSite(join(this.siteRoot, name), `${this.artifactServer.url}/${name}`, this.bundles, this.node, {
+        wrongChecksum: variant.wrongChecksum,
+      });
+      this.sites.set(name, site);
+    }
+    return startHub({
+      db: this.hub.db,
+      artifactBaseUrl: site.baseUrl,
+      settings: siteSettings(site, this.opts.aptPackages ?? TEST_APT_PACKAGES, variant),
+      manifestTtlMs: 0,
+    });
+  }
+
+  /** Register `host` with the hub (a variant of it when asked); gives its stub and token. */
+  async provision(host: ThrowawayHost, variant: HubVariant = {}): Promise<ProvisionedTestHost> {
+    const hub = await this.hubFor(variant);
+    // The hosts share this machine's network namespace: every daemon needs its own port.
+    const port = await freePort();
+    const internalUrl = `http://127.0.0.1:${port}`;
+    const p = await hub.provisionHost({
+      id: randomUUID(),
+      name: host.name,
+      runtime_user: host.user,
+      arch: "amd64",
+      disk_size_gb: TEST_DISK_SIZE_GB,
+      internal_url: internalUrl,
+    });
+    return {
+      hostId: p.hostId,
+      hostName: host.name,
+      token: p.token,
+      stub: p.stub,
+      config: p.config,
+      hub,
+      pageUrl: `${p.baseUrl}/`,
+      statusUrl: `${p.baseUrl}/status`,
+      healthUrl: p.config.service.health_url,
+    };
+  }
+
+  /**
+   * Run the stub inside the host as root with BOOTSTRAP_USER, as cloud-init
+   * would: the stub is a root-only file, never an argument.
+   */
+  async bootstrap(
+    host: ThrowawayHost,
+    p: ProvisionedTestHost,
+    opts: { onOutput?: (chunk: string) => void; args?: string[]; timeoutMs?: number } = {},
+  ): Promise<BootstrapRun> {
+    host.writeFile(STUB_PATH, p.stub, { mode: 0o700, owner: "root" });
+    const t0 = Date.now();
+    const r = await host.exec(["sh", STUB_PATH, ...(opts.args ?? [])], {
+      env: { BOOTSTRAP_USER: host.user },
+      allowFailure: true,
+      timeoutMs: opts.timeoutMs ?? 15 * 60_000,
+      onOutput: opts.onOutput ? (chunk) => opts.onOutput!(chunk) : undefined,
+    });
+    return { ...r, wallMs: Date.now() - t0 };
+  }
+
+  async status(p: ProvisionedTestHost): Promise<HostStatus> {
+    const r = await fetch(p.statusUrl);
+    if (!r.ok) throw new Error(`GET ${p.statusUrl}: ${r.status} ${await r.text()}`);
+    return (await r.json()) as HostStatus;
+  }
+
+  /** Poll the hub until the run is done or failed (the sender may lag the exit a little). */
+  async settledStatus(p: ProvisionedTestHost, timeoutMs = 30_000): Promise<HostStatus> {
+    const deadline = Date.now() + timeoutMs;
+    let s = await this.status(p);
+    while ((s.state === "running" || s.state === "pending" || s.state === "stale") && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 250));
+      s = await this.status(p);
+    }
+    return s;
+  }
+
+  async close(): Promise<void> {
+    const hubs = await Promise.all(this.variants.values());
+    // Variants first: they borrow the main hub's database.
+    for (const h of hubs.reverse()) await h.close().catch(() => {});
+    await this.artifactServer.close();
+    if (!this.opts.workDir) rmSync(this.siteRoot, { recursive: true, force: true });
+  }
+}
+
+function variantKey(v: HubVariant): string {
+  return JSON.stringify({ parallel: v.parallel ?? true, wrong: v.wrongChecksum ?? null });
+}
+
+/** Site settings for the testbed's hub: our mirror, our manifests, Debian 12. */
+function siteSettings(site: PublishedSite, aptPackages: string[], variant: HubVariant): Record<string, unknown> & { node_version: string } {
+  const layout = (a: BundleName) => ({
+    strip_components: site.bundles[a].strip_components,
+    expected_files: site.bundles[a].expected_files,
+    executables: site.bundles[a].executables,
+  });
+  return {
+    node_version: site.node.version,
+    node_dist_url: site.node.dist_url,
+    apt_packages: aptPackages,
+    parallel: variant.parallel ?? true,
+    os_release: { ...TESTBED_OS },
+    layouts: { project_host: layout("project_host"), project: layout("project"), tools: layout("tools") },
+  };
+}
+
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
