@@ -19,25 +19,34 @@ import copy
 import dataclasses
 import fcntl
 import graphlib
+import grp
 import hashlib
 import http.client
 import json
 import math
 import os
+import platform
+import pwd
 import random
 import re
 import secrets
+import shlex
+import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import threading
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -1259,7 +1268,215 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 # facts
 # ============================================================================
 
-# (steps) small read-only probes of the real system.
+# Small read-only probes of the real system, used by the steps' check() and
+# apply(). None of them changes anything; the ones that need root say so.
+
+ENV_FILE = Path("/etc/cocalc/project-host.env")
+FSTAB = Path("/etc/fstab")
+SYSTEMD_UNIT_DIR = Path("/etc/systemd/system")
+DPKG_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock")
+APT_LISTS_DIR = Path("/var/lib/apt/lists")
+APT_LISTS_LOCK = "/var/lib/apt/lists/lock"
+APT_UPDATE_STAMP = Path("/var/lib/apt/periodic/update-success-stamp")  # Ubuntu's, when present
+DPKG_UPDATES_DIR = Path("/var/lib/dpkg/updates")
+DPKG_ARCH_BY_MACHINE = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+NODE_ARCH_BY_DPKG = {"amd64": "x64", "arm64": "arm64"}
+BTRFS_SUBVOLUME_INO = 256  # the root directory of every btrfs subvolume has inode 256
+
+
+def read_text_or(path: str | os.PathLike[str], default: str = "") -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return default
+
+
+def read_os_release(path: str = "/etc/os-release") -> dict[str, str]:
+    """os-release(5) as a dict, quotes removed."""
+    result: dict[str, str] = {}
+    for line in read_text_or(path).splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or key.strip().startswith("#"):
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        result[key.strip()] = value
+    return result
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """'24.04' -> (24, 4), compared numerically; a non-numeric part ends it."""
+    parts: list[int] = []
+    for part in text.split("."):
+        m = re.match(r"\d+", part)
+        if not m:
+            break
+        parts.append(int(m.group()))
+        if m.end() != len(part):
+            break
+    return tuple(parts)
+
+
+def systemd_is_pid1() -> bool:
+    # sd_booted(3)'s own test, with /proc/1/comm as a second opinion.
+    return Path("/run/systemd/system").is_dir() or read_text_or("/proc/1/comm").strip() == "systemd"
+
+
+def machine_arch() -> str:
+    """This machine's architecture in Debian's naming (amd64, arm64)."""
+    if shutil.which("dpkg"):
+        found = run_command(["dpkg", "--print-architecture"], check=False, timeout_s=30)
+        if found.returncode == 0 and found.output.strip():
+            return found.output.strip()
+    machine = platform.machine()
+    return DPKG_ARCH_BY_MACHINE.get(machine, machine)
+
+
+def passwd_entry(user: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        return None
+
+
+def user_ids(user: str) -> tuple[int, int, str]:
+    """(uid, gid, primary group name) of an existing user."""
+    entry = pwd.getpwnam(user)
+    try:
+        group = grp.getgrgid(entry.pw_gid).gr_name
+    except KeyError:
+        group = str(entry.pw_gid)
+    return entry.pw_uid, entry.pw_gid, group
+
+
+def missing_packages(packages: Sequence[str]) -> list[str]:
+    """The packages dpkg does not list as installed ('ii')."""
+    if not packages:
+        return []
+    found = run_command(
+        ["dpkg-query", "-W", "-f=${Package}\t${db:Status-Abbrev}\n", *packages], check=False, timeout_s=60
+    )
+    installed = set()
+    for line in found.output.splitlines():  # "no packages found" lines (stderr) have no tab
+        name, tab, status = line.partition("\t")
+        if tab and status.strip() == "ii":
+            installed.add(name)
+    return [p for p in packages if p not in installed]
+
+
+def dpkg_interrupted() -> bool:
+    """dpkg was killed mid-run: pending records in /var/lib/dpkg/updates."""
+    try:
+        return any(DPKG_UPDATES_DIR.iterdir())
+    except OSError:
+        return False
+
+
+def apt_lists_age_s(own_stamp: Path | None = None) -> float | None:
+    """Seconds since the package lists were last refreshed, or None when there
+    are no lists at all. apt sets a list's mtime to the server's Last-Modified,
+    so a list's mtime only bounds the age; stamps written after a successful
+    update are more precise."""
+    newest: float | None = None
+    try:
+        for entry in os.scandir(APT_LISTS_DIR):
+            if entry.is_file() and entry.name != "lock":
+                newest = max(newest or 0.0, entry.stat().st_mtime)
+    except OSError:
+        return None
+    if newest is None:
+        return None
+    for stamp in [s for s in (APT_UPDATE_STAMP, own_stamp) if s is not None]:
+        with contextlib.suppress(OSError):
+            newest = max(newest, stamp.stat().st_mtime)
+    return max(0.0, time.time() - newest)
+
+
+def lock_holders(path: str) -> list[tuple[int, str]]:
+    """Processes holding a POSIX (fcntl) lock on `path`, as (PID, command line),
+    from /proc/locks. apt and dpkg lock with fcntl, so this names whoever holds
+    the dpkg/apt locks, and needs no root."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    exact: list[int] = []
+    same_inode: list[int] = []
+    for line in read_text_or("/proc/locks").splitlines():
+        # "1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->"
+        fields = line.split()
+        if len(fields) < 6 or "->" in fields or not fields[4].lstrip("-").isdigit():
+            continue
+        dev_ino = fields[5].rsplit(":", 1)
+        if len(dev_ino) != 2 or dev_ino[1] != str(st.st_ino) or int(fields[4]) <= 0:
+            continue
+        # btrfs and overlayfs report a different device in stat() than in /proc/locks.
+        (exact if dev_ino[0] == device else same_inode).append(int(fields[4]))
+    pids = exact or same_inode
+    return [(pid, process_command(pid)) for pid in sorted(set(pids))]
+
+
+def process_command(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")[:200] or "?"
+
+
+def describe_lock_holders(paths: Sequence[str]) -> str:
+    """'PID 1234 (apt-get install foo) holds /var/lib/dpkg/lock-frontend', or ''."""
+    found = [f"PID {pid} ({cmd}) holds {path}" for path in paths for pid, cmd in lock_holders(path)]
+    return "; ".join(found)
+
+
+def unescape_mount_field(text: str) -> str:
+    """/proc/self/mountinfo and fstab escape space, tab, newline, backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def mount_at(mount_point: str) -> tuple[str, str] | None:
+    """(source, fstype) of the filesystem mounted at mount_point (the topmost), or None."""
+    found = None
+    for line in read_text_or("/proc/self/mountinfo").splitlines():
+        before, sep, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if sep and len(fields) >= 5 and len(tail) >= 2 and unescape_mount_field(fields[4]) == mount_point:
+            found = (unescape_mount_field(tail[1]), tail[0])
+    return found
+
+
+def btrfs_sysfs_dir(source: str) -> Path | None:
+    """/sys/fs/btrfs/<fsid> of the filesystem on block device `source`."""
+    device = os.path.basename(os.path.realpath(source))
+    with contextlib.suppress(OSError):
+        for fs in Path("/sys/fs/btrfs").iterdir():
+            if (fs / "devices" / device).exists():
+                return fs
+    return None
+
+
+def is_btrfs_subvolume(path: Path) -> bool:
+    try:
+        return path.stat().st_ino == BTRFS_SUBVOLUME_INO and not path.is_symlink()
+    except OSError:
+        return False
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def systemctl_state(verb: str, unit: str) -> str:
+    """`systemctl is-active|is-enabled unit` as a word ('active', 'enabled', ...)."""
+    found = run_command(["systemctl", verb, unit], check=False, timeout_s=30)
+    return found.output.strip().splitlines()[-1] if found.output.strip() else "unknown"
 
 
 # ============================================================================
@@ -1313,7 +1530,1814 @@ class Step:
         pass
 
 
-STEPS: tuple[type[Step], ...] = ()
+# -- files owned by root, written through sudo ---------------------------------
+
+
+def write_root_file(path: Path, content: str, *, mode: int, owner: str = "root", group: str = "root") -> None:
+    """Replace a root-owned file atomically: the content goes to a 0600 temp
+    file of ours, `install` copies it beside the target with its final mode
+    and owner, `mv` renames it over the target (one filesystem: atomic)."""
+    fd, source = tempfile.mkstemp(prefix="cocalc-bootstrap-")
+    staged = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+        run_command(["install", "-d", "-m", "0755", str(path.parent)], sudo=True, timeout_s=30)
+        run_command(["install", "-m", f"{mode:04o}", "-o", owner, "-g", group, source, staged], sudo=True, timeout_s=30)
+        run_command(["mv", "-f", "-T", staged, str(path)], sudo=True, timeout_s=30)
+    except BaseException:
+        run_command(["rm", "-f", staged], sudo=True, check=False, timeout_s=30)
+        raise
+    finally:
+        os.unlink(source)
+
+
+def file_matches(path: Path, content: str, *, mode: int, uid: int | None = None, gid: int | None = None) -> bool:
+    """The file exists with exactly this content, mode (and owner)."""
+    try:
+        st = path.stat()
+        same = path.read_text(encoding="utf-8") == content
+    except (OSError, UnicodeDecodeError):
+        return False
+    return (
+        same
+        and stat.S_IMODE(st.st_mode) == mode
+        and (uid is None or st.st_uid == uid)
+        and (gid is None or st.st_gid == gid)
+    )
+
+
+def write_user_file(path: Path, content: str, mode: int) -> bool:
+    """Atomically write a file of ours when it differs; True when it changed."""
+    if file_matches(path, content, mode=mode):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, content, mode)
+    return True
+
+
+# -- downloads -------------------------------------------------------------------
+
+DOWNLOAD_CHUNK = 1 << 20
+DOWNLOAD_ATTEMPTS = 8
+DOWNLOAD_ATTEMPT_TIMEOUT_S = 30.0  # per socket operation: a stalled server fails the attempt
+DOWNLOAD_DEADLINE_S = 1800.0
+USER_AGENT = f"cocalc-bootstrap/{__version__}"
+SHA256_LINE_RE = re.compile(r"^([0-9a-fA-F]{64})(?:[ \t]+\*?(\S(?:.*\S)?))?$")
+DOWNLOAD_HINT = (
+    "Check that the URL answers from this host (curl -fI <url>) and that the hub's manifest is right; "
+    "the partial download is kept and resumed on the next run."
+)
+
+
+class TransientError(BootstrapError):
+    """A failure worth retrying: network errors, 5xx/429, a cut connection."""
+
+
+def http_open(url: str, *, timeout_s: float, headers: Mapping[str, str] | None = None) -> http.client.HTTPResponse:
+    """GET url; TransientError for what a retry may fix, BootstrapError otherwise."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code in (408, 425, 429) or e.code >= 500:
+            raise TransientError(f"GET {url}: HTTP {e.code} {e.reason}", hint=DOWNLOAD_HINT) from None
+        raise HttpStatusError(url, e.code, str(e.reason)) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TransientError(f"GET {url}: {reason}", hint=DOWNLOAD_HINT) from None
+    assert isinstance(response, http.client.HTTPResponse)
+    return response
+
+
+class HttpStatusError(BootstrapError):
+    def __init__(self, url: str, status: int, reason: str) -> None:
+        super().__init__(f"GET {url}: HTTP {status} {reason}", hint=DOWNLOAD_HINT)
+        self.status = status
+
+
+def http_get_text(url: str, *, limit: int = 1 << 20, timeout_s: float = DOWNLOAD_ATTEMPT_TIMEOUT_S) -> str:
+    """A small text resource (a checksum file), retried when transient."""
+
+    def attempt() -> str:
+        with http_open(url, timeout_s=timeout_s) as response:
+            try:
+                body = response.read(limit + 1)
+            except (OSError, http.client.HTTPException) as e:
+                raise TransientError(f"GET {url}: {e}", hint=DOWNLOAD_HINT) from None
+        if len(body) > limit:
+            raise BootstrapError(f"GET {url}: more than {limit} bytes; not a checksum file", hint=DOWNLOAD_HINT)
+        return body.decode("utf-8", "replace")
+
+    return retry(attempt, what=f"GET {url}", attempts=4, retry_if=lambda e: isinstance(e, TransientError))
+
+
+def url_basename(url: str) -> str:
+    return urllib.parse.unquote(os.path.basename(urllib.parse.urlsplit(url).path))
+
+
+def parse_sha256_file(text: str, name: str) -> str:
+    """The sha256 for `name` in sha256sum(1) format (`<hex>  <name>`, or a
+    lone `<hex>`). Anything else, or no entry or two different ones, is an error."""
+    found: set[str] = set()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        m = SHA256_LINE_RE.match(line)
+        if not m:
+            raise ValueError(f"not a sha256sum line: {line[:100]!r}")
+        listed = m.group(2)
+        if (listed is None and len(lines) == 1) or listed in (name, f"./{name}"):
+            found.add(m.group(1).lower())
+    if len(found) != 1:
+        raise ValueError(f"{'no' if not found else 'more than one'} sha256 for {name!r}")
+    return found.pop()
+
+
+def published_sha256(url: str) -> str:
+    """The checksum published beside an artifact, at `<url>.sha256`."""
+    parts = urllib.parse.urlsplit(url)
+    sha_url = urllib.parse.urlunsplit(parts._replace(path=parts.path + ".sha256"))
+    hint = (
+        f"Publish {url_basename(url)}.sha256 beside the artifact, or put its sha256 in the config; "
+        "bootstrap.py never installs an unverified download."
+    )
+    try:
+        text = http_get_text(sha_url, limit=64 * 1024)
+    except HttpStatusError as e:
+        raise BootstrapError(
+            f"no checksum for {url}: the config has none and {sha_url} answered HTTP {e.status}", hint=hint
+        ) from None
+    try:
+        return parse_sha256_file(text, url_basename(url))
+    except ValueError as e:
+        raise BootstrapError(f"{sha_url} is not a usable checksum file: {e}", hint=hint) from None
+
+
+def fetch_to_part(url: str, part: Path, *, deadline: float, timeout_s: float) -> str:
+    """One attempt: continue `part` from its current size (Range), hashing
+    as it streams; returns the sha256 of the whole file. A server that
+    ignores Range (200) starts the file and the hash over."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        response = http_open(url, timeout_s=timeout_s, headers=headers)
+    except HttpStatusError as e:
+        if e.status != 416:
+            raise
+        part.unlink()  # longer than the file: it changed upstream; start over
+        raise TransientError(f"GET {url}: the partial download does not fit the file; starting over") from None
+    with response:
+        if offset and response.status == 206 and content_range_start(response) == offset:
+            digest = hashlib.sha256()
+            with open(part, "rb") as f:
+                while chunk := f.read(DOWNLOAD_CHUNK):
+                    digest.update(chunk)
+            append = True
+        else:
+            digest, append, offset = hashlib.sha256(), False, 0
+        length = response.getheader("Content-Length")
+        received = stream_into(response, part, append, digest, deadline=deadline, url=url)
+    if length is not None and length.isdigit() and received != int(length):
+        raise TransientError(f"GET {url}: connection closed after {offset + received} bytes; resuming")
+    return digest.hexdigest()
+
+
+def content_range_start(response: http.client.HTTPResponse) -> int | None:
+    m = re.match(r"bytes (\d+)-", response.getheader("Content-Range") or "")
+    return int(m.group(1)) if m else None
+
+
+def stream_into(
+    response: http.client.HTTPResponse, part: Path, append: bool, digest: Any, *, deadline: float, url: str
+) -> int:
+    received = 0
+    with open(part, "ab" if append else "wb") as f:
+        while True:
+            if time.monotonic() > deadline:
+                raise BootstrapError(f"GET {url}: still downloading at the deadline", hint=DOWNLOAD_HINT)
+            try:
+                chunk = response.read(DOWNLOAD_CHUNK)
+            except (OSError, http.client.HTTPException) as e:
+                raise TransientError(f"GET {url}: {e!r} after {received} bytes; resuming") from None
+            if not chunk:
+                return received
+            f.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+
+
+def download_verified(
+    url: str,
+    target: Path,
+    sha256: str | None,
+    *,
+    log: Log,
+    size_bytes: int | None = None,
+    deadline_s: float = DOWNLOAD_DEADLINE_S,
+    attempt_timeout_s: float = DOWNLOAD_ATTEMPT_TIMEOUT_S,
+) -> str:
+    """Download url to target, verified: stream to `<target>.part` while
+    hashing, resume after breaks, and rename to target only when the sha256
+    (from the config, else `<url>.sha256`) matches. Returns the sha256."""
+    expected = sha256 or published_sha256(url)
+    part = target.with_name(target.name + ".part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + deadline_s
+    start = time.monotonic()
+    digest = retry(
+        lambda: fetch_to_part(url, part, deadline=deadline, timeout_s=attempt_timeout_s),
+        what=f"download {url_basename(url)}",
+        attempts=DOWNLOAD_ATTEMPTS,
+        deadline_s=deadline_s,
+        base_s=1.0,
+        max_s=15.0,
+        retry_if=lambda e: isinstance(e, TransientError),
+    )
+    size = part.stat().st_size
+    if digest != expected or (size_bytes is not None and size != size_bytes):
+        part.unlink()
+        raise BootstrapError(
+            f"{url}: verification failed: sha256 {digest}, {size} bytes; expected sha256 {expected}"
+            + (f", {size_bytes} bytes" if size_bytes is not None else ""),
+            hint="The download is not the published artifact (wrong checksum in the manifest, or a broken mirror). "
+            "Nothing was installed; fix the artifact or its sha256 and run again.",
+        )
+    os.replace(part, target)
+    write_user_file(checksum_path(target), f"{digest}  {target.name}\n", 0o644)
+    took = time.monotonic() - start
+    log.info(f"downloaded {url_basename(url)}: {human_size(size)} in {took:.1f}s, sha256 verified", bytes=size)
+    return digest
+
+
+def checksum_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def verified_download(target: Path, sha256: str | None) -> bool:
+    """A download we verified earlier (its .sha256 beside it) that matches sha256, when given."""
+    try:
+        recorded = parse_sha256_file(checksum_path(target).read_text(encoding="utf-8"), target.name)
+    except (OSError, ValueError):
+        return False
+    return target.is_file() and (sha256 is None or recorded == sha256)
+
+
+def remove_download(target: Path) -> None:
+    for path in (target, checksum_path(target), target.with_name(target.name + ".part")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# -- safe extraction and atomic installs -------------------------------------------
+
+INSTALLED_MARKER = ".bootstrap-installed.json"  # written last into staging: its presence means complete
+STAGING_PREFIX = ".staging-"
+
+
+class UnsafeArchiveError(BootstrapError):
+    def __init__(self, archive: Path, member: str, why: str) -> None:
+        super().__init__(
+            f"{archive.name}: refusing member {member!r}: {why}",
+            hint="The archive tries to write outside its directory or contains special files; "
+            "rebuild the bundle with plain files, directories and links that stay inside it.",
+        )
+
+
+ARCHIVE_MAGIC = ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gz"), (b"\x28\xb5\x2f\xfd", "zst"))
+
+
+def archive_compression(path: Path) -> str:
+    """'xz', 'gz', 'zst' or '' (plain tar), from the file's magic bytes."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((kind for magic, kind in ARCHIVE_MAGIC if head.startswith(magic)), "")
+
+
+@contextlib.contextmanager
+def open_tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
+    """The archive as a tar stream. xz and zstd go through their command-line
+    tools when present (`xz -T0` is much faster than Python's lzma); zstd has
+    no Python fallback before 3.14."""
+    kind = archive_compression(archive)
+    tool = {"xz": ["xz", "-T0", "-dc"], "zst": ["zstd", "-dc"]}.get(kind)
+    if tool is None or shutil.which(tool[0]) is None:
+        if kind == "zst":
+            raise BootstrapError(
+                f"{archive.name} is zstd-compressed and zstd is not installed",
+                hint="Add zstd to apt.packages, or publish .tar.xz bundles.",
+            )
+        with tarfile.open(archive, "r:*") as tar:  # Python's lzma/gzip
+            yield tar
+        return
+    with tempfile.TemporaryFile() as errors:
+        # Streaming, so not run_command: the tar reader consumes stdout as it comes.
+        proc = subprocess.Popen(
+            [*tool, "--", str(archive)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
+        )
+        assert proc.stdout is not None
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                yield tar
+            while proc.stdout.read(DOWNLOAD_CHUNK):  # the padding after the tar's end marker
+                pass
+        finally:
+            proc.stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+            returncode = proc.wait()
+        if returncode != 0:
+            errors.seek(0)
+            message = errors.read().decode("utf-8", "replace").strip()
+            raise BootstrapError(
+                f"{tool[0]} could not decompress {archive.name}: {message}",
+                hint="The archive is damaged; delete it and run again.",
+            )
+
+
+def member_parts(name: str, strip: int) -> list[str] | None:
+    """The path components of a member after stripping, [] for the root,
+    None when stripped away. Raises ValueError for absolute paths and `..`."""
+    if name.startswith("/"):
+        raise ValueError("absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError("'..' in the path")
+    return parts[strip:] if len(parts) >= strip else None
+
+
+def link_stays_inside(real_parent: str, linkname: str, real_root: str) -> bool:
+    """A symlink's target is relative, climbs only at its start, and not above
+    the root; later components then only descend, so the link stays inside
+    however other (equally checked) links resolve."""
+    if linkname.startswith("/"):
+        return False
+    parts = [p for p in linkname.split("/") if p not in ("", ".")]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    if ".." in parts[ups:]:
+        return False
+    top = os.path.normpath(os.path.join(real_parent, *([".."] * ups))) if ups else real_parent
+    return is_inside_or_same(top, real_root)
+
+
+def is_inside_or_same(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def extract_safely(archive: Path, dest: Path, *, strip: int = 0) -> int:
+    """Extract into the (new, empty) directory dest: regular files, directories,
+    and links that stay inside; anything else refuses the whole archive.
+    Returns the number of members extracted."""
+    real_root = os.path.realpath(dest)
+    count = 0
+    with open_tar_stream(archive) as tar:
+        for member in tar:
+            try:
+                parts = member_parts(member.name, strip)
+            except ValueError as e:
+                raise UnsafeArchiveError(archive, member.name, str(e)) from None
+            if parts is None or (not parts and member.isdir()):
+                continue
+            if not parts:
+                raise UnsafeArchiveError(archive, member.name, "a non-directory at the bundle root")
+            extract_member(tar, member, dest.joinpath(*parts), archive=archive, real_root=real_root, strip=strip)
+            count += 1
+    return count
+
+
+def extract_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, *, archive: Path, real_root: str, strip: int
+) -> None:
+    if not (member.isdir() or member.isreg() or member.issym() or member.islnk()):
+        raise UnsafeArchiveError(archive, member.name, "devices, fifos and other special files are not allowed")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    real_parent = os.path.realpath(target.parent)
+    if not is_inside_or_same(real_parent, real_root):
+        raise UnsafeArchiveError(archive, member.name, "its directory is a link that leads outside")
+    if os.path.lexists(target):
+        if member.isdir() and target.is_dir() and not target.is_symlink():
+            return
+        if target.is_dir() and not target.is_symlink():
+            raise UnsafeArchiveError(archive, member.name, "replaces a directory")
+        target.unlink()  # a duplicate entry: the later one wins, as with tar(1)
+    if member.isdir():
+        target.mkdir(mode=(member.mode & 0o777) | 0o700)
+    elif member.issym():
+        if not link_stays_inside(real_parent, member.linkname, real_root):
+            raise UnsafeArchiveError(archive, member.name, f"symlink to {member.linkname!r} leads outside")
+        os.symlink(member.linkname, target)
+    elif member.islnk():
+        try:
+            source_parts = member_parts(member.linkname, strip)
+        except ValueError as e:
+            raise UnsafeArchiveError(archive, member.name, f"hard link target: {e}") from None
+        source = Path(real_root).joinpath(*(source_parts or []))
+        if not source_parts or not is_inside_or_same(os.path.realpath(source), real_root) or not source.is_file():
+            raise UnsafeArchiveError(archive, member.name, f"hard link to {member.linkname!r} leads outside")
+        os.link(source, target, follow_symlinks=False)
+    else:
+        fileobj = tar.extractfile(member)
+        assert fileobj is not None
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(fileobj, out, DOWNLOAD_CHUNK)
+        os.chmod(target, member.mode & 0o777)  # never setuid/setgid/sticky from a bundle
+        os.utime(target, (member.mtime, member.mtime))
+
+
+def bundle_problems(root: Path, expected_files: Sequence[str], executables: Sequence[str]) -> list[str]:
+    problems = [f"{name} is missing" for name in expected_files if not (root / name).exists()]
+    for name in executables:
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif not os.access(path, os.X_OK):
+            problems.append(f"{name} is not executable")
+    return problems
+
+
+def read_marker(version_dir: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((version_dir / INSTALLED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def install_archive(
+    archive: Path,
+    final: Path,
+    *,
+    strip: int,
+    expected_files: Sequence[str] = (),
+    executables: Sequence[str] = (),
+    marker: Mapping[str, Any],
+    verify: Callable[[Path], None] | None = None,
+) -> None:
+    """Extract into `<parent>/.staging-<name>-<random>`, check it, mark it
+    complete, and rename it to `final` in one step. A failure anywhere leaves
+    `final` untouched (or absent) and no staging directory behind."""
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_staging_dirs(parent)
+    staging = parent / f"{STAGING_PREFIX}{final.name}-{secrets.token_hex(4)}"
+    staging.mkdir(mode=0o755)
+    try:
+        extract_safely(archive, staging, strip=strip)
+        problems = bundle_problems(staging, expected_files, executables)
+        if problems:
+            raise BootstrapError(
+                f"{archive.name} is incomplete: {'; '.join(problems)}",
+                hint="The bundle does not have the files the config expects; check the artifact and the "
+                "config's expected_files, executables and strip_components.",
+            )
+        if verify is not None:
+            verify(staging)
+        atomic_write_text(staging / INSTALLED_MARKER, json.dumps(dict(marker), indent=2, sort_keys=True) + "\n", 0o644)
+        if os.path.lexists(final):  # an older attempt not made by us, or without a marker: set it aside
+            final.rename(parent / f"{STAGING_PREFIX}{final.name}-old-{secrets.token_hex(4)}")
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    remove_staging_dirs(parent)
+
+
+def remove_staging_dirs(parent: Path) -> None:
+    """Leftovers of a killed run: never used, always removed."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in parent.iterdir():
+            if entry.name.startswith(STAGING_PREFIX):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def point_symlink(link: Path, target: str) -> bool:
+    """Make `link` a symlink to `target` atomically (new link + rename); True when it changed."""
+    with contextlib.suppress(OSError):
+        if os.readlink(link) == target:
+            return False
+    temp = link.with_name(f".{link.name}-{secrets.token_hex(4)}")
+    os.symlink(target, temp)
+    try:
+        os.replace(temp, link)
+    except BaseException:
+        temp.unlink()
+        raise
+    return True
+
+
+# -- apt -------------------------------------------------------------------------
+
+APT_ENV = {
+    "DEBIAN_FRONTEND": "noninteractive",
+    "DEBCONF_NONINTERACTIVE_SEEN": "true",
+    "NEEDRESTART_MODE": "a",  # Ubuntu's needrestart: restart services itself, never ask
+    "APT_LISTCHANGES_FRONTEND": "none",
+}
+APT_OPTIONS = (
+    "-o", "Dpkg::Options::=--force-confold",
+    "-o", "Dpkg::Options::=--force-unsafe-io",
+    "-o", "Acquire::Retries=3",
+    "-o", "Acquire::http::Timeout=20",
+    "-o", "Acquire::https::Timeout=20",
+    "-o", "Acquire::ftp::Timeout=20",
+    "-o", "Acquire::CompressionTypes::Order::=gz",
+)  # fmt: skip
+APT_LOCK_ERROR_RE = re.compile(r"Could not get lock|Unable to lock|Unable to acquire the dpkg frontend lock")
+APT_TIMERS = ("apt-daily.timer", "apt-daily-upgrade.timer")
+MAN_DB_AUTO_UPDATE = Path("/var/lib/man-db/auto-update")
+APT_HINT = (
+    "Run the failing apt-get command by hand to see the whole error (often a mirror problem or a held "
+    "package), fix it, and run the bootstrap again."
+)
+
+
+def apt_get_argv(args: Sequence[str], lock_timeout_s: int) -> list[str]:
+    return ["apt-get", "-y", *APT_OPTIONS, "-o", f"DPkg::Lock::Timeout={lock_timeout_s}", *args]
+
+
+def wait_for_locks(paths: Sequence[str], deadline: float, log: Log, *, poll_s: float = 1.0) -> None:
+    """Wait until nobody holds these fcntl locks, naming the holder while we
+    wait. The holder is never killed: it may be dpkg halfway through a package."""
+    said = 0.0
+    while holders := describe_lock_holders(paths):
+        if time.monotonic() >= deadline:
+            raise BootstrapError(
+                f"still locked at the deadline: {holders}",
+                hint="Another package manager run holds the lock. Let it finish (see `ps -fp <PID>`), "
+                "or raise apt.lock_timeout_s; then run the bootstrap again.",
+            )
+        if time.monotonic() - said >= 15:
+            log.info(f"waiting: {holders}", event="lock_wait")
+            said = time.monotonic()
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def apt_quiesced(record: Path, log: Log) -> Iterator[None]:
+    """For the length of the run: apt's timers stopped (unattended-upgrades
+    cannot grab the lock) and man-db's trigger off, then put back exactly as
+    found. What was changed is recorded first, so a killed run is repaired
+    by the next one."""
+    previous = load_quiesce_record(record)
+    stopped = list(previous.get("stopped_timers", []))
+    man_db_was_on = bool(previous.get("man_db_auto_update", False))
+    try:
+        for timer in APT_TIMERS:
+            if timer not in stopped and systemctl_state("is-active", timer) == "active":
+                stopped.append(timer)
+                save_quiesce_record(record, stopped, man_db_was_on)
+                run_command(["systemctl", "stop", timer], sudo=True, timeout_s=60)
+                log.info(f"stopped {timer} for the run (restarted at the end)")
+        if MAN_DB_AUTO_UPDATE.exists():
+            man_db_was_on = True
+            save_quiesce_record(record, stopped, man_db_was_on)
+            run_command(["rm", "-f", str(MAN_DB_AUTO_UPDATE)], sudo=True, timeout_s=30)
+        yield
+    finally:
+        if man_db_was_on:
+            run_command(["touch", str(MAN_DB_AUTO_UPDATE)], sudo=True, check=False, timeout_s=30)
+        for timer in stopped:
+            run_command(["systemctl", "start", timer], sudo=True, check=False, timeout_s=60)
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+
+
+def load_quiesce_record(record: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def save_quiesce_record(record: Path, stopped: Sequence[str], man_db_was_on: bool) -> None:
+    atomic_write_text(record, json.dumps({"stopped_timers": list(stopped), "man_db_auto_update": man_db_was_on}), 0o644)
+
+
+def apt_update(lock_timeout_s: int, log: Log) -> None:
+    """`apt-get update`, retried with backoff. The lists lock ignores
+    DPkg::Lock::Timeout, so a lock failure waits for the holder and tries
+    again (not counted as an attempt) until the lock deadline."""
+    deadline = time.monotonic() + lock_timeout_s
+
+    def attempt() -> None:
+        while True:
+            wait_for_locks((APT_LISTS_LOCK,), deadline, log)
+            found = run_command(
+                apt_get_argv(["update"], lock_timeout_s), sudo=True, env=APT_ENV, timeout_s=900, check=False
+            )
+            if found.returncode == 0:
+                return
+            if APT_LOCK_ERROR_RE.search(found.output) and time.monotonic() < deadline:
+                log.info("apt-get update found the lists locked; waiting for the holder")
+                time.sleep(1)
+                continue
+            raise CommandError(f"apt-get update exited with {found.returncode}", found, hint=APT_HINT)
+
+    retry(attempt, what="apt-get update", attempts=3, deadline_s=lock_timeout_s + 1800, base_s=5.0)
+
+
+def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
+    wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
+    run_command(
+        apt_get_argv(["install", "--no-install-recommends", *packages], lock_timeout_s),
+        sudo=True,
+        env=APT_ENV,
+        timeout_s=lock_timeout_s + 1800,
+        hint=APT_HINT,
+    )
+
+
+# -- btrfs -------------------------------------------------------------------------
+
+FSTAB_TAG = "x-cocalc-bootstrap"  # a userspace mount option (ignored by mount): the tag lives in the line
+FSTAB_MARKER = "# cocalc-bootstrap: the next line is managed by bootstrap.py"
+BTRFS_LABEL = "cocalc-btrfs"
+
+
+def fstab_escape(field: str) -> str:
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in field)
+
+
+def fstab_entry(source: str, mount_point: str, *, loop: bool) -> str:
+    options = ["defaults", "nofail", "noatime", *(["loop"] if loop else []), FSTAB_TAG]
+    return f"{fstab_escape(source)} {fstab_escape(mount_point)} btrfs {','.join(options)} 0 0"
+
+
+def fstab_with_entry(text: str, entry: str) -> str:
+    """fstab text with our tagged line (and its marker comment) replaced by
+    `entry`, or appended; every other line kept as it was."""
+
+    def ours(line: str) -> bool:
+        fields = line.split()
+        is_tagged = len(fields) >= 4 and not line.lstrip().startswith("#") and FSTAB_TAG in fields[3].split(",")
+        return is_tagged or line.strip() == FSTAB_MARKER
+
+    kept = [line for line in text.splitlines() if not ours(line)]
+    return "\n".join([*kept, FSTAB_MARKER, entry]) + "\n"
+
+
+def block_device_probe(device: str) -> dict[str, str]:
+    """What is on a block device or image (blkid's TYPE, PTTYPE, UUID...); {} when nothing."""
+    found = run_command(["blkid", "-p", "-o", "export", device], sudo=True, check=False, timeout_s=60)
+    if found.returncode == 2:  # blkid: nothing found
+        return {}
+    if found.returncode != 0:
+        raise CommandError(f"blkid {device} exited with {found.returncode}", found)
+    pairs = (line.partition("=") for line in found.output.splitlines())
+    return {key: value for key, sep, value in pairs if sep}
+
+
+def wait_for_block_device(candidates: Sequence[str], wait_s: int, log: Log) -> str:
+    deadline = time.monotonic() + wait_s
+    said = 0.0
+    while True:
+        for candidate in candidates:
+            with contextlib.suppress(OSError):
+                if stat.S_ISBLK(os.stat(candidate).st_mode):
+                    return candidate
+        if time.monotonic() >= deadline:
+            raise BootstrapError(
+                f"no data disk appeared within {wait_s}s (looked for {', '.join(candidates)})",
+                hint="Attach the data disk, or fix btrfs.data_disk.candidates. With a data disk configured the "
+                "bootstrap never falls back to a loop image.",
+            )
+        if time.monotonic() - said >= 15:
+            log.info(f"waiting for a data disk: {', '.join(candidates)}", event="disk_wait")
+            said = time.monotonic()
+        time.sleep(1)
+
+
+def render_grow_helper(mount_point: str, image_path: str | None) -> str:
+    """`btrfs-grow`: grow the filesystem after its disk (or loop image) grew."""
+    q = shlex.quote
+    lines = [
+        "#!/bin/sh",
+        "# Written by bootstrap.py. Grows the btrfs filesystem at " + mount_point + " to fill its device.",
+        "set -eu",
+    ]
+    if image_path is not None:
+        lines += [
+            '[ $# -eq 1 ] || { echo "usage: btrfs-grow SIZE_GB   (grows the loop image; never shrinks)" >&2; exit 2; }',
+            'case $1 in ""|*[!0-9]*) echo "btrfs-grow: SIZE_GB must be a whole number" >&2; exit 2;; esac',
+            f'sudo -n truncate -s ">${{1}}G" {q(image_path)}',
+            f"dev=$(losetup -n -O NAME -j {q(image_path)} | head -n 1)",
+            '[ -n "$dev" ] || { echo "btrfs-grow: the image is not attached to a loop device" >&2; exit 1; }',
+            'sudo -n losetup -c "$dev"',
+        ]
+    lines += [f"sudo -n btrfs filesystem resize max {q(mount_point)}", f"df -h {q(mount_point)}"]
+    return "\n".join(lines) + "\n"
+
+
+# -- the service ----------------------------------------------------------------------
+
+
+def systemd_quote(value: str) -> str:
+    """A unit-file value: specifiers (%) escaped, quoted when it has spaces."""
+    value = value.replace("%", "%%")
+    if re.search(r"[\s\"'\\]", value):
+        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return value
+
+
+def env_quote(value: str) -> str:
+    """A value for an EnvironmentFile (and for sh): double quotes, escaped."""
+    return '"' + re.sub(r'(["\\`$])', r"\\\1", value) + '"'
+
+
+def http_status(url: str, timeout_s: float) -> tuple[int | None, str]:
+    """(status, what happened) of one GET; status None when nothing answered."""
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers={"User-Agent": USER_AGENT}), timeout=timeout_s
+        ) as response:
+            return int(response.status), f"HTTP {response.status}"
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code, f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        return None, str(getattr(e, "reason", None) or e)
+
+
+def wait_until_healthy(url: str, timeout_s: float, *, poll_s: float = 0.5) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, what = http_status(url, timeout_s=5)
+        if status is not None and 200 <= status < 300:
+            return what
+        if time.monotonic() >= deadline:
+            raise BootstrapError(f"{url} not healthy after {timeout_s:g}s (last answer: {what})")
+        time.sleep(poll_s)
+
+
+def tcp_reachable(url: str, timeout_s: float = 5.0) -> str | None:
+    """None when a TCP connection to the URL's host and port succeeds, else why not."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return f"{parts.hostname}:{port}: {e.strerror or e}"
+
+
+# -- where things go ---------------------------------------------------------------
+
+BOOTSTRAP_SUBDIRS = ("bin", "bootstrap", "bundles", "config", "logs")
+ARCHIVE_SUFFIX_RE = re.compile(r"(\.tar\.(?:xz|gz|zst|zstd|bz2)|\.t[gx]z|\.tzst|\.tar)$")
+
+
+def bundles_dir(config: Config) -> Path:
+    return Path(config.bootstrap_root) / "bundles"
+
+
+def downloads_dir(config: Config) -> Path:
+    return bundles_dir(config) / ".downloads"
+
+
+def secrets_dir(config: Config) -> Path:
+    return Path(config.bootstrap_root) / "config" / "secrets"
+
+
+def nvm_dir(config: Config) -> Path:
+    return Path(config.home) / ".nvm"
+
+
+def node_dir(config: Config) -> Path:
+    return nvm_dir(config) / "versions" / "node" / f"v{config.node.version}"
+
+
+def artifact_archive(config: Config, artifact: str, spec: ArtifactSpec) -> Path:
+    m = ARCHIVE_SUFFIX_RE.search(url_basename(spec.url))
+    return downloads_dir(config) / f"{artifact}-{spec.version}{m.group(1) if m else '.archive'}"
+
+
+def bundle_version_dir(config: Config, artifact: str, spec: ArtifactSpec) -> Path:
+    return bundles_dir(config) / artifact / spec.version
+
+
+def bundle_installed(config: Config, artifact: str, spec: ArtifactSpec) -> bool:
+    """This version is completely installed (and is the artifact the config names)."""
+    version_dir = bundle_version_dir(config, artifact, spec)
+    marker = read_marker(version_dir)
+    return (
+        marker is not None
+        and (spec.sha256 is None or marker.get("sha256") == spec.sha256)
+        and not bundle_problems(version_dir, spec.expected_files, spec.executables)
+    )
+
+
+# -- rendered files ------------------------------------------------------------------
+
+
+def render_env_file(config: Config) -> str:
+    """/etc/cocalc/project-host.env: the daemon's environment (no secrets:
+    those are files in COCALC_SECRETS_DIR). config.env wins over ours."""
+    root = Path(config.bootstrap_root)
+    values = {
+        "COCALC_HOST_ID": config.host.id,
+        "COCALC_HOST_NAME": config.host.name,
+        "COCALC_HUB_URL": config.hub.url,
+        "COCALC_CONAT_URL": config.conat_urls[0],
+        "COCALC_CONAT_URLS": ",".join(config.conat_urls),
+        "COCALC_BOOTSTRAP_ROOT": str(root),
+        "COCALC_BUNDLES": str(bundles_dir(config)),
+        "COCALC_BTRFS": config.btrfs.mount_point,
+        "COCALC_SECRETS_DIR": str(secrets_dir(config)),
+        "HOME": config.home,
+        "NVM_DIR": str(nvm_dir(config)),
+        "PATH": f"{node_dir(config) / 'bin'}:{BASE_PATH}",
+    }
+    if config.tunnel is not None:
+        t = config.tunnel
+        values |= {
+            "COCALC_TUNNEL_HOST": t.host,
+            "COCALC_TUNNEL_PORT": str(t.port),
+            "COCALC_TUNNEL_USER": t.user,
+            "COCALC_TUNNEL_REMOTE_PORT": str(t.remote_port),
+            "COCALC_TUNNEL_LOCAL_PORT": str(t.local_port),
+        }
+    values |= dict(config.env)
+    header = "# Written by bootstrap.py from the host's config; edits are overwritten.\n"
+    return header + "".join(f"{key}={env_quote(value)}\n" for key, value in values.items())
+
+
+def render_unit(config: Config, group: str) -> str:
+    """The project-host daemon's systemd unit."""
+    service = config.service
+    exec_path = f"{bundles_dir(config)}/project_host/current/{service.exec}"
+    return "\n".join(
+        [
+            "# Written by bootstrap.py from the host's config; edits are overwritten.",
+            "[Unit]",
+            "Description=CoCalc project host",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            f"RequiresMountsFor={systemd_quote(config.btrfs.mount_point)}",
+            "",
+            "[Service]",
+            "Type=simple",
+            f"User={config.bootstrap_user}",
+            f"Group={group}",
+            f"WorkingDirectory={systemd_quote(config.bootstrap_root)}",
+            f"EnvironmentFile={ENV_FILE}",
+            f"ExecStart={systemd_quote(exec_path)}",
+            "Restart=on-failure",
+            "RestartSec=2",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+def render_readme(config: Config) -> str:
+    return textwrap.dedent(
+        f"""\
+        This directory belongs to CoCalc's project-host bootstrap (bootstrap.py).
+
+          bin/        helpers: env.sh (source it for node on PATH), btrfs-grow
+          bootstrap/  the bootstrap itself: stub, config, token, state.json, logs of past runs
+          bundles/    <artifact>/<version>, and <artifact>/current -> the version in use
+          config/     bootstrap.json (the config as applied) and secrets/ (0600 files)
+          logs/       bootstrap.log (JSON lines)
+
+        The daemon runs as the systemd unit {config.service.unit}.service with
+        /etc/cocalc/project-host.env; `python3 bootstrap/bootstrap.py --config
+        bootstrap/bootstrap-config.json status` says how the last run went.
+        Re-running the bootstrap is safe: it only changes what differs.
+        """
+    )
+
+
+def render_env_helper(config: Config) -> str:
+    q = shlex.quote
+    return textwrap.dedent(
+        f"""\
+        # Source this (". {q(str(Path(config.bootstrap_root) / "bin" / "env.sh"))}") for the bootstrap's environment.
+        export COCALC_BOOTSTRAP_ROOT={q(config.bootstrap_root)}
+        export NVM_DIR={q(str(nvm_dir(config)))}
+        export PATH={q(str(Path(config.bootstrap_root) / "bin"))}:{q(str(node_dir(config) / "bin"))}:"$PATH"
+        """
+    )
+
+
+# -- the steps ------------------------------------------------------------------------
+
+
+class PreflightStep(Step):
+    """Is this a host we can bootstrap? Changes nothing unless everything passes."""
+
+    name = "preflight"
+    weight_s = 2.0
+    phase = "checking the host"
+    hint = "Fix what preflight lists (each problem says what to do); nothing was changed on the host."
+
+    def inputs(self) -> Mapping[str, Any]:
+        c = self.config
+        return {
+            "os": [c.os.id, c.os.min_version],
+            "arch": c.arch,
+            "user": c.bootstrap_user,
+            "home": c.home,
+            "root": c.bootstrap_root,
+        }
+
+    def check(self) -> StepState:
+        problems = preflight_problems(self.config)
+        if problems:
+            return StepState(False, "; ".join(what for what, _ in problems))
+        if not Path(self.config.bootstrap_root).is_dir():
+            return StepState(False, f"{self.config.bootstrap_root} does not exist yet")
+        return StepState(True, "OS, systemd, arch, user, home, sudo and python are as expected")
+
+    def apply(self) -> None:
+        problems = preflight_problems(self.config)
+        if problems:
+            raise BootstrapError(
+                "preflight: this host cannot be bootstrapped as configured:\n"
+                + "\n".join(f"  - {what}" for what, _ in problems),
+                hint="\n".join(f"{what}: {fix}" for what, fix in problems),
+            )
+        Path(self.config.bootstrap_root).mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def preflight_problems(config: Config) -> list[tuple[str, str]]:
+    """Every reason this host does not fit the config: (what is wrong, what to do)."""
+    problems: list[tuple[str, str]] = []
+    release = read_os_release()
+    os_id, os_version = release.get("ID", "unknown"), release.get("VERSION_ID", "")
+    wanted = f"{config.os.id} {config.os.min_version} or newer"
+    if os_id != config.os.id or version_tuple(os_version) < version_tuple(config.os.min_version):
+        problems.append(
+            (
+                f"this is {release.get('PRETTY_NAME', os_id)} ({os_id} {os_version or '?'}); "
+                f"the config expects {wanted}",
+                "Use a host made from the expected image, or fix os in the host's config.",
+            )
+        )
+    if not systemd_is_pid1():
+        problems.append(
+            ("systemd is not PID 1 here", "Boot the host with systemd as init: the daemon runs as a systemd service.")
+        )
+    arch = machine_arch()
+    if arch != config.arch:
+        problems.append(
+            (
+                f"this machine is {arch}; the config is for {config.arch}",
+                "Use the config (and bundles) for this machine's architecture.",
+            )
+        )
+    problems += user_problems(config)
+    if sys.version_info < MIN_PYTHON:
+        found = ".".join(map(str, sys.version_info[:3]))
+        problems.append(
+            (
+                f"python3 is {found}; bootstrap.py needs {'.'.join(map(str, MIN_PYTHON))} or newer",
+                "Use a newer OS image (Ubuntu 24.04 has 3.12).",
+            )
+        )
+    return problems
+
+
+def user_problems(config: Config) -> list[tuple[str, str]]:
+    user = config.bootstrap_user
+    problems: list[tuple[str, str]] = []
+    if os.geteuid() == 0:
+        problems.append(
+            ("bootstrap.py is running as root", f"Run it as {user} (the stub drops to that user by itself).")
+        )
+    else:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        if me != user:
+            problems.append(
+                (f"bootstrap.py runs as {me}, the config says {user}", f"Run it as {user}, or fix bootstrap_user.")
+            )
+    entry = passwd_entry(user)
+    if entry is None:
+        problems.append((f"user {user} does not exist", "Create it (cloud-init users:) or fix bootstrap_user."))
+    elif entry.pw_dir != config.home:
+        problems.append(
+            (
+                f"getent passwd says {user}'s home is {entry.pw_dir}; the config says {config.home}",
+                "Fix home (and the paths under it) in the config.",
+            )
+        )
+    if shutil.which("sudo") is None:
+        problems.append(("sudo is not installed", "Install sudo and give the user passwordless sudo."))
+    elif run_command(["true"], sudo=True, check=False, timeout_s=30).returncode != 0:
+        problems.append(
+            (
+                f"`sudo -n true` fails for {user}",
+                f"Give {user} passwordless sudo, e.g. /etc/sudoers.d/90-cocalc: `{user} ALL=(ALL) NOPASSWD:ALL`.",
+            )
+        )
+    root = Path(config.bootstrap_root)
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problems.append((f"{existing} is not writable by {user}", f"chown -R {user}: {root} (or fix bootstrap_root)."))
+    return problems
+
+
+class DirectoriesStep(Step):
+    """The bootstrap root's layout, owned by the user, with a README and env.sh."""
+
+    name = "directories"
+    deps = ("preflight",)
+    weight_s = 0.2
+    phase = "preparing"
+    hint = "The bootstrap root must be writable by the bootstrap user (see preflight)."
+
+    def dirs(self) -> list[Path]:
+        root = Path(self.config.bootstrap_root)
+        return [root, *(root / d for d in BOOTSTRAP_SUBDIRS), Path(self.config.bootstrap_dir)]
+
+    def files(self) -> dict[Path, tuple[str, int]]:
+        root = Path(self.config.bootstrap_root)
+        return {
+            root / "README.md": (render_readme(self.config), 0o644),
+            root / "bin" / "env.sh": (render_env_helper(self.config), 0o644),
+        }
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"dirs": [str(d) for d in self.dirs()], "files": {str(p): c for p, (c, _) in self.files().items()}}
+
+    def check(self) -> StepState:
+        uid = user_ids(self.config.bootstrap_user)[0]
+        problems = [
+            f"{d} is missing or not owned by {self.config.bootstrap_user}" for d in self.dirs() if not owned_dir(d, uid)
+        ]
+        problems += [
+            f"{p} is missing or differs" for p, (c, mode) in self.files().items() if not file_matches(p, c, mode=mode)
+        ]
+        return StepState(not problems, "; ".join(problems) or "all directories and files in place")
+
+    def apply(self) -> None:
+        uid, _, group = user_ids(self.config.bootstrap_user)
+        for d in self.dirs():
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if not owned_dir(d, uid):  # e.g. made by root by hand
+                run_command(["chown", f"{self.config.bootstrap_user}:{group}", str(d)], sudo=True, timeout_s=30)
+        for path, (content, mode) in self.files().items():
+            if write_user_file(path, content, mode):
+                self.log.info(f"wrote {path}")
+
+
+def owned_dir(path: Path, uid: int) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid
+
+
+class FilesStep(Step):
+    """/etc/cocalc/project-host.env and config/bootstrap.json, rewritten only when they differ."""
+
+    name = "files"
+    deps = ("directories",)
+    weight_s = 0.5
+    phase = "preparing"
+    hint = "Writing /etc/cocalc needs sudo; see the failing command above."
+
+    def config_json(self) -> str:
+        return json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def config_path(self) -> Path:
+        return Path(self.config.bootstrap_root) / "config" / "bootstrap.json"
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"env": render_env_file(self.config), "config": self.config_json()}
+
+    def env_ok(self) -> bool:
+        gid = user_ids(self.config.bootstrap_user)[1]
+        return file_matches(ENV_FILE, render_env_file(self.config), mode=0o640, uid=0, gid=gid)
+
+    def check(self) -> StepState:
+        problems = [] if self.env_ok() else [f"{ENV_FILE} is missing or differs (content, mode 0640 or owner)"]
+        if not file_matches(self.config_path(), self.config_json(), mode=0o644):
+            problems.append(f"{self.config_path()} is missing or differs")
+        return StepState(not problems, "; ".join(problems) or "both files are up to date")
+
+    def apply(self) -> None:
+        if not self.env_ok():
+            group = user_ids(self.config.bootstrap_user)[2]
+            # root-owned, readable by the user's group (the daemon), by nobody else
+            write_root_file(ENV_FILE, render_env_file(self.config), mode=0o640, owner="root", group=group)
+            self.log.info(f"wrote {ENV_FILE}")
+        if write_user_file(self.config_path(), self.config_json(), 0o644):
+            self.log.info(f"wrote {self.config_path()}")
+
+
+class SecretsStep(Step):
+    """The secrets the config names, fetched with the bootstrap token into 0600 files."""
+
+    name = "secrets"
+    deps = ("directories",)
+    weight_s = 1.0
+    phase = "preparing"
+    hint = (
+        "Check hub.secrets_url and that the bootstrap token (bootstrap-token) is still valid; the hub issues a new one."
+    )
+
+    def path(self, name: str) -> Path:
+        return secrets_dir(self.config) / name
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"names": list(self.config.secrets), "url": self.config.hub.secrets_url}
+
+    def missing(self) -> list[str]:
+        missing = []
+        for name in self.config.secrets:
+            try:
+                st, value = self.path(name).stat(), self.path(name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                missing.append(name)
+                continue
+            add_secret(value)  # so that nothing logs it, even when this step is skipped
+            if stat.S_IMODE(st.st_mode) != 0o600 or not value.strip():
+                missing.append(name)
+        return missing
+
+    def check(self) -> StepState:
+        if not self.config.secrets:
+            return StepState(True, "no secrets configured")
+        missing = self.missing()
+        return StepState(
+            not missing,
+            f"missing: {', '.join(missing)}" if missing else f"{len(self.config.secrets)} secret(s) present",
+        )
+
+    def apply(self) -> None:
+        missing = self.missing()
+        if not missing:
+            return
+        token = read_token(self.config.token_file)
+        if token is None:
+            raise BootstrapError(
+                f"no bootstrap token at {self.config.token_file}",
+                hint="The stub writes it; re-run the stub from the hub.",
+            )
+        secrets_dir(self.config).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(secrets_dir(self.config), 0o700)
+        for name in missing:
+            value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token)
+            add_secret(value)
+            atomic_write_text(self.path(name), value, 0o600)
+            self.log.info(f"fetched secret {name} into {self.path(name)} (0600)")
+
+
+def fetch_secret(url: str, token: str) -> str:
+    def attempt() -> str:
+        with http_open(
+            url, timeout_s=DOWNLOAD_ATTEMPT_TIMEOUT_S, headers={"Authorization": f"Bearer {token}"}
+        ) as response:
+            try:
+                return response.read(64 * 1024).decode("utf-8")
+            except (OSError, http.client.HTTPException, UnicodeDecodeError) as e:
+                raise TransientError(f"GET {url}: {e}") from None
+
+    value = retry(attempt, what=f"GET {url}", attempts=4, retry_if=lambda e: isinstance(e, TransientError))
+    if not value.strip():
+        raise BootstrapError(f"GET {url}: the hub answered with an empty secret")
+    return value
+
+
+class AptStep(Step):
+    """The configured Debian packages: waits for the locks, never kills their holder."""
+
+    name = "apt"
+    deps = ("preflight",)
+    weight_s = 60.0
+    phase = "installing packages"
+    hint = APT_HINT
+
+    def quiesce_record(self) -> Path:
+        return Path(self.config.bootstrap_dir) / "apt-quiesced.json"
+
+    def update_stamp(self) -> Path:
+        return Path(self.config.bootstrap_dir) / "apt-update.stamp"
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"packages": sorted(set(self.config.apt.packages))}
+
+    def check(self) -> StepState:
+        if self.quiesce_record().exists():
+            return StepState(False, "a killed run left apt's timers stopped or man-db's trigger off")
+        if dpkg_interrupted():
+            return StepState(False, "dpkg was interrupted (needs dpkg --configure -a)")
+        missing = missing_packages(self.config.apt.packages)
+        if missing:
+            return StepState(False, f"not installed: {' '.join(missing)}")
+        return StepState(True, f"all {len(self.config.apt.packages)} packages installed")
+
+    def apply(self) -> None:
+        spec = self.config.apt
+        with apt_quiesced(self.quiesce_record(), self.log):
+            if dpkg_interrupted():
+                wait_for_locks(DPKG_LOCKS, time.monotonic() + spec.lock_timeout_s, self.log)
+                self.log.warn("dpkg was interrupted earlier; running dpkg --configure -a")
+                run_command(
+                    ["dpkg", "--force-confold", "--configure", "-a"],
+                    sudo=True,
+                    env=APT_ENV,
+                    timeout_s=1800,
+                    hint=APT_HINT,
+                )
+            missing = missing_packages(spec.packages)
+            if not missing:
+                self.log.info("every package is installed; skipping apt-get update and install")
+                return
+            age = apt_lists_age_s(self.update_stamp())
+            if age is None or age > spec.lists_max_age_s:
+                self.update_lists()
+            else:
+                self.log.info(f"skipping apt-get update: the lists are {age:.0f}s old (limit {spec.lists_max_age_s}s)")
+            self.install(missing)
+
+    def update_lists(self) -> None:
+        apt_update(self.config.apt.lock_timeout_s, self.log)
+        self.update_stamp().touch()
+
+    def install(self, packages: list[str]) -> None:
+        self.log.info(f"installing {len(packages)} package(s): {' '.join(packages)}")
+        for attempt in range(1, 4):
+            try:
+                apt_install(packages, self.config.apt.lock_timeout_s, self.log)
+                return
+            except CommandError as e:
+                if attempt == 3:
+                    raise
+                delay = backoff_delay(attempt, 5.0, 60.0)
+                self.log.warn(
+                    f"apt-get install failed (attempt {attempt}/3): {e.message}; "
+                    f"refreshing the lists and retrying in {delay:.0f}s"
+                )
+                time.sleep(delay)
+                self.update_lists()  # stale lists (404, unknown package) are the usual cause
+
+
+class DownloadBundleStep(Step):
+    """One bundle, downloaded and verified (not when that version is installed)."""
+
+    artifact: ClassVar[str]
+    deps = ("directories",)
+    weight_s = 15.0
+    phase = "downloading bundles"
+    hint = DOWNLOAD_HINT
+
+    @property
+    def spec(self) -> ArtifactSpec:
+        spec: ArtifactSpec = getattr(self.config.artifacts, self.artifact)
+        return spec
+
+    def inputs(self) -> Mapping[str, Any]:
+        s = self.spec
+        return {"url": s.url, "sha256": s.sha256, "version": s.version, "size_bytes": s.size_bytes}
+
+    def check(self) -> StepState:
+        s = self.spec
+        if bundle_installed(self.config, self.artifact, s):
+            return StepState(True, f"{self.artifact} {s.version} is installed; nothing to download")
+        if verified_download(artifact_archive(self.config, self.artifact, s), s.sha256):
+            return StepState(True, f"{self.artifact} {s.version} is downloaded and verified")
+        return StepState(False, f"{self.artifact} {s.version} is not downloaded")
+
+    def apply(self) -> None:
+        if self.check().satisfied:
+            return
+        s = self.spec
+        download_verified(
+            s.url, artifact_archive(self.config, self.artifact, s), s.sha256, log=self.log, size_bytes=s.size_bytes
+        )
+
+
+class DownloadProjectHostStep(DownloadBundleStep):
+    name = "download_project_host"
+    artifact = "project_host"
+
+
+class DownloadProjectStep(DownloadBundleStep):
+    name = "download_project"
+    artifact = "project"
+
+
+class DownloadToolsStep(DownloadBundleStep):
+    name = "download_tools"
+    artifact = "tools"
+
+
+class InstallBundleStep(Step):
+    """A verified bundle extracted safely to bundles/<artifact>/<version>; `current` swapped to it."""
+
+    artifact: ClassVar[str]
+    weight_s = 5.0
+    phase = "installing bundles"
+    hint = "The bundle is broken or not what the config expects (see the message); fix the artifact and run again."
+
+    @property
+    def spec(self) -> ArtifactSpec:
+        spec: ArtifactSpec = getattr(self.config.artifacts, self.artifact)
+        return spec
+
+    def current_link(self) -> Path:
+        return bundles_dir(self.config) / self.artifact / "current"
+
+    def inputs(self) -> Mapping[str, Any]:
+        s = self.spec
+        return {
+            "version": s.version,
+            "sha256": s.sha256,
+            "url": s.url,
+            "strip_components": s.strip_components,
+            "expected_files": list(s.expected_files),
+            "executables": list(s.executables),
+        }
+
+    def check(self) -> StepState:
+        s = self.spec
+        if not bundle_installed(self.config, self.artifact, s):
+            return StepState(False, f"{self.artifact} {s.version} is not installed")
+        current = read_link(self.current_link())
+        if current != s.version:
+            return StepState(False, f"current points to {current or 'nothing'}, not {s.version}")
+        return StepState(True, f"{self.artifact} {s.version} is installed and current")
+
+    def apply(self) -> None:
+        s = self.spec
+        archive = artifact_archive(self.config, self.artifact, s)
+        if not bundle_installed(self.config, self.artifact, s):
+            self.install(archive)
+        if point_symlink(self.current_link(), s.version):
+            self.log.info(f"{self.artifact}/current -> {s.version}")
+        remove_download(archive)  # installed: the archive is no longer needed
+
+    def install(self, archive: Path) -> None:
+        s = self.spec
+        if not verified_download(archive, s.sha256):
+            raise BootstrapError(
+                f"{archive} is missing or unverified", hint="Run the bootstrap again: the download step fetches it."
+            )
+        recorded = parse_sha256_file(checksum_path(archive).read_text(encoding="utf-8"), archive.name)
+        actual = file_sha256(archive)  # again: verified before use, not just when downloaded
+        if actual != recorded:
+            remove_download(archive)
+            raise BootstrapError(
+                f"{archive} changed on disk since it was verified",
+                hint="Run the bootstrap again: it downloads it anew.",
+            )
+        start = time.monotonic()
+        install_archive(
+            archive,
+            bundle_version_dir(self.config, self.artifact, s),
+            strip=s.strip_components,
+            expected_files=s.expected_files,
+            executables=s.executables,
+            marker={"artifact": self.artifact, "version": s.version, "url": s.url, "sha256": actual},
+        )
+        self.log.info(f"installed {self.artifact} {s.version} in {time.monotonic() - start:.1f}s")
+
+
+def read_link(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+class InstallProjectHostStep(InstallBundleStep):
+    name = "install_project_host"
+    deps = ("download_project_host",)
+    artifact = "project_host"
+
+
+class InstallProjectStep(InstallBundleStep):
+    name = "install_project"
+    deps = ("download_project",)
+    artifact = "project"
+
+
+class InstallToolsStep(InstallBundleStep):
+    name = "install_tools"
+    deps = ("download_tools",)
+    artifact = "tools"
+
+
+class NodeStep(Step):
+    """Node.js in nvm's layout, from the configured dist mirror, checked against SHASUMS256.txt."""
+
+    name = "node"
+    deps = ("directories",)
+    weight_s = 15.0
+    phase = "installing Node.js"
+    hint = (
+        "<node.dist_url>/v<version>/SHASUMS256.txt must list node-v<version>-linux-<x64|arm64>.tar.xz; "
+        "check the mirror."
+    )
+
+    def alias_path(self) -> Path:
+        return nvm_dir(self.config) / "alias" / "default"
+
+    def inputs(self) -> Mapping[str, Any]:
+        nvm = self.config.node.nvm
+        return {
+            "version": self.config.node.version,
+            "dist_url": self.config.node.dist_url,
+            "nvm": dataclasses.asdict(nvm) if nvm else None,
+        }
+
+    def installed_version(self) -> str | None:
+        node = node_dir(self.config) / "bin" / "node"
+        if not os.access(node, os.X_OK):
+            return None
+        return run_command([str(node), "--version"], check=False, timeout_s=60).output.strip() or None
+
+    def nvm_ok(self) -> bool:
+        nvm = self.config.node.nvm
+        path = nvm_dir(self.config) / "nvm.sh"
+        return nvm is None or (path.is_file() and file_sha256(path) == nvm.sha256)
+
+    def check(self) -> StepState:
+        want = f"v{self.config.node.version}"
+        problems = []
+        found = self.installed_version()
+        if found != want:
+            problems.append(f"node {want} is not installed (found {found or 'nothing'})")
+        if read_text_or(self.alias_path()).strip() != want:
+            problems.append(f"nvm's default alias is not {want}")
+        if not self.nvm_ok():
+            problems.append("nvm.sh is missing or not the pinned one")
+        return StepState(not problems, "; ".join(problems) or f"node {want} installed and nvm's default")
+
+    def apply(self) -> None:
+        want = f"v{self.config.node.version}"
+        if self.installed_version() != want:
+            self.install_node()
+        if not self.nvm_ok():
+            self.install_nvm()
+        write_user_file(self.alias_path(), want, 0o644)  # as `nvm alias default` writes it: no newline
+
+    def install_node(self) -> None:
+        version = self.config.node.version
+        base = f"{self.config.node.dist_url.rstrip('/')}/v{version}"
+        name = f"node-v{version}-linux-{NODE_ARCH_BY_DPKG.get(self.config.arch, self.config.arch)}.tar.xz"
+        try:
+            sha256 = parse_sha256_file(http_get_text(f"{base}/SHASUMS256.txt"), name)
+        except ValueError as e:
+            raise BootstrapError(f"{base}/SHASUMS256.txt: {e}", hint=self.hint) from None
+        archive = downloads_dir(self.config) / name
+        if not verified_download(archive, sha256):
+            download_verified(f"{base}/{name}", archive, sha256, log=self.log)
+
+        def answers_version(staging: Path) -> None:
+            found = run_command([str(staging / "bin" / "node"), "--version"], check=False, timeout_s=60)
+            if found.output.strip() != f"v{version}":
+                raise BootstrapError(
+                    f"{name}: bin/node --version says {found.output.strip()[:100]!r}, not v{version}", hint=self.hint
+                )
+
+        install_archive(
+            archive,
+            node_dir(self.config),
+            strip=1,
+            executables=("bin/node",),
+            marker={"artifact": "node", "version": version, "sha256": sha256},
+            verify=answers_version,
+        )
+        remove_download(archive)
+        self.log.info(f"installed node v{version} into {node_dir(self.config)}")
+
+    def install_nvm(self) -> None:
+        nvm = self.config.node.nvm
+        assert nvm is not None
+        archive = downloads_dir(self.config) / f"nvm-{nvm.version}.sh"
+        if not verified_download(archive, nvm.sha256):
+            download_verified(nvm.url, archive, nvm.sha256, log=self.log)
+        atomic_write_text(nvm_dir(self.config) / "nvm.sh", archive.read_text(encoding="utf-8"), 0o644)
+        remove_download(archive)
+        self.log.info(f"installed nvm {nvm.version} (sha256 pinned)")
+
+
+class BtrfsStep(Step):
+    """The btrfs filesystem for projects: data disk or sparse loop image, mounted
+    from a tagged fstab line, with the data subvolume, quota, tmp and btrfs-grow."""
+
+    name = "btrfs"
+    deps = ("apt",)  # btrfs-progs
+    weight_s = 5.0
+    phase = "setting up btrfs"
+    hint = "Check the disk or image, and that btrfs-progs is in apt.packages; `dmesg | tail` shows mount errors."
+
+    @property
+    def mount_point(self) -> Path:
+        return Path(self.config.btrfs.mount_point)
+
+    def helper_path(self) -> Path:
+        return Path(self.config.bootstrap_root) / "bin" / "btrfs-grow"
+
+    def helper_text(self) -> str:
+        b = self.config.btrfs
+        return render_grow_helper(b.mount_point, None if b.data_disk else b.image_path)
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"btrfs": dataclasses.asdict(self.config.btrfs), "user": self.config.bootstrap_user}
+
+    def entry_for(self, source: str) -> str | None:
+        """The fstab line for the filesystem mounted from `source`."""
+        b = self.config.btrfs
+        if b.data_disk is None:
+            return fstab_entry(b.image_path, b.mount_point, loop=True)
+        fs = btrfs_sysfs_dir(source)
+        return fstab_entry(f"UUID={fs.name}", b.mount_point, loop=False) if fs else None
+
+    def check(self) -> StepState:
+        problems = []
+        mounted = mount_at(str(self.mount_point))
+        if mounted is None or mounted[1] != "btrfs":
+            problems.append(f"no btrfs filesystem mounted at {self.mount_point}")
+        else:
+            problems += self.mounted_problems(mounted[0])
+        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755):
+            problems.append(f"{self.helper_path()} is missing or differs")
+        return StepState(not problems, "; ".join(problems) or f"btrfs at {self.mount_point} with data, quota and tmp")
+
+    def mounted_problems(self, source: str) -> list[str]:
+        uid = user_ids(self.config.bootstrap_user)[0]
+        problems = []
+        entry = self.entry_for(source)
+        fstab = read_text_or(FSTAB)
+        if entry is None or fstab_with_entry(fstab, entry) != fstab:
+            problems.append("the tagged fstab line is missing or differs")
+        fs = btrfs_sysfs_dir(source)
+        if fs is None or not (fs / "qgroups").is_dir():
+            problems.append("quota is not enabled")
+        data, tmp = self.mount_point / "data", self.mount_point / "tmp"
+        if not is_btrfs_subvolume(data) or not owned_dir(data, uid):
+            problems.append(f"{data} is not a subvolume owned by {self.config.bootstrap_user}")
+        if not owned_dir(tmp, uid) or stat.S_IMODE(tmp.stat().st_mode) != 0o1777:
+            problems.append(f"{tmp} is not mode 1777 and owned by {self.config.bootstrap_user}")
+        return problems
+
+    def apply(self) -> None:
+        mp = str(self.mount_point)
+        mounted = mount_at(mp)
+        if mounted is not None and mounted[1] != "btrfs":
+            raise BootstrapError(
+                f"{mp} has a {mounted[1]} filesystem mounted from {mounted[0]}",
+                hint="Unmount it or choose another btrfs.mount_point; bootstrap.py will not mount over it.",
+            )
+        entry = self.entry_for(mounted[0]) if mounted else self.prepare_filesystem()
+        if entry is None:
+            raise BootstrapError(f"cannot tell which filesystem is mounted at {mp}", hint=self.hint)
+        self.write_fstab(entry)
+        if mounted is None:
+            run_command(["mkdir", "-p", mp], sudo=True, timeout_s=30)
+            run_command(
+                ["mount", mp], sudo=True, timeout_s=120, hint=self.hint
+            )  # through the fstab line: proves it works
+            self.log.info(f"mounted {mp}")
+        self.prepare_tree()
+        if write_user_file(self.helper_path(), self.helper_text(), 0o755):
+            self.log.info(f"wrote {self.helper_path()}")
+
+    def prepare_filesystem(self) -> str:
+        """Make (or find) the filesystem; returns its fstab line."""
+        b = self.config.btrfs
+        if b.data_disk is not None:
+            device = wait_for_block_device(b.data_disk.candidates, b.data_disk.wait_s, self.log)
+            size = int(run_command(["blockdev", "--getsize64", device], sudo=True, timeout_s=30).output.split()[0])
+            if size < b.data_disk.min_size_gb * 10**9:
+                raise BootstrapError(
+                    f"{device} has {size / 10**9:.1f} GB; btrfs.data_disk.min_size_gb is {b.data_disk.min_size_gb}",
+                    hint="Attach a bigger disk or lower min_size_gb.",
+                )
+            self.make_btrfs(device)
+            uuid = block_device_probe(device).get("UUID")
+            if not uuid:
+                raise BootstrapError(f"blkid shows no UUID on {device} after mkfs.btrfs", hint=self.hint)
+            return fstab_entry(f"UUID={uuid}", b.mount_point, loop=False)
+        image = Path(b.image_path)
+        if not image.exists():
+            run_command(["install", "-d", "-m", "0755", str(image.parent)], sudo=True, timeout_s=30)
+            run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)
+            run_command(["chmod", "0600", str(image)], sudo=True, timeout_s=30)
+            self.log.info(f"created sparse image {image} ({b.image_size_gb} GB)")
+        self.make_btrfs(str(image))
+        return fstab_entry(b.image_path, b.mount_point, loop=True)
+
+    def make_btrfs(self, device: str) -> None:
+        """mkfs.btrfs on an empty device; reuse btrfs; refuse anything else."""
+        found = block_device_probe(device)
+        if found.get("TYPE") == "btrfs":
+            self.log.info(f"{device} already holds btrfs; reusing it")
+            return
+        if found.get("TYPE") or found.get("PTTYPE"):
+            what = found.get("TYPE") or f"a {found.get('PTTYPE')} partition table"
+            raise BootstrapError(
+                f"{device} holds {what}; refusing to format it",
+                hint="bootstrap.py never reformats a disk that holds data. Wipe it yourself (wipefs -a) "
+                "if it is really unused, or use another disk.",
+            )
+        # no -f: mkfs.btrfs itself refuses to overwrite a filesystem blkid might have missed
+        run_command(["mkfs.btrfs", "-q", "-L", BTRFS_LABEL, device], sudo=True, timeout_s=300, hint=self.hint)
+        self.log.info(f"made a btrfs filesystem on {device}")
+
+    def write_fstab(self, entry: str) -> None:
+        current = read_text_or(FSTAB)
+        wanted = fstab_with_entry(current, entry)
+        if wanted != current:
+            write_root_file(FSTAB, wanted, mode=0o644)
+            run_command(["systemctl", "daemon-reload"], sudo=True, check=False, timeout_s=120)  # fstab generator
+            self.log.info(f"fstab: {entry}")
+
+    def prepare_tree(self) -> None:
+        mp = self.mount_point
+        user, (uid, _, group) = self.config.bootstrap_user, user_ids(self.config.bootstrap_user)
+        data, tmp = mp / "data", mp / "tmp"
+        if not is_btrfs_subvolume(data):
+            if os.path.lexists(data):
+                raise BootstrapError(
+                    f"{data} exists but is not a btrfs subvolume",
+                    hint=f"Move it away; bootstrap.py creates {data} as a subvolume.",
+                )
+            run_command(["btrfs", "subvolume", "create", str(data)], sudo=True, timeout_s=60)
+        fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
+        if fs is None or not (fs / "qgroups").is_dir():
+            run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
+        run_command(["mkdir", "-p", str(tmp)], sudo=True, timeout_s=30)
+        for path, mode in ((data, None), (tmp, "1777")):
+            if not owned_dir(path, uid):
+                run_command(["chown", f"{user}:{group}", str(path)], sudo=True, timeout_s=30)
+            if mode:
+                run_command(["chmod", mode, str(path)], sudo=True, timeout_s=30)
+
+
+class ServiceStep(Step):
+    """The daemon's systemd unit: enabled, running, healthy; restarted only
+    when its unit, env file or bundle changed since the last (re)start."""
+
+    name = "service"
+    deps = ("install_project_host", "install_project", "install_tools", "node", "btrfs", "files", "secrets")
+    weight_s = 10.0
+    phase = "starting services"
+    hint = "See the daemon's log: sudo journalctl -u <unit> -n 100 --no-pager (the unit is service.unit in the config)."
+
+    def unit_path(self) -> Path:
+        return SYSTEMD_UNIT_DIR / f"{self.config.service.unit}.service"
+
+    def unit_text(self) -> str:
+        return render_unit(self.config, user_ids(self.config.bootstrap_user)[2])
+
+    def stamp_path(self) -> Path:
+        return Path(self.config.bootstrap_dir) / "service.generation"
+
+    def generation(self) -> str:
+        """What the running daemon was started with: unit, env file, bundle."""
+        digest = hashlib.sha256(self.unit_text().encode())
+        digest.update(read_text_or(ENV_FILE).encode())
+        digest.update(os.path.realpath(bundles_dir(self.config) / "project_host" / "current").encode())
+        return digest.hexdigest()
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {
+            "unit": self.unit_text(),
+            "env": render_env_file(self.config),
+            "bundle": self.config.artifacts.project_host.version,
+        }
+
+    def check(self) -> StepState:
+        unit = f"{self.config.service.unit}.service"
+        problems = []
+        if not file_matches(self.unit_path(), self.unit_text(), mode=0o644):
+            problems.append(f"{self.unit_path()} is missing or differs")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            problems.append(f"{unit} is not enabled")
+        if systemctl_state("is-active", unit) != "active":
+            problems.append(f"{unit} is not active")
+        elif read_text_or(self.stamp_path()).strip() != self.generation():
+            problems.append("its unit, env file or bundle changed since it started")
+        else:
+            status, what = http_status(self.config.service.health_url, timeout_s=5)
+            if status is None or not 200 <= status < 300:
+                problems.append(f"{self.config.service.health_url} answers {what}")
+        return StepState(not problems, "; ".join(problems) or f"{unit} is active, current and healthy")
+
+    def apply(self) -> None:
+        service = self.config.service
+        unit = f"{service.unit}.service"
+        if not file_matches(self.unit_path(), self.unit_text(), mode=0o644):
+            write_root_file(self.unit_path(), self.unit_text(), mode=0o644)
+            run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+            self.log.info(f"wrote {self.unit_path()}")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
+        generation = self.generation()
+        if read_text_or(self.stamp_path()).strip() != generation:
+            run_command(["systemctl", "restart", unit], sudo=True, timeout_s=120, hint=self.hint)
+            self.log.info(f"(re)started {unit}: its unit, env file or bundle changed")
+        elif systemctl_state("is-active", unit) != "active":
+            run_command(["systemctl", "start", unit], sudo=True, timeout_s=120, hint=self.hint)
+            self.log.info(f"started {unit}")
+        else:
+            self.log.info(f"{unit} already runs this unit, env file and bundle; not restarted")
+        self.wait_healthy(unit)
+        atomic_write_text(self.stamp_path(), generation + "\n", 0o644)
+        self.report_conat()
+
+    def wait_healthy(self, unit: str) -> None:
+        service = self.config.service
+        start = time.monotonic()
+        try:
+            what = wait_until_healthy(service.health_url, service.health_timeout_s)
+        except BootstrapError as e:
+            journal = run_command(
+                ["journalctl", "-u", unit, "-n", "40", "--no-pager"], sudo=True, check=False, timeout_s=60
+            )
+            raise BootstrapError(
+                e.message,
+                hint=f"The daemon started but is not healthy; see sudo journalctl -u {unit} -n 100 --no-pager.",
+                log_tail=output_tail(REDACTOR(journal.output)),
+            ) from None
+        self.log.info(f"{service.health_url} answered {what} after {time.monotonic() - start:.1f}s")
+
+    def report_conat(self) -> None:
+        for url in self.config.conat_urls:
+            why = tcp_reachable(url)
+            if why is None:
+                self.log.info(f"conat {url} is reachable")
+            else:
+                self.log.warn(f"conat {url} is not reachable from this host ({why}); the daemon will keep trying")
+
+
+class FinalizeStep(Step):
+    """`.bootstrap_done` with a summary of what this host runs."""
+
+    name = "finalize"
+    deps = ("service",)
+    weight_s = 0.2
+    phase = "finishing"
+    hint = "The bootstrap directory must be writable."
+
+    def summary(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "host_id": c.host.id,
+            "host_name": c.host.name,
+            "bootstrap_version": __version__,
+            "bundles": {name: spec.version for name, spec in c.artifacts.items()},
+            "node": c.node.version,
+            "btrfs": c.btrfs.mount_point,
+            "service": c.service.unit,
+        }
+
+    def inputs(self) -> Mapping[str, Any]:
+        return self.summary()
+
+    def check(self) -> StepState:
+        try:
+            done = json.loads(done_marker(self.config).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return StepState(False, f"{done_marker(self.config)} is missing")
+        summary = self.summary()
+        same = isinstance(done, dict) and {k: done.get(k) for k in summary} == summary
+        return StepState(
+            same, f"done since {done.get('finished_at')}" if same else "the host changed since the last bootstrap"
+        )
+
+    def apply(self) -> None:
+        record = {**self.summary(), "finished_at": utc_timestamp()}
+        atomic_write_text(done_marker(self.config), json.dumps(record, indent=2) + "\n", 0o644)
+
+
+STEPS: tuple[type[Step], ...] = (
+    PreflightStep,
+    DirectoriesStep,
+    FilesStep,
+    SecretsStep,
+    AptStep,
+    DownloadProjectHostStep,
+    DownloadProjectStep,
+    DownloadToolsStep,
+    NodeStep,
+    InstallProjectHostStep,
+    InstallProjectStep,
+    InstallToolsStep,
+    BtrfsStep,
+    ServiceStep,
+    FinalizeStep,
+)
 
 
 # ============================================================================
@@ -1464,21 +3488,25 @@ def _canonical(value: Any) -> Any:
     raise TypeError(f"step inputs must be JSON-like, got {type(value).__name__}")
 
 
-def atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
+def atomic_write_text(path: Path, text: str, mode: int = 0o600, *, durable: bool = True) -> None:
     """temp file in the same directory + fsync + rename + fsync the directory:
-    a reader (or a crash) sees the old file or the new one, never half."""
+    a reader (or a crash) sees the old file or the new one, never half.
+    durable=False skips the fsyncs (still atomic for readers and for kills)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
@@ -1522,6 +3550,8 @@ class StateStore:
         return record if isinstance(record, dict) else None
 
     def record_step(self, name: str, fp: str, duration_s: float, outcome: str) -> None:
+        """Saved with the step's end (update_run_step): a record lost to a
+        crash in between only costs a re-apply."""
         with self._lock:
             self.data["steps"][name] = {
                 "fingerprint": fp,
@@ -1529,31 +3559,34 @@ class StateStore:
                 "duration_s": round(duration_s, 3),
                 "outcome": outcome,
             }
-            self.save()
 
     def forget(self, names: Iterable[str]) -> None:
         with self._lock:
             gone = [n for n in names if self.data["steps"].pop(n, None) is not None]
             if gone:
-                self.save()
+                self.save(durable=True)  # before apply() changes anything
 
-    def update_run(self, **fields: Any) -> None:
+    def update_run(self, *, durable: bool = False, **fields: Any) -> None:
         with self._lock:
             run = self.data["last_run"] = self.last_run or {}
             run.update(fields)
-            self.save()
+            self.save(durable=durable)
 
-    def update_run_step(self, name: str, **fields: Any) -> None:
+    def update_run_step(self, name: str, *, running: Sequence[str], **fields: Any) -> None:
         with self._lock:
             run = self.data["last_run"] = self.last_run or {}
+            run["running"] = list(running)
             run.setdefault("steps", {}).setdefault(name, {}).update(fields)
             self.save()
 
-    def save(self) -> None:
+    def save(self, *, durable: bool = False) -> None:
+        """Always atomic (a kill never leaves half a file); fsync'd only when
+        durable, since every other write only saves work after a power loss."""
         if not self.writable:
             return
         with self._lock:
-            atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+            text = json.dumps(self.data, indent=1, sort_keys=True) + "\n"
+            atomic_write_text(self.path, text, durable=durable)
 
 
 class RunLock:
@@ -1804,9 +3837,9 @@ class Runner:
             self.progress.finish(name)
         with self._lock:
             self._running.discard(name)
-        self.state.update_run(running=sorted(self._running))
         self.state.update_run_step(
             name,
+            running=sorted(self._running),
             deps=list(self.plan.deps(name)),
             start_s=record.start_s,
             end_s=record.end_s,
@@ -2017,7 +4050,8 @@ class EventSender:
                     self.log.info(f"the hub takes progress events again after {self.failures} failed tries")
                 self.failures = 0
                 self.sent += len(events)
-                atomic_write_text(acked_path(path), f"{events[-1]['seq']}\n")
+                # not fsync'd: a lost ack after a power cut only replays events the hub de-duplicates
+                atomic_write_text(acked_path(path), f"{events[-1]['seq']}\n", durable=False)
         except Exception as e:  # the sender must never take the run down
             self.log.debug(f"event sender stopped: {e}", event="events", traceback=traceback.format_exc())
 
@@ -2435,6 +4469,7 @@ def finish_run(
     tail = error.log_tail if isinstance(error, BootstrapError) else None
     message = REDACTOR(str(error)) if error is not None else None
     state.update_run(
+        durable=True,
         status=status or ("done" if ok else "failed"),
         ok=ok,
         finished_at=utc_timestamp(),
