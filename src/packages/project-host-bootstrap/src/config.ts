@@ -12,6 +12,7 @@
  * integer ranges, absolute/relative paths, and a handful of cross-field
  * checks in `BootstrapConfigSchema`'s superRefine.
  */
+import { UUID_PATTERN } from "@cocalc/util";
 import { z } from "zod";
 
 export const SCHEMA_VERSION = 1 as const;
@@ -25,8 +26,8 @@ export type ArtifactName = (typeof ARTIFACT_NAMES)[number];
 // --- primitives (each has a twin in bootstrap.py's "config" section) --------
 
 export const SHA256_RE = /^[0-9a-f]{64}$/;
-export const UUID_RE =
-  /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+/** Lowercase canonical UUID; one definition, shared with `isValidUUID` in @cocalc/util. */
+export const UUID_RE: RegExp = UUID_PATTERN;
 /** POSIX-portable user name as useradd accepts it by default. */
 export const USER_RE = /^[a-z_][a-z0-9_-]{0,31}$/;
 /** RFC 1123 host label (one label, the host's short name). */
