@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import bootstrap
 import pytest
-from test_engine_support import applied, bootstrap, make_config, make_steps, started
+from test_engine_support import applied, make_config, make_steps, started
 
 Spec = dict[str, Any]
 
@@ -238,7 +239,9 @@ def test_plan_marks_steps_blocked_when_their_check_cannot_run(
 
     config = make_config(tmp_path)
     plan = bootstrap.Plan([Unreadable, *make_steps([{"name": "b", "deps": ["unreadable"]}], tmp_path)])
-    rows = bootstrap.preview(plan, bootstrap.Context(config, bootstrap.Log(echo=False)), bootstrap.StateStore(tmp_path / "s.json"))
+    rows = bootstrap.preview(
+        plan, bootstrap.Context(config, bootstrap.Log(echo=False)), bootstrap.StateStore(tmp_path / "s.json")
+    )
     assert rows[0] == ("unreadable", "blocked", "check failed: cannot read /etc/os-release")
     assert rows[1][:2] == ("b", "blocked")
 

@@ -7,21 +7,22 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
+import bootstrap
 import pytest
-from test_engine_support import bootstrap
 
-SECRET = "hunter2-very-secret-value"
+SECRET = "hunter2-very-secret-value"  # noqa: S105 - a test secret
 
 
 @pytest.fixture
-def file_log(tmp_path: Path) -> list[dict[str, object]]:
-    """Make the run's log a file under tmp_path; yields its parsed records (filled after the test body)."""
-    records: list[dict[str, object]] = []
+def file_log(tmp_path: Path) -> Iterator[None]:
+    """Make the active log (what run_command writes to) a file under tmp_path."""
     log = bootstrap.Log(tmp_path / "logs" / "bootstrap.log", run_id="test-run-1", echo=False)
     bootstrap.set_active_log(log)
-    yield records
+    yield
     bootstrap.set_active_log(bootstrap.Log())
     log.close()
 
@@ -50,10 +51,13 @@ def test_timeout_kills_the_whole_group_including_a_child_that_ignores_sigterm(
     monkeypatch.setattr(bootstrap, "KILL_GRACE_S", 0.5)
     pidfile = tmp_path / "child.pid"
     # the parent starts a child that ignores SIGTERM, prints, and sleeps forever
+    child_code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('child ready', flush=True); time.sleep(600)"
+    )
     script = (
         "import os, signal, subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', "
-        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(\"child ready\", flush=True); time.sleep(600)'])\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}])\n"
         f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
         "print('parent waiting', flush=True)\n"
         "time.sleep(600)\n"
@@ -77,7 +81,10 @@ def test_timeout_kills_the_whole_group_including_a_child_that_ignores_sigterm(
 
 
 def test_output_tail_exit_code_and_one_record_per_call(tmp_path: Path, file_log: object) -> None:
-    script = "import sys\nfor i in range(100): print(f'line {i}')\nsys.stdout.flush()\nprint('boom', file=sys.stderr)\nsys.exit(3)"
+    script = (
+        "import sys\nfor i in range(100): print(f'line {i}')\n"
+        "sys.stdout.flush()\nprint('boom', file=sys.stderr)\nsys.exit(3)"
+    )
     with pytest.raises(bootstrap.CommandError) as failure:
         bootstrap.run_command([sys.executable, "-c", script], hint="try again")
     error = failure.value
@@ -109,7 +116,7 @@ def test_environment_is_minimal_and_explicit_and_stdin_is_closed(monkeypatch: py
 
 def test_argv_only() -> None:
     with pytest.raises(TypeError):
-        bootstrap.run_command("echo hi")  # type: ignore[arg-type] # the point of the test
+        bootstrap.run_command("echo hi")
 
 
 def test_missing_program_is_a_command_error_with_a_hint() -> None:
@@ -140,7 +147,17 @@ def test_secret_is_redacted_from_argv_output_log_and_error(
 
 def test_sudo_passes_the_environment_explicitly() -> None:
     argv = bootstrap.sudo_argv(["apt-get", "update"], {"LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"})
-    assert argv == ["sudo", "-n", "--", "env", "-i", "DEBIAN_FRONTEND=noninteractive", "LANG=C.UTF-8", "apt-get", "update"]
+    assert argv == [
+        "sudo",
+        "-n",
+        "--",
+        "env",
+        "-i",
+        "DEBIAN_FRONTEND=noninteractive",
+        "LANG=C.UTF-8",
+        "apt-get",
+        "update",
+    ]
 
 
 @pytest.mark.skipif(shutil.which("sudo") is None, reason="sudo is not installed here")
@@ -163,9 +180,8 @@ def test_retry_backs_off_and_gives_up_after_attempts(monkeypatch: pytest.MonkeyP
         return "ok"
 
     assert bootstrap.retry(flaky, what="flaky", attempts=3, base_s=0.05, max_s=1) == "ok"
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    gaps = [b - a for a, b in pairwise(calls)]
     assert 0.025 <= gaps[0] <= 0.2 and 0.05 <= gaps[1] <= 0.3  # base, then doubled (with jitter 0.5..1)
-
 
 
 def test_retry_gives_up_after_the_last_attempt() -> None:
