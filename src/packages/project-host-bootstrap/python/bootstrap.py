@@ -281,14 +281,26 @@ class Log:
         self.record("debug", "started", event="step_start", step=step)
         self._console_line(f"==> {step}", percent)
 
-    def step_finished(self, step: str, outcome: str, duration_s: float, percent: float, detail: str = "") -> None:
+    def step_finished(
+        self,
+        step: str,
+        outcome: str,
+        duration_s: float,
+        percent: float,
+        detail: str = "",
+        *,
+        hint: str | None = None,
+        tail: str | None = None,
+    ) -> None:
         self.record(
-            "error" if outcome == "failed" else "debug",
+            "debug",
             detail or outcome,
             event="step_end",
             step=step,
             outcome=outcome,
             duration_s=round(duration_s, 3),
+            hint=hint,
+            tail=tail,
         )
         extra = f": {self.redact(detail)}" if detail and outcome in ("failed", "blocked") else ""
         self._console_line(f"<== {step} {outcome} in {duration_s:.1f}s{extra}", percent)
@@ -794,26 +806,19 @@ def is_inside(child: str, parent: str) -> bool:
 
 # JavaScript's \s, which is not Python's (Python adds \x1c-\x1f and \x85, lacks \ufeff).
 _JS_WHITESPACE_RE = re.compile("[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
-_C0_AND_SPACE = "".join(chr(c) for c in range(0x21))
+# PLAIN_HTTP_URL_RE of config.ts; whitespace is refused before it is tried, so the class needs no \s.
+_PLAIN_HTTP_URL_RE = re.compile(r"https?://([^/\\?#@%]+)(?:[/?#]|\Z)")
 _FORBIDDEN_DOMAIN_CHARS = frozenset(" #%/:<>?@[\\]^|\x7f") | frozenset(chr(c) for c in range(0x20))
 
 
 def is_http_url(text: str) -> bool:
-    """isHttpUrl of config.ts: WHATWG URL parsing as far as it decides the
-    verdict for http(s) URLs, then scheme http/https, a host, no userinfo and
-    no whitespace anywhere in the original text."""
-    if _JS_WHITESPACE_RE.search(text):
+    """isHttpUrl of config.ts: the plain form (lower-case http or https, //,
+    no userinfo, no whitespace anywhere), and an authority that WHATWG URL
+    parsing accepts: a valid host (domain, IPv4 or [IPv6]) and port."""
+    plain = _PLAIN_HTTP_URL_RE.match(text)
+    if _JS_WHITESPACE_RE.search(text) or not plain:
         return False
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", text.strip(_C0_AND_SPACE))
-    if not scheme or scheme.group(1).lower() not in ("http", "https"):
-        return False
-    # Special schemes ignore any run of / and \ before the authority, which ends at / \ ? #.
-    rest = text.strip(_C0_AND_SPACE)[scheme.end() :].lstrip("/\\")
-    authority = re.split(r"[/\\?#]", rest, maxsplit=1)[0]
-    userinfo, _, host_port = authority.rpartition("@")
-    if userinfo not in ("", ":"):  # anything else leaves a username or password
-        return False
-    host, port = _split_host_port(host_port)
+    host, port = _split_host_port(plain.group(1))
     if host is None or not re.fullmatch(r"[0-9]*", port) or (port and int(port) > 65535):
         return False
     return _is_valid_host(host)
@@ -3746,7 +3751,7 @@ class Runner:
         self._mark_blocked(failed)
         if failed is not None:
             step = self.steps[failed]
-            raise StepFailed(failed, step.message, hint=step.hint, log_tail=step.log_tail)
+            raise StepFailed(failed, step.message, hint=step.hint, log_tail=step.log_tail) from step.error
         return self.steps
 
     def _execute(self) -> str | None:
@@ -3827,7 +3832,8 @@ class Runner:
         except Exception as e:
             record.outcome = "failed"
             record.error = e
-            record.message = REDACTOR(str(e) or type(e).__name__)
+            text = str(e) if isinstance(e, BootstrapError) else f"{type(e).__name__}: {e}"
+            record.message = REDACTOR(text)
             record.hint = e.hint if isinstance(e, BootstrapError) and e.hint else cls.hint
             record.log_tail = e.log_tail if isinstance(e, BootstrapError) else None
             self.log.debug("step failed", event="traceback", traceback=traceback.format_exc())
@@ -3856,9 +3862,10 @@ class Runner:
             log_tail=record.log_tail,
         )
         self.events.emit("progress", phase=cls.phase, percent=self.progress.percent())
-        self.log.step_finished(name, record.outcome, duration, self.progress.percent(), record.message)
-        if record.outcome == "failed" and record.hint:
-            self.log.error(f"hint: {record.hint}")
+        percent = self.progress.percent()
+        self.log.step_finished(
+            name, record.outcome, duration, percent, record.message, hint=record.hint, tail=record.log_tail
+        )
         self.log.progress(self.progress.percent(), sorted(self._running))
         return record.outcome != "failed"
 
@@ -4165,8 +4172,8 @@ def run_status(config: Config) -> dict[str, Any]:
         status = "running"
     elif not run:
         status = "done" if done else "not started"
-    elif run.get("status") == "running":
-        status = "interrupted"  # state says running, but nobody holds the lock
+    elif run.get("status") in ("running", "interrupted"):
+        status = "interrupted"  # killed (state still says running, nobody holds the lock) or stopped
     elif run.get("ok") is False:
         status = "failed"
     else:
@@ -4485,11 +4492,8 @@ def finish_run(
 
 
 def report_error(error: BootstrapError, *, debug: bool) -> None:
-    if debug:
+    if debug:  # with the chain: a failed step's own traceback comes first
         traceback.print_exception(type(error), error, error.__traceback__)
-        cause = getattr(error, "__context__", None)
-        if cause is not None and not isinstance(error, StepFailed):
-            traceback.print_exception(type(cause), cause, cause.__traceback__)
     if error.log_tail:
         print("output tail:\n" + textwrap.indent(REDACTOR(error.log_tail), "  "), file=sys.stderr)
     print(f"error: {REDACTOR(error.message)}", file=sys.stderr)
@@ -4521,6 +4525,17 @@ def main(
     except KeyboardInterrupt:
         print("interrupted; run bootstrap.py again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # the engine's own files: bootstrap dir, state, lock, log
+        if args.debug:
+            traceback.print_exc()
+        where = e.filename or "a bootstrap file"
+        print(f"error: cannot use {where}: {e.strerror or e}", file=sys.stderr)
+        print(
+            f"hint: check that {where} and its directory belong to the bootstrap user (run bootstrap.py as that "
+            "user, not root) and that the disk is not full.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except Exception as e:
         if args.debug:
             traceback.print_exc()

@@ -173,3 +173,33 @@ def test_engine_overhead_20_noop_steps(tmp_path: Path, monkeypatch: pytest.Monke
         timings[label] = time.perf_counter() - start
     print(f"\nengine overhead, 20 no-op steps: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in timings.items())}")
     assert all(v < 3.0 for v in timings.values()), timings
+
+
+def test_sigterm_stops_running_commands_and_leaves_the_run_resumable(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    steps = [{"name": "prepare"}, {"name": "long", "deps": ["prepare"], "command": ["sleep", "60"]}]
+    spec = write_spec(tmp_path / "spec.json", root=root, steps=steps)
+    proc = start_driver(spec)
+    wait_for(lambda: "long" in started_steps(root), what="`long` to start")
+    time.sleep(0.2)  # let it reach the command
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == bootstrap.EXIT_INTERRUPTED, output
+    assert time.monotonic() - start < 5, "the running command was not stopped"
+    assert "run bootstrap.py again to resume" in output
+    code, report = status(spec)
+    assert (code, report["status"]) == (1, "interrupted")
+
+
+def test_unwritable_bootstrap_dir_fails_with_a_hint(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores directory permissions: make the bootstrap dir a file instead
+        (tmp_path / "root").mkdir()
+        (tmp_path / "root" / "bootstrap").write_text("not a directory")
+    else:
+        (tmp_path / "root").mkdir(mode=0o500)
+    spec = write_spec(tmp_path / "spec.json", root=tmp_path / "root", steps=[{"name": "a"}])
+    result = run_driver(spec)
+    assert result.returncode == 1
+    assert "error: cannot use" in result.stderr and "hint: check that" in result.stderr

@@ -262,3 +262,61 @@ def test_started_steps_are_logged_with_their_step(run: Callable[..., int], tmp_p
         assert record["run_id"] == records[0]["run_id"]
     ends = [r for r in records if r["event"] == "step_end"]
     assert {r["step"] for r in ends} == {"p", "q"} and all(r["duration_s"] >= 0.1 for r in ends)
+
+
+def test_terminal_console_keeps_a_progress_line_and_plain_console_does_not() -> None:
+    import io
+
+    tty = io.StringIO()
+    log = bootstrap.Log(console=tty, tty=True)
+    log.step_started("apt", 0.0)
+    log.progress(25.0, ["apt", "node"])
+    log.info("hello", step="apt")
+    log.step_finished("apt", "changed", 1.25, 50.0)
+    log.close()
+    text = tty.getvalue()
+    assert "[ 25%] running: apt, node" in text
+    # every new line first clears the progress line, then redraws it
+    assert "\r\x1b[K    apt: hello\n[ 25%] running: apt, node" in text
+    assert "<== apt changed in 1.2s" in text and text.endswith("\r\x1b[K")
+
+    plain = io.StringIO()
+    log = bootstrap.Log(console=plain, tty=False)
+    log.step_started("apt", 0.0)
+    log.progress(25.0, ["apt"])
+    log.step_finished("apt", "failed", 2.0, 25.0, "apt-get exited with 100")
+    assert plain.getvalue() == "[  0%] ==> apt\n[ 25%] <== apt failed in 2.0s: apt-get exited with 100\n"
+
+
+def test_percent_is_weighted_by_the_last_run_durations(tmp_path: Path) -> None:
+    steps = make_steps([{"name": "slow", "weight": 1.0}, {"name": "fast", "weight": 1.0}], tmp_path)
+    state = bootstrap.StateStore(tmp_path / "state.json")
+    plan = bootstrap.Plan(steps)
+    progress = bootstrap.Progress(plan, state)
+    progress.finish("fast")
+    assert progress.percent() == 50.0  # default weights: equal
+    state.record_step("slow", "fp", 9.0, "changed")
+    state.record_step("fast", "fp", 1.0, "changed")
+    progress = bootstrap.Progress(plan, state)
+    progress.finish("fast")
+    assert progress.percent() == 10.0  # refined by what each took last time
+
+
+def test_step_bugs_fail_the_run_with_the_exception_named(run: Callable[..., int], tmp_path: Path) -> None:
+    class Buggy(bootstrap.Step):
+        name = "buggy"
+
+        def apply(self) -> None:
+            raise KeyError("missing")
+
+    config = make_config(tmp_path)
+    runner = bootstrap.Runner(
+        bootstrap.Plan([Buggy]),
+        bootstrap.Context(config, bootstrap.Log(echo=False)),
+        state=bootstrap.StateStore(tmp_path / "state.json"),
+    )
+    with pytest.raises(bootstrap.StepFailed) as failure:
+        runner.run()
+    assert "KeyError: 'missing'" in failure.value.message
+    assert failure.value.hint == bootstrap.Step.hint
+    assert isinstance(failure.value.__cause__, KeyError)
