@@ -122,9 +122,9 @@ export function makeCurlRecorder(top: string): { binDir: string; argvLog: string
 
 /**
  * A stand-in for bootstrap.py: records argv, uid, the token file's mode, and
- * every process whose command line contains the token (scanning /proc while
- * the stub and its tee are still running); prints a line; exits with the
- * config's `exit_code`.
+ * every process whose command line or environment contains the token
+ * (scanning /proc while the stub and its tee are still running); prints a
+ * line; exits with the config's `exit_code`.
  */
 export const STAND_IN_BOOTSTRAP_PY = Buffer.from(`import json
 import os
@@ -141,12 +141,13 @@ leaks = []
 for pid in os.listdir("/proc"):
     if not pid.isdigit():
         continue
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if token in f.read():
-                leaks.append(pid)
-    except OSError:
-        pass
+    for what in ("cmdline", "environ"):  # environ is readable for our own processes only
+        try:
+            with open(f"/proc/{pid}/{what}", "rb") as f:
+                if token in f.read():
+                    leaks.append(f"{pid}/{what}")
+        except OSError:
+            pass
 with open(config_path) as f:
     config = json.load(f)
 result = {

@@ -99,7 +99,7 @@ describe("a rendered stub, run for real", () => {
     expect(result.cwd).toBe(bootstrapDir);
     expect(result.stdin_is_devnull).toBe(true);
     expect(result.token_mode).toBe(0o600);
-    expect(result.leaks, "processes with the token in their argv").toEqual([]);
+    expect(result.leaks, "processes with the token in their argv or environment").toEqual([]);
 
     // Verified bytes are in place; no .part files remain.
     expect(readFileSync(join(bootstrapDir, "bootstrap.py"))).toEqual(STAND_IN_BOOTSTRAP_PY);
