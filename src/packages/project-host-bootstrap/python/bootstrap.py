@@ -234,7 +234,7 @@ class Log:
         self._file: TextIO | None = None
         self._status = ""  # the progress line currently shown on a terminal
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
 
