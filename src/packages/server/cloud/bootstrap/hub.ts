@@ -33,6 +33,7 @@ export interface StartHubOptions {
   manifestTtlMs?: number;
   streamRecheckMs?: number;
   enableAdmin?: boolean;
+  logError?: (message: string, error: unknown) => void;
 }
 
 export interface RunningHub {
@@ -84,6 +85,7 @@ export async function startHub(opts: StartHubOptions): Promise<RunningHub> {
     staleAfterS: opts.staleAfterS,
     streamRecheckMs: opts.streamRecheckMs,
     enableAdmin: opts.enableAdmin,
+    logError: opts.logError,
   });
   server.on("request", hub.app);
   return {

@@ -91,15 +91,33 @@ export function resolveManifest(body: unknown, want: { url: string; artifact: Ar
   return { url: m.url, sha256: m.sha256, version, size_bytes: m.size_bytes, built_at: m.built_at, manifest_url: want.url };
 }
 
+// A pooled keep-alive socket the server has just closed fails with these;
+// a GET is safe to send once more on a fresh connection.
+const RETRYABLE_SOCKET_ERRORS = new Set(["ECONNRESET", "EPIPE", "UND_ERR_SOCKET"]);
+
+type FetchError = Error & { cause?: { code?: string; message?: string } };
+
+async function fetchText(url: string, signal: AbortSignal): Promise<{ res: Response; text: string }> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const res = await fetch(url, { signal, redirect: "follow", headers: { accept: "application/json" } });
+      return { res, text: await res.text() };
+    } catch (err) {
+      const code = (err as FetchError).cause?.code;
+      if (attempt >= 2 || signal.aborted || code === undefined || !RETRYABLE_SOCKET_ERRORS.has(code)) throw err;
+    }
+  }
+}
+
 async function fetchJson(url: string, timeoutMs: number): Promise<unknown> {
   let res: Response;
   let text: string;
   try {
-    res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs), redirect: "follow", headers: { accept: "application/json" } });
-    text = await res.text();
+    ({ res, text } = await fetchText(url, AbortSignal.timeout(timeoutMs)));
   } catch (err) {
-    const e = err as Error;
-    const why = e.name === "TimeoutError" ? `no answer within ${timeoutMs} ms` : `fetch failed (${e.message})`;
+    const e = err as FetchError;
+    const detail = e.cause?.code ?? e.cause?.message ?? e.message;
+    const why = e.name === "TimeoutError" ? `no answer within ${timeoutMs} ms` : `fetch failed (${detail})`;
     throw new ManifestError(url, why);
   }
   if (!res.ok) throw new ManifestError(url, `HTTP ${res.status} ${res.statusText}`);
