@@ -60,7 +60,8 @@ def test_second_concurrent_run_is_refused_with_the_holder_named(tmp_path: Path) 
 def test_kill_9_mid_step_then_rerun_converges(tmp_path: Path) -> None:
     root = tmp_path / "root"
     spec = write_spec(tmp_path / "spec.json", root=root, steps=specs(hang=60))
-    assert status(spec) == (2, status(spec)[1]) and status(spec)[1]["status"] == "not started"
+    code, report = status(spec)
+    assert (code, report["status"]) == (2, "not started")
     proc = start_driver(spec)
     wait_for(lambda: "work" in started_steps(root), what="`work` to start")
     os.kill(proc.pid, signal.SIGKILL)
