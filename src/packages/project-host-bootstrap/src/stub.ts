@@ -52,9 +52,17 @@ export interface StubOptions {
   downloadRetries?: number;
 }
 
-/** Stub options for a config the builders produced. */
-export function stubOptionsFor(config: BootstrapConfig, opts: { baseUrl: string; token?: string | null }): StubOptions {
-  return { baseUrl: opts.baseUrl, bootstrapDir: config.bootstrap_dir, bootstrapUser: config.bootstrap_user, token: opts.token ?? null };
+/**
+ * Stub options for a config the builders produced: its bootstrap_dir and
+ * user, and its `hub.url` (the host's bootstrap routes) unless `baseUrl` is given.
+ */
+export function stubOptionsFor(config: BootstrapConfig, opts: { baseUrl?: string; token?: string | null } = {}): StubOptions {
+  return {
+    baseUrl: opts.baseUrl ?? config.hub.url,
+    bootstrapDir: config.bootstrap_dir,
+    bootstrapUser: config.bootstrap_user,
+    token: opts.token ?? null,
+  };
 }
 
 function checkStubOptions(opts: StubOptions): ConfigIssue[] {

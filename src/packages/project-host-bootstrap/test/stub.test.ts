@@ -72,6 +72,18 @@ describe("renderStub text", () => {
     expect(topLevel).toEqual(["set -u", 'main "$@" || exit 1']);
   });
 
+  it("stubOptionsFor takes dir, user and (by default) the base URL from the config", () => {
+    const config = buildBootstrapConfig(exampleHostFacts());
+    expect(stubOptionsFor(config, { token: EXAMPLE_TOKEN })).toEqual({
+      baseUrl: config.hub.url,
+      bootstrapDir: "/home/ubuntu/cocalc-host/bootstrap",
+      bootstrapUser: "ubuntu",
+      token: EXAMPLE_TOKEN,
+    });
+    expect(stubOptionsFor(config, { baseUrl: "http://other:1/x" }).baseUrl).toBe("http://other:1/x");
+    expect(stubOptionsFor(config).token).toBeNull();
+  });
+
   it("embeds the package's bootstrap.py sha256 by default, and the curl flags", () => {
     const text = exampleStub();
     expect(text).toContain(`bootstrap_py_sha256=${bootstrapPySha256()}`);
