@@ -82,7 +82,16 @@ export const HttpUrl = z
   .max(2048)
   .refine(isHttpUrl, { message: "must be an absolute http:// or https:// URL" });
 
+/**
+ * The plain form: lower-case scheme, `//`, and an authority without userinfo,
+ * backslash or percent-escape. WHATWG URL alone also accepts `http:host`,
+ * `http:\\host`, `http://@host`, `HTTP://host` and `http://%41`, which
+ * bootstrap.py's urllib (and curl) would not fetch as written.
+ */
+const PLAIN_HTTP_URL_RE = /^https?:\/\/[^/\\?#@%\s]+([/?#]|$)/;
+
 export function isHttpUrl(s: string): boolean {
+  if (!PLAIN_HTTP_URL_RE.test(s)) return false;
   let u: URL;
   try {
     u = new URL(s);

@@ -2,8 +2,9 @@
  * The shared conformance vectors in fixtures/configs/: the zod schema and
  * bootstrap.py must give every vector the recorded verdict and exactly the
  * recorded set of error paths, and, for a valid vector, the same parsed
- * output (defaults filled in). bootstrap.py runs as a real process through
- * its CLI (`check-config --json`), one per vector.
+ * output (defaults filled in). bootstrap.py checks every vector in one
+ * python process, and a sample through its real CLI (`check-config --json`),
+ * which must say the same.
  */
 import { execFile, execFileSync } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -11,6 +12,7 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import * as contract from "../src/config.js";
 import { checkConfig, formatPath } from "../src/config.js";
 
 const FIXTURES = fileURLToPath(new URL("../fixtures/configs/", import.meta.url));
@@ -28,7 +30,6 @@ interface Vector {
 }
 
 interface PythonVerdict {
-  exitCode: number;
   ok: boolean;
   errors: string[];
   config?: unknown;
@@ -55,8 +56,8 @@ function configText(config: unknown): string {
   return text.replace(new RegExp(`"${marker}(-?)Infinity"`, "g"), "$11e400");
 }
 
-function verdictOf(exitCode: number, out: { ok: boolean; errors?: { path: string }[]; config?: unknown }): PythonVerdict {
-  return { exitCode, ok: out.ok, errors: uniqueSorted((out.errors ?? []).map((e) => e.path)), config: out.config };
+function verdictOf(out: { ok: boolean; errors?: { path: string }[]; config?: unknown }): PythonVerdict {
+  return { ok: out.ok, errors: uniqueSorted((out.errors ?? []).map((e) => e.path)), config: out.config };
 }
 
 /** Every config through one python process: Config.from_dict, to_dict and
@@ -83,17 +84,16 @@ function runPythonBatch(configs: unknown[]): PythonVerdict[] {
     .trim()
     .split("\n")
     .map((line) => JSON.parse(line))
-    .map((out) => verdictOf(out.ok ? 0 : 2, out));
+    .map(verdictOf);
 }
 
 /** The real CLI, as the stub and the hub run it. */
-function runPythonCli(configPath: string): Promise<PythonVerdict & { raw: unknown }> {
+function runPythonCli(configPath: string): Promise<{ exitCode: number; verdict: PythonVerdict }> {
   return new Promise((resolve, reject) => {
     execFile(PYTHON, [BOOTSTRAP_PY, "--json", "--config", configPath, "check-config"], (error, stdout, stderr) => {
       const exitCode = error ? (typeof error.code === "number" ? error.code : -1) : 0;
       try {
-        const raw = JSON.parse(stdout);
-        resolve({ ...verdictOf(exitCode, raw), raw });
+        resolve({ exitCode, verdict: verdictOf(JSON.parse(stdout)) });
       } catch {
         reject(new Error(`bootstrap.py check-config ${configPath}: exit ${exitCode}, stdout ${stdout}, stderr ${stderr}`));
       }
@@ -124,10 +124,24 @@ describe("conformance vectors", () => {
     });
   });
 
+  it("bootstrap.py's regexes and constants are twins of config.ts's", () => {
+    const names = ["SHA256_RE", "UUID_RE", "USER_RE", "HOST_NAME_RE", "VERSION_RE", "NODE_VERSION_RE", "DEB_PACKAGE_RE",
+      "ENV_NAME_RE", "SECRET_NAME_RE", "OS_ID_RE", "OS_VERSION_RE", "SYSTEMD_UNIT_RE"] as const;
+    const script = `import json, sys; sys.path.insert(0, sys.argv[1]); import bootstrap as b
+print(json.dumps({"patterns": {n: getattr(b, n).pattern for n in sys.argv[2:]}, "MAX_PATH": b.MAX_PATH,
+  "ARCHES": list(b.ARCHES), "SCHEMA_VERSION": b.SCHEMA_VERSION}))`;
+    const py = JSON.parse(execFileSync(PYTHON, ["-c", script, dirname(BOOTSTRAP_PY), ...names], { encoding: "utf8" }));
+    // Python uses fullmatch(), so its twin is the JS source without ^ and $.
+    for (const name of names) expect(`^${py.patterns[name]}$`, name).toBe(contract[name].source);
+    expect(py.MAX_PATH).toBe(contract.MAX_PATH);
+    expect(py.ARCHES).toEqual([...contract.ARCHES]);
+    expect(py.SCHEMA_VERSION).toBe(contract.SCHEMA_VERSION);
+  });
+
   describe("bootstrap.py", () => {
     const verdicts = new Map<string, PythonVerdict>();
     beforeAll(() => {
-      runPythonBatch(vectors.map((v) => v.config)).forEach((verdict, i) => verdicts.set(vectors[i].file, verdict));
+      runPythonBatch(vectors.map((v) => v.config)).forEach((verdict, i) => verdicts.set(vectors[i]!.file, verdict));
     });
 
     it.each(vectors.map((v) => [v.file, v] as const))("%s: same verdict, paths and output as zod and the recording", (file, v) => {
@@ -157,12 +171,7 @@ describe("conformance vectors", () => {
         writeFileSync(path, configText(v.config));
         const cli = await runPythonCli(path);
         expect(cli.exitCode).toBe(v.valid ? 0 : 2);
-        const inProcess = verdicts.get(file)!;
-        expect({ ok: cli.ok, errors: cli.errors, config: cli.config }).toEqual({
-          ok: inProcess.ok,
-          errors: inProcess.errors,
-          config: inProcess.config,
-        });
+        expect(cli.verdict).toEqual(verdicts.get(file));
       });
     });
   });
