@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 MIN_PYTHON = (3, 10)
-TOKEN_FILE_NAME = "bootstrap-token"
+TOKEN_FILE_NAME = "bootstrap-token"  # noqa: S105 - a file name, not a secret
 CONFIG_FILE_NAME = "bootstrap-config.json"
 
 # Exit codes of `run` (documented in --help).
@@ -1854,16 +1854,18 @@ def open_tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
                 yield tar
             while proc.stdout.read(DOWNLOAD_CHUNK):  # the padding after the tar's end marker
                 pass
+            returncode = proc.wait(timeout=60)
+        except BaseException:
+            proc.kill()  # we stopped reading early (a refused member, an interrupt)
+            proc.wait()
+            raise
         finally:
             proc.stdout.close()
-            if proc.poll() is None:
-                proc.kill()
-            returncode = proc.wait()
         if returncode != 0:
             errors.seek(0)
             message = errors.read().decode("utf-8", "replace").strip()
             raise BootstrapError(
-                f"{tool[0]} could not decompress {archive.name}: {message}",
+                f"{tool[0]} could not decompress {archive.name} (exit {returncode}): {message}",
                 hint="The archive is damaged; delete it and run again.",
             )
 
