@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import bootstrap
 
@@ -55,13 +55,18 @@ def config_dict(tmp: Path, base_url: str = "http://127.0.0.1:9") -> dict[str, An
 
 def make_config(tmp: Path, base_url: str = "http://127.0.0.1:9", **changes: Any) -> bootstrap.Config:
     """A validated config for a host rooted at tmp/home, run by the current user.
-    `changes` are merged into the JSON (one level deep) before validation."""
-    data = config_dict(tmp, base_url)
-    for key, value in changes.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
-    config = bootstrap.Config.from_dict(data, "test")
+    `changes` are merged (deeply) into the JSON before validation."""
+    config = bootstrap.Config.from_dict(merged(config_dict(tmp, base_url), changes), "test")
     # the schema forbids root as the user; the tests run as whoever runs them
     return dataclasses.replace(config, bootstrap_user=getpass.getuser())
+
+
+def merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, Mapping) and isinstance(base.get(key), dict)
+        out[key] = merged(base[key], value) if both else value
+    return out
 
 
 def context(config: bootstrap.Config) -> bootstrap.Context:
@@ -143,7 +148,10 @@ def serve(behaviour: Behaviour) -> Iterator[str]:
 # -- tarballs -----------------------------------------------------------------------------
 
 
-def tar_bytes(members: list[tarfile.TarInfo | tuple[str, bytes, int]], mode: str = "w:xz") -> bytes:
+Member = Union[tarfile.TarInfo, tuple[str, bytes, int]]  # noqa: UP007 - a runtime alias on 3.10
+
+
+def tar_bytes(members: list[Member], mode: str = "w:xz") -> bytes:
     """A tarball from (name, content, mode) files and ready-made TarInfos."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode=mode) as tar:  # type: ignore[call-overload]

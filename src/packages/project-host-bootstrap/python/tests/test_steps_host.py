@@ -1,0 +1,159 @@
+"""Steps and probes against this machine: lock holders found through
+/proc/locks (a real child process holds a real fcntl lock), preflight's
+verdict on this host, and the steps that need no root (directories,
+secrets from a real HTTP server, finalize)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import bootstrap
+import pytest
+from test_steps_support import Behaviour, context, make_config, serve
+
+LOG = bootstrap.Log(echo=False)
+
+
+@contextmanager
+def lock_held(path: Path, seconds: float = 30.0) -> Iterator[subprocess.Popen[str]]:
+    """A child process holding an fcntl (lockf) write lock on path, as apt does."""
+    code = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(float(sys.argv[2]))"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_lock_holder_is_named(tmp_path: Path) -> None:
+    lock = tmp_path / "lock-frontend"
+    lock.touch()
+    assert bootstrap.lock_holders(str(lock)) == []
+    with lock_held(lock) as child:
+        holders = bootstrap.lock_holders(str(lock))
+        assert [pid for pid, _ in holders] == [child.pid]
+        assert "fcntl" in holders[0][1]  # its command line
+        with pytest.raises(bootstrap.BootstrapError) as failure:
+            bootstrap.wait_for_locks([str(lock)], time.monotonic() + 1.5, LOG, poll_s=0.2)
+        assert f"PID {child.pid}" in failure.value.message and failure.value.hint
+    assert bootstrap.lock_holders(str(lock)) == []
+
+
+def test_wait_for_locks_returns_when_the_holder_finishes(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    lock.touch()
+    with lock_held(lock, seconds=1.0):
+        start = time.monotonic()
+        bootstrap.wait_for_locks([str(lock)], time.monotonic() + 20, LOG, poll_s=0.1)
+        assert 0.3 < time.monotonic() - start < 10
+
+
+DPKG_LOCK = Path("/var/lib/dpkg/lock-frontend")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not DPKG_LOCK.exists(), reason="needs root and a Debian host with dpkg")
+def test_real_dpkg_frontend_lock_holder_is_named() -> None:
+    """Needs root: holds the real /var/lib/dpkg/lock-frontend for a moment."""
+    with lock_held(DPKG_LOCK) as child:
+        assert f"PID {child.pid}" in bootstrap.describe_lock_holders(bootstrap.DPKG_LOCKS)
+        # and apt itself agrees that the lock is taken
+        apt = subprocess.run(
+            ["apt-get", "-o", "DPkg::Lock::Timeout=0", "install", "-y", "--no-download", "coreutils"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LANG": "C"},
+        )
+        assert apt.returncode != 0 and "lock" in apt.stderr.lower()
+
+
+def test_preflight_reports_what_is_wrong_and_changes_nothing(tmp_path: Path) -> None:
+    config = make_config(tmp_path, arch="arm64" if bootstrap.machine_arch() != "arm64" else "amd64")
+    step = bootstrap.PreflightStep(context(config))
+    state = step.check()
+    assert not state.satisfied and f"the config is for {config.arch}" in state.detail
+    with pytest.raises(bootstrap.BootstrapError) as failure:
+        step.apply()
+    assert failure.value.hint and "architecture" in failure.value.hint
+    if os.geteuid() == 0:
+        assert "running as root" in failure.value.message
+    if not bootstrap.systemd_is_pid1():
+        assert "systemd is not PID 1" in failure.value.message
+    assert not Path(config.bootstrap_root).exists()  # nothing created
+
+
+def test_preflight_wrong_os_and_home(tmp_path: Path) -> None:
+    config = make_config(tmp_path, os={"id": "plan9", "min_version": "4"})
+    problems = [what for what, _ in bootstrap.preflight_problems(config)]
+    assert any("the config expects plan9 4 or newer" in p for p in problems)
+    assert any("getent passwd says" in p and str(tmp_path) in p for p in problems)
+
+
+def test_directories_step(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    step = bootstrap.DirectoriesStep(context(config))
+    assert not step.check().satisfied
+    step.apply()
+    state = step.check()
+    assert state.satisfied, state.detail
+    root = Path(config.bootstrap_root)
+    assert sorted(p.name for p in root.iterdir()) == ["README.md", "bin", "bootstrap", "bundles", "config", "logs"]
+    assert "bundles/" in (root / "README.md").read_text()
+    (root / "bin" / "env.sh").write_text("# edited\n")
+    assert not step.check().satisfied
+    step.apply()
+    assert step.check().satisfied
+
+
+def test_secrets_step_fetches_with_the_token_into_0600_files(tmp_path: Path) -> None:
+    token = "tok-0123456789abcdef"  # noqa: S105 - a test token
+    behaviour = Behaviour(files={"/bootstrap/h1/secrets/conat-password": b"hunter2-long-secret"})
+    with serve(behaviour) as url:
+        config = make_config(tmp_path, url, secrets=["conat-password"])
+        Path(config.bootstrap_dir).mkdir(parents=True)
+        config.token_file.write_text(token + "\n")
+        step = bootstrap.SecretsStep(context(config))
+        assert not step.check().satisfied
+        step.apply()
+        assert step.check().satisfied
+    path = Path(config.bootstrap_root) / "config" / "secrets" / "conat-password"
+    assert path.read_text() == "hunter2-long-secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert behaviour.headers_seen[0]["Authorization"] == f"Bearer {token}"
+    assert bootstrap.REDACTOR("x hunter2-long-secret y") == "x *** y"
+
+
+def test_secrets_step_without_secrets_is_satisfied(tmp_path: Path) -> None:
+    assert bootstrap.SecretsStep(context(make_config(tmp_path))).check().satisfied
+
+
+def test_finalize_step(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    Path(config.bootstrap_dir).mkdir(parents=True)
+    step = bootstrap.FinalizeStep(context(config))
+    assert not step.check().satisfied
+    step.apply()
+    assert step.check().satisfied
+    changed = make_config(tmp_path, node={"version": "22.0.0"})
+    assert not bootstrap.FinalizeStep(context(changed)).check().satisfied
+
+
+def test_step_graph_starts_apt_downloads_and_node_at_once() -> None:
+    by_name = {s.name: s for s in bootstrap.STEPS}
+    assert len(by_name) == len(bootstrap.STEPS)
+    for name in ("apt", "download_project_host", "download_project", "download_tools", "node"):
+        assert set(by_name[name].deps) <= {"preflight", "directories"}
+    assert "btrfs" in by_name["service"].deps and "apt" in by_name["btrfs"].deps
+    assert by_name["finalize"].deps == ("service",)
