@@ -838,22 +838,17 @@ def _split_host_port(host_port: str) -> tuple[str | None, str]:
 
 
 def _is_valid_host(host: str) -> bool:
+    """WHATWG host parsing for an authority in plain form (no % escapes, so no scope ids either)."""
     import ipaddress
-    import urllib.parse
 
     if host.startswith("["):
-        inner = host[1:-1]
         try:
-            ipaddress.IPv6Address(inner)
+            ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             return False
-        return "%" not in inner  # Python accepts scope ids, WHATWG does not
-    if not host:
-        return False
+        return True
     try:
-        domain = urllib.parse.unquote_to_bytes(host).decode("utf-8")
-        if not domain.isascii():
-            domain = domain.encode("idna").decode("ascii")
+        domain = host if host.isascii() else host.encode("idna").decode("ascii")
     except UnicodeError:
         return False
     domain = domain.lower()
