@@ -1542,7 +1542,7 @@ def write_root_file(path: Path, content: str, *, mode: int, owner: str = "root",
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(content)
-        run_command(["install", "-d", "-m", "0755", str(path.parent)], sudo=True, timeout_s=30)
+        run_command(["mkdir", "-p", str(path.parent)], sudo=True, timeout_s=30)  # never re-modes an existing one
         run_command(["install", "-m", f"{mode:04o}", "-o", owner, "-g", group, source, staged], sudo=True, timeout_s=30)
         run_command(["mv", "-f", "-T", staged, str(path)], sudo=True, timeout_s=30)
     except BaseException:
@@ -3132,7 +3132,7 @@ class BtrfsStep(Step):
             return fstab_entry(f"UUID={uuid}", b.mount_point, loop=False)
         image = Path(b.image_path)
         if not image.exists():
-            run_command(["install", "-d", "-m", "0755", str(image.parent)], sudo=True, timeout_s=30)
+            run_command(["mkdir", "-p", str(image.parent)], sudo=True, timeout_s=30)
             run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)
             run_command(["chmod", "0600", str(image)], sudo=True, timeout_s=30)
             self.log.info(f"created sparse image {image} ({b.image_size_gb} GB)")

@@ -5,7 +5,10 @@ secrets from a real HTTP server, finalize)."""
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -157,3 +160,43 @@ def test_step_graph_starts_apt_downloads_and_node_at_once() -> None:
         assert set(by_name[name].deps) <= {"preflight", "directories"}
     assert "btrfs" in by_name["service"].deps and "apt" in by_name["btrfs"].deps
     assert by_name["finalize"].deps == ("service",)
+
+
+needs_sudo = pytest.mark.skipif(
+    shutil.which("sudo") is None or subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0,
+    reason="needs passwordless sudo (root with the sudo package is enough: apt-get install sudo)",
+)
+
+
+@needs_sudo
+def test_write_root_file_is_atomic_with_mode_and_owner(tmp_path: Path) -> None:
+    target = tmp_path / "etc" / "cocalc" / "project-host.env"
+    group = bootstrap.user_ids(getpass.getuser())[2]
+    bootstrap.write_root_file(target, "A=1\n", mode=0o640, group=group)
+    st = target.stat()
+    assert target.read_text() == "A=1\n"
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o640, 0)
+    inode = st.st_ino
+    bootstrap.write_root_file(target, "A=2\n", mode=0o640, group=group)
+    assert target.read_text() == "A=2\n" and target.stat().st_ino != inode  # replaced by rename, not rewritten
+    assert os.listdir(target.parent) == ["project-host.env"]  # no temp files left
+    assert bootstrap.file_matches(target, "A=2\n", mode=0o640, uid=0)
+
+
+@needs_sudo
+def test_files_step_writes_the_env_file_only_when_it_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_file = tmp_path / "etc" / "cocalc" / "project-host.env"
+    monkeypatch.setattr(bootstrap, "ENV_FILE", env_file)
+    config = make_config(tmp_path)
+    bootstrap.DirectoriesStep(context(config)).apply()
+    step = bootstrap.FilesStep(context(config))
+    assert not step.check().satisfied
+    step.apply()
+    assert step.check().satisfied
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
+    assert f"COCALC_HOST_ID={bootstrap.env_quote(config.host.id)}" in env_file.read_text()
+    inode = env_file.stat().st_ino
+    step.apply()  # unchanged content: not rewritten
+    assert env_file.stat().st_ino == inode
+    saved = json.loads((Path(config.bootstrap_root) / "config" / "bootstrap.json").read_text())
+    assert saved["host"]["id"] == config.host.id
