@@ -51,7 +51,8 @@ function newStep(name: string, deps: string[] = [], weight = 1): StepStatus {
 
 class RunFold {
   readonly steps = new Map<string, StepStatus>();
-  progress: { phase: string; percent: number; ts: number } | null = null;
+  progress: { phase: string; percent: number; ts: number; seq: number } | null = null;
+  lastStepEndSeq = -1;
   failure: FailureInfo | null = null;
 
   constructor(readonly s: HostStatus) {}
@@ -93,13 +94,14 @@ class RunFold {
         st.started_ts ??= e.ts - e.duration_s;
         st.message = e.message;
         st.hint = e.hint;
+        this.lastStepEndSeq = e.seq;
         if (e.outcome === "failed" && !this.failure) {
           this.failure = { step: e.step, message: e.message || null, hint: e.hint, log_tail: e.log_tail };
         }
         break;
       }
       case "progress":
-        if (!this.progress || e.ts >= this.progress.ts) this.progress = { phase: e.phase, percent: e.percent, ts: e.ts };
+        this.progress = { phase: e.phase, percent: e.percent, ts: e.ts, seq: e.seq };
         break;
       case "run_end":
         s.state = e.ok ? "done" : "failed";
@@ -124,6 +126,16 @@ function weightedPercent(steps: StepStatus[]): number {
   if (total <= 0) return 0;
   const done = steps.filter((st) => st.ended_ts !== null).reduce((a, st) => a + st.weight, 0);
   return (100 * done) / total;
+}
+
+/**
+ * bootstrap.py's own percent when it is the latest news; when steps ended
+ * after it, the weighted share of ended steps if that is further along.
+ */
+function currentPercent(fold: RunFold, steps: StepStatus[]): number {
+  const p = fold.progress;
+  if (p && p.seq > fold.lastStepEndSeq) return p.percent;
+  return Math.min(100, Math.max(p?.percent ?? 0, weightedPercent(steps)));
 }
 
 function etaSeconds(s: HostStatus): number | null {
@@ -159,8 +171,7 @@ export function deriveStatus(events: readonly StoredEvent[], o: DeriveOptions): 
   s.steps = [...fold.steps.values()];
   s.current_steps = s.steps.filter((st) => st.state === "running").map((st) => st.name);
   s.failure = fold.failure;
-  const reported = fold.progress?.percent ?? 0;
-  s.percent = s.state === "done" ? 100 : Math.round(Math.min(100, Math.max(reported, weightedPercent(s.steps))) * 10) / 10;
+  s.percent = s.state === "done" ? 100 : Math.round(currentPercent(fold, s.steps) * 10) / 10;
   if (s.state === "running" && s.silent_s > o.staleAfterS) s.state = "stale";
   s.phase = s.state === "running" || s.state === "stale" ? (fold.progress?.phase ?? derivedPhase(s)) : derivedPhase(s);
   s.eta_s = etaSeconds(s);

@@ -58,6 +58,12 @@ export class RunScript {
     return ev;
   }
 
+  /** Let `seconds` pass before the next event. */
+  wait(seconds: number): this {
+    this.t += seconds;
+    return this;
+  }
+
   start(steps = PLAN): this {
     this.push({ type: "run_start", version: "0.1.0", parallel: true, steps });
     return this;

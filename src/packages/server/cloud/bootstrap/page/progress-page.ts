@@ -80,6 +80,16 @@ function svgEl(tag: string, attrs: Record<string, string | number>): SVGElement 
   return e;
 }
 
+/** A round tick interval giving at most about 8 ticks over `span` seconds. */
+function niceTick(span: number): number {
+  const steps = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600];
+  return steps.find((t) => span / t <= 8) ?? 7200;
+}
+
+function fmtTick(s: number): string {
+  return s < 60 ? `${s}s` : s % 60 === 0 ? `${s / 60}m` : `${Math.floor(s / 60)}m${s % 60}s`;
+}
+
 /** A waterfall: one row per step, a bar from its start to its end (or now). */
 function renderWaterfall(s: HostStatus, now: number | null): void {
   const svg = el("waterfall") as unknown as SVGSVGElement;
@@ -95,13 +105,12 @@ function renderWaterfall(s: HostStatus, now: number | null): void {
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("height", String(height));
   const nodes: SVGElement[] = [];
-  const ticks = 5;
-  for (let i = 0; i <= ticks; i++) {
-    const t = t0 + (span * i) / ticks;
-    const tx = Number.isFinite(t0) ? x(t) : labelW;
+  const tick = niceTick(span);
+  for (let dt = 0; dt <= span + 1e-9 && Number.isFinite(t0); dt += tick) {
+    const tx = x(t0 + dt);
     nodes.push(svgEl("line", { x1: tx, x2: tx, y1: 14, y2: height, stroke: "#e5e7eb" }));
     const label = svgEl("text", { x: tx, y: 10, "text-anchor": "middle" });
-    label.textContent = Number.isFinite(t0) ? fmtDuration((span * i) / ticks) || "0 s" : "";
+    label.textContent = dt === 0 ? "0" : fmtTick(dt);
     nodes.push(label);
   }
   s.steps.forEach((st, i) => {
@@ -111,6 +120,7 @@ function renderWaterfall(s: HostStatus, now: number | null): void {
     nodes.push(name);
     if (st.started_ts === null || !Number.isFinite(t0)) return;
     const stop = st.ended_ts ?? now ?? st.started_ts;
+    const took = st.duration_s ?? stop - st.started_ts;
     const bx = x(st.started_ts);
     const bw = Math.max(2, x(stop) - bx);
     const bar = svgEl("rect", { x: bx, y: y + 3, width: bw, height: rowH - 6, rx: 3, fill: STATE_COLORS[st.state] ?? "#999" });
@@ -120,7 +130,7 @@ function renderWaterfall(s: HostStatus, now: number | null): void {
     bar.append(title);
     nodes.push(bar);
     const dur = svgEl("text", { x: bx + bw + 4, y: y + 13 });
-    dur.textContent = fmtDuration(stop - st.started_ts);
+    dur.textContent = fmtDuration(took);
     nodes.push(dur);
   });
   svg.replaceChildren(...nodes);
