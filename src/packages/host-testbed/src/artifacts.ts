@@ -90,7 +90,8 @@ async function builtFile(path: string): Promise<BuiltFile> {
   const metaPath = `${path}.meta.json`;
   if (existsSync(metaPath)) return JSON.parse(readFileSync(metaPath, "utf8")) as BuiltFile;
   const meta: BuiltFile = { path, sha256: await sha256File(path), size_bytes: statSync(path).size };
-  writeFileSync(metaPath, JSON.stringify(meta));
+  writeFileSync(`${metaPath}.${process.pid}`, JSON.stringify(meta));
+  renameSync(`${metaPath}.${process.pid}`, metaPath);
   return meta;
 }
 
@@ -108,7 +109,7 @@ export async function buildBundle(spec: BundleSpec, log: (line: string) => void 
   const executables = spec.artifact === "project_host" ? ["bin/project-host"] : ["bin/" + name];
   if (!existsSync(path)) {
     log(`building ${fileName} (${(spec.paddingBytes / 1e6).toFixed(0)} MB of padding)`);
-    const staging = join(dir, "staging");
+    const staging = join(dir, `staging-${process.pid}`);
     rmSync(staging, { recursive: true, force: true });
     const top = join(staging, topDir);
     mkdirSync(join(top, "bin"), { recursive: true });
@@ -127,7 +128,7 @@ export async function buildBundle(spec: BundleSpec, log: (line: string) => void 
 /** tar (reproducible: sorted, fixed owner and mtime) piped into multi-threaded xz. */
 async function packTarXz(cwd: string, entry: string, out: string, level: number): Promise<void> {
   mkdirSync(dirname(out), { recursive: true });
-  const part = `${out}.part`;
+  const part = `${out}.${process.pid}.part`; // unique: another process may build the same file
   await run(
     [
       "bash",
@@ -246,7 +247,7 @@ export async function buildNodeMirror(input: NodeMirrorSpec = DEFAULT_NODE, log:
     const nodeTgz = await npmPack(`node-linux-${spec.arch}@${spec.version}`, log);
     const npmTgz = await npmPack(`npm@${spec.npmVersion}`, log);
     log(`building ${fileName}`);
-    const staging = join(mirrorDir, "staging");
+    const staging = join(mirrorDir, `staging-${process.pid}`);
     rmSync(staging, { recursive: true, force: true });
     const top = join(staging, base);
     const npmDir = join(top, "lib", "node_modules", "npm");
@@ -261,7 +262,9 @@ export async function buildNodeMirror(input: NodeMirrorSpec = DEFAULT_NODE, log:
     await packTarXz(staging, base, path, spec.xzLevel);
     rmSync(staging, { recursive: true, force: true });
     const meta = await builtFile(path);
-    writeFileSync(join(releaseDir, "SHASUMS256.txt"), `${meta.sha256}  ${fileName}\n`);
+    const shasums = join(releaseDir, "SHASUMS256.txt");
+    writeFileSync(`${shasums}.${process.pid}`, `${meta.sha256}  ${fileName}\n`);
+    renameSync(`${shasums}.${process.pid}`, shasums); // its presence means "built"
   }
   return { ...(await builtFile(path)), spec, fileName, mirrorDir };
 }

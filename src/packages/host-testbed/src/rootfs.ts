@@ -6,14 +6,14 @@
  * recipe builds a new one.
  */
 import { createHash } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { debianMirror, sourcesListFor } from "./apt-sources.js";
 import { cacheDir } from "./paths.js";
 import { run } from "./proc.js";
 
 /** Bump when the customisation below changes, so old tarballs are not reused. */
-const RECIPE_VERSION = 1;
+const RECIPE_VERSION = 2;
 
 export const DEFAULT_SUITE = "bookworm";
 export const DEFAULT_USER = "ubuntu";
@@ -65,6 +65,59 @@ export async function ensureRootfsTarball(spec: RootfsSpec, log: (line: string) 
   const tarball = rootfsTarball(spec);
   if (existsSync(tarball)) return { tarball, cached: true, debootstrapMs: 0, packMs: 0 };
   mkdirSync(join(cacheDir(), "rootfs"), { recursive: true });
+  // Two processes (a test and the benchmark, say) would debootstrap twice, each half as fast.
+  const release = await buildLock(`${tarball}.lock`, log);
+  try {
+    if (existsSync(tarball)) return { tarball, cached: true, debootstrapMs: 0, packMs: 0 };
+    return await buildRootfs(spec, tarball, log);
+  } finally {
+    release();
+  }
+}
+
+/**
+ * A lock directory holding the builder's PID; a lock whose builder is gone
+ * is taken over. (mkdir is atomic; Node has no flock.)
+ */
+async function buildLock(lockDir: string, log: (line: string) => void): Promise<() => void> {
+  let announced = false;
+  for (;;) {
+    try {
+      mkdirSync(lockDir);
+      writeFileSync(join(lockDir, "pid"), `${process.pid}\n`);
+      return () => rmSync(lockDir, { recursive: true, force: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+    }
+    const holder = Number(readFileOr(join(lockDir, "pid")).trim());
+    if (holder && !processAlive(holder)) {
+      rmSync(lockDir, { recursive: true, force: true });
+      continue;
+    }
+    if (!announced) log(`waiting for process ${holder || "?"} to finish building the same rootfs ...`);
+    announced = true;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}
+
+function readFileOr(path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return "";
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function buildRootfs(spec: RootfsSpec, tarball: string, log: (line: string) => void): Promise<RootfsBuildReport> {
   const work = join(cacheDir(), "rootfs", `build-${rootfsKey(spec)}-${process.pid}`);
   rmSync(work, { recursive: true, force: true });
   try {
@@ -80,11 +133,21 @@ export async function ensureRootfsTarball(spec: RootfsSpec, log: (line: string) 
     const partial = `${tarball}.${process.pid}.part`;
     await run(["bash", "-c", 'set -o pipefail; tar --numeric-owner --xattrs -C "$1" -cf - . | zstd -T0 -q -3 -o "$2"', "bash", work, partial]);
     renameSync(partial, tarball);
+    pruneOtherTarballs(spec, tarball);
     const packMs = Date.now() - t1;
     log(`rootfs cached at ${tarball} (debootstrap ${(debootstrapMs / 1000).toFixed(1)} s, pack ${(packMs / 1000).toFixed(1)} s)`);
     return { tarball, cached: false, debootstrapMs, packMs };
   } finally {
     rmSync(work, { recursive: true, force: true });
+  }
+}
+
+/** Older recipes of the same suite and arch are never used again. */
+function pruneOtherTarballs(spec: RootfsSpec, keep: string): void {
+  const dir = join(cacheDir(), "rootfs");
+  for (const f of readdirSync(dir)) {
+    const path = join(dir, f);
+    if (path !== keep && f.startsWith(`${spec.suite}-${spec.arch}-`) && f.endsWith(".tar.zst")) rmSync(path, { force: true });
   }
 }
 
@@ -97,9 +160,14 @@ async function customise(root: string, spec: RootfsSpec): Promise<void> {
   writeFileSync(join(root, "etc", "apt", "sources.list"), spec.sourcesList);
   // Cloud images boot with an empty machine-id; systemd makes one on first boot.
   writeFileSync(join(root, "etc", "machine-id"), "");
-  // Debian's apt cleans downloaded .debs; keep images small.
-  rmSync(join(root, "var", "cache", "apt", "archives"), { recursive: true, force: true });
-  mkdirSync(join(root, "var", "cache", "apt", "archives", "partial"), { recursive: true });
+  // Like a cloud image: no downloaded .debs and no package lists, so every
+  // host's first apt step really runs `apt-get update` (and the result does
+  // not depend on how old the cached tarball is).
+  for (const dir of [["var", "cache", "apt", "archives"], ["var", "lib", "apt", "lists"]]) {
+    rmSync(join(root, ...dir), { recursive: true, force: true });
+    mkdirSync(join(root, ...dir, "partial"), { recursive: true });
+  }
+  for (const f of ["pkgcache.bin", "srcpkgcache.bin"]) rmSync(join(root, "var", "cache", "apt", f), { force: true });
 }
 
 /** Unpack the tarball into `dest` (which must not exist yet). */

@@ -54,6 +54,8 @@ export interface TestbedOptions {
   hubDataDir?: string;
   /** Work directory for the published site (default: under the cache). */
   workDir?: string;
+  /** Mount the hub's loopback-only `POST /admin/hosts` (the demo provisions through it). */
+  enableAdmin?: boolean;
 }
 
 export interface HubVariant {
@@ -120,6 +122,7 @@ export class Testbed {
       settings: siteSettings(site, opts.aptPackages ?? TEST_APT_PACKAGES, {}),
       // Manifests change between variants and benchmark runs: never serve a stale one.
       manifestTtlMs: 0,
+      enableAdmin: opts.enableAdmin ?? false,
     });
     const bed = new Testbed(opts, artifactServer, bundles, node, siteRoot, hub);
     bed.sites.set("main", site);
@@ -165,14 +168,7 @@ export class Testbed {
     // The hosts share this machine's network namespace: every daemon needs its own port.
     const port = await freePort();
     const internalUrl = `http://127.0.0.1:${port}`;
-    const p = await hub.provisionHost({
-      id: randomUUID(),
-      name: host.name,
-      runtime_user: host.user,
-      arch: "amd64",
-      disk_size_gb: TEST_DISK_SIZE_GB,
-      internal_url: internalUrl,
-    });
+    const p = await hub.provisionHost(testHostRecord(host, internalUrl));
     return {
       hostId: p.hostId,
       hostName: host.name,
@@ -230,6 +226,18 @@ export class Testbed {
     await this.artifactServer.close();
     if (!this.opts.workDir) rmSync(this.siteRoot, { recursive: true, force: true });
   }
+}
+
+/** The hub's record of a throwaway host (what a cloud provider's API would have told it). */
+export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, internalUrl: string) {
+  return {
+    id: randomUUID(),
+    name: host.name,
+    runtime_user: host.user,
+    arch: "amd64" as const,
+    disk_size_gb: TEST_DISK_SIZE_GB,
+    internal_url: internalUrl,
+  };
 }
 
 function variantKey(v: HubVariant): string {
