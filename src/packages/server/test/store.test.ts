@@ -121,6 +121,21 @@ describeOnDatabases("store", (h) => {
     await stop();
   });
 
+  it("insertEvents notifies listeners when something was new, and only then", async () => {
+    const hostId = randomUUID();
+    const marker = randomUUID();
+    const heard: string[] = [];
+    const stop = await h.db.listen(HOST_CHANGED_CHANNEL, (payload) => heard.push(payload));
+    const events = parsed(new RunScript().start(), hostId);
+    expect(await insertEvents(h.db, hostId, events, new Date())).toBe(1);
+    expect(await insertEvents(h.db, hostId, events, new Date())).toBe(0);
+    // Notifications arrive in order: once the marker is here, so is anything the replay sent.
+    await notifyHostChanged(h.db, marker);
+    await expect.poll(() => heard.includes(marker)).toBe(true);
+    expect(heard.filter((p) => p === hostId)).toHaveLength(1);
+    await stop();
+  });
+
   it("rolls back a failed transaction", async () => {
     const hostId = randomUUID();
     await expect(

@@ -30,7 +30,7 @@ import { HostChangeFeed } from "./live.js";
 import { progressPageHtml } from "./page.js";
 import { PAGE_JS_PATH } from "./paths.js";
 import { DEFAULT_STALE_AFTER_S, hostStatus, statusFingerprint } from "./status.js";
-import { getHost, getSecret, insertEvents, listRuns, notifyHostChanged } from "./store.js";
+import { getHost, getSecret, insertEvents, listRuns } from "./store.js";
 import { bearerToken, verifyToken } from "./tokens.js";
 
 export interface BootstrapRouterDeps {
@@ -145,7 +145,6 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
       if (!batch.success) throw badRequest("event batch", batch.error);
       if (batch.data.host_id !== hostId) throw new HttpError(400, "invalid event batch: host_id does not match the URL");
       const stored = await insertEvents(db, hostId, batch.data.events, now());
-      if (stored > 0) await notifyHostChanged(db, hostId);
       res.status(200).json({ stored, duplicates: batch.data.events.length - stored });
     },
   );

@@ -118,18 +118,23 @@ export interface StoredEvent {
 
 /**
  * Store a batch; events already stored (same host, run and seq) are left as
- * they are, so a replayed batch changes nothing. Returns how many were new.
+ * they are, so a replayed batch changes nothing. When anything was new, every
+ * hub listening on HOST_CHANGED_CHANNEL hears the host id (same statement, so
+ * one round trip). Returns how many events were new.
  */
 export async function insertEvents(db: Queryable, hostId: string, events: readonly BootstrapEvent[], receivedAt: Date): Promise<number> {
-  const rows = await db.query<{ seq: number }>(
-    `INSERT INTO bootstrap_events (host_id, run_id, seq, type, ts, body, received_at)
-     SELECT $1::uuid, e->>'run_id', (e->>'seq')::integer, e->>'type', (e->>'ts')::double precision, e, $3::timestamptz
-       FROM jsonb_array_elements($2::jsonb) AS e
-     ON CONFLICT (host_id, run_id, seq) DO NOTHING
-     RETURNING seq`,
-    [hostId, JSON.stringify(events), receivedAt],
+  const rows = await db.query<{ stored: number }>(
+    `WITH ins AS (
+       INSERT INTO bootstrap_events (host_id, run_id, seq, type, ts, body, received_at)
+       SELECT $1::uuid, e->>'run_id', (e->>'seq')::integer, e->>'type', (e->>'ts')::double precision, e, $3::timestamptz
+         FROM jsonb_array_elements($2::jsonb) AS e
+       ON CONFLICT (host_id, run_id, seq) DO NOTHING
+       RETURNING seq
+     ), counted AS (SELECT count(*)::integer AS stored FROM ins)
+     SELECT stored, CASE WHEN stored > 0 THEN pg_notify($4, $1::text) END AS notified FROM counted`,
+    [hostId, JSON.stringify(events), receivedAt, HOST_CHANGED_CHANNEL],
   );
-  return rows.length;
+  return rows[0]?.stored ?? 0;
 }
 
 /** Tell every hub listening on this database that the host's events changed. */
