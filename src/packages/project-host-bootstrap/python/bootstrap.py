@@ -1542,7 +1542,9 @@ def write_root_file(path: Path, content: str, *, mode: int, owner: str = "root",
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(content)
-        run_command(["mkdir", "-p", str(path.parent)], sudo=True, timeout_s=30)  # never re-modes an existing one
+        # -m: the stub runs us under umask 077, and the daemon's user must reach
+        # the file; mkdir -p never re-modes an existing directory.
+        run_command(["mkdir", "-p", "-m", "0755", str(path.parent)], sudo=True, timeout_s=30)
         run_command(["install", "-m", f"{mode:04o}", "-o", owner, "-g", group, source, staged], sudo=True, timeout_s=30)
         run_command(["mv", "-f", "-T", staged, str(path)], sudo=True, timeout_s=30)
     except BaseException:
