@@ -30,7 +30,8 @@ const HELP = `Usage: cocalc-bootstrap-hub --artifact-base-url URL [options]
 
 async function main(argv: string[]): Promise<number> {
   const { values: v } = parseArgs({
-    args: argv,
+    // `pnpm start -- --flag` passes the `--` through.
+    args: argv[0] === "--" ? argv.slice(1) : argv,
     options: {
       port: { type: "string" },
       host: { type: "string" },
