@@ -63,10 +63,11 @@ async function startServices(): Promise<DemoServices> {
   rmSync(servicesFile, { force: true });
   const logFile = join(DEMO_DIR, "services.log");
   const out = openSync(logFile, "w");
-  const tsx = join(PKG_DIR, "node_modules", ".bin", "tsx");
-  const args = ["--tsconfig", join(PKG_DIR, "tsconfig.json"), join(PKG_DIR, "src", "demo-services.ts"), "--dir", DEMO_DIR];
+  // node with tsx's loader (not the tsx CLI, which forks): one process, one PID to stop.
+  const args = ["--import", "tsx", join(PKG_DIR, "src", "demo-services.ts"), "--dir", DEMO_DIR];
   if (process.env.DEMO_HUB_PORT) args.push("--port", process.env.DEMO_HUB_PORT);
-  const child = spawn(tsx, args, { detached: true, stdio: ["ignore", out, out], cwd: PKG_DIR });
+  const env = { ...process.env, TSX_TSCONFIG_PATH: join(PKG_DIR, "tsconfig.json") };
+  const child = spawn(process.execPath, args, { detached: true, stdio: ["ignore", out, out], cwd: PKG_DIR, env });
   closeSync(out);
   child.unref();
   writeFileSync(join(DEMO_DIR, "hub.pid"), `${child.pid}\n`);
