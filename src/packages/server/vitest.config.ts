@@ -13,7 +13,7 @@ export default defineConfig({
   },
   test: {
     include: ["test/**/*.test.ts"],
-    globalSetup: ["test/postgres-global-setup.ts"],
+    globalSetup: ["test/build-page-global-setup.ts", "test/postgres-global-setup.ts"],
     testTimeout: 30_000,
     hookTimeout: 60_000,
     // Two cores: PGlite instances and Chromium are heavy; two files at a time.
