@@ -1,3 +1,33 @@
+import { readFile } from "node:fs/promises";
+import { PAGE_JS_PATH, PAGE_TS_PATH } from "./paths.js";
+
+let transpiled: Promise<Buffer> | null = null;
+
+/**
+ * The page's browser script: the compiled file from the build, or else the
+ * source transpiled once in-process (running from sources with tsx or vitest
+ * must not need a build step first).
+ */
+export async function progressPageScript(): Promise<Buffer> {
+  try {
+    return await readFile(PAGE_JS_PATH);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+  }
+  transpiled ??= transpilePage();
+  return transpiled;
+}
+
+async function transpilePage(): Promise<Buffer> {
+  const ts = (await import("typescript")).default;
+  const source = await readFile(PAGE_TS_PATH, "utf8");
+  const out = ts.transpileModule(source, {
+    compilerOptions: { target: ts.ScriptTarget.ES2022, module: ts.ModuleKind.ES2022 },
+    fileName: PAGE_TS_PATH,
+  });
+  return Buffer.from(out.outputText);
+}
+
 /**
  * The progress page's HTML shell. Everything dynamic is done by
  * `page/progress-page.ts` (compiled to plain browser JS), which fetches

@@ -24,3 +24,5 @@ export const PACKAGE_ROOT = findPackageRoot(dirname(fileURLToPath(import.meta.ur
 export const MIGRATIONS_DIR = join(PACKAGE_ROOT, "cloud", "bootstrap", "migrations");
 /** Output of `tsc -p cloud/bootstrap/page/tsconfig.json` (the `build:page` script). */
 export const PAGE_JS_PATH = join(PACKAGE_ROOT, "dist", "page", "page", "progress-page.js");
+/** Its TypeScript source, transpiled on demand when the compiled file is missing (tsx, vitest without a build). */
+export const PAGE_TS_PATH = join(PACKAGE_ROOT, "cloud", "bootstrap", "page", "progress-page.ts");

@@ -22,13 +22,11 @@ import {
   UUID_RE,
 } from "@cocalc/project-host-bootstrap";
 import express, { type Request, type Response, type Router } from "express";
-import { readFile } from "node:fs/promises";
 import { z } from "zod";
 import type { Db } from "./db.js";
 import { badRequest, errorHandler, HttpError } from "./http-errors.js";
 import { HostChangeFeed } from "./live.js";
-import { progressPageHtml } from "./page.js";
-import { PAGE_JS_PATH } from "./paths.js";
+import { progressPageHtml, progressPageScript } from "./page.js";
 import { DEFAULT_STALE_AFTER_S, hostStatus, statusFingerprint } from "./status.js";
 import { getHost, getSecret, insertEvents, listRuns } from "./store.js";
 import { bearerToken, verifyToken } from "./tokens.js";
@@ -216,12 +214,7 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
 
   router.get("/hosts/:id/progress-page.js", async (req, res) => {
     hostIdOf(req);
-    let js: Buffer;
-    try {
-      js = await readFile(PAGE_JS_PATH);
-    } catch (err) {
-      throw new Error(`progress page script missing at ${PAGE_JS_PATH}; run the package's build:page script`, { cause: err });
-    }
+    const js = await progressPageScript();
     res.status(200).set({ "Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "no-cache" }).send(js);
   });
 
