@@ -1544,7 +1544,7 @@ def write_root_file(path: Path, content: str, *, mode: int, owner: str = "root",
             f.write(content)
         # -m: the stub runs us under umask 077, and the daemon's user must reach
         # the file; mkdir -p never re-modes an existing directory.
-        run_command(["mkdir", "-p", "-m", "0755", str(path.parent)], sudo=True, timeout_s=30)
+        make_root_dirs(path.parent)
         run_command(["install", "-m", f"{mode:04o}", "-o", owner, "-g", group, source, staged], sudo=True, timeout_s=30)
         run_command(["mv", "-f", "-T", staged, str(path)], sudo=True, timeout_s=30)
     except BaseException:
@@ -1552,6 +1552,13 @@ def write_root_file(path: Path, content: str, *, mode: int, owner: str = "root",
         raise
     finally:
         os.unlink(source)
+
+
+def make_root_dirs(path: Path) -> None:
+    """Create path and its missing parents as root, mode 0755 whatever the
+    umask (the stub runs us under umask 077); existing ones are left alone."""
+    for missing in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        run_command(["install", "-d", "-m", "0755", str(missing)], sudo=True, timeout_s=30)
 
 
 def file_matches(path: Path, content: str, *, mode: int, uid: int | None = None, gid: int | None = None) -> bool:
@@ -3107,7 +3114,7 @@ class BtrfsStep(Step):
             raise BootstrapError(f"cannot tell which filesystem is mounted at {mp}", hint=self.hint)
         self.write_fstab(entry)
         if mounted is None:
-            run_command(["mkdir", "-p", mp], sudo=True, timeout_s=30)
+            make_root_dirs(self.mount_point)
             run_command(
                 ["mount", mp], sudo=True, timeout_s=120, hint=self.hint
             )  # through the fstab line: proves it works
@@ -3134,7 +3141,7 @@ class BtrfsStep(Step):
             return fstab_entry(f"UUID={uuid}", b.mount_point, loop=False)
         image = Path(b.image_path)
         if not image.exists():
-            run_command(["mkdir", "-p", str(image.parent)], sudo=True, timeout_s=30)
+            make_root_dirs(image.parent)
             run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)
             run_command(["chmod", "0600", str(image)], sudo=True, timeout_s=30)
             self.log.info(f"created sparse image {image} ({b.image_size_gb} GB)")

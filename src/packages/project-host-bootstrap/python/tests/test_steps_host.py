@@ -172,7 +172,13 @@ needs_sudo = pytest.mark.skipif(
 def test_write_root_file_is_atomic_with_mode_and_owner(tmp_path: Path) -> None:
     target = tmp_path / "etc" / "cocalc" / "project-host.env"
     group = bootstrap.user_ids(getpass.getuser())[2]
-    bootstrap.write_root_file(target, "A=1\n", mode=0o640, group=group)
+    previous = os.umask(0o077)  # as under the stub
+    try:
+        bootstrap.write_root_file(target, "A=1\n", mode=0o640, group=group)
+    finally:
+        os.umask(previous)
+    for created in (target.parent, target.parent.parent):  # reachable by the daemon's user
+        assert stat.S_IMODE(created.stat().st_mode) == 0o755
     st = target.stat()
     assert target.read_text() == "A=1\n"
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o640, 0)
