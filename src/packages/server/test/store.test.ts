@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import type { BootstrapEvent } from "@cocalc/project-host-bootstrap";
 import { EventBatchSchema } from "@cocalc/project-host-bootstrap";
-import { describe, expect, it } from "vitest";
+import { describe, expect, inject, it } from "vitest";
 import { loadMigrations, migrate } from "../cloud/bootstrap/migrate.js";
 import {
   findToken,
@@ -18,7 +18,7 @@ import {
   saveHost,
   saveSecret,
 } from "../cloud/bootstrap/store.js";
-import { describeOnDatabases } from "./support/databases.js";
+import { describeOnDatabases, openTestPostgres } from "./support/databases.js";
 import { RunScript } from "./support/fixtures.js";
 
 function parsed(run: RunScript, hostId: string): BootstrapEvent[] {
@@ -145,5 +145,38 @@ describeOnDatabases("store", (h) => {
       }),
     ).rejects.toThrow("boom");
     expect(await getSecret(h.db, hostId, "x")).toBeNull();
+  });
+});
+
+describe("pg adapter: LISTEN survives a lost connection", () => {
+  const pgInfo = inject("postgres");
+  it.skipIf(pgInfo.skipped !== null)("re-LISTENs on a new connection after the old one is killed", async () => {
+    if (pgInfo.error) throw new Error(pgInfo.error);
+    const db = await openTestPostgres();
+    const errors: string[] = [];
+    const origError = console.error;
+    console.error = (...args: unknown[]) => errors.push(args.map(String).join(" "));
+    try {
+      await migrate(db);
+      const heard: string[] = [];
+      await db.listen(HOST_CHANGED_CHANNEL, (p) => heard.push(p));
+      const killed = await db.query<{ n: number }>(
+        `SELECT count(pg_terminate_backend(pid))::integer AS n FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()`,
+      );
+      expect(killed[0]?.n).toBe(1);
+      const marker = randomUUID();
+      // Keep notifying until the new LISTEN connection hears one.
+      await expect
+        .poll(async () => {
+          await notifyHostChanged(db, marker);
+          return heard.includes(marker);
+        }, { timeout: 15_000, interval: 500 })
+        .toBe(true);
+      expect(errors.join("\n")).toMatch(/LISTEN connection failed; reconnecting/);
+    } finally {
+      console.error = origError;
+      await db.close();
+    }
   });
 });

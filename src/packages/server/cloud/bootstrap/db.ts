@@ -22,6 +22,8 @@ export interface Db extends Queryable {
   close(): Promise<void>;
 }
 
+const defaultLogError = (message: string, error: unknown) => console.error(`bootstrap db: ${message}:`, error);
+
 const CHANNEL_RE = /^[a-z_][a-z0-9_]{0,62}$/;
 
 function checkChannel(channel: string): string {
@@ -32,19 +34,48 @@ function checkChannel(channel: string): string {
 
 // --- PostgreSQL through pg ------------------------------------------------------
 
-export function pgDb(pool: pg.Pool): Db {
+export function pgDb(pool: pg.Pool, logError: (message: string, error: unknown) => void = defaultLogError): Db {
   // One dedicated connection carries every LISTEN of this process.
   let listener: Promise<pg.PoolClient> | null = null;
+  let closed = false;
   const handlers = new Map<string, Set<(payload: string) => void>>();
 
+  // Without a listener, an idle client's error (server restart, network) would crash the process.
+  pool.on("error", (err) => logError("idle PostgreSQL connection failed", err));
+
+  async function connectListener(): Promise<pg.PoolClient> {
+    const client = await pool.connect();
+    client.on("notification", (msg) => {
+      for (const h of handlers.get(msg.channel) ?? []) h(msg.payload ?? "");
+    });
+    client.on("error", (err) => {
+      // Lost the LISTEN connection: drop it and listen again on a new one.
+      // Streams re-derive their status on a timer, so a missed NOTIFY only delays them.
+      logError("PostgreSQL LISTEN connection failed; reconnecting", err);
+      client.release(err);
+      listener = null;
+      if (!closed) setTimeout(() => void relisten(), 1000).unref();
+    });
+    for (const channel of handlers.keys()) await client.query(`LISTEN ${channel}`);
+    return client;
+  }
+
   function listenerClient(): Promise<pg.PoolClient> {
-    listener ??= pool.connect().then((client) => {
-      client.on("notification", (msg) => {
-        for (const h of handlers.get(msg.channel) ?? []) h(msg.payload ?? "");
-      });
-      return client;
+    listener ??= connectListener().catch((err: unknown) => {
+      listener = null;
+      throw err;
     });
     return listener;
+  }
+
+  async function relisten(): Promise<void> {
+    if (closed || handlers.size === 0) return;
+    try {
+      await listenerClient();
+    } catch (err) {
+      logError("PostgreSQL LISTEN reconnect failed; retrying", err);
+      setTimeout(() => void relisten(), 5000).unref();
+    }
   }
 
   return {
@@ -80,21 +111,26 @@ export function pgDb(pool: pg.Pool): Db {
     },
     async listen(channel, onPayload) {
       checkChannel(channel);
-      const client = await listenerClient();
       let set = handlers.get(channel);
+      const isNew = !set;
       if (!set) {
         set = new Set();
         handlers.set(channel, set);
-        await client.query(`LISTEN ${channel}`);
       }
       set.add(onPayload);
+      const client = await listenerClient();
+      // A client connected after the channel was added has LISTENed already; once more is harmless.
+      if (isNew) await client.query(`LISTEN ${channel}`);
+      const handlerSet = set;
       return async () => {
-        set.delete(onPayload);
+        handlerSet.delete(onPayload);
       };
     },
     async close() {
-      if (listener) (await listener).release();
+      closed = true;
+      const l = listener;
       listener = null;
+      if (l) (await l.catch(() => null))?.release();
       await pool.end();
     },
   };
