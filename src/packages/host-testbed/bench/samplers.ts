@@ -4,7 +4,7 @@
  * the machine is (the noise every figure carries).
  */
 import { createHash } from "node:crypto";
-import { closeSync, fsyncSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, writeSync } from "node:fs";
+import { closeSync, fsyncSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { loadavg } from "node:os";
 import { join } from "node:path";
 import type { RequestLogEntry } from "../src/artifact-server.js";
@@ -44,13 +44,14 @@ export class ByteSampler {
 /**
  * Peak resident memory of bootstrap.py: the kernel's own high-water mark
  * (VmHWM in /proc/<pid>/status), read every `periodMs` from this machine for
- * every python process running bootstrap.py inside the host (its root is
- * the host's rootfs). VmHWM only grows, so sampling misses at most what the
- * process grew in its last period.
+ * every python process running bootstrap.py inside the host (its root
+ * directory is the host's rootfs). VmHWM only grows, so sampling misses at
+ * most what the process grew in its last period.
  */
 export class MemorySampler {
   private timer: NodeJS.Timeout | null = null;
   private readonly peakKb = new Map<number, number>();
+  private root: { dev: number; ino: number } | null = null;
 
   constructor(
     private readonly rootfs: string,
@@ -58,6 +59,7 @@ export class MemorySampler {
   ) {}
 
   start(): void {
+    this.root = statSync(this.rootfs);
     this.timer = setInterval(() => this.sample(), this.periodMs);
   }
 
@@ -69,14 +71,15 @@ export class MemorySampler {
   }
 
   private sample(): void {
-    for (const pid of bootstrapPids(this.rootfs)) {
+    if (!this.root) return;
+    for (const pid of bootstrapPids(this.root)) {
       const hwm = vmHwmKb(pid);
       if (hwm !== null) this.peakKb.set(pid, Math.max(hwm, this.peakKb.get(pid) ?? 0));
     }
   }
 }
 
-function bootstrapPids(rootfs: string): number[] {
+function bootstrapPids(rootfs: { dev: number; ino: number }): number[] {
   const out: number[] = [];
   for (const entry of readdirSync("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
@@ -88,7 +91,9 @@ function bootstrapPids(rootfs: string): number[] {
     }
     if (!/python/.test(argv[0] ?? "") || !argv.some((a) => a.endsWith("bootstrap.py"))) continue;
     try {
-      if (readlinkSync(`/proc/${entry}/root`) !== rootfs) continue;
+      // readlink shows "/" across mount namespaces; the directory itself tells.
+      const root = statSync(`/proc/${entry}/root`);
+      if (root.dev !== rootfs.dev || root.ino !== rootfs.ino) continue;
     } catch {
       continue;
     }

@@ -5,6 +5,7 @@
  *                      boot a throwaway host, bootstrap it through the hub's
  *                      real stub, print the progress page and the timings;
  *                      leave everything up to explore
+ *   pnpm demo rerun    run the same stub again (the idempotent re-run, with timings)
  *   pnpm demo exec -- CMD   run CMD in the demo host (default: a shell)
  *   pnpm demo down     stop the host and the hub, delete what they made
  *
@@ -98,7 +99,8 @@ async function provisionDemoHost(services: DemoServices, host: ThrowawayHost): P
 async function up(): Promise<number> {
   const why = whyNotSupported();
   if (why) throw new Error(why);
-  if (existsSync(join(DEMO_DIR, "host.json")) || ThrowawayHost.list().includes(HOST_NAME)) {
+  const hubPid = existsSync(join(DEMO_DIR, "hub.pid")) ? Number(readFileSync(join(DEMO_DIR, "hub.pid"), "utf8").trim()) : 0;
+  if (existsSync(join(DEMO_DIR, "host.json")) || ThrowawayHost.list().includes(HOST_NAME) || (hubPid && pidAlive(hubPid))) {
     throw new Error(`a demo is already up; take it down first: pnpm demo down`);
   }
   mkdirSync(DEMO_DIR, { recursive: true });
@@ -125,24 +127,38 @@ async function up(): Promise<number> {
   say();
   say(`Bootstrapping ${host.name} (the hub's stub, run as root with BOOTSTRAP_USER=${c.bootstrap_user}, like cloud-init) ...`);
   host.writeFile(STUB_PATH, p.stub, { mode: 0o700, owner: "root" });
+  const code = await runStubLive(host, demoHost);
+  printNextSteps(demoHost, services);
+  return code;
+}
+
+/** Run the stub (already in the host) as cloud-init would, streaming its output; then the timings table. */
+async function runStubLive(host: ThrowawayHost, h: DemoHost): Promise<number> {
   const started = Date.now();
   const r = await host.exec(["sh", STUB_PATH], {
-    env: { BOOTSTRAP_USER: c.bootstrap_user },
+    env: { BOOTSTRAP_USER: h.user },
     allowFailure: true,
     onOutput: (chunk) => process.stdout.write(chunk),
   });
   const wall = (Date.now() - started) / 1000;
   say();
-  const timings = await host.exec(["python3", `${c.bootstrap_dir}/bootstrap.py`, "--config", demoHost.configFile, "timings"], {
-    user: c.bootstrap_user,
+  const timings = await host.exec(["python3", `${h.bootstrapDir}/bootstrap.py`, "--config", h.configFile, "timings"], {
+    user: h.user,
     allowFailure: true,
   });
   say("Timings (bootstrap.py timings, inside the host):");
   say(timings.stdout.trimEnd() || timings.stderr.trimEnd());
   say();
   say(r.code === 0 ? `Bootstrap finished in ${wall.toFixed(1)} s (stub to exit).` : `Bootstrap FAILED (exit ${r.code}) after ${wall.toFixed(1)} s.`);
-  printNextSteps(demoHost, services);
   return r.code === 0 ? 0 : 1;
+}
+
+/** Run the same stub again on the demo host: the idempotent re-run. */
+async function rerun(): Promise<number> {
+  const h = readJson<DemoHost>(join(DEMO_DIR, "host.json"));
+  if (!h) throw new Error("no demo is up; start one with: pnpm demo");
+  say(`Re-running the bootstrap on ${h.name} (nothing should change) ...`);
+  return runStubLive(ThrowawayHost.attach(h.name), h);
 }
 
 function printNextSteps(h: DemoHost, services: DemoServices): void {
@@ -156,6 +172,7 @@ function printNextSteps(h: DemoHost, services: DemoServices): void {
   say(`  pnpm demo exec -- bash`);
   say(`  pnpm demo exec -- systemctl status cocalc-project-host`);
   say(`  pnpm demo exec -- runuser -u ${h.user} -- python3 ${h.bootstrapDir}/bootstrap.py --config ${h.configFile} status`);
+  say("Run it again (nothing to do):  pnpm demo rerun");
   say();
   say("Tear it all down:  pnpm demo down");
 }
@@ -190,10 +207,12 @@ async function main(argv: string[]): Promise<number> {
       return up();
     case "exec":
       return exec(rest);
+    case "rerun":
+      return rerun();
     case "down":
       return existsSync(DEMO_DIR) || ThrowawayHost.list().includes(HOST_NAME) ? down() : (note("no demo is up"), 0);
     default:
-      process.stderr.write("usage: pnpm demo [up] | pnpm demo exec [-- CMD...] | pnpm demo down\n");
+      process.stderr.write("usage: pnpm demo [up] | pnpm demo rerun | pnpm demo exec [-- CMD...] | pnpm demo down\n");
       return cmd === "--help" || cmd === "-h" ? 0 : 2;
   }
 }
