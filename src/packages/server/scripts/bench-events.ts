@@ -85,7 +85,10 @@ async function bench(label: string, db: Db, o: BenchOptions): Promise<BenchResul
 }
 
 async function main(): Promise<void> {
+  const argv = process.argv.slice(2);
   const { values } = parseArgs({
+    // `pnpm bench -- --flag` passes the `--` through.
+    args: argv[0] === "--" ? argv.slice(1) : argv,
     options: {
       hosts: { type: "string", default: "8" },
       batches: { type: "string", default: "60" },
