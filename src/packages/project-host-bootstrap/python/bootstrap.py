@@ -2175,6 +2175,7 @@ def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
 FSTAB_TAG = "x-cocalc-bootstrap"  # a userspace mount option (ignored by mount): the tag lives in the line
 FSTAB_MARKER = "# cocalc-bootstrap: the next line is managed by bootstrap.py"
 BTRFS_LABEL = "cocalc-btrfs"
+BTRFS_DIR_MODES = {"data": 0o755, "tmp": 0o1777}  # under the mount point, owned by the user
 
 
 def fstab_escape(field: str) -> str:
@@ -2573,7 +2574,8 @@ class DirectoriesStep(Step):
 
     def dirs(self) -> list[Path]:
         root = Path(self.config.bootstrap_root)
-        return [root, *(root / d for d in BOOTSTRAP_SUBDIRS), Path(self.config.bootstrap_dir)]
+        dirs = [root, *(root / d for d in BOOTSTRAP_SUBDIRS), Path(self.config.bootstrap_dir)]
+        return list(dict.fromkeys(dirs))  # bootstrap_dir is usually root/bootstrap
 
     def files(self) -> dict[Path, tuple[str, int]]:
         root = Path(self.config.bootstrap_root)
@@ -3094,11 +3096,12 @@ class BtrfsStep(Step):
         fs = btrfs_sysfs_dir(source)
         if fs is None or not (fs / "qgroups").is_dir():
             problems.append("quota is not enabled")
-        data, tmp = self.mount_point / "data", self.mount_point / "tmp"
-        if not is_btrfs_subvolume(data) or not owned_dir(data, uid):
-            problems.append(f"{data} is not a subvolume owned by {self.config.bootstrap_user}")
-        if not owned_dir(tmp, uid) or stat.S_IMODE(tmp.stat().st_mode) != 0o1777:
-            problems.append(f"{tmp} is not mode 1777 and owned by {self.config.bootstrap_user}")
+        if not is_btrfs_subvolume(self.mount_point / "data"):
+            problems.append(f"{self.mount_point / 'data'} is not a subvolume")
+        for name, mode in BTRFS_DIR_MODES.items():
+            path = self.mount_point / name
+            if not owned_dir(path, uid) or stat.S_IMODE(path.stat().st_mode) != mode:
+                problems.append(f"{path} is not mode {mode:o} and owned by {self.config.bootstrap_user}")
         return problems
 
     def apply(self) -> None:
@@ -3176,7 +3179,7 @@ class BtrfsStep(Step):
     def prepare_tree(self) -> None:
         mp = self.mount_point
         user, (uid, _, group) = self.config.bootstrap_user, user_ids(self.config.bootstrap_user)
-        data, tmp = mp / "data", mp / "tmp"
+        data = mp / "data"
         if not is_btrfs_subvolume(data):
             if os.path.lexists(data):
                 raise BootstrapError(
@@ -3187,12 +3190,13 @@ class BtrfsStep(Step):
         fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
         if fs is None or not (fs / "qgroups").is_dir():
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
-        run_command(["mkdir", "-p", str(tmp)], sudo=True, timeout_s=30)
-        for path, mode in ((data, None), (tmp, "1777")):
+        make_root_dirs(mp / "tmp")
+        for name, mode in BTRFS_DIR_MODES.items():
+            path = mp / name
             if not owned_dir(path, uid):
                 run_command(["chown", f"{user}:{group}", str(path)], sudo=True, timeout_s=30)
-            if mode:
-                run_command(["chmod", mode, str(path)], sudo=True, timeout_s=30)
+            if stat.S_IMODE(path.stat().st_mode) != mode:  # explicit: the umask is the stub's 077
+                run_command(["chmod", f"{mode:o}", str(path)], sudo=True, timeout_s=30)
 
 
 class ServiceStep(Step):
