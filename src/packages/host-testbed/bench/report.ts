@@ -46,6 +46,7 @@ export const FIGURES: Figure[] = [
   { key: "extraction_mb_per_s", label: "extraction rate (MB/s of archive)", unit: "MB/s", digits: 1, of: (r) => r.extraction_mb_per_s },
   { key: "peak_rss_mb", label: "peak memory of bootstrap.py (VmHWM)", unit: "MB", digits: 1, of: (r) => r.peak_rss_mb },
   { key: "changed_steps", label: "steps that did work", unit: "", digits: 0, of: (r) => r.changed_steps.length },
+  { key: "service_restarts", label: "daemon (re)started (runs)", unit: "", digits: 0, of: (r) => (r.service_restarted ? 1 : 0) },
   { key: "loadavg_1m", label: "machine load (1-min avg) at start", unit: "", digits: 1, of: (r) => r.noise.loadavg_1m },
   { key: "cpu_probe_ms", label: "CPU probe (sha256 32 MB)", unit: "ms", digits: 0, of: (r) => r.noise.cpu_probe_ms },
   { key: "disk_probe_ms", label: "disk probe (64 MB + fsync)", unit: "ms", digits: 0, of: (r) => r.noise.disk_probe_ms },

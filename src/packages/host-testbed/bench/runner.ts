@@ -82,6 +82,8 @@ export interface RunRecord {
   extraction_mb_per_s: number | null;
   peak_rss_mb: number | null;
   changed_steps: string[];
+  /** The daemon was (re)started by this run (its unit, env file or bundle changed). */
+  service_restarted: boolean;
   steps: StepTiming[];
   noise: MachineNoise;
   /** Output tail when the run failed. */
@@ -234,7 +236,8 @@ async function measure(ctx: RunContext, kind: RunKind, iteration: number, host: 
   });
   opts.log(
     `${kind} #${iteration}: ${record.ok ? "ok" : "FAILED"} in ${record.wall_s.toFixed(1)} s` +
-      ` (critical path ${record.critical_path_s.toFixed(1)} s, changed: ${record.changed_steps.join(" ") || "nothing"})`,
+      ` (critical path ${record.critical_path_s.toFixed(1)} s, changed: ${record.changed_steps.join(" ") || "nothing"}` +
+      `${record.service_restarted ? "; daemon restarted" : ""})`,
   );
   if (!record.ok) throw new Error(`${kind} run #${iteration} failed: ${engine.status}`);
   return record;
@@ -296,6 +299,7 @@ export function runRecord(
     extraction_mb_per_s: extractionRate(ex),
     peak_rss_mb: seen.peakKb === null ? null : seen.peakKb / 1024,
     changed_steps: changedSteps(engine),
+    service_restarted: records.some((r) => r.step === "service" && /^\(re\)started /.test(r.message ?? "")),
     steps: engine.steps,
     noise: seen.noise,
     ...(ok ? {} : { failure: (result.stderr || result.stdout).split("\n").slice(-30).join("\n") }),

@@ -80,11 +80,15 @@ describe.skipIf(skip)("pnpm bench --smoke", () => {
     expect(warm.changed_steps).toEqual([]);
     expect(warm.download?.bytes ?? 0).toBe(0);
     expect(warm.wall_s).toBeLessThan(cold.wall_s);
+    expect(cold.service_restarted).toBe(true);
+    expect(warm.service_restarted).toBe(false);
 
     const bumped = one(result, "version_change");
     expect(bumped.changed_steps).toEqual(expect.arrayContaining(["download_project", "install_project"]));
     expect(bumped.changed_steps).not.toContain("download_tools");
     expect(bumped.changed_steps).not.toContain("apt");
+    // only the project bundle changed: the daemon (project-host) keeps running
+    expect(bumped.service_restarted).toBe(false);
     const project = result.workload.bundles.find((b) => b.artifact === "project")!;
     expect(bumped.download!.bytes).toBeGreaterThanOrEqual(project.size_bytes);
     expect(bumped.download!.bytes).toBeLessThan(project.size_bytes + 64 * 1024);
