@@ -17,6 +17,7 @@ import { createHash } from "node:crypto";
 import { createReadStream, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync, chmodSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { Arch } from "@cocalc/project-host-bootstrap";
 import { cacheDir } from "./paths.js";
 import { run } from "./proc.js";
 
@@ -69,6 +70,11 @@ export interface BuiltNode extends BuiltFile {
 }
 
 export const DEFAULT_NODE: Required<NodeMirrorSpec> = { version: "20.20.2", npmVersion: "10.8.2", arch: "x64", xzLevel: 6 };
+
+/** Node's name for a Debian arch: its dist tarballs are `node-v<ver>-linux-<x64|arm64>.tar.xz`. */
+export function nodeArchOf(arch: Arch): "x64" | "arm64" {
+  return arch === "amd64" ? "x64" : "arm64";
+}
 
 const DAEMON_SOURCE = fileURLToPath(new URL("../src/daemon.py", import.meta.url));
 
@@ -294,33 +300,40 @@ export interface PublishedSite {
 export interface PublishOptions {
   /** The manifest and .sha256 of this bundle carry a wrong checksum. */
   wrongChecksum?: BundleName;
+  /**
+   * Arch the manifests are published for (default amd64). The bundles hold
+   * only python3 and shell, so one build serves every arch.
+   */
+  arch?: Arch;
 }
 
 /**
  * Lay out `dir` (served at `baseUrl`) with links to the cached files, the
- * manifests (`<artifact>/latest-linux-amd64.json`: url, sha256, size_bytes,
+ * manifests (`<artifact>/latest-linux-<arch>.json`: url, sha256, size_bytes,
  * built_at, os, arch) and `.sha256` files (`<hex>  <name>`).
  */
 export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[], node: BuiltNode, opts: PublishOptions = {}): PublishedSite {
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
   const base = baseUrl.replace(/\/+$/, "");
+  const arch = opts.arch ?? "amd64";
   const out = {} as Record<BundleName, PublishedBundle>;
   for (const b of bundles) {
     const name = dashName(b.spec.artifact);
-    const rel = `${name}/${b.spec.version}/${b.fileName}`;
+    const fileName = `${name}-${b.spec.version}-linux-${arch}.tar.xz`;
+    const rel = `${name}/${b.spec.version}/${fileName}`;
     mkdirSync(join(dir, name, b.spec.version), { recursive: true });
     symlinkSync(b.path, join(dir, rel));
     const sha256 = opts.wrongChecksum === b.spec.artifact ? createHash("sha256").update(`not ${b.sha256}`).digest("hex") : b.sha256;
-    writeFileSync(join(dir, `${rel}.sha256`), `${sha256}  ${b.fileName}\n`);
+    writeFileSync(join(dir, `${rel}.sha256`), `${sha256}  ${fileName}\n`);
     const url = `${base}/${rel}`;
-    const manifest = { url, sha256, size_bytes: b.size_bytes, built_at: new Date(statSync(b.path).mtimeMs).toISOString(), os: "linux", arch: "amd64" };
-    writeFileSync(join(dir, name, "latest-linux-amd64.json"), JSON.stringify(manifest, null, 2) + "\n");
+    const manifest = { url, sha256, size_bytes: b.size_bytes, built_at: new Date(statSync(b.path).mtimeMs).toISOString(), os: "linux", arch };
+    writeFileSync(join(dir, name, `latest-linux-${arch}.json`), JSON.stringify(manifest, null, 2) + "\n");
     out[b.spec.artifact] = {
       artifact: b.spec.artifact,
       version: b.spec.version,
       url,
-      manifestUrl: `${base}/${name}/latest-linux-amd64.json`,
+      manifestUrl: `${base}/${name}/latest-linux-${arch}.json`,
       sha256,
       size_bytes: b.size_bytes,
       strip_components: 1,

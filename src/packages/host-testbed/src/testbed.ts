@@ -13,12 +13,13 @@ import { mkdirSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
 import { startHub, type RunningHub, type HostStatus } from "@cocalc/server";
-import type { BootstrapConfig } from "@cocalc/project-host-bootstrap";
+import type { Arch, BootstrapConfig } from "@cocalc/project-host-bootstrap";
 import { startArtifactServer, type ArtifactServer } from "./artifact-server.js";
 import {
   buildBundle,
   buildNodeMirror,
   DEFAULT_NODE,
+  nodeArchOf,
   publishSite,
   testBundleSpecs,
   type BuiltBundle,
@@ -56,6 +57,10 @@ export interface TestbedOptions {
   workDir?: string;
   /** Mount the hub's loopback-only `POST /admin/hosts` (the demo provisions through it). */
   enableAdmin?: boolean;
+  /** Arch of the hosts (manifests, Node mirror, host records); default amd64. */
+  arch?: Arch;
+  /** OS release the hosts must have (site setting); default TESTBED_OS. */
+  os?: { id: string; min_version: string };
 }
 
 export interface HubVariant {
@@ -105,7 +110,7 @@ export class Testbed {
     const log = opts.log ?? (() => {});
     const bundles: BuiltBundle[] = [];
     for (const spec of opts.bundles ?? testBundleSpecs()) bundles.push(await buildBundle(spec, log));
-    const node = await buildNodeMirror(opts.node ?? DEFAULT_NODE, log);
+    const node = await buildNodeMirror({ ...DEFAULT_NODE, ...opts.node, arch: nodeArchOf(opts.arch ?? "amd64") }, log);
     const siteRoot = opts.workDir ?? join(cacheDir(), "sites", `${process.pid}-${Date.now()}`);
     rmSync(siteRoot, { recursive: true, force: true });
     mkdirSync(siteRoot, { recursive: true });
@@ -114,12 +119,12 @@ export class Testbed {
       bandwidthBytesPerSec: opts.bandwidthBytesPerSec,
       latencyMs: opts.latencyMs,
     });
-    const site = publishSite(join(siteRoot, "main"), `${artifactServer.url}/main`, bundles, node);
+    const site = publishSite(join(siteRoot, "main"), `${artifactServer.url}/main`, bundles, node, { arch: opts.arch });
     const hub = await startHub({
       port: opts.hubPort ?? 0,
       dataDir: opts.hubDataDir,
       artifactBaseUrl: site.baseUrl,
-      settings: siteSettings(site, opts.aptPackages ?? TEST_APT_PACKAGES, {}),
+      settings: siteSettings(site, opts.aptPackages ?? TEST_APT_PACKAGES, {}, opts.os),
       // Manifests change between variants and benchmark runs: never serve a stale one.
       manifestTtlMs: 0,
       enableAdmin: opts.enableAdmin ?? false,
@@ -151,24 +156,25 @@ export class Testbed {
       const name = `wrong-${variant.wrongChecksum}`;
       site = publishSite(join(this.siteRoot, name), `${this.artifactServer.url}/${name}`, this.bundles, this.node, {
         wrongChecksum: variant.wrongChecksum,
+        arch: this.opts.arch,
       });
       this.sites.set(name, site);
     }
     return startHub({
       db: this.hub.db,
       artifactBaseUrl: site.baseUrl,
-      settings: siteSettings(site, this.opts.aptPackages ?? TEST_APT_PACKAGES, variant),
+      settings: siteSettings(site, this.opts.aptPackages ?? TEST_APT_PACKAGES, variant, this.opts.os),
       manifestTtlMs: 0,
     });
   }
 
-  /** Register `host` with the hub (a variant of it when asked); gives its stub and token. */
-  async provision(host: ThrowawayHost, variant: HubVariant = {}): Promise<ProvisionedTestHost> {
+  /** Register `host` (a throwaway host, or this machine) with the hub (a variant of it when asked); gives its stub and token. */
+  async provision(host: Pick<ThrowawayHost, "name" | "user">, variant: HubVariant = {}): Promise<ProvisionedTestHost> {
     const hub = await this.hubFor(variant);
     // The hosts share this machine's network namespace: every daemon needs its own port.
     const port = await freePort();
     const internalUrl = `http://127.0.0.1:${port}`;
-    const p = await hub.provisionHost(testHostRecord(host, internalUrl));
+    const p = await hub.provisionHost(testHostRecord(host, internalUrl, this.opts.arch));
     return {
       hostId: p.hostId,
       hostName: host.name,
@@ -229,12 +235,12 @@ export class Testbed {
 }
 
 /** The hub's record of a throwaway host (what a cloud provider's API would have told it). */
-export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, internalUrl: string) {
+export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, internalUrl: string, arch: Arch = "amd64") {
   return {
     id: randomUUID(),
     name: host.name,
     runtime_user: host.user,
-    arch: "amd64" as const,
+    arch,
     disk_size_gb: TEST_DISK_SIZE_GB,
     internal_url: internalUrl,
   };
@@ -244,8 +250,13 @@ function variantKey(v: HubVariant): string {
   return JSON.stringify({ parallel: v.parallel ?? true, wrong: v.wrongChecksum ?? null });
 }
 
-/** Site settings for the testbed's hub: our mirror, our manifests, Debian 12. */
-function siteSettings(site: PublishedSite, aptPackages: string[], variant: HubVariant): Record<string, unknown> & { node_version: string } {
+/** Site settings for the testbed's hub: our mirror, our manifests, Debian 12 unless told otherwise. */
+function siteSettings(
+  site: PublishedSite,
+  aptPackages: string[],
+  variant: HubVariant,
+  os: TestbedOptions["os"] = TESTBED_OS,
+): Record<string, unknown> & { node_version: string } {
   const layout = (a: BundleName) => ({
     strip_components: site.bundles[a].strip_components,
     expected_files: site.bundles[a].expected_files,
@@ -256,7 +267,7 @@ function siteSettings(site: PublishedSite, aptPackages: string[], variant: HubVa
     node_dist_url: site.node.dist_url,
     apt_packages: aptPackages,
     parallel: variant.parallel ?? true,
-    os_release: { ...TESTBED_OS },
+    os_release: { ...os },
     layouts: { project_host: layout("project_host"), project: layout("project"), tools: layout("tools") },
   };
 }

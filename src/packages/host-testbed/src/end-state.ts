@@ -1,0 +1,217 @@
+/**
+ * The end state of a finished bootstrap, checked on a real host: the checks
+ * the end-to-end suite makes on its throwaway hosts and `bootstrap-local`
+ * makes on the machine it runs on. A host is anything that can run a
+ * command as root or as a user and read its files (`HostView`):
+ * `ThrowawayHost`, or `LocalHost` in bootstrap-local.ts.
+ */
+import { readFileSync, statSync } from "node:fs";
+import type { BootstrapConfig } from "@cocalc/project-host-bootstrap";
+import type { HostStatus } from "@cocalc/server";
+import { expect } from "./expect.js";
+import type { ExecOptions } from "./host.js";
+import type { RunResult } from "./proc.js";
+import type { BootstrapRun, ProvisionedTestHost } from "./testbed.js";
+
+export interface HostView {
+  readonly name: string;
+  exec(cmd: readonly string[], opts?: ExecOptions): Promise<RunResult>;
+  /** Shell one-liner; returns stdout (throws on failure). */
+  sh(script: string, opts?: ExecOptions): Promise<string>;
+  /** This machine's path of a path on the host. */
+  path(inside: string): string;
+  readFile(inside: string): string;
+  lookupUser(name: string): { uid: number; gid: number; home: string };
+}
+
+/** A bootstrap run with everything the assertions need afterwards. */
+export interface Observed {
+  host: HostView;
+  prov: ProvisionedTestHost;
+  run: BootstrapRun;
+  /** Command lines that carried the token while the run went on (masked). */
+  argvHits: string[];
+  status: HostStatus;
+}
+
+export const ARTIFACTS = ["project_host", "project", "tools"] as const;
+
+export function outputOf(o: Observed): string {
+  return `exit ${o.run.code}\n--- stdout (tail)\n${o.run.stdout.slice(-4000)}\n--- stderr (tail)\n${o.run.stderr.slice(-4000)}`;
+}
+
+/** KEY=value lines of an env file (values unquoted). */
+export function parseEnvFile(text: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const line of text.split("\n")) {
+    const m = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(line.trim());
+    if (m) out[m[1]!] = m[2]!.replace(/^"(.*)"$/, "$1").replace(/^'(.*)'$/, "$1");
+  }
+  return out;
+}
+
+/** Everything the issue lists for a finished bootstrap; shared by the parallel and serial runs. */
+export async function expectBootstrappedHost(o: Observed): Promise<void> {
+  const { host, prov } = o;
+  const c: BootstrapConfig = prov.config;
+  const user = host.lookupUser(c.bootstrap_user);
+
+  // exit 0
+  expect(o.run.code, outputOf(o)).toBe(0);
+
+  // /btrfs: btrfs, the data subvolume, quota, tmp 1777 owned by the user
+  expect((await host.sh("findmnt -n -o FSTYPE /btrfs")).trim()).toBe("btrfs");
+  expect(await host.sh("btrfs subvolume list /btrfs")).toMatch(/ path data$/m);
+  const qgroups = await host.exec(["btrfs", "qgroup", "show", "/btrfs"], { allowFailure: true });
+  expect(qgroups.code, `quota not enabled: ${qgroups.stderr}`).toBe(0);
+  expect((await host.sh("stat -c '%a %U' /btrfs/tmp")).trim()).toBe(`1777 ${c.bootstrap_user}`);
+  expect((await host.sh("stat -c '%U' /btrfs/data")).trim()).toBe(c.bootstrap_user);
+
+  // exactly one tagged, nofail fstab line for the loop image
+  const fstab = host.readFile("/etc/fstab").split("\n").filter((l) => /\s\/btrfs\s/.test(l) && !l.trimStart().startsWith("#"));
+  expect(fstab).toHaveLength(1);
+  const [src, mnt, type, options] = fstab[0]!.trim().split(/\s+/);
+  expect([src, mnt, type]).toEqual([c.btrfs.image_path, "/btrfs", "btrfs"]);
+  expect(options!.split(",")).toEqual(expect.arrayContaining(["nofail", "loop", "x-cocalc-bootstrap"]));
+
+  // the env file: content, owner root:<user's group>, mode 0640, no token
+  const envPath = host.path("/etc/cocalc/project-host.env");
+  const st = statSync(envPath);
+  expect((st.mode & 0o777).toString(8)).toBe("640");
+  expect([st.uid, st.gid]).toEqual([0, user.gid]);
+  const envText = readFileSync(envPath, "utf8");
+  const env = parseEnvFile(envText);
+  expect(env).toMatchObject({ COCALC_HOST_ID: c.host.id, COCALC_HOST_NAME: c.host.name, COCALC_HUB_URL: c.hub.url, ...c.env });
+  expect(envText).not.toContain(prov.token);
+
+  // the bundles: bundles/<artifact>/<version> with the expected files, current -> version
+  for (const a of ARTIFACTS) {
+    const spec = c.artifacts[a];
+    const dir = `${c.bootstrap_root}/bundles/${a}`;
+    expect((await host.sh(`readlink ${dir}/current`)).trim()).toBe(spec.version);
+    for (const f of spec.expected_files) expect(statSync(host.path(`${dir}/${spec.version}/${f}`)).isFile()).toBe(true);
+    for (const f of spec.executables) expect(statSync(host.path(`${dir}/${spec.version}/${f}`)).mode & 0o111).not.toBe(0);
+    expect((await host.sh(`stat -c %U ${dir}/${spec.version}`)).trim()).toBe(c.bootstrap_user);
+  }
+
+  // node in nvm's layout runs, as the user
+  const node = `${c.home}/.nvm/versions/node/v${c.node.version}/bin/node`;
+  expect((await host.sh(`${node} --version`, { user: c.bootstrap_user })).trim()).toBe(`v${c.node.version}`);
+  expect((await host.sh(`${node} -e 'console.log(6*7)'`, { user: c.bootstrap_user })).trim()).toBe("42");
+
+  // the unit is active, runs as the user, and the health URL answers (from this machine: shared loopback)
+  await expectServiceHealthy(host, prov);
+  expect((await host.sh("systemctl show -p User --value cocalc-project-host")).trim()).toBe(c.bootstrap_user);
+  expect((await host.sh("systemctl is-enabled cocalc-project-host")).trim()).toBe("enabled");
+
+  // the hub: done, 100 %, every step with its timing
+  const s = o.status;
+  expect(s.state, JSON.stringify(s.failure)).toBe("done");
+  expect(s.percent).toBe(100);
+  expect(s.steps.length).toBeGreaterThanOrEqual(10);
+  for (const step of s.steps) {
+    expect(["changed", "unchanged", "skipped"], `${step.name}: ${step.state} ${step.message}`).toContain(step.state);
+    expect(step.duration_s, step.name).toEqual(expect.any(Number));
+    expect(step.started_ts, step.name).toEqual(expect.any(Number));
+  }
+
+  // the log is JSON lines; the token is in no log, no file we wrote and no argv
+  const records = readJsonLines(host, `${c.bootstrap_root}/logs/bootstrap.log`);
+  expect(records.length).toBeGreaterThan(20);
+  for (const r of records) expect(r).toMatchObject({ ts: expect.any(String), event: expect.any(String), message: expect.any(String) });
+  await expectTokenNowhere(o);
+
+  // the token file itself is the user's, 0600
+  const tok = statSync(host.path(c.bootstrap_dir + "/bootstrap-token"));
+  expect([(tok.mode & 0o777).toString(8), tok.uid]).toEqual(["600", user.uid]);
+}
+
+export async function expectServiceHealthy(
+  host: HostView,
+  prov: ProvisionedTestHost,
+  timeoutMs = 30_000,
+): Promise<{ pid: number; version: string }> {
+  const deadline = Date.now() + timeoutMs;
+  let last = "";
+  while (Date.now() < deadline) {
+    const active = (await host.exec(["systemctl", "is-active", "cocalc-project-host"], { allowFailure: true })).stdout.trim();
+    try {
+      const r = await fetch(prov.healthUrl);
+      if (active === "active" && r.status === 200) return (await r.json()) as { pid: number; version: string };
+      last = `unit ${active}, health ${r.status}`;
+    } catch (e) {
+      last = `unit ${active}, health ${(e as Error).message}`;
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`${prov.hostName}: service not healthy after ${timeoutMs} ms (${last})`);
+}
+
+export function readJsonLines(host: HostView, path: string): Record<string, unknown>[] {
+  const lines = host.readFile(path).split("\n").filter((l) => l.trim() !== "");
+  return lines.map((l, i) => {
+    try {
+      return JSON.parse(l) as Record<string, unknown>;
+    } catch {
+      throw new Error(`${path}:${i + 1} is not JSON: ${l.slice(0, 200)}`);
+    }
+  });
+}
+
+export async function expectTokenNowhere(o: Observed): Promise<void> {
+  const c = o.prov.config;
+  expect(o.argvHits, "the token appeared in a command line").toEqual([]);
+  expect(o.run.stdout + o.run.stderr).not.toContain(o.prov.token);
+  // Every file under the bootstrap root except the token file, plus the journal.
+  const r = await o.host.exec(
+    ["grep", "-rlF", "--exclude=bootstrap-token", "-e", o.prov.token, c.bootstrap_root, "/etc/cocalc", "/etc/systemd/system", "/var/log"],
+    { allowFailure: true },
+  );
+  expect(r.code, `token found in: ${r.stdout}`).toBe(1); // grep: 1 = no match
+  const journal = await o.host.exec(["journalctl", "--no-pager", "-o", "cat"], { allowFailure: true });
+  expect(journal.stdout).not.toContain(o.prov.token);
+}
+
+/** The step records of one run in bootstrap.log. */
+export function runRecords(host: HostView, c: BootstrapConfig, runId: string): Record<string, unknown>[] {
+  return readJsonLines(host, `${c.bootstrap_root}/logs/bootstrap.log`).filter((r) => r.run_id === runId);
+}
+
+/** Which daemon process is serving, to prove a re-run did not restart it. */
+export interface DaemonIdentity {
+  /** PID the health endpoint reports. */
+  healthPid: number;
+  /** systemd's MainPID of the unit. */
+  mainPid: string;
+}
+
+export async function daemonIdentity(host: HostView, prov: ProvisionedTestHost): Promise<DaemonIdentity> {
+  const health = await expectServiceHealthy(host, prov);
+  const mainPid = (await host.sh("systemctl show -p MainPID --value cocalc-project-host")).trim();
+  return { healthPid: health.pid, mainPid };
+}
+
+/**
+ * A re-run of the same stub on a bootstrapped host changed nothing: it
+ * succeeded as a new run, fetched nothing (`fetchedPaths`: the artifact
+ * server's requests during the re-run), did not restart the daemon, and
+ * every step logged why it skipped.
+ */
+export async function expectRerunChangedNothing(first: Observed, again: Observed, before: DaemonIdentity, fetchedPaths: string[]): Promise<void> {
+  const { host, prov } = again;
+  expect(again.run.code, outputOf(again)).toBe(0);
+  expect(again.status.state).toBe("done");
+  expect(again.status.run_id).not.toBe(first.status.run_id);
+  // nothing fetched from the artifact server (bundles, Node, SHASUMS)
+  expect(fetchedPaths).toEqual([]);
+  // the daemon was not restarted
+  expect((await host.sh("systemctl show -p MainPID --value cocalc-project-host")).trim()).toBe(before.mainPid);
+  expect((await expectServiceHealthy(host, prov)).pid).toBe(before.healthPid);
+  // every step unchanged, and the log says why for each
+  for (const step of again.status.steps) expect(step.state, `${step.name}: ${step.message}`).not.toBe("changed");
+  const records = runRecords(host, prov.config, again.status.run_id!);
+  const skipped = new Set(records.filter((r) => r.event === "skip").map((r) => r.step));
+  for (const step of again.status.steps) expect(skipped, `no skip record for ${step.name}`).toContain(step.name);
+  for (const r of records.filter((r) => r.event === "skip")) expect(String(r.message).length).toBeGreaterThan("skipped: ".length);
+  await expectTokenNowhere(again);
+}

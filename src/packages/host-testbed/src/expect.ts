@@ -1,0 +1,19 @@
+/**
+ * The `expect` of the end-state checks that the end-to-end suite and
+ * `bootstrap-local` share: vitest's own when running under vitest, and
+ * otherwise the same matchers assembled from the same parts (chai plus
+ * @vitest/expect's plugins), because vitest's `expect` refuses to load
+ * outside its runner.
+ */
+import type { ExpectStatic } from "vitest";
+
+async function standaloneExpect(): Promise<ExpectStatic> {
+  const chai = await import("chai");
+  const { JestAsymmetricMatchers, JestChaiExpect, JestExtend } = await import("@vitest/expect");
+  chai.use(JestExtend);
+  chai.use(JestChaiExpect);
+  chai.use(JestAsymmetricMatchers);
+  return chai.expect as unknown as ExpectStatic;
+}
+
+export const expect: ExpectStatic = process.env.VITEST ? (await import("vitest")).expect : await standaloneExpect();
