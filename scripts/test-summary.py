@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-import xml.etree.ElementTree as ET  # noqa: S405 - our own pytest output
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
