@@ -16,4 +16,8 @@ async function standaloneExpect(): Promise<ExpectStatic> {
   return chai.expect as unknown as ExpectStatic;
 }
 
-export const expect: ExpectStatic = process.env.VITEST ? (await import("vitest")).expect : await standaloneExpect();
+// vitest's own test workers carry this global (its `expect` needs it); a
+// process merely started by a test inherits VITEST=true but not the global.
+const inVitestWorker = "__vitest_worker__" in globalThis;
+
+export const expect: ExpectStatic = inVitestWorker ? (await import("vitest")).expect : await standaloneExpect();
