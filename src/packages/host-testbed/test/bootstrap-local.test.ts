@@ -6,19 +6,28 @@
  * and name this machine's OS release, arch, hostname and bootstrap user.
  *
  * The real run changes the machine for good (apt, /btrfs, fstab, a systemd
- * unit) and needs systemd as PID 1; it runs on GitHub's runners
- * (ci.yml, bootstrap-on-runner), not here.
+ * unit) and needs systemd as PID 1, so here it runs inside a throwaway host
+ * (root, like the end-to-end suite; SKIP_E2E=1 skips it): the workspace
+ * and this Node.js are copied in and it runs as a GitHub runner's would,
+ * `sudo --preserve-env=PATH` from the non-root user. On GitHub it runs on
+ * the runners themselves (ci.yml, bootstrap-on-runner).
  */
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it } from "vitest";
 import { BOOTSTRAP_PY_PATH, BootstrapConfigSchema, USER_RE, type BootstrapConfig } from "@cocalc/project-host-bootstrap";
+import { buildBundle, buildNodeMirror, DEFAULT_NODE, nodeArchOf, testBundleSpecs } from "../src/artifacts.js";
+import { ThrowawayHost } from "../src/host.js";
+import { whyNotSupported } from "../src/machine.js";
+import { cacheDir } from "../src/paths.js";
+import { run } from "../src/proc.js";
 import { STUB_PATH } from "../src/testbed.js";
 
 const PKG_DIR = fileURLToPath(new URL("..", import.meta.url));
+const WORKSPACE = fileURLToPath(new URL("../../../..", import.meta.url));
 
 interface CliResult {
   code: number;
@@ -62,6 +71,10 @@ function osRelease(): Record<string, string> {
   return out;
 }
 
+function dpkgArch(): "amd64" | "arm64" {
+  return spawnSync("dpkg", ["--print-architecture"], { encoding: "utf8" }).stdout.trim() as "amd64" | "arm64";
+}
+
 /** The JSON between the CLI's config markers. */
 function printedConfig(stdout: string): unknown {
   const m = /^--- rendered config \(token redacted\) ---\n([\s\S]*?)\n--- end of config ---$/m.exec(stdout);
@@ -81,16 +94,16 @@ describe("bootstrap-local", () => {
 
     const config = BootstrapConfigSchema.parse(printedConfig(r.stdout)) as BootstrapConfig;
     const release = osRelease();
-    const dpkgArch = spawnSync("dpkg", ["--print-architecture"], { encoding: "utf8" }).stdout.trim();
+    const arch = dpkgArch();
     expect(config.os).toEqual({ id: release.ID, min_version: release.VERSION_ID });
-    expect(config.arch).toBe(dpkgArch);
+    expect(config.arch).toBe(arch);
     expect(config.host.name).toBe(hostname().split(".")[0]!.toLowerCase());
     expect([config.bootstrap_user, config.home]).toEqual([user, home]);
     // a sparse loop image, no data disk
     expect(config.btrfs.data_disk).toBeNull();
     expect(config.btrfs.image_path).toBe(`${home}/cocalc-host/btrfs.img`);
-    // the Node mirror and the bundles are this arch's
-    for (const a of ["project_host", "project", "tools"] as const) expect(config.artifacts[a].url).toContain(`-linux-${dpkgArch}.tar.xz`);
+    // the bundles are published for this arch
+    for (const a of ["project_host", "project", "tools"] as const) expect(config.artifacts[a].url).toContain(`-linux-${arch}.tar.xz`);
     expect(Number(/^Stub: (\d+) bytes/m.exec(r.stdout)?.[1])).toBeGreaterThan(1000);
 
     // bootstrap.py, the program that will read it, accepts it too
@@ -99,7 +112,7 @@ describe("bootstrap-local", () => {
       writeFileSync(join(dir, "config.json"), JSON.stringify(config));
       const check = spawnSync("python3", [BOOTSTRAP_PY_PATH, "--config", join(dir, "config.json"), "check-config", "--json"], { encoding: "utf8" });
       expect(check.status, check.stdout + check.stderr).toBe(0);
-      expect(JSON.parse(check.stdout)).toMatchObject({ ok: true, config: { arch: dpkgArch, os: config.os } });
+      expect(JSON.parse(check.stdout)).toMatchObject({ ok: true, config: { arch, os: config.os } });
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -119,5 +132,49 @@ describe("bootstrap-local", () => {
     const r = await bootstrapLocal(["--dry-run"], { BOOTSTRAP_USER: undefined, SUDO_USER: undefined });
     expect(r.code).toBe(2);
     expect(r.stderr).toMatch(/set BOOTSTRAP_USER/);
+  });
+});
+
+describe.skipIf(process.env.SKIP_E2E === "1")("bootstrap-local in a throwaway host (root)", () => {
+  let host: ThrowawayHost | undefined;
+
+  afterAll(async () => {
+    await host?.down();
+  });
+
+  /** What `pnpm install` left in this workspace, this Node.js, and the cached artifacts (the host has no npm). */
+  async function copyWorkspaceInto(h: ThrowawayHost): Promise<void> {
+    for (const spec of testBundleSpecs()) await buildBundle(spec);
+    await buildNodeMirror({ ...DEFAULT_NODE, arch: nodeArchOf(dpkgArch()) }); // the throwaway hosts are this machine's arch
+    mkdirSync(h.path("/work/main"), { recursive: true });
+    await run(["bash", "-c", 'set -o pipefail; tar -C "$1" --exclude=./.git --exclude=./.venv -cf - . | tar -C "$2" -xf -', "bash", WORKSPACE, h.path("/work/main")]);
+    copyFileSync(process.execPath, h.path("/usr/local/bin/node"));
+    await run(["chmod", "0755", h.path("/usr/local/bin/node")]);
+    const cache = h.path("/var/cache/cocalc-host-testbed");
+    mkdirSync(cache, { recursive: true });
+    await run(["cp", "-a", join(cacheDir(), "artifacts"), join(cacheDir(), "node-mirror"), cache]);
+  }
+
+  it("bootstraps the host it runs on, checks the end state and a re-run that changes nothing", async () => {
+    const why = whyNotSupported();
+    if (why) throw new Error(`${why}. Run as root, or set SKIP_E2E=1 to skip it (reported as skipped).`);
+    host = await ThrowawayHost.up();
+    await copyWorkspaceInto(host);
+    const pkg = "/work/main/src/packages/host-testbed";
+    const r = await host.exec(["bash", "-c", `cd ${pkg} && sudo --preserve-env=PATH node --import tsx src/bootstrap-local.ts`], {
+      user: host.user,
+      allowFailure: true,
+      timeoutMs: 15 * 60_000,
+    });
+    const out = r.stdout + r.stderr;
+    expect(r.code, out.slice(-6000)).toBe(0);
+    expect(r.stdout).toContain(`This machine: ${host.name}, debian 12, ${dpkgArch()}; bootstrap user ${host.user}`);
+    expect(r.stdout).toMatch(/^bootstrap.py timings:\nrun \S+ \(done\)/m);
+    expect(r.stdout).toContain("ok: the end state after the first run");
+    expect(r.stdout).toContain("ok: the re-run changed nothing");
+    expect(r.stdout).toMatch(/^All checks passed: first run [\d.]+ s, re-run [\d.]+ s\.$/m);
+    // the stub carried the token; it is gone afterwards
+    expect(existsSync(host.path(STUB_PATH))).toBe(false);
+    process.stderr.write(`[bootstrap-local] in ${host.name}: ${/^All checks passed.*$/m.exec(r.stdout)?.[0]}\n`);
   });
 });
