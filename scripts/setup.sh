@@ -32,6 +32,21 @@ missing_system_packages() {
   done
 }
 
+# Of the given packages, those this distribution has (Ubuntu has no plain
+# `chromium` deb, for example); the others are reported, not fatal here: the
+# tests that need them fail with what to install.
+available_packages() {
+  local pkg candidate
+  for pkg in "$@"; do
+    candidate=$(apt-cache policy "$pkg" 2>/dev/null | sed -n 's/^ *Candidate: *//p')
+    if [ -n "$candidate" ] && [ "$candidate" != "(none)" ]; then
+      printf '%s ' "$pkg"
+    else
+      say "this distribution has no package '$pkg'; skipping it"
+    fi
+  done
+}
+
 ensure_system_packages() {
   if ! command -v apt-get >/dev/null 2>&1; then
     say "not a Debian/Ubuntu machine: install by hand: $SYSTEM_PACKAGES"
@@ -44,8 +59,11 @@ ensure_system_packages() {
     say "not root: cannot install $missing; the tests that need them will say so"
     return 0
   fi
-  say "installing Debian packages: $missing"
   apt-get update -q >/dev/null || err "apt-get update failed"
+  # shellcheck disable=SC2086 # word splitting of the package list is intended
+  missing=$(available_packages $missing)
+  [ -n "$missing" ] || return 0
+  say "installing Debian packages: $missing"
   # shellcheck disable=SC2086 # word splitting of the package list is intended
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null \
     || err "apt-get install failed for: $missing"
@@ -58,7 +76,11 @@ main() {
   need_cmd node "install Node.js 20 or newer"
   need_cmd python3 "install python3 (3.10 or newer)"
   need_cmd npm "npm comes with Node.js"
-  ensure_system_packages
+  case "${1:-}" in
+    --no-system-packages) say "skipping Debian packages (--no-system-packages)" ;;
+    "") ensure_system_packages ;;
+    *) err "unknown option '$1' (the only option is --no-system-packages)" ;;
+  esac
   ensure_pnpm
   say "pnpm install"
   pnpm install --frozen-lockfile --reporter=silent || err "pnpm install failed"
