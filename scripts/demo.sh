@@ -15,12 +15,13 @@ need_cmd() {
   command -v "$1" >/dev/null 2>&1 || err "need '$1' (command not found)"
 }
 
-ensure_node_modules() {
-  # Fresh clone: install the workspace once (no-op afterwards).
-  if [ ! -x src/packages/host-testbed/node_modules/.bin/tsx ]; then
-    say "installing the workspace's node_modules (pnpm install)"
-    pnpm install --frozen-lockfile || err "pnpm install failed"
-  fi
+ensure_setup() {
+  # A fresh machine: pnpm, node_modules and the host tools (idempotent, quick
+  # when already done). Only bringing the demo up needs it.
+  case "${1:-up}" in
+    up) bash scripts/setup.sh || err "set-up failed (scripts/setup.sh)" ;;
+    *) [ -x src/packages/host-testbed/node_modules/.bin/tsx ] || err "nothing set up yet: run 'bash scripts/demo.sh' first" ;;
+  esac
 }
 
 main() {
@@ -30,9 +31,8 @@ main() {
   [ "$(uname -s)" = Linux ] || err "the demo needs Linux (systemd-nspawn, loop devices, btrfs)"
   [ "$(id -u)" = 0 ] || err "the demo needs root (debootstrap, systemd-nspawn, loop devices): sudo pnpm demo"
   need_cmd node
-  need_cmd pnpm
   need_cmd python3
-  ensure_node_modules
+  ensure_setup "$@"
   # tsx runs the TypeScript directly; tsconfig paths point at the workspace
   # packages' sources, so nothing needs building first.
   cd src/packages/host-testbed || return 1
