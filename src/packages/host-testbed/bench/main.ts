@@ -22,6 +22,8 @@ runs' waterfalls (SVG) into a results folder.
   --latency MS      first-byte latency of every artifact response (default 0)
   --apt real|test   the old bootstrap's package list (default), or the tests' small one
   --kinds LIST      comma-separated subset of ${RUN_KINDS.join(",")} (default: all)
+  --xz-at-start     copy this machine's xz into each host first (Ubuntu images ship xz;
+                    the testbed's Debian minbase does not)
   --smoke           quick check that the bench works: --runs 1 --scale 0.01 --apt test
   --out DIR         results folder (default: results/bench-<timestamp> in the repository)
   -h, --help        this text`;
@@ -34,6 +36,7 @@ interface Cli {
   apt: string[];
   kinds: RunKind[];
   smoke: boolean;
+  xzAtStart: boolean;
   out: string;
 }
 
@@ -48,6 +51,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
       apt: { type: "string" },
       kinds: { type: "string" },
       smoke: { type: "boolean", default: false },
+      "xz-at-start": { type: "boolean", default: false },
       out: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -76,6 +80,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
     apt: defaultAptPackages(apt === "test"),
     kinds: kinds as RunKind[],
     smoke,
+    xzAtStart: values["xz-at-start"] ?? false,
     out: resolve(values.out ?? join(repoRoot, "results", `bench-${smoke ? "smoke-" : ""}${stamp}`)),
   };
 }
@@ -97,6 +102,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     latencyMs: cli.latency,
     aptPackages: cli.apt,
     kinds: cli.kinds,
+    xzAtStart: cli.xzAtStart,
     log,
   });
   const settings: BenchSettings = {
@@ -106,6 +112,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     smoke: cli.smoke,
     bandwidth_mb_per_s: cli.bandwidth,
     latency_ms: cli.latency,
+    xz_at_start: cli.xzAtStart,
     machine: { cpus: cpus().length, kernel: release(), node: process.version },
   };
   const markdown = writeResults(cli.out, buildResult(run, settings));

@@ -16,6 +16,7 @@ export interface BenchSettings {
   smoke: boolean;
   bandwidth_mb_per_s: number;
   latency_ms: number;
+  xz_at_start?: boolean;
   machine: { cpus: number; kernel: string; node: string };
 }
 
@@ -123,7 +124,7 @@ export function markdown(result: BenchResult): string {
   lines.push(
     `\`${settings.command}\` — ${result.started_at} — ${settings.runs} run(s) per kind, scale ${settings.scale}, ` +
       `bandwidth ${settings.bandwidth_mb_per_s > 0 ? `${settings.bandwidth_mb_per_s} MB/s shared` : "unlimited"}, ` +
-      `first-byte latency ${settings.latency_ms} ms; ${settings.machine.cpus} CPUs, Linux ${settings.machine.kernel}, Node ${settings.machine.node}.`,
+      `first-byte latency ${settings.latency_ms} ms${settings.xz_at_start ? ", xz in the host from the start" : ""}; ${settings.machine.cpus} CPUs, Linux ${settings.machine.kernel}, Node ${settings.machine.node}.`,
     "",
   );
   const bundles = workload.bundles.map((b) => `${b.artifact} ${(b.size_bytes / 1e6).toFixed(1)} MB (${b.ratio.toFixed(1)}x, ${b.files} files)`);

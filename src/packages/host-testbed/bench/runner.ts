@@ -11,7 +11,7 @@
  * Iterations interleave the kinds, so slow phases of the machine hit all of
  * them alike.
  */
-import { mkdirSync } from "node:fs";
+import { chmodSync, copyFileSync, mkdirSync } from "node:fs";
 import { ThrowawayHost } from "../src/host.js";
 import { publishSite, type BundleName } from "../src/artifacts.js";
 import { hostsDir } from "../src/paths.js";
@@ -55,6 +55,12 @@ export interface BenchOptions {
   log: (line: string) => void;
   /** Per bootstrap run. */
   timeoutMs?: number;
+  /**
+   * Copy this machine's xz into each fresh host before the run, as Ubuntu
+   * cloud images ship it (the testbed's Debian minbase does not, so bundles
+   * extracted before apt installed xz-utils use Python's lzma).
+   */
+  xzAtStart?: boolean;
 }
 
 export interface RunRecord {
@@ -173,6 +179,11 @@ function publish(ctx: RunContext, projectVersion = BASE_VERSION): void {
 async function withHost<T>(ctx: RunContext, fn: (host: ThrowawayHost) => Promise<T>): Promise<T> {
   const host = await ThrowawayHost.up({ log: ctx.opts.log });
   try {
+    if (ctx.opts.xzAtStart) {
+      // Same Debian release as the host; liblzma5 is there (dpkg needs it).
+      copyFileSync("/usr/bin/xz", host.path("/usr/bin/xz"));
+      chmodSync(host.path("/usr/bin/xz"), 0o755);
+    }
     return await fn(host);
   } finally {
     await host.down();
