@@ -19,6 +19,9 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { dashName, sha256File, type BuiltBundle, type BundleName } from "../src/artifacts.js";
 import { cacheDir } from "../src/paths.js";
+import { Prng } from "../src/prng.js";
+
+export { Prng };
 
 /** Bump when the content recipe changes. */
 const RECIPE_VERSION = 3;
@@ -204,35 +207,6 @@ function header(name: string, size: number, mode: number, type: "0" | "5"): Buff
 }
 
 // --- content that compresses like software -------------------------------------------
-
-/** xorshift32: fast, deterministic; statistical quality is irrelevant here. */
-export class Prng {
-  private s: number;
-  constructor(seed: string) {
-    this.s = createHash("sha256").update(seed).digest().readUInt32LE(0) || 1;
-  }
-  next(): number {
-    let x = this.s;
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    this.s = x >>> 0;
-    return this.s;
-  }
-  /** Uniform in [0, 1). */
-  float(): number {
-    return this.next() / 4294967296;
-  }
-  /** Index in [0, n) with a Zipf-like skew: low indices are much more common. */
-  skewed(n: number): number {
-    const u = this.float();
-    return Math.min(n - 1, Math.floor(n * u * u * u));
-  }
-  /** Log-uniform integer in [lo, hi]. */
-  logUniform(lo: number, hi: number): number {
-    return Math.round(Math.exp(Math.log(lo) + this.float() * (Math.log(hi) - Math.log(lo))));
-  }
-}
 
 const KEYWORDS = ["const", "let", "return", "if", "else", "for", "function", "await", "async", "import", "export", "new", "this", "null", "true", "false", "def", "self", "class", "while"];
 const SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "qu", "ba", "do", "fe", "gi", "ho", "ju", "pe", "ri", "su", "ty", "wa", "xo", "yu", "ce", "st", "an", "er", "on"];

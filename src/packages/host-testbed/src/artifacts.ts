@@ -20,6 +20,7 @@ import { fileURLToPath } from "node:url";
 import type { Arch } from "@cocalc/project-host-bootstrap";
 import { cacheDir } from "./paths.js";
 import { run } from "./proc.js";
+import { Prng } from "./prng.js";
 
 /** Bump when the layout or content recipe changes. */
 const RECIPE_VERSION = 1;
@@ -156,25 +157,6 @@ async function packTarXz(cwd: string, entry: string, out: string, level: number)
 // compresses it about as well as a tree of JavaScript (4-6x), not like zeros.
 const KEYWORDS = ["const", "let", "return", "if", "else", "for", "function", "await", "async", "import", "export", "new", "this", "null", "true", "false"];
 const SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "qu", "ba", "do", "fe", "gi", "ho", "ju", "pe", "ri", "su", "ty", "wa", "xo", "yu", "ce"];
-
-class Prng {
-  private s: number;
-  constructor(seed: string) {
-    this.s = createHash("sha256").update(seed).digest().readUInt32LE(0) || 1;
-  }
-  next(): number {
-    // xorshift32: fast and deterministic; quality is irrelevant here.
-    let x = this.s;
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    this.s = x >>> 0;
-    return this.s;
-  }
-  pick<T>(xs: readonly T[]): T {
-    return xs[this.next() % xs.length]!;
-  }
-}
 
 function vocabulary(rng: Prng, size: number): string[] {
   const words: string[] = [];
