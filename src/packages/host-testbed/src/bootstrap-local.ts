@@ -39,9 +39,8 @@ import {
 } from "@cocalc/project-host-bootstrap";
 import { watchArgv } from "./argv-watch.js";
 import { daemonIdentity, expectBootstrappedHost, expectRerunChangedNothing, type HostView, type Observed } from "./end-state.js";
-import type { ExecOptions } from "./host.js";
+import { CommandHost, minimalEnvArgv, type ExecOptions } from "./host.js";
 import { isRoot } from "./machine.js";
-import { run, type RunResult } from "./proc.js";
 import { STUB_PATH, TEST_APT_PACKAGES, TEST_DISK_SIZE_GB, Testbed, type ProvisionedTestHost } from "./testbed.js";
 
 const USAGE = `usage: bootstrap-local [--dry-run] [--default-apt]
@@ -135,27 +134,18 @@ function localFacts(env: NodeJS.ProcessEnv = process.env): LocalFacts {
 }
 
 /** This machine as a host for the end-state checks: commands run with a minimal, explicit environment. */
-class LocalHost implements HostView {
+class LocalHost extends CommandHost implements HostView {
   constructor(
     readonly name: string,
     readonly user: string,
-  ) {}
+  ) {
+    super();
+  }
 
   execArgv(cmd: readonly string[], opts: Pick<ExecOptions, "user" | "env"> = {}): string[] {
     const user = opts.user ?? "root";
     const home = user === "root" ? "/root" : (getentUser(user)?.home ?? `/home/${user}`);
-    const env = { PATH, LANG: "C.UTF-8", HOME: home, USER: user, LOGNAME: user, TERM: "dumb", ...opts.env };
-    const asUser = user !== "root" ? ["runuser", "-u", user, "--"] : [];
-    return ["env", "-i", ...Object.entries(env).map(([k, v]) => `${k}=${v}`), ...asUser, ...cmd];
-  }
-
-  exec(cmd: readonly string[], opts: ExecOptions = {}): Promise<RunResult> {
-    const { user, env, ...runOpts } = opts;
-    return run(this.execArgv(cmd, { user, env }), runOpts);
-  }
-
-  async sh(script: string, opts: ExecOptions = {}): Promise<string> {
-    return (await this.exec(["bash", "-c", script], opts)).stdout;
+    return minimalEnvArgv(cmd, { user, home, path: PATH, env: opts.env });
   }
 
   path(inside: string): string {

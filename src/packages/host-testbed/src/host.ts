@@ -67,12 +67,44 @@ export interface ExecOptions extends Omit<RunOptions, "env"> {
   env?: Record<string, string>;
 }
 
-export class ThrowawayHost {
+/**
+ * `env -i K=V ... [runuser -u USER --] cmd`: a command with a minimal, explicit
+ * environment, as root or as `user`.
+ */
+export function minimalEnvArgv(
+  cmd: readonly string[],
+  opts: { user: string; home: string; path: string; env?: Record<string, string> | undefined },
+): string[] {
+  const { user, home, path } = opts;
+  const env = { PATH: path, LANG: "C.UTF-8", HOME: home, USER: user, LOGNAME: user, TERM: "dumb", ...opts.env };
+  const asUser = user !== "root" ? ["runuser", "-u", user, "--"] : [];
+  return ["env", "-i", ...Object.entries(env).map(([k, v]) => `${k}=${v}`), ...asUser, ...cmd];
+}
+
+/** exec and sh on top of execArgv: shared by throwaway hosts and this machine (bootstrap-local). */
+export abstract class CommandHost {
+  /** argv that runs `cmd` on the host (as root, or as opts.user). */
+  abstract execArgv(cmd: readonly string[], opts?: Pick<ExecOptions, "user" | "env">): string[];
+
+  exec(cmd: readonly string[], opts: ExecOptions = {}): Promise<RunResult> {
+    const { user, env, ...runOpts } = opts;
+    return run(this.execArgv(cmd, { user, env }), runOpts);
+  }
+
+  /** Shell one-liner on the host; returns stdout (throws on failure). */
+  async sh(script: string, opts: ExecOptions = {}): Promise<string> {
+    return (await this.exec(["bash", "-c", script], opts)).stdout;
+  }
+}
+
+export class ThrowawayHost extends CommandHost {
   private constructor(
     private state: HostState,
     private readonly log: (line: string) => void,
     readonly timings: HostTimings,
-  ) {}
+  ) {
+    super();
+  }
 
   get name(): string {
     return this.state.name;
@@ -153,30 +185,9 @@ export class ThrowawayHost {
 
   /** argv that runs `cmd` inside the host (as root, or as opts.user). */
   execArgv(cmd: readonly string[], opts: Pick<ExecOptions, "user" | "env"> = {}): string[] {
-    const user = opts.user;
-    const home = user ? (user === "root" ? "/root" : `/home/${user}`) : "/root";
-    const env = {
-      PATH: CONTAINER_PATH,
-      LANG: "C.UTF-8",
-      HOME: home,
-      USER: user ?? "root",
-      LOGNAME: user ?? "root",
-      TERM: "dumb",
-      ...opts.env,
-    };
-    const envArgs = Object.entries(env).map(([k, v]) => `${k}=${v}`);
-    const asUser = user && user !== "root" ? ["runuser", "-u", user, "--"] : [];
-    return ["nsenter", "-t", String(this.pid1()), "-a", "env", "-i", ...envArgs, ...asUser, ...cmd];
-  }
-
-  exec(cmd: readonly string[], opts: ExecOptions = {}): Promise<RunResult> {
-    const { user, env, ...runOpts } = opts;
-    return run(this.execArgv(cmd, { user, env }), runOpts);
-  }
-
-  /** Shell one-liner inside the host; returns stdout (throws on failure). */
-  async sh(script: string, opts: ExecOptions = {}): Promise<string> {
-    return (await this.exec(["bash", "-c", script], opts)).stdout;
+    const user = opts.user ?? "root";
+    const home = user === "root" ? "/root" : `/home/${user}`;
+    return ["nsenter", "-t", String(this.pid1()), "-a", ...minimalEnvArgv(cmd, { user, home, path: CONTAINER_PATH, env: opts.env })];
   }
 
   /** Host path of a path inside the container. */
