@@ -25,7 +25,6 @@ import graphlib
 import grp
 import hashlib
 import http.client
-import ipaddress
 import json
 import math
 import os
@@ -117,7 +116,7 @@ class ConfigError(BootstrapError):
     def __init__(self, source: str, issues: Sequence[ConfigIssue]) -> None:
         lines = [f"{source}: {len(issues)} problem(s) in the config:"]
         for issue in issues:
-            lines.append(f"  {issue.json_path()}: {issue.message} (got {short_repr(issue.value)})")
+            lines.append(f"  {printable(issue.json_path())}: {issue.message} (got {short_repr(issue.value)})")
         super().__init__(
             "\n".join(lines),
             hint="Fix the fields listed above (or rebuild the config with the hub's builder); nothing was changed.",
@@ -134,6 +133,15 @@ def format_json_path(path: Sequence[str | int]) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out
+
+
+_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """Text safe on a terminal and in a log line: control characters, line separators and
+    unpaired surrogates written as \\uXXXX (a config's keys can hold any of them)."""
+    return _UNPRINTABLE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -604,7 +612,8 @@ def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
 #   record key, array longer than its maximum) or continuable (regex, range,
 #   length, refinement). After a fatal issue zod runs no further checks on that
 #   value, and an object's cross-field rules (zod's superRefine; the spec's
-#   `cross_field_issues`) run only when no fatal issue occurred inside it.
+#   `cross_field_issues`, yielding (path, message, value)) run only when no
+#   fatal issue occurred inside it.
 # - Unknown keys of a strict object are one continuable issue at the object's
 #   own path.
 # - A JSON number is an integer when it has no fraction (1.0 is 1); booleans
@@ -619,6 +628,8 @@ def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
 JsonPath = tuple[str | int, ...]
 
 MAX_SAFE_INTEGER = 2**53 - 1
+MAX_JSON_DEPTH = 32  # a config needs 5; deeper input is refused as a whole, at $ (as checkConfig does)
+DEPTH_MESSAGE = f"is nested more than {MAX_JSON_DEPTH} levels deep"
 
 
 class _IssueLog:
@@ -866,7 +877,7 @@ def _object(spec: type[Any]) -> Validator:
         check = validator_for(hints[f.name], f"{spec.__name__}.{f.name}")
         default = field_default(f)
         fields[f.name] = check if isinstance(default, _Missing) else _default(default, check)
-    cross_field: Callable[[Any], Iterable[tuple[str, str]]] | None = getattr(spec, "cross_field_issues", None)
+    cross_field: Callable[[Any], Iterable[tuple[JsonPath, str, Any]]] | None = getattr(spec, "cross_field_issues", None)
 
     def validate(value: Any, path: JsonPath, log: _IssueLog) -> Any:
         if not isinstance(value, dict):
@@ -880,8 +891,8 @@ def _object(spec: type[Any]) -> Validator:
         # Built even from invalid parts (the cross-field rules read them); discarded when there are issues.
         result = spec(**parsed)
         if cross_field is not None and not log.fatal_since(mark):
-            for name, message in cross_field(result):
-                log.add((*path, name), message, parsed[name])
+            for where, message, found in cross_field(result):
+                log.add((*path, *where), message, found)
         return result
 
     return validate
@@ -936,9 +947,25 @@ def _one(rules: Iterable[Any], kind: type[_R], where: str) -> _R:
     return found[0]
 
 
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0, [] and {} are 1), without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (list, dict)):
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in (item if isinstance(item, list) else item.values()))
+    return deepest
+
+
 def validate_spec(spec: type[Any], data: Any) -> tuple[Any, list[ConfigIssue]]:
     """Run the derived validator of a spec class; the parsed value and every issue."""
     log = _IssueLog()
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        return None, [ConfigIssue((), DEPTH_MESSAGE, f"<{depth} levels>")]
     parsed = validator_for(spec)(data, (), log)
     return parsed, log.issues
 
@@ -965,15 +992,47 @@ USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 HOST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 NODE_VERSION_RE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
-DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9.+-]+")
+DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9.+-]*[a-z0-9.+]")  # no trailing -: apt-get reads `name-` as "remove"
 ENV_NAME_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
 SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 OS_ID_RE = re.compile(r"[a-z0-9._-]+")
 OS_VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-SYSTEMD_UNIT_RE = re.compile(r"[A-Za-z0-9_.@-]+")
-TUNNEL_HOST_RE = re.compile(r"[A-Za-z0-9.-]+")
+SYSTEMD_UNIT_RE = re.compile(r"cocalc-[A-Za-z0-9_.-]{1,200}")  # our own namespace
 
-# --- path and URL rules (twins of AbsPath, RelPath and isHttpUrl) -------------
+# --- path, text and URL rules (twins of config.ts's) ------------------------------
+
+# C0 and C1 controls, DEL, U+2028/U+2029 and (json.loads joins escaped pairs) unpaired surrogates.
+UNSAFE_CHAR_RE = re.compile(r"[\u0000-\u001f\u007f-\u009f\u2028\u2029\ud800-\udfff]")
+SAFE_TEXT_MESSAGE = (
+    "must not contain control characters (U+0000-U+001F, U+007F-U+009F, U+2028, U+2029) or unpaired surrogates"
+)
+
+# Names to refuse, not temporary files (hence the noqa).
+SYSTEM_DIRS = (
+    *("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt", "/opt"),
+    *("/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var"),  # noqa: S108
+    *("/var/backups", "/var/cache", "/var/lib", "/var/local", "/var/log", "/var/mail", "/var/opt", "/var/spool"),
+    "/var/tmp",  # noqa: S108
+)
+SYSTEM_TREES = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+)
+
+
+def is_safe_text(text: str) -> bool:
+    return UNSAFE_CHAR_RE.search(text) is None
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -984,7 +1043,6 @@ def is_abs_path(path: str) -> bool:
     """Absolute and normalised: starts with /, no . or .. segments, no //, no trailing /."""
     return (
         path.startswith("/")
-        and "\0" not in path
         and "//" not in path
         and (path == "/" or not path.endswith("/"))
         and not _has_dot_segment(path)
@@ -993,108 +1051,75 @@ def is_abs_path(path: str) -> bool:
 
 def is_rel_path(path: str) -> bool:
     """Relative and inside its base: no leading /, no . or .. segments."""
-    return (
-        not path.startswith("/")
-        and "\0" not in path
-        and "//" not in path
-        and not path.endswith("/")
-        and not _has_dot_segment(path)
-    )
+    return not path.startswith("/") and "//" not in path and not path.endswith("/") and not _has_dot_segment(path)
 
 
 def is_inside(child: str, parent: str) -> bool:
     return child != "/" if parent == "/" else child.startswith(parent + "/")
 
 
-# JavaScript's \s, which is not Python's (Python adds \x1c-\x1f and \x85, lacks \ufeff).
-_JS_WHITESPACE_RE = re.compile("[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
-# PLAIN_HTTP_URL_RE of config.ts; whitespace is refused before it is tried, so the class needs no \s.
-_PLAIN_HTTP_URL_RE = re.compile(r"https?://([^/\\?#@%]+)(?:[/?#]|\Z)")
-_FORBIDDEN_DOMAIN_CHARS = frozenset(" #%/:<>?@[\\]^|\x7f") | frozenset(chr(c) for c in range(0x20))
+def is_system_path(path: str) -> bool:
+    return path in SYSTEM_DIRS or any(is_inside(path, tree) for tree in SYSTEM_TREES)
+
+
+def is_not_system_path(path: str) -> bool:
+    # A named function, not a lambda: get_type_hints evaluates annotations with the class
+    # namespace as globals, so a lambda written in one could not see this module's names.
+    return not is_system_path(path)
+
+
+# isHttpUrl's plain form, the same regexes and steps as config.ts (fullmatch() is JS's ^...$).
+_HOST_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_TOP_LABEL = "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DNS_NAME_RE = re.compile(rf"(?:{_HOST_LABEL}\.)*{_TOP_LABEL}\.?")
+IPV4_RE = re.compile(
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+)
+URL_PARTS_RE = re.compile(r"https?:\/\/([^/?#]*)([/?#].*)?", re.DOTALL)
+URL_REST_RE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#]|%[0-9A-Fa-f]{2})*")
+_HOST_PORT_RE = re.compile(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?")
+_IPV6_CHARS_RE = re.compile(r"[0-9A-Fa-f:.]+")
+_IPV6_GROUP_RE = re.compile(r"[0-9A-Fa-f]{1,4}")
+
+
+def is_host_name(host: str) -> bool:
+    """An ASCII host name (at most 253 characters) or a dotted-quad IPv4 address."""
+    return (len(host) <= 253 and DNS_NAME_RE.fullmatch(host) is not None) or IPV4_RE.fullmatch(host) is not None
+
+
+def is_ipv6(text: str) -> bool:
+    """An IPv6 address as RFC 4291 writes it (hex groups, one ::, an IPv4 tail); no zone."""
+    if not _IPV6_CHARS_RE.fullmatch(text):
+        return False
+    halves = text.split("::")
+    if len(halves) > 2:
+        return False
+    groups = [g for half in halves if half != "" for g in half.split(":")]
+    count = 0
+    for i, group in enumerate(groups):
+        if i == len(groups) - 1 and "." in group:
+            if not IPV4_RE.fullmatch(group):
+                return False
+            count += 2
+        elif _IPV6_GROUP_RE.fullmatch(group):
+            count += 1
+        else:
+            return False
+    return count <= 7 if len(halves) == 2 else count == 8
 
 
 def is_http_url(text: str) -> bool:
-    """isHttpUrl of config.ts: the plain form (lower-case http or https, //,
-    no userinfo, no whitespace anywhere), and an authority that WHATWG URL
-    parsing accepts: a valid host (domain, IPv4 or [IPv6]) and port."""
-    plain = _PLAIN_HTTP_URL_RE.match(text)
-    if _JS_WHITESPACE_RE.search(text) or not plain:
+    """isHttpUrl of config.ts: lower-case http(s)://, a host name, IPv4 or [IPv6]
+    host, an optional port, then only URL characters (see config.ts)."""
+    parts = URL_PARTS_RE.fullmatch(text)
+    if not parts:
         return False
-    host, port = _split_host_port(plain.group(1))
-    if host is None or not re.fullmatch(r"[0-9]*", port) or (port and int(port) > 65535):
+    host_port = _HOST_PORT_RE.fullmatch(parts.group(1))
+    if not host_port or (host_port.group(2) is not None and int(host_port.group(2)) > 65535):
         return False
-    return _is_valid_host(host)
-
-
-def _split_host_port(host_port: str) -> tuple[str | None, str]:
-    if host_port.startswith("["):
-        end = host_port.find("]")
-        if end < 0:
-            return None, ""
-        host, after = host_port[: end + 1], host_port[end + 1 :]
-        if after and not after.startswith(":"):
-            return None, ""
-        return host, after[1:]
-    host, _, port = host_port.partition(":")
-    return host, port
-
-
-def _is_valid_host(host: str) -> bool:
-    """WHATWG host parsing for an authority in plain form (no % escapes, so no scope ids either)."""
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return False
-        return True
-    try:
-        domain = host if host.isascii() else host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    domain = domain.lower()
-    if not domain or any(c in _FORBIDDEN_DOMAIN_CHARS for c in domain):
-        return False
-    return _ipv4_value(domain) is not None if _ends_in_number(domain) else True
-
-
-def _ipv4_number(part: str) -> int | None:
-    """One part of a WHATWG IPv4 address: decimal, 0x hex or 0-prefixed octal."""
-    digits, base = part, 10
-    if part[:2].lower() == "0x":
-        digits, base = part[2:], 16
-    elif len(part) > 1 and part.startswith("0"):
-        digits, base = part[1:], 8
-    if digits == "":
-        return 0
-    allowed = {10: "0123456789", 16: "0123456789abcdefABCDEF", 8: "01234567"}[base]
-    if any(c not in allowed for c in digits):
-        return None
-    return int(digits, base)
-
-
-def _ipv4_parts(domain: str) -> list[str]:
-    parts = domain.split(".")
-    if parts[-1] == "" and len(parts) > 1:
-        parts.pop()
-    return parts
-
-
-def _ends_in_number(domain: str) -> bool:
-    last = _ipv4_parts(domain)[-1]
-    return last != "" and ((last.isdigit() and last.isascii()) or _ipv4_number(last) is not None)
-
-
-def _ipv4_value(domain: str) -> int | None:
-    parts = _ipv4_parts(domain)
-    if len(parts) > 4 or "" in parts:
-        return None
-    numbers = [_ipv4_number(p) for p in parts]
-    if any(n is None for n in numbers):
-        return None
-    values = [n for n in numbers if n is not None]
-    if any(n > 255 for n in values[:-1]) or values[-1] >= 1 << (8 * (5 - len(values))):
-        return None
-    return sum(n << (8 * (3 - i)) for i, n in enumerate(values[:-1])) + values[-1]
+    host = host_port.group(1)
+    host_ok = is_ipv6(host[1:-1]) if host.startswith("[") else is_host_name(host)
+    return host_ok and URL_REST_RE.fullmatch(parts.group(2) or "") is not None
 
 
 # --- field types: the twins of config.ts's primitives ---------------------------
@@ -1102,13 +1127,22 @@ def _ipv4_value(domain: str) -> int | None:
 Arch = Literal["amd64", "arm64"]
 ARCHES: tuple[str, ...] = get_args(Arch)
 
-Url = Annotated[str, MaxLen(2048), Holds(is_http_url, "must be an absolute http:// or https:// URL")]
+Url = Annotated[
+    str,
+    MaxLen(2048),
+    Holds(
+        is_http_url,
+        "must be an http:// or https:// URL in plain ASCII "
+        "(a host name, IPv4 or [IPv6] host; internationalized names as punycode, xn--)",
+    ),
+]
 Sha256 = Annotated[str, Matches(SHA256_RE, "must be 64 lowercase hex digits (a sha256)")]
 Version = Annotated[str, Matches(VERSION_RE)]
 AbsPath = Annotated[
     str,
     MinLen(1),
     MaxLen(MAX_PATH),
+    Holds(is_safe_text, SAFE_TEXT_MESSAGE),
     Holds(
         is_abs_path,
         "must be an absolute, normalised path (starts with /, no . or .. segments, no // and no trailing /)",
@@ -1118,15 +1152,22 @@ RelPath = Annotated[
     str,
     MinLen(1),
     MaxLen(MAX_PATH),
+    Holds(is_safe_text, SAFE_TEXT_MESSAGE),
     Holds(is_rel_path, "must be a relative path inside the bundle (no leading /, no . or .. segments)"),
 ]
 UserName = Annotated[str, Matches(USER_RE)]
 Port = Annotated[int, Range(1, 65535)]
 SizeGb = Annotated[int, Range(1, 1 << 20)]
 EnvName = Annotated[str, Matches(ENV_NAME_RE)]
-EnvValue = Annotated[
-    str, MaxLen(4096), Holds(lambda v: "\n" not in v and "\0" not in v, "must not contain newlines or NUL")
+DebPackage = Annotated[
+    str,
+    Matches(
+        DEB_PACKAGE_RE,
+        "must be a Debian package name (a-z 0-9 . + -, 2 or more, starting with a letter or digit) "
+        "not ending in - (apt-get would remove the package)",
+    ),
 ]
+EnvValue = Annotated[str, MaxLen(4096), Holds(is_safe_text, SAFE_TEXT_MESSAGE)]
 
 
 class ConfigSpec:
@@ -1217,7 +1258,7 @@ class NodeSpec(ConfigSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class AptSpec(ConfigSpec):
-    packages: Annotated[tuple[Annotated[str, Matches(DEB_PACKAGE_RE)], ...], Items(200)] = ()
+    packages: Annotated[tuple[DebPackage, ...], Items(200)] = ()
     lists_max_age_s: Annotated[int, Range(0, 7 * 86400)] = 3600
     lock_timeout_s: Annotated[int, Range(1, 3600)] = 600
 
@@ -1231,7 +1272,9 @@ class DataDiskSpec(ConfigSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class BtrfsSpec(ConfigSpec):
-    mount_point: AbsPath = "/btrfs"
+    mount_point: Annotated[AbsPath, Holds(is_not_system_path, "must not be / or a system directory (e.g. /btrfs)")] = (
+        "/btrfs"
+    )
     image_path: AbsPath
     image_size_gb: SizeGb
     data_disk: DataDiskSpec | None = None
@@ -1239,7 +1282,10 @@ class BtrfsSpec(ConfigSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceSpec(ConfigSpec):
-    unit: Annotated[str, Matches(SYSTEMD_UNIT_RE)] = "cocalc-project-host"
+    unit: Annotated[
+        str,
+        Matches(SYSTEMD_UNIT_RE, "must be cocalc- and a plain name (letters, digits, _ . -): our own unit namespace"),
+    ] = "cocalc-project-host"
     exec: RelPath
     health_url: Url
     health_timeout_s: Annotated[int, Range(1, 3600)] = 120
@@ -1247,7 +1293,10 @@ class ServiceSpec(ConfigSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class TunnelSpec(ConfigSpec):
-    host: Annotated[str, MinLen(1), MaxLen(253), Matches(TUNNEL_HOST_RE)]
+    host: Annotated[
+        str,
+        Holds(is_host_name, "must be a host name or IPv4 address in ASCII (internationalized names as punycode, xn--)"),
+    ]
     port: Port = 22
     user: UserName
     remote_port: Port
@@ -1263,7 +1312,13 @@ class Config(ConfigSpec):
         Matches(USER_RE, "must be a POSIX user name"),
         Holds(lambda u: u != "root", "must not be root: the bootstrap runs as a non-root user with sudo"),
     ]
-    home: AbsPath
+    home: Annotated[
+        AbsPath,
+        Holds(
+            is_not_system_path,
+            "must be a real home directory, not / or a system directory (e.g. /home/<user>)",
+        ),
+    ]
     bootstrap_root: AbsPath
     bootstrap_dir: AbsPath
     arch: Arch
@@ -1280,12 +1335,24 @@ class Config(ConfigSpec):
     tunnel: TunnelSpec | None = None
     env: Mapping[EnvName, EnvValue] = field(default_factory=lambda: MappingProxyType({}))
 
-    def cross_field_issues(self) -> Iterator[tuple[str, str]]:
-        """BootstrapConfigSchema's superRefine: (field, problem) for each rule broken."""
+    def cross_field_issues(self) -> Iterator[tuple[JsonPath, str, Any]]:
+        """BootstrapConfigSchema's superRefine: (path, problem, value) for each rule broken."""
         if not is_inside(self.bootstrap_dir, self.bootstrap_root):
-            yield "bootstrap_dir", "must be inside bootstrap_root"
+            yield ("bootstrap_dir",), "must be inside bootstrap_root", self.bootstrap_dir
         if not is_inside(self.bootstrap_root, self.home):
-            yield "bootstrap_root", "must be inside home"
+            yield ("bootstrap_root",), "must be inside home", self.bootstrap_root
+        image, mount_point = self.btrfs.image_path, self.btrfs.mount_point
+        if (
+            not is_inside(image, self.bootstrap_root)
+            or image == self.bootstrap_dir
+            or is_inside(image, self.bootstrap_dir)
+        ):
+            problem = "must be inside bootstrap_root and outside bootstrap_dir (a file bootstrap.py owns)"
+            yield ("btrfs", "image_path"), problem, image
+        elif is_inside(image, mount_point):
+            yield ("btrfs", "image_path"), "must not be inside btrfs.mount_point", image
+        if mount_point == self.home or is_inside(self.home, mount_point):
+            yield ("btrfs", "mount_point"), "must not be home or above it (it would hide home)", mount_point
 
     @property
     def token_file(self) -> Path:
@@ -1296,19 +1363,59 @@ class Config(ConfigSpec):
         return Path(self.bootstrap_root) / "logs"
 
 
+# Deeper than this many [ or { at once, json.loads would recurse into the C stack's limit (RecursionError).
+_JSON_TOKENS_RE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def text_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for match in _JSON_TOKENS_RE.finditer(text):
+        found = match.group()
+        if found in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif found in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
+def _big_int(digits: str) -> int | float:
+    """An integer as JSON.parse reads it: Infinity past a double's range (float() says so
+    without int()'s 4300-digit limit, CPython's guard against quadratic conversion)."""
+    if len(digits) <= 300:
+        return int(digits)
+    as_float = float(digits)
+    return as_float if math.isinf(as_float) else int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_config_text(text: str, source: str) -> Any:
+    """JSON as JavaScript's JSON.parse reads it (no NaN or Infinity; huge numbers are Infinity);
+    ConfigError at $ when it is not JSON or nested too deeply to parse."""
+    depth = text_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ConfigError(source, [ConfigIssue((), DEPTH_MESSAGE, f"<{depth} levels>")])
+    try:
+        return json.loads(text, parse_int=_big_int, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(source, [ConfigIssue((), f"not valid JSON: {e}", None)]) from None
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; ConfigError (exit 2) on any problem."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read()
     except FileNotFoundError:
         raise ConfigError(source, [ConfigIssue((), "config file not found", source)]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(source, [ConfigIssue((), f"cannot read config: {e}", source)]) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(source, [ConfigIssue((), f"not valid JSON: {e}", None)]) from None
-    return Config.from_dict(data, source)
+    return Config.from_dict(parse_config_text(text, source), source)
 
 
 # ============================================================================
@@ -3169,6 +3276,27 @@ class NodeStep(Step):
 # ============================================================================
 
 
+def foreign_image_problem(image: Path) -> str | None:
+    """Why an existing file at btrfs.image_path is not ours to format, or None when it may be
+    used: absent (we create it), holding no data at all (every block a hole: ours from an
+    interrupted run), or holding the btrfs filesystem bootstrap.py makes (labelled BTRFS_LABEL).
+    The config keeps the path inside bootstrap_root; this keeps it from naming a file there
+    (or a link out of there) that is someone else's."""
+    try:
+        st = image.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"{image} exists and is not a regular file (a link, a directory or a device)"
+    if st.st_blocks == 0:
+        return None
+    found = block_device_probe(str(image))
+    if found.get("TYPE") == "btrfs" and found.get("LABEL") == BTRFS_LABEL:
+        return None
+    what = f"a {found['TYPE']} filesystem" if found.get("TYPE") else "data"
+    return f"{image} exists and holds {what}, not the btrfs filesystem bootstrap.py makes ({BTRFS_LABEL})"
+
+
 class BtrfsStep(Step):
     """The btrfs filesystem for projects: data disk or sparse loop image, mounted
     from a tagged fstab line, with the data subvolume, quota, tmp and btrfs-grow."""
@@ -3269,6 +3397,13 @@ class BtrfsStep(Step):
                 raise BootstrapError(f"blkid shows no UUID on {device} after mkfs.btrfs", hint=self.hint)
             return fstab_entry(f"UUID={uuid}", b.mount_point, loop=False)
         image = Path(b.image_path)
+        problem = foreign_image_problem(image)
+        if problem:
+            raise BootstrapError(
+                f"{problem}; refusing to format it",
+                hint="btrfs.image_path must name a file bootstrap.py creates. Move that file away, "
+                "or choose another path inside bootstrap_root.",
+            )
         if not image.exists():
             make_root_dirs(image.parent)
             run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)

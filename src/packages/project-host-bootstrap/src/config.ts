@@ -34,16 +34,50 @@ export const USER_RE = /^[a-z_][a-z0-9_-]{0,31}$/;
 export const HOST_NAME_RE = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 export const VERSION_RE = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$/;
 export const NODE_VERSION_RE = /^[0-9]+\.[0-9]+\.[0-9]+$/;
-export const DEB_PACKAGE_RE = /^[a-z0-9][a-z0-9.+-]+$/;
+/**
+ * A Debian package name as policy allows it (a-z, 0-9, `.`, `+`, `-`; two or more
+ * characters, the first a letter or digit) that does not end in `-`: apt-get reads
+ * `name-` as "remove name". A trailing `+` ("install") stays allowed: `g++` is a
+ * real package, and installing is what the list asks for anyway.
+ */
+export const DEB_PACKAGE_RE = /^[a-z0-9][a-z0-9.+-]*[a-z0-9.+]$/;
 export const ENV_NAME_RE = /^[A-Z_][A-Z0-9_]*$/;
 export const SECRET_NAME_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 export const OS_ID_RE = /^[a-z0-9._-]+$/;
 export const OS_VERSION_RE = /^[0-9]+(\.[0-9]+)*$/;
-export const SYSTEMD_UNIT_RE = /^[A-Za-z0-9_.@-]+$/;
+/** Our own unit namespace: `cocalc-` and a plain name, so it can never name a system unit (or a template). */
+export const SYSTEMD_UNIT_RE = /^cocalc-[A-Za-z0-9_.-]{1,200}$/;
+/**
+ * What no string that reaches a file, a unit or a shell may contain: C0 and C1
+ * control characters, DEL, the Unicode line and paragraph separators (Python's
+ * splitlines() breaks lines there), and unpaired surrogates (not encodable as
+ * UTF-8). With the u flag, a surrogate pair is one code point outside this class.
+ */
+export const UNSAFE_CHAR_RE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\ud800-\udfff]/u;
+/** Deepest JSON nesting a config may have (it needs 5); deeper input is refused as a whole, at `$`. */
+export const MAX_JSON_DEPTH = 32;
 export const MAX_PATH = 4096;
 
 function pathSegments(p: string): string[] {
   return p.split("/").filter((s) => s.length > 0);
+}
+
+const SAFE_TEXT_MESSAGE = "must not contain control characters (U+0000-U+001F, U+007F-U+009F, U+2028, U+2029) or unpaired surrogates";
+const isSafeText = (s: string) => !UNSAFE_CHAR_RE.test(s);
+
+/**
+ * Directories no host-level path of ours may be: the root, the top-level system
+ * directories, and anything inside the ones the system owns outright.
+ */
+export const SYSTEM_DIRS = [
+  "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt", "/opt",
+  "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/backups", "/var/cache",
+  "/var/lib", "/var/local", "/var/log", "/var/mail", "/var/opt", "/var/spool", "/var/tmp",
+] as const;
+export const SYSTEM_TREES = ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr"] as const;
+
+export function isSystemPath(p: string): boolean {
+  return (SYSTEM_DIRS as readonly string[]).includes(p) || SYSTEM_TREES.some((t) => isInside(p, t));
 }
 
 /** An absolute, normalised POSIX path: no `.`/`..` segments, no NUL. */
@@ -51,10 +85,10 @@ export const AbsPath = z
   .string()
   .min(1)
   .max(MAX_PATH)
+  .refine(isSafeText, { message: SAFE_TEXT_MESSAGE })
   .refine(
     (p) =>
       p.startsWith("/") &&
-      !p.includes("\0") &&
       !p.includes("//") &&
       (p === "/" || !p.endsWith("/")) &&
       pathSegments(p).every((s) => s !== "." && s !== ".."),
@@ -66,45 +100,75 @@ export const RelPath = z
   .string()
   .min(1)
   .max(MAX_PATH)
+  .refine(isSafeText, { message: SAFE_TEXT_MESSAGE })
   .refine(
     (p) =>
       !p.startsWith("/") &&
-      !p.includes("\0") &&
       !p.includes("//") &&
       !p.endsWith("/") &&
       pathSegments(p).every((s) => s !== "." && s !== ".."),
     { message: "must be a relative path inside the bundle (no leading /, no . or .. segments)" },
   );
 
-/** http(s) URL. Plain http is allowed for local mirrors and tests. */
+/**
+ * http(s) URL, in one plain form simple enough that bootstrap.py implements it
+ * identically (`is_http_url`), and that Node's URL, urllib and curl all read the
+ * same way: lower-case `http://` or `https://`; a host that is an ASCII host name
+ * (internationalized names in their punycode form, `xn--`), a dotted-quad IPv4
+ * address or a bracketed IPv6 address; an optional port 0-65535; then nothing, or
+ * `/`, `?` or `#` and URL characters only (RFC 3986: no spaces, no non-ASCII,
+ * no backslash, `%` only as an escape). No userinfo. Plain http is allowed for
+ * local mirrors and tests.
+ */
 export const HttpUrl = z
   .string()
   .max(2048)
-  .refine(isHttpUrl, { message: "must be an absolute http:// or https:// URL" });
+  .refine(isHttpUrl, {
+    message: "must be an http:// or https:// URL in plain ASCII (a host name, IPv4 or [IPv6] host; internationalized names as punycode, xn--)",
+  });
 
-/**
- * The plain form: lower-case scheme, `//`, and an authority without userinfo,
- * backslash or percent-escape. WHATWG URL alone also accepts `http:host`,
- * `http:\\host`, `http://@host`, `HTTP://host` and `http://%41`, which
- * bootstrap.py's urllib (and curl) would not fetch as written.
- */
-const PLAIN_HTTP_URL_RE = /^https?:\/\/[^/\\?#@%\s]+([/?#]|$)/;
+/** A host name label; the last label starts with a letter (so it is never read as a number). */
+const HOST_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+const TOP_LABEL = "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+export const DNS_NAME_RE = new RegExp(`^(?:${HOST_LABEL}\\.)*${TOP_LABEL}\\.?$`);
+export const IPV4_RE = /^(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$/;
+/** scheme, authority (up to the first / ? # or the end), the rest. */
+export const URL_PARTS_RE = /^https?:\/\/([^/?#]*)([/?#].*)?$/s;
+/** What may follow the authority: RFC 3986's URL characters, `%` only before two hex digits. */
+export const URL_REST_RE = /^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#]|%[0-9A-Fa-f]{2})*$/;
+
+/** An ASCII host name (at most 253 characters) or a dotted-quad IPv4 address. */
+export function isHostName(host: string): boolean {
+  return (host.length <= 253 && DNS_NAME_RE.test(host)) || IPV4_RE.test(host);
+}
+
+/** An IPv6 address as RFC 4291 writes it (hex groups, one `::`, an IPv4 tail); no zone. */
+export function isIPv6(text: string): boolean {
+  if (!/^[0-9A-Fa-f:.]+$/.test(text)) return false;
+  const halves = text.split("::");
+  if (halves.length > 2) return false;
+  const groups = halves.flatMap((h) => (h === "" ? [] : h.split(":")));
+  let count = 0;
+  for (const [i, g] of groups.entries()) {
+    if (i === groups.length - 1 && g.includes(".")) {
+      if (!IPV4_RE.test(g)) return false;
+      count += 2;
+    } else if (/^[0-9A-Fa-f]{1,4}$/.test(g)) count += 1;
+    else return false;
+  }
+  return halves.length === 2 ? count <= 7 : count === 8;
+}
 
 export function isHttpUrl(s: string): boolean {
-  if (!PLAIN_HTTP_URL_RE.test(s)) return false;
-  let u: URL;
-  try {
-    u = new URL(s);
-  } catch {
-    return false;
-  }
-  return (
-    (u.protocol === "http:" || u.protocol === "https:") &&
-    u.hostname.length > 0 &&
-    u.username === "" &&
-    u.password === "" &&
-    !/\s/.test(s)
-  );
+  const m = URL_PARTS_RE.exec(s);
+  if (!m) return false;
+  const authority = m[1]!;
+  const rest = m[2] ?? "";
+  const hp = /^(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?$/.exec(authority);
+  if (!hp || (hp[2] !== undefined && Number(hp[2]) > 65535)) return false;
+  const host = hp[1]!;
+  const hostOk = host.startsWith("[") ? isIPv6(host.slice(1, -1)) : isHostName(host);
+  return hostOk && URL_REST_RE.test(rest);
 }
 
 export const Sha256 = z
@@ -178,7 +242,15 @@ export const NodeSchema = z
 
 export const AptSchema = z
   .strictObject({
-    packages: z.array(z.string().regex(DEB_PACKAGE_RE)).max(200).default([]).describe("Debian packages to install."),
+    packages: z
+      .array(
+        z.string().regex(DEB_PACKAGE_RE, {
+          message: "must be a Debian package name (a-z 0-9 . + -, 2 or more, starting with a letter or digit) not ending in - (apt-get would remove the package)",
+        }),
+      )
+      .max(200)
+      .default([])
+      .describe("Debian packages to install (names only: no version, release or trailing -)."),
     lists_max_age_s: NonNegInt(7 * 86400).default(3600).describe("Skip `apt-get update` when the lists are younger than this."),
     lock_timeout_s: PosInt(3600).default(600).describe("How long to wait for the dpkg/apt locks."),
   })
@@ -194,8 +266,10 @@ export const DataDiskSchema = z
 
 export const BtrfsSchema = z
   .strictObject({
-    mount_point: AbsPath.default("/btrfs").describe("Where the btrfs filesystem is mounted."),
-    image_path: AbsPath.describe("Sparse loop image used when there is no data disk."),
+    mount_point: AbsPath.refine((p) => !isSystemPath(p), { message: "must not be / or a system directory (e.g. /btrfs)" })
+      .default("/btrfs")
+      .describe("Where the btrfs filesystem is mounted; not / or a system directory, not home or above it."),
+    image_path: AbsPath.describe("Sparse loop image used when there is no data disk; inside bootstrap_root, outside bootstrap_dir."),
     image_size_gb: PosInt(1 << 20).describe("Size of the sparse loop image."),
     data_disk: DataDiskSchema.nullable().default(null).describe("A dedicated data disk for /btrfs; null uses the sparse loop image."),
   })
@@ -203,7 +277,11 @@ export const BtrfsSchema = z
 
 export const ServiceSchema = z
   .strictObject({
-    unit: z.string().regex(SYSTEMD_UNIT_RE).default("cocalc-project-host").describe("systemd unit name (without .service)."),
+    unit: z
+      .string()
+      .regex(SYSTEMD_UNIT_RE, { message: "must be cocalc- and a plain name (letters, digits, _ . -): our own unit namespace" })
+      .default("cocalc-project-host")
+      .describe("systemd unit name (without .service), in our namespace: `cocalc-...`."),
     exec: RelPath.describe("Daemon executable, relative to the project_host bundle root."),
     health_url: HttpUrl.describe("URL polled until it answers 2xx."),
     health_timeout_s: PosInt(3600).default(120).describe("Deadline for the health check."),
@@ -212,7 +290,10 @@ export const ServiceSchema = z
 
 export const TunnelSchema = z
   .strictObject({
-    host: z.string().min(1).max(253).regex(/^[A-Za-z0-9.-]+$/).describe("SSH server the reverse tunnel goes to."),
+    host: z
+      .string()
+      .refine(isHostName, { message: "must be a host name or IPv4 address in ASCII (internationalized names as punycode, xn--)" })
+      .describe("SSH server the reverse tunnel goes to."),
     port: PosInt(65535).default(22).describe("SSH port."),
     user: z.string().regex(USER_RE).describe("SSH user on that server."),
     remote_port: PosInt(65535).describe("Port forwarded back to this host."),
@@ -221,13 +302,13 @@ export const TunnelSchema = z
   .describe("Optional reverse SSH tunnel (managed by the connector).");
 
 const EnvVars = z
-  .record(z.string().regex(ENV_NAME_RE), z.string().max(4096).refine((v) => !/[\n\0]/.test(v), { message: "must not contain newlines or NUL" }))
+  .record(z.string().regex(ENV_NAME_RE), z.string().max(4096).refine(isSafeText, { message: SAFE_TEXT_MESSAGE }))
   .default({})
   .describe("Extra non-secret variables for /etc/cocalc/project-host.env.");
 
 // --- the whole config ----------------------------------------------------------
 
-function isInside(child: string, parent: string): boolean {
+export function isInside(child: string, parent: string): boolean {
   return parent === "/" ? child !== "/" : child.startsWith(parent + "/");
 }
 
@@ -240,7 +321,8 @@ export const BootstrapConfigSchema = z
       .regex(USER_RE, { message: "must be a POSIX user name" })
       .refine((u) => u !== "root", { message: "must not be root: the bootstrap runs as a non-root user with sudo" })
       .describe("Non-root user that runs the bootstrap and the daemon."),
-    home: AbsPath.describe("That user's home directory (preflight checks it against getent passwd)."),
+    home: AbsPath.refine((p) => !isSystemPath(p), { message: "must be a real home directory, not / or a system directory (e.g. /home/<user>)" })
+      .describe("That user's home directory (preflight checks it against getent passwd); not / or a system directory."),
     bootstrap_root: AbsPath.describe("Root of everything the bootstrap owns, e.g. `/home/ubuntu/cocalc-host`."),
     bootstrap_dir: AbsPath.describe("Where the stub, config, token, state and logs of the bootstrap live; inside bootstrap_root."),
     arch: z.enum(ARCHES).describe("Expected CPU architecture (Debian naming)."),
@@ -264,6 +346,16 @@ export const BootstrapConfigSchema = z
     if (!isInside(c.bootstrap_root, c.home)) {
       ctx.addIssue({ code: "custom", path: ["bootstrap_root"], message: "must be inside home", input: c.bootstrap_root });
     }
+    const b = c.btrfs;
+    if (!isInside(b.image_path, c.bootstrap_root) || b.image_path === c.bootstrap_dir || isInside(b.image_path, c.bootstrap_dir)) {
+      const message = "must be inside bootstrap_root and outside bootstrap_dir (a file bootstrap.py owns)";
+      ctx.addIssue({ code: "custom", path: ["btrfs", "image_path"], message, input: b.image_path });
+    } else if (isInside(b.image_path, b.mount_point)) {
+      ctx.addIssue({ code: "custom", path: ["btrfs", "image_path"], message: "must not be inside btrfs.mount_point", input: b.image_path });
+    }
+    if (b.mount_point === c.home || isInside(c.home, b.mount_point)) {
+      ctx.addIssue({ code: "custom", path: ["btrfs", "mount_point"], message: "must not be home or above it (it would hide home)", input: b.mount_point });
+    }
   })
   .describe("CoCalc project-host bootstrap config, read by bootstrap.py.");
 
@@ -286,12 +378,29 @@ export interface ConfigIssue {
 export function checkConfig(
   input: unknown,
 ): { ok: true; config: BootstrapConfig } | { ok: false; issues: ConfigIssue[] } {
+  if (jsonDepth(input) > MAX_JSON_DEPTH) return { ok: false, issues: [{ path: [], message: DEPTH_MESSAGE }] };
   const r = BootstrapConfigSchema.safeParse(input);
   if (r.success) return { ok: true, config: r.data };
   return {
     ok: false,
     issues: r.error.issues.map((i) => ({ path: i.path.map((p) => (typeof p === "symbol" ? String(p) : p)), message: i.message })),
   };
+}
+
+const DEPTH_MESSAGE = `is nested more than ${MAX_JSON_DEPTH} levels deep`;
+
+/** Nesting depth of a JSON value (a scalar is 0, `[]` and `{}` are 1), counted without recursion, stopping past the limit. */
+export function jsonDepth(value: unknown, limit = MAX_JSON_DEPTH): number {
+  let deepest = 0;
+  const stack: [unknown, number][] = [[value, 0]];
+  while (stack.length > 0) {
+    const [v, depth] = stack.pop()!;
+    if (v === null || typeof v !== "object") continue;
+    deepest = Math.max(deepest, depth + 1);
+    if (deepest > limit) return deepest;
+    for (const child of Array.isArray(v) ? v : Object.values(v)) stack.push([child, depth + 1]);
+  }
+  return deepest;
 }
 
 /** `$.a.b[0]` style rendering of a path, as bootstrap.py prints it. */

@@ -20,9 +20,10 @@ afterAll(() => rmSync(work, { recursive: true, force: true }));
 
 const exampleStub = () => renderStub(stubOptionsFor(buildBootstrapConfig(exampleHostFacts()), { baseUrl: EXAMPLE_BASE_URL, token: EXAMPLE_TOKEN }));
 
-const NASTY_DIR = "/tmp/it's a $(touch pwned) `id` \\ \"dir\"\nline two/bootstrap";
-// No whitespace: URLs cannot have any. ${IFS} does the job of a space in a command.
-const NASTY_URL = "http://127.0.0.1:1/a'b/$(touch${IFS}pwned)/`id`/\"q\"";
+// Shell syntax the contract allows (control characters, such as a newline, it refuses: see below).
+const NASTY_DIR = "/tmp/it's a $(touch pwned) `id` \\ \"dir\"; line two/bootstrap";
+// URL characters only (no whitespace, quotes or braces), still shell syntax: ' $( ) ; & *
+const NASTY_URL = "http://127.0.0.1:1/a'b/$(touch;pwned)/&id;*/x";
 
 function nastyOptions(overrides: Partial<StubOptions> = {}): StubOptions {
   return { baseUrl: NASTY_URL, bootstrapDir: NASTY_DIR, bootstrapUser: "ubuntu", token: EXAMPLE_TOKEN, ...overrides };
@@ -117,6 +118,12 @@ describe("renderStub text", () => {
     const withoutToken = renderStub(nastyOptions({ token: null }));
     expect(withoutToken).not.toContain("COCALC_BOOTSTRAP_TOKEN_END");
     expect(withoutToken).toContain("no bootstrap token");
+  });
+
+  it("refuses a control character in the bootstrap dir (the contract's rule, before any quoting)", () => {
+    for (const bootstrapDir of ["/tmp/a\nb/bootstrap", "/tmp/a\rb", "/tmp/a\u2028b", "/tmp/\ud800"]) {
+      expect(() => renderStub(nastyOptions({ bootstrapDir })), JSON.stringify(bootstrapDir)).toThrow(/bootstrapDir/);
+    }
   });
 
   it("rejects bad options, naming each one", () => {

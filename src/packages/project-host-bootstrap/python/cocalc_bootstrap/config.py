@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -13,7 +13,19 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from .config_rules import MAX_SAFE_INTEGER, Holds, Items, Matches, MaxLen, MinLen, Range, validate_spec
+from .config_rules import (
+    DEPTH_MESSAGE,
+    MAX_JSON_DEPTH,
+    MAX_SAFE_INTEGER,
+    Holds,
+    Items,
+    JsonPath,
+    Matches,
+    MaxLen,
+    MinLen,
+    Range,
+    validate_spec,
+)
 from .errors import TOKEN_FILE_NAME, ConfigError, ConfigIssue
 
 #
@@ -34,15 +46,47 @@ USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 HOST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 NODE_VERSION_RE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
-DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9.+-]+")
+DEB_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9.+-]*[a-z0-9.+]")  # no trailing -: apt-get reads `name-` as "remove"
 ENV_NAME_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
 SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 OS_ID_RE = re.compile(r"[a-z0-9._-]+")
 OS_VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-SYSTEMD_UNIT_RE = re.compile(r"[A-Za-z0-9_.@-]+")
-TUNNEL_HOST_RE = re.compile(r"[A-Za-z0-9.-]+")
+SYSTEMD_UNIT_RE = re.compile(r"cocalc-[A-Za-z0-9_.-]{1,200}")  # our own namespace
 
-# --- path and URL rules (twins of AbsPath, RelPath and isHttpUrl) -------------
+# --- path, text and URL rules (twins of config.ts's) ------------------------------
+
+# C0 and C1 controls, DEL, U+2028/U+2029 and (json.loads joins escaped pairs) unpaired surrogates.
+UNSAFE_CHAR_RE = re.compile(r"[\u0000-\u001f\u007f-\u009f\u2028\u2029\ud800-\udfff]")
+SAFE_TEXT_MESSAGE = (
+    "must not contain control characters (U+0000-U+001F, U+007F-U+009F, U+2028, U+2029) or unpaired surrogates"
+)
+
+# Names to refuse, not temporary files (hence the noqa).
+SYSTEM_DIRS = (
+    *("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt", "/opt"),
+    *("/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var"),  # noqa: S108
+    *("/var/backups", "/var/cache", "/var/lib", "/var/local", "/var/log", "/var/mail", "/var/opt", "/var/spool"),
+    "/var/tmp",  # noqa: S108
+)
+SYSTEM_TREES = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+)
+
+
+def is_safe_text(text: str) -> bool:
+    return UNSAFE_CHAR_RE.search(text) is None
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -53,7 +97,6 @@ def is_abs_path(path: str) -> bool:
     """Absolute and normalised: starts with /, no . or .. segments, no //, no trailing /."""
     return (
         path.startswith("/")
-        and "\0" not in path
         and "//" not in path
         and (path == "/" or not path.endswith("/"))
         and not _has_dot_segment(path)
@@ -62,108 +105,75 @@ def is_abs_path(path: str) -> bool:
 
 def is_rel_path(path: str) -> bool:
     """Relative and inside its base: no leading /, no . or .. segments."""
-    return (
-        not path.startswith("/")
-        and "\0" not in path
-        and "//" not in path
-        and not path.endswith("/")
-        and not _has_dot_segment(path)
-    )
+    return not path.startswith("/") and "//" not in path and not path.endswith("/") and not _has_dot_segment(path)
 
 
 def is_inside(child: str, parent: str) -> bool:
     return child != "/" if parent == "/" else child.startswith(parent + "/")
 
 
-# JavaScript's \s, which is not Python's (Python adds \x1c-\x1f and \x85, lacks \ufeff).
-_JS_WHITESPACE_RE = re.compile("[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
-# PLAIN_HTTP_URL_RE of config.ts; whitespace is refused before it is tried, so the class needs no \s.
-_PLAIN_HTTP_URL_RE = re.compile(r"https?://([^/\\?#@%]+)(?:[/?#]|\Z)")
-_FORBIDDEN_DOMAIN_CHARS = frozenset(" #%/:<>?@[\\]^|\x7f") | frozenset(chr(c) for c in range(0x20))
+def is_system_path(path: str) -> bool:
+    return path in SYSTEM_DIRS or any(is_inside(path, tree) for tree in SYSTEM_TREES)
+
+
+def is_not_system_path(path: str) -> bool:
+    # A named function, not a lambda: get_type_hints evaluates annotations with the class
+    # namespace as globals, so a lambda written in one could not see this module's names.
+    return not is_system_path(path)
+
+
+# isHttpUrl's plain form, the same regexes and steps as config.ts (fullmatch() is JS's ^...$).
+_HOST_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_TOP_LABEL = "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DNS_NAME_RE = re.compile(rf"(?:{_HOST_LABEL}\.)*{_TOP_LABEL}\.?")
+IPV4_RE = re.compile(
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+)
+URL_PARTS_RE = re.compile(r"https?:\/\/([^/?#]*)([/?#].*)?", re.DOTALL)
+URL_REST_RE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#]|%[0-9A-Fa-f]{2})*")
+_HOST_PORT_RE = re.compile(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?")
+_IPV6_CHARS_RE = re.compile(r"[0-9A-Fa-f:.]+")
+_IPV6_GROUP_RE = re.compile(r"[0-9A-Fa-f]{1,4}")
+
+
+def is_host_name(host: str) -> bool:
+    """An ASCII host name (at most 253 characters) or a dotted-quad IPv4 address."""
+    return (len(host) <= 253 and DNS_NAME_RE.fullmatch(host) is not None) or IPV4_RE.fullmatch(host) is not None
+
+
+def is_ipv6(text: str) -> bool:
+    """An IPv6 address as RFC 4291 writes it (hex groups, one ::, an IPv4 tail); no zone."""
+    if not _IPV6_CHARS_RE.fullmatch(text):
+        return False
+    halves = text.split("::")
+    if len(halves) > 2:
+        return False
+    groups = [g for half in halves if half != "" for g in half.split(":")]
+    count = 0
+    for i, group in enumerate(groups):
+        if i == len(groups) - 1 and "." in group:
+            if not IPV4_RE.fullmatch(group):
+                return False
+            count += 2
+        elif _IPV6_GROUP_RE.fullmatch(group):
+            count += 1
+        else:
+            return False
+    return count <= 7 if len(halves) == 2 else count == 8
 
 
 def is_http_url(text: str) -> bool:
-    """isHttpUrl of config.ts: the plain form (lower-case http or https, //,
-    no userinfo, no whitespace anywhere), and an authority that WHATWG URL
-    parsing accepts: a valid host (domain, IPv4 or [IPv6]) and port."""
-    plain = _PLAIN_HTTP_URL_RE.match(text)
-    if _JS_WHITESPACE_RE.search(text) or not plain:
+    """isHttpUrl of config.ts: lower-case http(s)://, a host name, IPv4 or [IPv6]
+    host, an optional port, then only URL characters (see config.ts)."""
+    parts = URL_PARTS_RE.fullmatch(text)
+    if not parts:
         return False
-    host, port = _split_host_port(plain.group(1))
-    if host is None or not re.fullmatch(r"[0-9]*", port) or (port and int(port) > 65535):
+    host_port = _HOST_PORT_RE.fullmatch(parts.group(1))
+    if not host_port or (host_port.group(2) is not None and int(host_port.group(2)) > 65535):
         return False
-    return _is_valid_host(host)
-
-
-def _split_host_port(host_port: str) -> tuple[str | None, str]:
-    if host_port.startswith("["):
-        end = host_port.find("]")
-        if end < 0:
-            return None, ""
-        host, after = host_port[: end + 1], host_port[end + 1 :]
-        if after and not after.startswith(":"):
-            return None, ""
-        return host, after[1:]
-    host, _, port = host_port.partition(":")
-    return host, port
-
-
-def _is_valid_host(host: str) -> bool:
-    """WHATWG host parsing for an authority in plain form (no % escapes, so no scope ids either)."""
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return False
-        return True
-    try:
-        domain = host if host.isascii() else host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    domain = domain.lower()
-    if not domain or any(c in _FORBIDDEN_DOMAIN_CHARS for c in domain):
-        return False
-    return _ipv4_value(domain) is not None if _ends_in_number(domain) else True
-
-
-def _ipv4_number(part: str) -> int | None:
-    """One part of a WHATWG IPv4 address: decimal, 0x hex or 0-prefixed octal."""
-    digits, base = part, 10
-    if part[:2].lower() == "0x":
-        digits, base = part[2:], 16
-    elif len(part) > 1 and part.startswith("0"):
-        digits, base = part[1:], 8
-    if digits == "":
-        return 0
-    allowed = {10: "0123456789", 16: "0123456789abcdefABCDEF", 8: "01234567"}[base]
-    if any(c not in allowed for c in digits):
-        return None
-    return int(digits, base)
-
-
-def _ipv4_parts(domain: str) -> list[str]:
-    parts = domain.split(".")
-    if parts[-1] == "" and len(parts) > 1:
-        parts.pop()
-    return parts
-
-
-def _ends_in_number(domain: str) -> bool:
-    last = _ipv4_parts(domain)[-1]
-    return last != "" and ((last.isdigit() and last.isascii()) or _ipv4_number(last) is not None)
-
-
-def _ipv4_value(domain: str) -> int | None:
-    parts = _ipv4_parts(domain)
-    if len(parts) > 4 or "" in parts:
-        return None
-    numbers = [_ipv4_number(p) for p in parts]
-    if any(n is None for n in numbers):
-        return None
-    values = [n for n in numbers if n is not None]
-    if any(n > 255 for n in values[:-1]) or values[-1] >= 1 << (8 * (5 - len(values))):
-        return None
-    return sum(n << (8 * (3 - i)) for i, n in enumerate(values[:-1])) + values[-1]
+    host = host_port.group(1)
+    host_ok = is_ipv6(host[1:-1]) if host.startswith("[") else is_host_name(host)
+    return host_ok and URL_REST_RE.fullmatch(parts.group(2) or "") is not None
 
 
 # --- field types: the twins of config.ts's primitives ---------------------------
@@ -171,13 +181,22 @@ def _ipv4_value(domain: str) -> int | None:
 Arch = Literal["amd64", "arm64"]
 ARCHES: tuple[str, ...] = get_args(Arch)
 
-Url = Annotated[str, MaxLen(2048), Holds(is_http_url, "must be an absolute http:// or https:// URL")]
+Url = Annotated[
+    str,
+    MaxLen(2048),
+    Holds(
+        is_http_url,
+        "must be an http:// or https:// URL in plain ASCII "
+        "(a host name, IPv4 or [IPv6] host; internationalized names as punycode, xn--)",
+    ),
+]
 Sha256 = Annotated[str, Matches(SHA256_RE, "must be 64 lowercase hex digits (a sha256)")]
 Version = Annotated[str, Matches(VERSION_RE)]
 AbsPath = Annotated[
     str,
     MinLen(1),
     MaxLen(MAX_PATH),
+    Holds(is_safe_text, SAFE_TEXT_MESSAGE),
     Holds(
         is_abs_path,
         "must be an absolute, normalised path (starts with /, no . or .. segments, no // and no trailing /)",
@@ -187,15 +206,22 @@ RelPath = Annotated[
     str,
     MinLen(1),
     MaxLen(MAX_PATH),
+    Holds(is_safe_text, SAFE_TEXT_MESSAGE),
     Holds(is_rel_path, "must be a relative path inside the bundle (no leading /, no . or .. segments)"),
 ]
 UserName = Annotated[str, Matches(USER_RE)]
 Port = Annotated[int, Range(1, 65535)]
 SizeGb = Annotated[int, Range(1, 1 << 20)]
 EnvName = Annotated[str, Matches(ENV_NAME_RE)]
-EnvValue = Annotated[
-    str, MaxLen(4096), Holds(lambda v: "\n" not in v and "\0" not in v, "must not contain newlines or NUL")
+DebPackage = Annotated[
+    str,
+    Matches(
+        DEB_PACKAGE_RE,
+        "must be a Debian package name (a-z 0-9 . + -, 2 or more, starting with a letter or digit) "
+        "not ending in - (apt-get would remove the package)",
+    ),
 ]
+EnvValue = Annotated[str, MaxLen(4096), Holds(is_safe_text, SAFE_TEXT_MESSAGE)]
 
 
 class ConfigSpec:
@@ -286,7 +312,7 @@ class NodeSpec(ConfigSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class AptSpec(ConfigSpec):
-    packages: Annotated[tuple[Annotated[str, Matches(DEB_PACKAGE_RE)], ...], Items(200)] = ()
+    packages: Annotated[tuple[DebPackage, ...], Items(200)] = ()
     lists_max_age_s: Annotated[int, Range(0, 7 * 86400)] = 3600
     lock_timeout_s: Annotated[int, Range(1, 3600)] = 600
 
@@ -300,7 +326,9 @@ class DataDiskSpec(ConfigSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class BtrfsSpec(ConfigSpec):
-    mount_point: AbsPath = "/btrfs"
+    mount_point: Annotated[AbsPath, Holds(is_not_system_path, "must not be / or a system directory (e.g. /btrfs)")] = (
+        "/btrfs"
+    )
     image_path: AbsPath
     image_size_gb: SizeGb
     data_disk: DataDiskSpec | None = None
@@ -308,7 +336,10 @@ class BtrfsSpec(ConfigSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceSpec(ConfigSpec):
-    unit: Annotated[str, Matches(SYSTEMD_UNIT_RE)] = "cocalc-project-host"
+    unit: Annotated[
+        str,
+        Matches(SYSTEMD_UNIT_RE, "must be cocalc- and a plain name (letters, digits, _ . -): our own unit namespace"),
+    ] = "cocalc-project-host"
     exec: RelPath
     health_url: Url
     health_timeout_s: Annotated[int, Range(1, 3600)] = 120
@@ -316,7 +347,10 @@ class ServiceSpec(ConfigSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class TunnelSpec(ConfigSpec):
-    host: Annotated[str, MinLen(1), MaxLen(253), Matches(TUNNEL_HOST_RE)]
+    host: Annotated[
+        str,
+        Holds(is_host_name, "must be a host name or IPv4 address in ASCII (internationalized names as punycode, xn--)"),
+    ]
     port: Port = 22
     user: UserName
     remote_port: Port
@@ -332,7 +366,13 @@ class Config(ConfigSpec):
         Matches(USER_RE, "must be a POSIX user name"),
         Holds(lambda u: u != "root", "must not be root: the bootstrap runs as a non-root user with sudo"),
     ]
-    home: AbsPath
+    home: Annotated[
+        AbsPath,
+        Holds(
+            is_not_system_path,
+            "must be a real home directory, not / or a system directory (e.g. /home/<user>)",
+        ),
+    ]
     bootstrap_root: AbsPath
     bootstrap_dir: AbsPath
     arch: Arch
@@ -349,12 +389,24 @@ class Config(ConfigSpec):
     tunnel: TunnelSpec | None = None
     env: Mapping[EnvName, EnvValue] = field(default_factory=lambda: MappingProxyType({}))
 
-    def cross_field_issues(self) -> Iterator[tuple[str, str]]:
-        """BootstrapConfigSchema's superRefine: (field, problem) for each rule broken."""
+    def cross_field_issues(self) -> Iterator[tuple[JsonPath, str, Any]]:
+        """BootstrapConfigSchema's superRefine: (path, problem, value) for each rule broken."""
         if not is_inside(self.bootstrap_dir, self.bootstrap_root):
-            yield "bootstrap_dir", "must be inside bootstrap_root"
+            yield ("bootstrap_dir",), "must be inside bootstrap_root", self.bootstrap_dir
         if not is_inside(self.bootstrap_root, self.home):
-            yield "bootstrap_root", "must be inside home"
+            yield ("bootstrap_root",), "must be inside home", self.bootstrap_root
+        image, mount_point = self.btrfs.image_path, self.btrfs.mount_point
+        if (
+            not is_inside(image, self.bootstrap_root)
+            or image == self.bootstrap_dir
+            or is_inside(image, self.bootstrap_dir)
+        ):
+            problem = "must be inside bootstrap_root and outside bootstrap_dir (a file bootstrap.py owns)"
+            yield ("btrfs", "image_path"), problem, image
+        elif is_inside(image, mount_point):
+            yield ("btrfs", "image_path"), "must not be inside btrfs.mount_point", image
+        if mount_point == self.home or is_inside(self.home, mount_point):
+            yield ("btrfs", "mount_point"), "must not be home or above it (it would hide home)", mount_point
 
     @property
     def token_file(self) -> Path:
@@ -365,16 +417,56 @@ class Config(ConfigSpec):
         return Path(self.bootstrap_root) / "logs"
 
 
+# Deeper than this many [ or { at once, json.loads would recurse into the C stack's limit (RecursionError).
+_JSON_TOKENS_RE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def text_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for match in _JSON_TOKENS_RE.finditer(text):
+        found = match.group()
+        if found in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif found in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
+def _big_int(digits: str) -> int | float:
+    """An integer as JSON.parse reads it: Infinity past a double's range (float() says so
+    without int()'s 4300-digit limit, CPython's guard against quadratic conversion)."""
+    if len(digits) <= 300:
+        return int(digits)
+    as_float = float(digits)
+    return as_float if math.isinf(as_float) else int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_config_text(text: str, source: str) -> Any:
+    """JSON as JavaScript's JSON.parse reads it (no NaN or Infinity; huge numbers are Infinity);
+    ConfigError at $ when it is not JSON or nested too deeply to parse."""
+    depth = text_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ConfigError(source, [ConfigIssue((), DEPTH_MESSAGE, f"<{depth} levels>")])
+    try:
+        return json.loads(text, parse_int=_big_int, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(source, [ConfigIssue((), f"not valid JSON: {e}", None)]) from None
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; ConfigError (exit 2) on any problem."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read()
     except FileNotFoundError:
         raise ConfigError(source, [ConfigIssue((), "config file not found", source)]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(source, [ConfigIssue((), f"cannot read config: {e}", source)]) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(source, [ConfigIssue((), f"not valid JSON: {e}", None)]) from None
-    return Config.from_dict(data, source)
+    return Config.from_dict(parse_config_text(text, source), source)

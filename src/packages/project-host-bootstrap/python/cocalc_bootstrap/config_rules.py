@@ -27,7 +27,8 @@ from .errors import MISSING, ConfigIssue, _Missing
 #   record key, array longer than its maximum) or continuable (regex, range,
 #   length, refinement). After a fatal issue zod runs no further checks on that
 #   value, and an object's cross-field rules (zod's superRefine; the spec's
-#   `cross_field_issues`) run only when no fatal issue occurred inside it.
+#   `cross_field_issues`, yielding (path, message, value)) run only when no
+#   fatal issue occurred inside it.
 # - Unknown keys of a strict object are one continuable issue at the object's
 #   own path.
 # - A JSON number is an integer when it has no fraction (1.0 is 1); booleans
@@ -42,6 +43,8 @@ from .errors import MISSING, ConfigIssue, _Missing
 JsonPath = tuple[str | int, ...]
 
 MAX_SAFE_INTEGER = 2**53 - 1
+MAX_JSON_DEPTH = 32  # a config needs 5; deeper input is refused as a whole, at $ (as checkConfig does)
+DEPTH_MESSAGE = f"is nested more than {MAX_JSON_DEPTH} levels deep"
 
 
 class _IssueLog:
@@ -289,7 +292,7 @@ def _object(spec: type[Any]) -> Validator:
         check = validator_for(hints[f.name], f"{spec.__name__}.{f.name}")
         default = field_default(f)
         fields[f.name] = check if isinstance(default, _Missing) else _default(default, check)
-    cross_field: Callable[[Any], Iterable[tuple[str, str]]] | None = getattr(spec, "cross_field_issues", None)
+    cross_field: Callable[[Any], Iterable[tuple[JsonPath, str, Any]]] | None = getattr(spec, "cross_field_issues", None)
 
     def validate(value: Any, path: JsonPath, log: _IssueLog) -> Any:
         if not isinstance(value, dict):
@@ -303,8 +306,8 @@ def _object(spec: type[Any]) -> Validator:
         # Built even from invalid parts (the cross-field rules read them); discarded when there are issues.
         result = spec(**parsed)
         if cross_field is not None and not log.fatal_since(mark):
-            for name, message in cross_field(result):
-                log.add((*path, name), message, parsed[name])
+            for where, message, found in cross_field(result):
+                log.add((*path, *where), message, found)
         return result
 
     return validate
@@ -359,8 +362,24 @@ def _one(rules: Iterable[Any], kind: type[_R], where: str) -> _R:
     return found[0]
 
 
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0, [] and {} are 1), without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (list, dict)):
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in (item if isinstance(item, list) else item.values()))
+    return deepest
+
+
 def validate_spec(spec: type[Any], data: Any) -> tuple[Any, list[ConfigIssue]]:
     """Run the derived validator of a spec class; the parsed value and every issue."""
     log = _IssueLog()
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        return None, [ConfigIssue((), DEPTH_MESSAGE, f"<{depth} levels>")]
     parsed = validator_for(spec)(data, (), log)
     return parsed, log.issues

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,7 +62,7 @@ class ConfigError(BootstrapError):
     def __init__(self, source: str, issues: Sequence[ConfigIssue]) -> None:
         lines = [f"{source}: {len(issues)} problem(s) in the config:"]
         for issue in issues:
-            lines.append(f"  {issue.json_path()}: {issue.message} (got {short_repr(issue.value)})")
+            lines.append(f"  {printable(issue.json_path())}: {issue.message} (got {short_repr(issue.value)})")
         super().__init__(
             "\n".join(lines),
             hint="Fix the fields listed above (or rebuild the config with the hub's builder); nothing was changed.",
@@ -78,6 +79,15 @@ def format_json_path(path: Sequence[str | int]) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out
+
+
+_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """Text safe on a terminal and in a log line: control characters, line separators and
+    unpaired surrogates written as \\uXXXX (a config's keys can hold any of them)."""
+    return _UNPRINTABLE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def short_repr(value: Any, limit: int = 80) -> str:

@@ -43,6 +43,27 @@ from .system import (
 )
 
 
+def foreign_image_problem(image: Path) -> str | None:
+    """Why an existing file at btrfs.image_path is not ours to format, or None when it may be
+    used: absent (we create it), holding no data at all (every block a hole: ours from an
+    interrupted run), or holding the btrfs filesystem bootstrap.py makes (labelled BTRFS_LABEL).
+    The config keeps the path inside bootstrap_root; this keeps it from naming a file there
+    (or a link out of there) that is someone else's."""
+    try:
+        st = image.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"{image} exists and is not a regular file (a link, a directory or a device)"
+    if st.st_blocks == 0:
+        return None
+    found = block_device_probe(str(image))
+    if found.get("TYPE") == "btrfs" and found.get("LABEL") == BTRFS_LABEL:
+        return None
+    what = f"a {found['TYPE']} filesystem" if found.get("TYPE") else "data"
+    return f"{image} exists and holds {what}, not the btrfs filesystem bootstrap.py makes ({BTRFS_LABEL})"
+
+
 class BtrfsStep(Step):
     """The btrfs filesystem for projects: data disk or sparse loop image, mounted
     from a tagged fstab line, with the data subvolume, quota, tmp and btrfs-grow."""
@@ -143,6 +164,13 @@ class BtrfsStep(Step):
                 raise BootstrapError(f"blkid shows no UUID on {device} after mkfs.btrfs", hint=self.hint)
             return fstab_entry(f"UUID={uuid}", b.mount_point, loop=False)
         image = Path(b.image_path)
+        problem = foreign_image_problem(image)
+        if problem:
+            raise BootstrapError(
+                f"{problem}; refusing to format it",
+                hint="btrfs.image_path must name a file bootstrap.py creates. Move that file away, "
+                "or choose another path inside bootstrap_root.",
+            )
         if not image.exists():
             make_root_dirs(image.parent)
             run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)

@@ -136,49 +136,13 @@ def test_config_is_frozen_all_the_way_down() -> None:
     assert isinstance(config.conat_urls, tuple)
 
 
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        # Verdicts of config.ts's isHttpUrl under Node 20, recorded by hand.
-        ("https://hub.example.com/x?y#z", True),
-        ("http://EXAMPLE.com", True),
-        ("http://[::1]:80/", True),
-        ("http://999", True),  # an IPv4 address as one number
-        ("http://0x7f.1", True),
-        ("http://ñ.com", True),
-        ("http://x:", True),  # empty port
-        ("http://x.", True),
-        ("https://a.b/c%20d", True),  # escapes are fine outside the authority
-        # WHATWG URL accepts these, the plain-form rule does not (urllib could not fetch them as written).
-        ("HTTP://EXAMPLE.com", False),
-        ("http://@x", False),
-        ("http:x", False),
-        ("http:\\\\x\\y", False),
-        ("http://%41", False),
-        ("\x01http://x", False),
-        # WHATWG URL refuses these.
-        ("http://", False),
-        ("http://x:99999", False),
-        ("http://x:8a", False),
-        ("http://1.2.3.256", False),
-        ("http://foo.1", False),
-        ("http://09.1.1.1", False),
-        ("http://[::1", False),
-        ("http://a<b", False),
-        ("http://a%2fb", False),
-        # No userinfo, no other scheme, no whitespace (JavaScript's \s) anywhere.
-        ("http://u@x", False),
-        ("http://u:p@x", False),
-        ("ftp://x", False),
-        ("ws://x", False),
-        ("/relative", False),
-        ("http://x#a b", False),
-        ("http://x\u00a0y", False),
-        ("http://x/\ufeff", False),
-    ],
-)
-def test_is_http_url_matches_config_ts(url: str, expected: bool) -> None:
-    assert bootstrap.is_http_url(url) is expected
+# URL verdicts: config.ts's isHttpUrl gives the same (test/config-rules.test.ts runs this table through it too).
+URL_CASES = json.loads((PACKAGE / "fixtures" / "url-cases.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(("url", "expected", "why"), URL_CASES, ids=[case[0] for case in URL_CASES])
+def test_is_http_url_matches_config_ts(url: str, expected: bool, why: str) -> None:
+    assert bootstrap.is_http_url(url) is expected, why
 
 
 @pytest.mark.parametrize(
@@ -192,7 +156,7 @@ def test_is_http_url_matches_config_ts(url: str, expected: bool) -> None:
         ("/a//b", False, False),
         ("/a/", False, False),
         ("a/", False, False),
-        ("a\0b", False, False),
+        ("a\0b", False, True),  # shape only: control characters are is_safe_text's
         ("...", False, True),  # only . and .. are special
     ],
 )
@@ -357,3 +321,54 @@ def test_checks_run_in_declaration_order_with_their_messages() -> None:
         ("$.a", "must be digits"),
         ("$.b", "must be <= 5"),
     ]
+
+
+# --- malformed input of any size or depth: exit 2 and a path, never an internal error ----
+
+
+def config_text_with(placeholder_value: str) -> str:
+    """The minimal config as JSON text, image_size_gb replaced by raw JSON text."""
+    data = minimal_config()
+    data["btrfs"]["image_size_gb"] = "@@VALUE@@"
+    return json.dumps(data).replace('"@@VALUE@@"', placeholder_value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "problem"),
+    [
+        ("1" * 5000, "$.btrfs.image_size_gb", "too large for a double"),  # int() refuses > 4300 digits
+        ("-" + "9" * 5000, "$.btrfs.image_size_gb", "too large for a double"),
+        ("1" + "0" * 320, "$.btrfs.image_size_gb", "too large for a double"),  # JSON.parse: Infinity
+        ("1e400", "$.btrfs.image_size_gb", "too large for a double"),
+        ("NaN", "$", "not valid JSON"),  # Python's json reads it; JSON.parse does not
+        ("-Infinity", "$", "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "$", "nested more than 32 levels deep"),  # json.loads: RecursionError
+        ("[" * 31 + "]" * 31, "$", "nested more than 32 levels deep"),  # + the config and btrfs objects: 33
+        ("[" * 30 + "]" * 30, "$.btrfs.image_size_gb", "expected an integer"),
+        ('"' + "x" * 1_000_000 + '"', "$.btrfs.image_size_gb", "expected an integer"),
+        ('{"\\ud800\\u001b[2J": 1}', "$.btrfs.image_size_gb", "expected an integer"),
+    ],
+    ids=lambda v: v[:20] if isinstance(v, str) else v,
+)
+def test_malformed_input_exits_2_with_a_path(tmp_path: Path, raw: str, path: str, problem: str) -> None:
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config_text_with(raw), encoding="utf-8")
+    human = run_cli("--config", str(config_path), "check-config", home=tmp_path)
+    assert human.returncode == 2, human.stderr[-2000:]
+    assert problem in human.stderr
+    as_json = run_cli("--json", "--config", str(config_path), "check-config", home=tmp_path)
+    assert as_json.returncode == 2, as_json.stderr[-2000:]
+    if path != "$" or problem != "not valid JSON":
+        verdict = json.loads(as_json.stdout)
+        assert path in [e["path"] for e in verdict["errors"]]
+
+
+def test_control_characters_in_keys_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    data = minimal_config()
+    data["env"] = {"A\x1b[2J\nB": "x"}
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(data), encoding="utf-8")
+    result = run_cli("--config", str(config_path), "check-config", home=tmp_path)
+    assert result.returncode == 2
+    assert "\x1b" not in result.stderr
+    assert "$.env.A\\u001b[2J\\u000aB: key must match" in result.stderr
