@@ -491,18 +491,13 @@ EventCheck = Callable[[Any, str, EventIssues], Any]  # returns the parsed value 
 _EV_ABSENT = object()
 
 
-def _ev_utf16_len(text: str) -> int:
-    """String length as JavaScript counts it (zod's .max())."""
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
 def _ev_string(*, max_len: int | None = None, pattern: re.Pattern[str] | None = None) -> EventCheck:
     def check(value: Any, path: str, issues: EventIssues) -> Any:
         if not isinstance(value, str):
             issues.append((path, "expected a string"))
         elif pattern is not None and not pattern.fullmatch(value):
             issues.append((path, f"must match {pattern.pattern}"))
-        elif max_len is not None and _ev_utf16_len(value) > max_len:
+        elif max_len is not None and len(value) > max_len:  # code points, as zod counts
             issues.append((path, f"at most {max_len} characters"))
         return value
 
