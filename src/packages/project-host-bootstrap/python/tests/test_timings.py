@@ -12,9 +12,7 @@ import bootstrap
 import pytest
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "critical-path"
-VECTORS = [
-    pytest.param(json.loads(p.read_text(encoding="utf-8")), id=p.stem) for p in sorted(FIXTURES.glob("*.json"))
-]
+VECTORS = [pytest.param(json.loads(p.read_text(encoding="utf-8")), id=p.stem) for p in sorted(FIXTURES.glob("*.json"))]
 
 
 def test_there_are_enough_vectors() -> None:
