@@ -1808,8 +1808,10 @@ class Context:
 
 class Step:
     """A unit of the bootstrap: check() reads the real state (read-only);
-    apply() runs only when check() found work. inputs() is fingerprinted
-    into state.json so a changed input re-runs the step."""
+    apply() runs when check() found work (or the step has no record of a
+    successful run), and check() runs again after it: the step succeeds only
+    if it is then satisfied. inputs() is fingerprinted into state.json so a
+    changed input re-runs the step."""
 
     name: ClassVar[str]
     deps: ClassVar[tuple[str, ...]] = ()
@@ -1827,7 +1829,9 @@ class Step:
         return {}
 
     def check(self) -> StepState:
-        return StepState(False, "no check; always applies")
+        """Every step has its own: the engine re-runs it after apply() to
+        verify the step did its job (the plan refuses a step without one)."""
+        raise NotImplementedError(f"step {self.name} has no check()")
 
     def apply(self) -> None:
         pass
@@ -3819,6 +3823,8 @@ class Plan:
                 raise PlanError(f"step {cls.__name__} has an invalid name {name!r}", hint=PLAN_HINT)
             if name in self.classes:
                 raise PlanError(f"two steps are named {name!r}", hint=PLAN_HINT)
+            if cls.check is Step.check:
+                raise PlanError(f"step {name} has no check(): the engine verifies every apply()", hint=PLAN_HINT)
             self.classes[name] = cls
         for name, cls in self.classes.items():
             unknown = [d for d in cls.deps if d not in self.classes]

@@ -144,6 +144,8 @@ class Plan:
                 raise PlanError(f"step {cls.__name__} has an invalid name {name!r}", hint=PLAN_HINT)
             if name in self.classes:
                 raise PlanError(f"two steps are named {name!r}", hint=PLAN_HINT)
+            if cls.check is Step.check:
+                raise PlanError(f"step {name} has no check(): the engine verifies every apply()", hint=PLAN_HINT)
             self.classes[name] = cls
         for name, cls in self.classes.items():
             unknown = [d for d in cls.deps if d not in self.classes]

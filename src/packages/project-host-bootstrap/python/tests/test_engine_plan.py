@@ -144,6 +144,7 @@ class RecordingSink(bootstrap.EventSink):
         ([{"name": "a", "deps": ["ghost"]}], "unknown step(s) ghost"),
         ([{"name": "a"}, {"name": "a"}], "two steps are named 'a'"),
         ([{"name": "Bad Name"}], "invalid name"),
+        ([{"name": "unchecked", "no_check": True}], "step unchecked has no check()"),
     ],
 )
 def test_broken_graphs_are_refused_before_anything_runs(
@@ -305,6 +306,9 @@ def test_percent_is_weighted_by_the_last_run_durations(tmp_path: Path) -> None:
 def test_step_bugs_fail_the_run_with_the_exception_named(run: Callable[..., int], tmp_path: Path) -> None:
     class Buggy(bootstrap.Step):
         name = "buggy"
+
+        def check(self) -> bootstrap.StepState:
+            return bootstrap.StepState(False, "never done")
 
         def apply(self) -> None:
             raise KeyError("missing")
