@@ -3918,6 +3918,7 @@ class StateStore:
         self._lock = threading.RLock()
         self.data: dict[str, Any] = {"version": self.VERSION, "steps": {}}
         self.problem: str | None = None
+        self._unsynced = False  # saved without fsync since the last durable save
         try:
             loaded = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -3959,6 +3960,13 @@ class StateStore:
         with self._lock:
             text = json.dumps(self.data, indent=1, sort_keys=True) + "\n"
             atomic_write_text(self.path, text, durable=durable)
+            self._unsynced = not durable
+
+    def sync(self) -> None:
+        """At the end of a run: make the records durable, if any changed (a warm run writes nothing)."""
+        with self._lock:
+            if self._unsynced:
+                self.save(durable=True)
 
 
 class RunLock:
@@ -4894,7 +4902,7 @@ def finish_run(
     wall = round(time.monotonic() - runner.t0, 3)
     hint = error.hint if isinstance(error, BootstrapError) else None
     tail = error.log_tail if isinstance(error, BootstrapError) else None
-    state.save(durable=True)
+    state.sync()
     spool.emit(ProgressEvent(phase="done" if ok else "failed", percent=100.0 if ok else runner.progress.percent()))
     spool.emit(RunEndEvent(ok=ok, wall_s=wall, failed_step=failed_step, hint=hint, log_tail=tail))
 

@@ -256,7 +256,7 @@ def finish_run(
     wall = round(time.monotonic() - runner.t0, 3)
     hint = error.hint if isinstance(error, BootstrapError) else None
     tail = error.log_tail if isinstance(error, BootstrapError) else None
-    state.save(durable=True)
+    state.sync()
     spool.emit(ProgressEvent(phase="done" if ok else "failed", percent=100.0 if ok else runner.progress.percent()))
     spool.emit(RunEndEvent(ok=ok, wall_s=wall, failed_step=failed_step, hint=hint, log_tail=tail))
 

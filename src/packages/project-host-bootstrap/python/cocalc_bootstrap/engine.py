@@ -239,6 +239,7 @@ class StateStore:
         self._lock = threading.RLock()
         self.data: dict[str, Any] = {"version": self.VERSION, "steps": {}}
         self.problem: str | None = None
+        self._unsynced = False  # saved without fsync since the last durable save
         try:
             loaded = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -280,6 +281,13 @@ class StateStore:
         with self._lock:
             text = json.dumps(self.data, indent=1, sort_keys=True) + "\n"
             atomic_write_text(self.path, text, durable=durable)
+            self._unsynced = not durable
+
+    def sync(self) -> None:
+        """At the end of a run: make the records durable, if any changed (a warm run writes nothing)."""
+        with self._lock:
+            if self._unsynced:
+                self.save(durable=True)
 
 
 class RunLock:

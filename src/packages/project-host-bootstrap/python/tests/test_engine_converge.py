@@ -111,8 +111,10 @@ def test_a_converged_host_without_its_state_file_reruns_with_nothing_changed(
     assert outcomes(tmp_path) == {"a": "unchanged", "b": "unchanged", "c": "unchanged"}
     assert set(json.loads(state_file.read_text())["steps"]) == {"a", "b", "c"}  # records again
     (work / "applied.log").unlink()
+    before = state_file.stat().st_mtime_ns, state_file.stat().st_ino
     assert run(CHAIN) == 0
     assert applied(work) == []  # and the next run skips them
+    assert (state_file.stat().st_mtime_ns, state_file.stat().st_ino) == before  # a warm run writes no state
 
 
 def test_state_json_holds_only_fingerprints_for_the_next_run(run: Callable[..., int], tmp_path: Path) -> None:
