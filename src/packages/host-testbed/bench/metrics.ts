@@ -1,93 +1,40 @@
 /**
  * The benchmark's figures, computed from what one bootstrap run leaves on
- * the host (state.json's last run: per-step start, end, duration and deps;
- * the JSON-lines log) and what the bench sampled from the outside (bytes the
- * artifact server sent over time, bootstrap.py's memory). Pure functions, so
- * the math is unit-tested without a host.
+ * the host (its progress events in `<bootstrap_dir>/events/<run_id>.jsonl`:
+ * per-step start, end, duration and deps; the JSON-lines log for command
+ * details) and what the bench sampled from the outside (bytes the artifact
+ * server sent over time, bootstrap.py's memory). Pure functions, so the math
+ * is unit-tested without a host. The critical path is the package's one
+ * definition (src/timings.ts, shared vectors with bootstrap.py).
  */
+import { criticalPath, runTimings, type StepTiming } from "@cocalc/project-host-bootstrap";
 
-export interface StepTiming {
-  name: string;
-  deps: string[];
-  /** Seconds since the engine's run started. */
-  start_s: number;
-  end_s: number;
-  duration_s: number;
-  /** changed | unchanged | failed | blocked */
-  outcome: string;
-}
+export { criticalPath, type StepTiming };
 
 export interface EngineRun {
   run_id: string;
   ok: boolean;
+  /** done | failed | interrupted (no run_end: killed or still running) */
   status: string;
   /** The engine's own wall time (bootstrap.py's run, not the stub around it). */
   wall_s: number;
-  jobs: number;
+  parallel: boolean;
+  /** Sorted by start. */
   steps: StepTiming[];
 }
 
-/** The last run recorded in `<bootstrap_dir>/state.json`. */
-export function engineRunFromState(state: unknown): EngineRun {
-  const run = (state as { last_run?: Record<string, unknown> } | null)?.last_run;
-  if (!run || typeof run !== "object") throw new Error("state.json has no last_run");
-  const rawSteps = (run.steps ?? {}) as Record<string, Record<string, unknown>>;
-  const steps: StepTiming[] = Object.entries(rawSteps).map(([name, s]) => ({
-    name,
-    deps: Array.isArray(s.deps) ? (s.deps as string[]) : [],
-    start_s: num(s.start_s),
-    end_s: num(s.end_s),
-    duration_s: num(s.duration_s),
-    outcome: String(s.outcome ?? "?"),
-  }));
-  steps.sort((a, b) => a.start_s - b.start_s || a.name.localeCompare(b.name));
-  const lastEnd = Math.max(0, ...steps.map((s) => s.end_s));
+/** One run from the lines of its event spool (`<bootstrap_dir>/events/<run_id>.jsonl`). */
+export function engineRunFromEvents(lines: readonly string[]): EngineRun {
+  const run = runTimings(lines);
+  const steps = [...run.steps].sort((a, b) => a.start_s - b.start_s || a.name.localeCompare(b.name));
   return {
-    run_id: String(run.run_id ?? ""),
+    run_id: run.run_id,
     ok: run.ok === true,
-    status: String(run.status ?? "?"),
-    wall_s: typeof run.wall_s === "number" ? run.wall_s : lastEnd,
-    jobs: num(run.jobs),
+    status: run.ok === null ? "interrupted" : run.ok ? "done" : "failed",
+    wall_s: run.wall_s,
+    parallel: run.parallel,
     steps,
   };
-}
-
-function num(v: unknown): number {
-  return typeof v === "number" && Number.isFinite(v) ? v : 0;
-}
-
-/**
- * The chain of dependent steps with the largest total duration: the
- * shortest wall time any scheduler could reach with these step durations.
- * Dependencies outside the recorded steps are ignored.
- */
-export function criticalPath(steps: readonly StepTiming[]): { path: string[]; seconds: number } {
-  const byName = new Map(steps.map((s) => [s.name, s]));
-  const memo = new Map<string, { seconds: number; path: string[] }>();
-  const visiting = new Set<string>();
-  const longest = (name: string): { seconds: number; path: string[] } => {
-    const hit = memo.get(name);
-    if (hit) return hit;
-    if (visiting.has(name)) throw new Error(`dependency cycle through ${name}`);
-    visiting.add(name);
-    const step = byName.get(name)!;
-    let best = { seconds: 0, path: [] as string[] };
-    for (const d of step.deps) {
-      if (!byName.has(d)) continue;
-      const c = longest(d);
-      if (c.seconds > best.seconds || (c.seconds === best.seconds && best.path.length === 0)) best = c;
-    }
-    const out = { seconds: best.seconds + step.duration_s, path: [...best.path, name] };
-    visiting.delete(name);
-    memo.set(name, out);
-    return out;
-  };
-  let top = { seconds: 0, path: [] as string[] };
-  for (const s of steps) {
-    const c = longest(s.name);
-    if (c.seconds > top.seconds) top = c;
-  }
-  return top;
 }
 
 export interface Interval {

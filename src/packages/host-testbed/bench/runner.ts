@@ -12,6 +12,7 @@
  * them alike.
  */
 import { chmodSync, copyFileSync, mkdirSync } from "node:fs";
+import { newestRunEvents } from "../src/end-state.js";
 import { ThrowawayHost } from "../src/host.js";
 import { publishSite, type BundleName } from "../src/artifacts.js";
 import { hostsDir } from "../src/paths.js";
@@ -22,7 +23,7 @@ import {
   criticalPath,
   downloadThroughput,
   engineOverheadSeconds,
-  engineRunFromState,
+  engineRunFromEvents,
   extractionRate,
   extractions,
   logRecords,
@@ -71,7 +72,7 @@ export interface RunRecord {
   exit_code: number;
   /** End to end: the stub, from start to exit, as cloud-init would see it. */
   wall_s: number;
-  /** bootstrap.py's own run (state.json). */
+  /** bootstrap.py's own run (its run_end event). */
   engine_wall_s: number;
   /** wall_s − engine_wall_s: the stub's downloads of bootstrap.py and the config, python start. */
   stub_overhead_s: number;
@@ -255,7 +256,7 @@ async function measure(ctx: RunContext, kind: RunKind, iteration: number, host: 
 }
 
 function readEngineRun(host: ThrowawayHost, bootstrapDir: string): EngineRun {
-  return engineRunFromState(JSON.parse(host.readFile(`${bootstrapDir}/state.json`)));
+  return engineRunFromEvents(newestRunEvents(host, bootstrapDir));
 }
 
 function readOr(host: ThrowawayHost, path: string): string {

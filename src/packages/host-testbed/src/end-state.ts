@@ -5,8 +5,8 @@
  * command as root or as a user and read its files (`HostView`):
  * `ThrowawayHost`, or `LocalHost` in bootstrap-local.ts.
  */
-import { readFileSync, statSync } from "node:fs";
-import type { BootstrapConfig } from "@cocalc/project-host-bootstrap";
+import { readdirSync, readFileSync, statSync } from "node:fs";
+import { runTimings, type BootstrapConfig } from "@cocalc/project-host-bootstrap";
 import type { HostStatus } from "@cocalc/server";
 import { expect } from "./expect.js";
 import type { ExecOptions } from "./host.js";
@@ -110,7 +110,7 @@ export async function expectBootstrappedHost(o: Observed): Promise<void> {
   expect(s.percent).toBe(100);
   expect(s.steps.length).toBeGreaterThanOrEqual(10);
   for (const step of s.steps) {
-    expect(["changed", "unchanged", "skipped"], `${step.name}: ${step.state} ${step.message}`).toContain(step.state);
+    expect(["changed", "unchanged"], `${step.name}: ${step.state} ${step.message}`).toContain(step.state);
     expect(step.duration_s, step.name).toEqual(expect.any(Number));
     expect(step.started_ts, step.name).toEqual(expect.any(Number));
   }
@@ -172,9 +172,16 @@ export async function expectTokenNowhere(o: Observed): Promise<void> {
   expect(journal.stdout).not.toContain(o.prov.token);
 }
 
-/** The step records of one run in bootstrap.log. */
-export function runRecords(host: HostView, c: BootstrapConfig, runId: string): Record<string, unknown>[] {
-  return readJsonLines(host, `${c.bootstrap_root}/logs/bootstrap.log`).filter((r) => r.run_id === runId);
+/**
+ * The lines of the newest run's event spool on the host
+ * (`<bootstrap_dir>/events/<run_id>.jsonl`; run ids sort by start time):
+ * bootstrap.py's one record of what a run did.
+ */
+export function newestRunEvents(host: HostView, bootstrapDir: string): string[] {
+  const dir = `${bootstrapDir}/events`;
+  const newest = readdirSync(host.path(dir)).filter((f) => f.endsWith(".jsonl")).sort().pop();
+  if (!newest) throw new Error(`${host.name}: no event spool in ${dir}`);
+  return host.readFile(`${dir}/${newest}`).split("\n");
 }
 
 /** Which daemon process is serving, to prove a re-run did not restart it. */
@@ -195,9 +202,18 @@ export async function daemonIdentity(host: HostView, prov: ProvisionedTestHost):
  * A re-run of the same stub on a bootstrapped host changed nothing: it
  * succeeded as a new run, fetched nothing (`fetchedPaths`: the artifact
  * server's requests during the re-run), did not restart the daemon, and
- * every step logged why it skipped.
+ * every step ended `unchanged` with its reason, in the events the hub got
+ * and in the host's own spool alike. Normally every step skipped ("satisfied
+ * (...); inputs unchanged since ..."); with `stateLost` (state.json was
+ * removed) every step applied to be sure and found nothing to change.
  */
-export async function expectRerunChangedNothing(first: Observed, again: Observed, before: DaemonIdentity, fetchedPaths: string[]): Promise<void> {
+export async function expectRerunChangedNothing(
+  first: Observed,
+  again: Observed,
+  before: DaemonIdentity,
+  fetchedPaths: string[],
+  opts: { stateLost?: boolean } = {},
+): Promise<void> {
   const { host, prov } = again;
   expect(again.run.code, outputOf(again)).toBe(0);
   expect(again.status.state).toBe("done");
@@ -207,11 +223,17 @@ export async function expectRerunChangedNothing(first: Observed, again: Observed
   // the daemon was not restarted
   expect((await host.sh("systemctl show -p MainPID --value cocalc-project-host")).trim()).toBe(before.mainPid);
   expect((await expectServiceHealthy(host, prov)).pid).toBe(before.healthPid);
-  // every step unchanged, and the log says why for each
-  for (const step of again.status.steps) expect(step.state, `${step.name}: ${step.message}`).not.toBe("changed");
-  const records = runRecords(host, prov.config, again.status.run_id!);
-  const skipped = new Set(records.filter((r) => r.event === "skip").map((r) => r.step));
-  for (const step of again.status.steps) expect(skipped, `no skip record for ${step.name}`).toContain(step.name);
-  for (const r of records.filter((r) => r.event === "skip")) expect(String(r.message).length).toBeGreaterThan("skipped: ".length);
+  // every step unchanged, and its step_end event says why
+  const why = opts.stateLost ? /^no record of a successful run \(.+\)$/ : /^satisfied \(.+\); inputs unchanged since /;
+  expect(again.status.steps.length).toBeGreaterThanOrEqual(10);
+  for (const step of again.status.steps) {
+    expect(step.state, `${step.name}: ${step.message}`).toBe("unchanged");
+    expect(step.message, step.name).toMatch(why);
+  }
+  // the host's own record of the run (its event spool) says the same
+  const run = runTimings(newestRunEvents(host, prov.config.bootstrap_dir));
+  expect(run.run_id).toBe(again.status.run_id);
+  expect(run.ok).toBe(true);
+  expect(Object.fromEntries(run.steps.map((s) => [s.name, s.outcome]))).toEqual(Object.fromEntries(again.status.steps.map((s) => [s.name, s.state])));
   await expectTokenNowhere(again);
 }

@@ -1,6 +1,5 @@
 /**
- * The benchmark's math on hand-made step timings: critical path, engine
- * overhead, milestones, throughput from byte samples, medians, and the
+ * The benchmark's math on hand-made step timings: engine overhead, milestones, throughput from byte samples, medians, and the
  * report writer (JSON, Markdown, SVG) on a synthetic run. No host needed.
  */
 import { execFileSync } from "node:child_process";
@@ -13,7 +12,7 @@ import {
   criticalPath,
   downloadThroughput,
   engineOverheadSeconds,
-  engineRunFromState,
+  engineRunFromEvents,
   extractionRate,
   extractions,
   logRecords,
@@ -42,23 +41,13 @@ const DIAMOND: StepTiming[] = [
 ];
 
 function engine(steps: StepTiming[], wall: number): EngineRun {
-  return { run_id: "r1", ok: true, status: "done", wall_s: wall, jobs: 4, steps };
+  return { run_id: "r1", ok: true, status: "done", wall_s: wall, parallel: true, steps };
 }
 
 describe("critical path", () => {
-  it("is the chain with the largest total duration, following deps", () => {
+  // Its cases are the shared vectors (project-host-bootstrap/fixtures/critical-path); here only that the bench uses it.
+  it("is the package's one definition, on step timings", () => {
     expect(criticalPath(DIAMOND)).toEqual({ path: ["a", "e"], seconds: 10 });
-    const slowD = DIAMOND.map((s) => (s.name === "d" ? step("d", ["b", "c"], 6, 12) : s));
-    expect(criticalPath(slowD)).toEqual({ path: ["a", "b", "d"], seconds: 12 });
-  });
-
-  it("ignores deps that were not recorded and is empty for no steps", () => {
-    expect(criticalPath([step("x", ["gone"], 0, 2)])).toEqual({ path: ["x"], seconds: 2 });
-    expect(criticalPath([])).toEqual({ path: [], seconds: 0 });
-  });
-
-  it("refuses a cycle instead of recursing forever", () => {
-    expect(() => criticalPath([step("p", ["q"], 0, 1), step("q", ["p"], 1, 2)])).toThrow(/cycle/);
   });
 });
 
@@ -106,45 +95,50 @@ describe("throughput from byte samples", () => {
   });
 });
 
-describe("state.json and the log", () => {
-  const state = {
-    last_run: {
-      run_id: "run-1",
-      ok: true,
-      status: "done",
-      wall_s: 12.5,
-      jobs: 15,
-      steps: {
-        install_project: { deps: ["download_project"], start_s: 9, end_s: 12, duration_s: 3, outcome: "changed" },
-        download_project: { deps: [], start_s: 0.1, end_s: 9, duration_s: 8.9, outcome: "changed" },
-        apt: { deps: [], start_s: 0.1, end_s: 2, duration_s: 1.9, outcome: "unchanged" },
-      },
-    },
-  };
+describe("the run's events and the log", () => {
+  const RUN = "run-00000001";
+  const ev = (seq: number, ts: number, type: string, fields: Record<string, unknown> = {}) => JSON.stringify({ run_id: RUN, seq, ts, type, ...fields });
+  const plan = [
+    { name: "apt", deps: [], weight: 60 },
+    { name: "download_project", deps: [], weight: 15 },
+    { name: "install_project", deps: ["download_project"], weight: 5 },
+  ];
+  const spool = [
+    ev(0, 100, "run_start", { version: "0.3.0", parallel: true, steps: plan }),
+    ev(1, 100.1, "step_start", { step: "apt" }),
+    ev(2, 100.1, "step_start", { step: "download_project" }),
+    ev(3, 102, "step_end", { step: "apt", outcome: "unchanged", duration_s: 1.9 }),
+    ev(4, 109, "step_end", { step: "download_project", outcome: "changed", duration_s: 8.9 }),
+    ev(5, 109, "step_start", { step: "install_project" }),
+    ev(6, 112, "step_end", { step: "install_project", outcome: "changed", duration_s: 3 }),
+    ev(7, 112.5, "run_end", { ok: true, wall_s: 12.5 }),
+  ];
 
-  it("reads the last run, steps sorted by start", () => {
-    const run = engineRunFromState(state);
-    expect(run.wall_s).toBe(12.5);
+  it("reads the run from its event spool, steps sorted by start", () => {
+    const run = engineRunFromEvents(spool);
+    expect(run).toMatchObject({ run_id: RUN, ok: true, status: "done", wall_s: 12.5, parallel: true });
     expect(run.steps.map((s) => s.name)).toEqual(["apt", "download_project", "install_project"]);
-    expect(() => engineRunFromState({})).toThrow(/last_run/);
+    expect(run.steps[2]).toEqual({ name: "install_project", deps: ["download_project"], start_s: 9, end_s: 12, duration_s: 3, outcome: "changed" });
+    expect(engineRunFromEvents(spool.slice(0, 5)).status).toBe("interrupted");
+    expect(() => engineRunFromEvents([])).toThrow(/run_start/);
   });
 
   it("takes this run's records, extraction times and apt commands from the log", () => {
     const log = [
       JSON.stringify({ run_id: "old", message: "installed project 0.9 in 99.0s" }),
-      JSON.stringify({ run_id: "run-1", step: "install_project", message: "installed project 1.0.0 in 2.0s" }),
-      JSON.stringify({ run_id: "run-1", event: "command", argv: ["sudo", "apt-get", "-y", "update"], duration_s: 4.5 }),
-      JSON.stringify({ run_id: "run-1", event: "command", argv: ["apt-get", "-y", "install", "vim"], duration_s: 20 }),
-      '{"run_id": "run-1", "cut off by a ki',
+      JSON.stringify({ run_id: RUN, step: "install_project", message: "installed project 1.0.0 in 2.0s" }),
+      JSON.stringify({ run_id: RUN, event: "command", argv: ["sudo", "apt-get", "-y", "update"], duration_s: 4.5 }),
+      JSON.stringify({ run_id: RUN, event: "command", argv: ["apt-get", "-y", "install", "vim"], duration_s: 20 }),
+      `{"run_id": "${RUN}", "cut off by a ki`,
     ].join("\n");
-    const records = logRecords(log, "run-1");
+    const records = logRecords(log, RUN);
     expect(records).toHaveLength(3);
-    const ex = extractions(engineRunFromState(state), records, { project: 100e6, tools: 5e6 });
+    const ex = extractions(engineRunFromEvents(spool), records, { project: 100e6, tools: 5e6 });
     expect(ex).toEqual([{ artifact: "project", archive_bytes: 100e6, seconds: 2, mb_per_s: 50 }]);
     expect(extractionRate(ex)).toBeCloseTo(50);
     expect(aptCommands(records)).toEqual({ update_s: 4.5, install_s: 20 });
     // Without the log line, the install step's whole duration counts.
-    expect(extractions(engineRunFromState(state), [], { project: 30e6 })[0]!.seconds).toBe(3);
+    expect(extractions(engineRunFromEvents(spool), [], { project: 30e6 })[0]!.seconds).toBe(3);
   });
 });
 

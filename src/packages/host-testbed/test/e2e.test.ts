@@ -8,8 +8,9 @@
  * Needs root (debootstrap, nspawn, loop devices). Without root the suite
  * fails with the reason; SKIP_E2E=1 skips it and says why.
  *
- * Cost: the cold bootstrap runs once on host A, which the re-run and reboot
- * checks reuse; serial mode and the wrong checksum each get a fresh host.
+ * Cost: the cold bootstrap runs once on host A, which the re-run (also with
+ * state.json removed) and reboot checks reuse; serial mode and the wrong
+ * checksum each get a fresh host.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { watchArgv } from "../src/argv-watch.js";
@@ -101,6 +102,20 @@ describe.skipIf(skip)("bootstrap on a throwaway host", () => {
     const again = await bootstrapObserved(bed, a.host, a.prov, "rerun");
     await expectRerunChangedNothing(a, again, before, bed.artifactServer.requests.slice(requestsBefore).map((r) => r.path));
     timings.rerun_s = again.run.wallMs / 1000;
+  });
+
+  it("with state.json removed, a re-run applies every step to be sure and changes nothing", async () => {
+    const c = a.prov.config;
+    await a.host.sh(`rm ${c.bootstrap_dir}/state.json`);
+    const before = await daemonIdentity(a.host, a.prov);
+    const requestsBefore = bed.artifactServer.requests.length;
+    const again = await bootstrapObserved(bed, a.host, a.prov, "state_lost");
+    await expectRerunChangedNothing(a, again, before, bed.artifactServer.requests.slice(requestsBefore).map((r) => r.path), { stateLost: true });
+    // state.json is back, with a fingerprint for every step and nothing else
+    const state = JSON.parse(a.host.readFile(`${c.bootstrap_dir}/state.json`)) as { version: number; steps: Record<string, { fingerprint: string }> };
+    expect(Object.keys(state).sort()).toEqual(["steps", "version"]);
+    expect(Object.keys(state.steps).sort()).toEqual(again.status.steps.map((s) => s.name).sort());
+    timings.state_lost_rerun_s = again.run.wallMs / 1000;
   });
 
   it("after a reboot /btrfs is back from fstab and the service is active", async () => {

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import enum
 import fcntl
 import graphlib
 import grp
@@ -396,6 +397,295 @@ def active_log() -> Log:
 def set_active_log(log: Log) -> None:
     global _active_log
     _active_log = log
+
+
+# ============================================================================
+# events: The progress event contract (src/events.ts's twin): typed events to emit,
+# ============================================================================
+
+# Every event bootstrap.py sends is one of the dataclasses below, emitted
+# through an EventSink (engine.py); the spool adds the envelope (run_id,
+# seq, ts, type). check_event() is the zod schema's twin: the same verdict,
+# the same error paths and the same output (defaults filled in) for every
+# vector in fixtures/events/ (python/tests and test/events-conformance.test.ts).
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{7,63}")
+STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+MAX_SEQ = 1_000_000
+MAX_PLAN_STEPS = 128
+MAX_STEP_DEPS = 64
+
+
+class StrEnum(str, enum.Enum):
+    """enum.StrEnum for Python 3.10: members are their values as strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Outcome(StrEnum):
+    """How a step ended (STEP_OUTCOMES in src/events.ts)."""
+
+    CHANGED = "changed"  # check() found work, apply() ran, check() is now satisfied
+    UNCHANGED = "unchanged"  # nothing to do (skipped, or applied with nothing to change)
+    FAILED = "failed"
+    BLOCKED = "blocked"  # a dependency failed, or the run stopped first
+
+
+class EventType(StrEnum):
+    RUN_START = "run_start"
+    STEP_START = "step_start"
+    STEP_END = "step_end"
+    PROGRESS = "progress"
+    RUN_END = "run_end"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    name: str
+    deps: tuple[str, ...]
+    weight: float  # expected seconds, weights percent
+
+
+@dataclass(frozen=True)
+class RunStartEvent:
+    type: ClassVar[EventType] = EventType.RUN_START
+    version: str
+    parallel: bool
+    steps: tuple[StepInfo, ...]
+
+
+@dataclass(frozen=True)
+class StepStartEvent:
+    type: ClassVar[EventType] = EventType.STEP_START
+    step: str
+
+
+@dataclass(frozen=True)
+class StepEndEvent:
+    type: ClassVar[EventType] = EventType.STEP_END
+    step: str
+    outcome: Outcome
+    duration_s: float
+    message: str = ""
+    hint: str | None = None
+    log_tail: str | None = None
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    type: ClassVar[EventType] = EventType.PROGRESS
+    phase: str
+    percent: float
+
+
+@dataclass(frozen=True)
+class RunEndEvent:
+    type: ClassVar[EventType] = EventType.RUN_END
+    ok: bool
+    wall_s: float
+    failed_step: str | None = None
+    hint: str | None = None
+    log_tail: str | None = None
+
+
+Event = Union[RunStartEvent, StepStartEvent, StepEndEvent, ProgressEvent, RunEndEvent]  # noqa: UP007 - 3.10 runtime
+
+
+# -- the validator: zod's rules, paths and defaults -------------------------------------
+
+EventIssues = list[tuple[str, str]]  # (JSON path as in formatPath: $.steps[0].name, message)
+EventCheck = Callable[[Any, str, EventIssues], Any]  # returns the parsed value (valid only if no issue was added)
+_EV_ABSENT = object()
+
+
+def _ev_string(*, max_len: int | None = None, pattern: re.Pattern[str] | None = None) -> EventCheck:
+    def check(value: Any, path: str, issues: EventIssues) -> Any:
+        if not isinstance(value, str):
+            issues.append((path, "expected a string"))
+        elif pattern is not None and not pattern.fullmatch(value):
+            issues.append((path, f"must match {pattern.pattern}"))
+        elif max_len is not None and len(value) > max_len:  # code points, as zod counts
+            issues.append((path, f"at most {max_len} characters"))
+        return value
+
+    return check
+
+
+def _ev_number(*, minimum: float | None = None, maximum: float | None = None, integer: bool = False) -> EventCheck:
+    def check(value: Any, path: str, issues: EventIssues) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            issues.append((path, "expected a finite number"))
+        elif integer and value != int(value):
+            issues.append((path, "expected an integer"))
+        elif minimum is not None and value < minimum:
+            issues.append((path, f"must be >= {minimum}"))
+        elif maximum is not None and value > maximum:
+            issues.append((path, f"must be <= {maximum}"))
+        else:
+            return int(value) if integer else value
+        return value
+
+    return check
+
+
+def _ev_boolean(value: Any, path: str, issues: EventIssues) -> Any:
+    if not isinstance(value, bool):
+        issues.append((path, "expected true or false"))
+    return value
+
+
+def _ev_choice(enum_type: type[StrEnum]) -> EventCheck:
+    def check(value: Any, path: str, issues: EventIssues) -> Any:
+        if not isinstance(value, str) or value not in {m.value for m in enum_type}:
+            issues.append((path, f"one of {', '.join(m.value for m in enum_type)}"))
+        return value
+
+    return check
+
+
+def _ev_nullable(inner: EventCheck) -> EventCheck:
+    def check(value: Any, path: str, issues: EventIssues) -> Any:
+        return None if value is None else inner(value, path, issues)
+
+    return check
+
+
+def _ev_array(item: EventCheck, *, max_len: int) -> EventCheck:
+    def check(value: Any, path: str, issues: EventIssues) -> Any:
+        if not isinstance(value, list):
+            issues.append((path, "expected an array"))
+            return value
+        if len(value) > max_len:
+            issues.append((path, f"at most {max_len} items"))
+        return [item(v, f"{path}[{i}]", issues) for i, v in enumerate(value)]
+
+    return check
+
+
+EventField = tuple[EventCheck, Any]  # (check, default; _EV_ABSENT = required)
+
+
+def _ev_object(fields: Mapping[str, EventField]) -> EventCheck:
+    """z.strictObject: every field in order, then one issue for unknown keys."""
+
+    def check(value: Any, path: str, issues: EventIssues) -> Any:
+        if not isinstance(value, dict):
+            issues.append((path, "expected an object"))
+            return value
+        out: dict[str, Any] = {}
+        for key, (field_check, default) in fields.items():
+            if key in value:
+                out[key] = field_check(value[key], f"{path}.{key}", issues)
+            elif default is _EV_ABSENT:
+                issues.append((f"{path}.{key}", "required"))
+            else:
+                out[key] = default
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            issues.append((path, "unknown key(s): " + ", ".join(map(str, unknown))))
+        return out
+
+    return check
+
+
+_EV_TEXT = _ev_string(max_len=MAX_TEXT)
+_EV_STEP = _ev_string(pattern=STEP_NAME_RE)
+_EV_REQUIRED: Any = _EV_ABSENT
+_EV_ENVELOPE: dict[str, EventField] = {
+    "run_id": (_ev_string(pattern=RUN_ID_RE), _EV_REQUIRED),
+    "seq": (_ev_number(minimum=0, maximum=MAX_SEQ, integer=True), _EV_REQUIRED),
+    "ts": (_ev_number(minimum=0), _EV_REQUIRED),
+}
+_EV_STEP_INFO = _ev_object(
+    {
+        "name": (_EV_STEP, _EV_REQUIRED),
+        "deps": (_ev_array(_EV_STEP, max_len=MAX_STEP_DEPS), _EV_REQUIRED),
+        "weight": (_ev_number(minimum=0), _EV_REQUIRED),
+    }
+)
+_EV_FIELDS: dict[EventType, dict[str, EventField]] = {
+    EventType.RUN_START: {
+        "version": (_ev_string(max_len=64), _EV_REQUIRED),
+        "parallel": (_ev_boolean, _EV_REQUIRED),
+        "steps": (_ev_array(_EV_STEP_INFO, max_len=MAX_PLAN_STEPS), _EV_REQUIRED),
+    },
+    EventType.STEP_START: {"step": (_EV_STEP, _EV_REQUIRED)},
+    EventType.STEP_END: {
+        "step": (_EV_STEP, _EV_REQUIRED),
+        "outcome": (_ev_choice(Outcome), _EV_REQUIRED),
+        "duration_s": (_ev_number(minimum=0), _EV_REQUIRED),
+        "message": (_EV_TEXT, ""),
+        "hint": (_ev_nullable(_EV_TEXT), None),
+        "log_tail": (_ev_nullable(_EV_TEXT), None),
+    },
+    EventType.PROGRESS: {
+        "phase": (_ev_string(max_len=128), _EV_REQUIRED),
+        "percent": (_ev_number(minimum=0, maximum=100), _EV_REQUIRED),
+    },
+    EventType.RUN_END: {
+        "ok": (_ev_boolean, _EV_REQUIRED),
+        "wall_s": (_ev_number(minimum=0), _EV_REQUIRED),
+        "failed_step": (_ev_nullable(_EV_STEP), None),
+        "hint": (_ev_nullable(_EV_TEXT), None),
+        "log_tail": (_ev_nullable(_EV_TEXT), None),
+    },
+}
+_EV_CHECKS: dict[str, EventCheck] = {
+    t.value: _ev_object({**_EV_ENVELOPE, "type": (_ev_string(), _EV_REQUIRED), **fields})
+    for t, fields in _EV_FIELDS.items()
+}
+
+
+class EventError(ValueError):
+    """An event that does not fit the contract; issues are (path, message)."""
+
+    def __init__(self, issues: EventIssues) -> None:
+        super().__init__("; ".join(f"{p}: {m}" for p, m in issues))
+        self.issues = issues
+
+
+def check_event(data: Any) -> dict[str, Any]:
+    """One event as the hub's zod schema parses it: the event with defaults
+    filled in, or EventError with every issue (zod's paths)."""
+    if not isinstance(data, dict):
+        raise EventError([("$", "expected an object")])
+    check = _EV_CHECKS.get(data["type"]) if isinstance(data.get("type"), str) else None
+    if check is None:
+        raise EventError([("$.type", f"one of {', '.join(t.value for t in EventType)}")])
+    issues: EventIssues = []
+    out = check(data, "$", issues)
+    if issues:
+        raise EventError(issues)
+    return dict(out)
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """An event's own fields as JSON (without the envelope)."""
+    if isinstance(event, RunStartEvent):
+        steps = [{"name": s.name, "deps": list(s.deps), "weight": s.weight} for s in event.steps]
+        return {"version": event.version, "parallel": event.parallel, "steps": steps}
+    return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in vars(event).items()}
+
+
+def parse_events(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """The valid events of a spool file's lines, in order; stops at the
+    first line that is not JSON (the torn last line of a killed run) and
+    leaves out lines that break the contract."""
+    events: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            break
+        try:
+            events.append(check_event(data))
+        except EventError:
+            continue
+    return events
 
 
 # ============================================================================
@@ -1659,8 +1949,10 @@ class Context:
 
 class Step:
     """A unit of the bootstrap: check() reads the real state (read-only);
-    apply() runs only when check() found work. inputs() is fingerprinted
-    into state.json so a changed input re-runs the step."""
+    apply() runs when check() found work (or the step has no record of a
+    successful run), and check() runs again after it: the step succeeds only
+    if it is then satisfied. inputs() is fingerprinted into state.json so a
+    changed input re-runs the step."""
 
     name: ClassVar[str]
     deps: ClassVar[tuple[str, ...]] = ()
@@ -1678,7 +1970,9 @@ class Step:
         return {}
 
     def check(self) -> StepState:
-        return StepState(False, "no check; always applies")
+        """Every step has its own: the engine re-runs it after apply() to
+        verify the step did its job (the plan refuses a step without one)."""
+        raise NotImplementedError(f"step {self.name} has no check()")
 
     def apply(self) -> None:
         pass
@@ -3637,11 +3931,20 @@ STEPS: tuple[type[Step], ...] = (
 # applies. Applying a step first erases the records of all its dependents
 # (transitively), so they re-apply too, in this run, or in the next one if
 # this one is killed in between: "a step whose dependency changed re-runs".
+#
+# The engine does not take apply()'s word for it: check() runs again after
+# apply(), and a step that is still unsatisfied fails ("applied, but ..."
+# with the check's finding). A step is "changed" only when the first check
+# found work and the second finds none; applied with nothing to do (no
+# record, e.g. state.json was lost, or new inputs the check already meets)
+# it is "unchanged".
+#
+# The record of what happened is the event stream (the spool, reporting.py):
+# state.json holds only what the next run needs.
 
 STATE_FILE_NAME = "state.json"
 LOCK_FILE_NAME = "bootstrap.lock"
 EVENTS_DIR_NAME = "events"
-STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # as src/events.ts
 MAX_JOBS = 16
 
 
@@ -3651,6 +3954,10 @@ class PlanError(BootstrapError):
 
 class LockedError(BootstrapError):
     exit_code = EXIT_LOCKED
+
+
+class StepNotConverged(BootstrapError):
+    """apply() returned, but check() still finds work: the step failed."""
 
 
 class StepFailed(BootstrapError):
@@ -3685,6 +3992,8 @@ class Plan:
                 raise PlanError(f"step {cls.__name__} has an invalid name {name!r}", hint=PLAN_HINT)
             if name in self.classes:
                 raise PlanError(f"two steps are named {name!r}", hint=PLAN_HINT)
+            if cls.check is Step.check:
+                raise PlanError(f"step {name} has no check(): the engine verifies every apply()", hint=PLAN_HINT)
             self.classes[name] = cls
         for name, cls in self.classes.items():
             unknown = [d for d in cls.deps if d not in self.classes]
@@ -3764,18 +4073,21 @@ def _canonical(value: Any) -> Any:
 
 
 class StateStore:
-    """state.json: one record per step that last applied successfully, and
-    a summary of the last run (for status and timings). Read-only unless
-    writable (the `plan` command writes nothing)."""
+    """state.json: what the next run needs and nothing more: for each step
+    that last applied successfully, the fingerprint of its inputs, when, and
+    how long apply() took (it weights the next run's percent). What a run
+    did is in its events (reporting.py). Read-only unless writable (the
+    `plan` command writes nothing)."""
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, path: Path, *, writable: bool = True) -> None:
         self.path = path
         self.writable = writable
         self._lock = threading.RLock()
-        self.data: dict[str, Any] = {"version": self.VERSION, "steps": {}, "last_run": None}
+        self.data: dict[str, Any] = {"version": self.VERSION, "steps": {}}
         self.problem: str | None = None
+        self._unsynced = False  # saved without fsync since the last durable save
         try:
             loaded = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -3785,48 +4097,29 @@ class StateStore:
             self.problem = f"ignoring unreadable {path}: {e}"
             return
         if isinstance(loaded, dict) and isinstance(loaded.get("steps"), dict):
-            self.data.update(loaded)
+            self.data["steps"] = loaded["steps"]  # version 1 also had last_run: dropped
         else:
             self.problem = f"ignoring {path}: not a state file"
-
-    @property
-    def last_run(self) -> dict[str, Any] | None:
-        run = self.data.get("last_run")
-        return run if isinstance(run, dict) else None
 
     def step_record(self, name: str) -> dict[str, Any] | None:
         record = self.data["steps"].get(name)
         return record if isinstance(record, dict) else None
 
-    def record_step(self, name: str, fp: str, duration_s: float, outcome: str) -> None:
-        """Saved with the step's end (update_run_step): a record lost to a
-        crash in between only costs a re-apply."""
+    def record_step(self, name: str, fp: str, duration_s: float) -> None:
+        """Saved at once but not fsync'd: a record lost to a crash only costs a re-apply."""
         with self._lock:
             self.data["steps"][name] = {
                 "fingerprint": fp,
                 "finished_at": utc_timestamp(),
                 "duration_s": round(duration_s, 3),
-                "outcome": outcome,
             }
+            self.save()
 
     def forget(self, names: Iterable[str]) -> None:
         with self._lock:
             gone = [n for n in names if self.data["steps"].pop(n, None) is not None]
             if gone:
                 self.save(durable=True)  # before apply() changes anything
-
-    def update_run(self, *, durable: bool = False, **fields: Any) -> None:
-        with self._lock:
-            run = self.data["last_run"] = self.last_run or {}
-            run.update(fields)
-            self.save(durable=durable)
-
-    def update_run_step(self, name: str, *, running: Sequence[str], **fields: Any) -> None:
-        with self._lock:
-            run = self.data["last_run"] = self.last_run or {}
-            run["running"] = list(running)
-            run.setdefault("steps", {}).setdefault(name, {}).update(fields)
-            self.save()
 
     def save(self, *, durable: bool = False) -> None:
         """Always atomic (a kill never leaves half a file); fsync'd only when
@@ -3836,6 +4129,13 @@ class StateStore:
         with self._lock:
             text = json.dumps(self.data, indent=1, sort_keys=True) + "\n"
             atomic_write_text(self.path, text, durable=durable)
+            self._unsynced = not durable
+
+    def sync(self) -> None:
+        """At the end of a run: make the records durable, if any changed (a warm run writes nothing)."""
+        with self._lock:
+            if self._unsynced:
+                self.save(durable=True)
 
 
 class RunLock:
@@ -3917,7 +4217,7 @@ class StepRun:
     """One step's fate in this run; times are seconds since the run started."""
 
     name: str
-    outcome: str = "pending"  # then changed | unchanged | failed | blocked
+    outcome: Outcome | None = None  # None: pending
     start_s: float | None = None
     end_s: float | None = None
     message: str = ""
@@ -3952,7 +4252,7 @@ class Progress:
 class EventSink:
     """Where progress events go; the base class drops them (tests, `plan`)."""
 
-    def emit(self, type_: str, **fields: Any) -> None:
+    def emit(self, event: Event) -> None:
         pass
 
 
@@ -3982,15 +4282,13 @@ class Runner:
         self.t0 = time.monotonic()
         names = self.plan.names()
         self.events.emit(
-            "run_start",
-            version=__version__,
-            parallel=self.jobs > 1,
-            steps=[
-                {"name": n, "deps": list(self.plan.deps(n)), "weight": round(self.progress.weights[n], 3)}
-                for n in names
-            ],
+            RunStartEvent(
+                version=__version__,
+                parallel=self.jobs > 1,
+                steps=tuple(StepInfo(n, self.plan.deps(n), round(self.progress.weights[n], 3)) for n in names),
+            )
         )
-        self.events.emit("progress", phase="starting", percent=0.0)
+        self.events.emit(ProgressEvent(phase="starting", percent=0.0))
         failed = self._execute()
         self._mark_blocked(failed)
         if failed is not None:
@@ -4031,18 +4329,18 @@ class Runner:
     def _mark_blocked(self, failed: str | None) -> None:
         for name in self.plan.names():
             step = self.steps[name]
-            if step.outcome != "pending":
+            if step.outcome is not None:
                 continue
-            blockers = [d for d in self._ancestors(name) if self.steps[d].outcome == "failed"]
-            step.outcome = "blocked"
+            blockers = [d for d in self._ancestors(name) if self.steps[d].outcome is Outcome.FAILED]
+            step.outcome = Outcome.BLOCKED
             step.message = (
                 f"blocked: {', '.join(sorted(blockers))} failed"
                 if blockers
                 else f"not started: the run stopped after {failed} failed"
             )
             step.start_s = step.end_s = self._now()
-            self.events.emit("step_end", step=name, outcome="blocked", duration_s=0.0, message=step.message)
-            self.log.step_finished(name, "blocked", 0.0, self.progress.percent(), step.message)
+            self.events.emit(StepEndEvent(step=name, outcome=Outcome.BLOCKED, duration_s=0.0, message=step.message))
+            self.log.step_finished(name, Outcome.BLOCKED, 0.0, self.progress.percent(), step.message)
 
     def _ancestors(self, name: str) -> set[str]:
         found: set[str] = set()
@@ -4066,15 +4364,14 @@ class Runner:
         cls = self.plan.classes[name]
         with self._lock:
             self._running.add(name)
-        self.state.update_run(running=sorted(self._running))
-        self.events.emit("step_start", step=name)
-        self.events.emit("progress", phase=cls.phase, percent=self.progress.percent())
+        self.events.emit(StepStartEvent(step=name))
+        self.events.emit(ProgressEvent(phase=cls.phase, percent=self.progress.percent()))
         self.log.step_started(name, self.progress.percent())
         self.log.progress(self.progress.percent(), sorted(self._running))
         try:
             record.outcome, record.message = self._converge(cls(self.ctx))
         except Exception as e:
-            record.outcome = "failed"
+            record.outcome = Outcome.FAILED
             record.error = e
             text = str(e) if isinstance(e, BootstrapError) else f"{type(e).__name__}: {e}"
             record.message = REDACTOR(text)
@@ -4083,45 +4380,38 @@ class Runner:
             self.log.debug("step failed", event="traceback", traceback=traceback.format_exc())
         record.end_s = self._now()
         duration = record.end_s - record.start_s
-        if record.outcome != "failed":
+        if record.outcome is not Outcome.FAILED:
             self.progress.finish(name)
         with self._lock:
             self._running.discard(name)
-        self.state.update_run_step(
-            name,
-            running=sorted(self._running),
-            deps=list(self.plan.deps(name)),
-            start_s=record.start_s,
-            end_s=record.end_s,
-            duration_s=round(duration, 3),
-            outcome=record.outcome,
-        )
+        assert record.outcome is not None
         self.events.emit(
-            "step_end",
-            step=name,
-            outcome=record.outcome,
-            duration_s=round(duration, 3),
-            message=record.message,
-            hint=record.hint,
-            log_tail=record.log_tail,
+            StepEndEvent(
+                step=name,
+                outcome=record.outcome,
+                duration_s=round(duration, 3),
+                message=record.message,
+                hint=record.hint,
+                log_tail=record.log_tail,
+            )
         )
-        self.events.emit("progress", phase=cls.phase, percent=self.progress.percent())
+        self.events.emit(ProgressEvent(phase=cls.phase, percent=self.progress.percent()))
         percent = self.progress.percent()
         self.log.step_finished(
             name, record.outcome, duration, percent, record.message, hint=record.hint, tail=record.log_tail
         )
         self.log.progress(self.progress.percent(), sorted(self._running))
-        return record.outcome != "failed"
+        return record.outcome is not Outcome.FAILED
 
-    def _converge(self, step: Step) -> tuple[str, str]:
-        """Skip, or apply; returns (outcome, why)."""
+    def _converge(self, step: Step) -> tuple[Outcome, str]:
+        """Skip, or apply and check again; returns (outcome, why)."""
         fp = fingerprint(step)
         record = self.state.step_record(step.name)
         found = step.check()
         if record is not None and record.get("fingerprint") == fp and found.satisfied:
             why = f"satisfied ({found.detail}); inputs unchanged since {record.get('finished_at')}"
             self.log.info(f"skipped: {why}", event="skip")
-            return "unchanged", why
+            return Outcome.UNCHANGED, why
         if not found.satisfied:
             why = f"needs work: {found.detail}"
         elif record is None:
@@ -4133,8 +4423,16 @@ class Runner:
         self.state.forget([step.name, *self.plan.dependents(step.name)])
         start = time.monotonic()
         step.apply()
-        self.state.record_step(step.name, fp, time.monotonic() - start, "changed")
-        return "changed", why
+        took = time.monotonic() - start
+        after = step.check()
+        if not after.satisfied:
+            raise StepNotConverged(f"applied, but {after.detail}", hint=type(step).hint)
+        self.state.record_step(step.name, fp, took)
+        if found.satisfied:
+            self.log.info(f"applied; nothing needed changing ({after.detail})", event="verified")
+            return Outcome.UNCHANGED, why
+        self.log.info(f"applied and verified: {after.detail}", event="verified")
+        return Outcome.CHANGED, why
 
 
 def default_jobs(plan: Plan, config: Config) -> int:
@@ -4214,13 +4512,13 @@ class EventSpool(EventSink):
         self._seq = 0
         self.changed = threading.Condition()  # the sender waits on it
 
-    def emit(self, type_: str, **fields: Any) -> None:
+    def emit(self, event: Event) -> None:
         with self.changed:
-            event: dict[str, Any] = {"run_id": self.run_id, "seq": self._seq, "ts": time.time(), "type": type_}
-            for key, value in fields.items():
-                event[key] = clip(REDACTOR(value)) if isinstance(value, str) else REDACTOR.deep(value)
+            line: dict[str, Any] = {"run_id": self.run_id, "seq": self._seq, "ts": time.time(), "type": str(event.type)}
+            for key, value in event_fields(event).items():
+                line[key] = clip(REDACTOR(value)) if isinstance(value, str) else REDACTOR.deep(value)
             # One line per event, flushed: a killed run leaves at most a torn last line.
-            self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
             self._file.flush()
             self._seq += 1
             self.changed.notify_all()
@@ -4391,43 +4689,107 @@ def batch_prefix(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return events[:EVENT_BATCH_MAX]
 
 
-# -- status and timings --------------------------------------------------------
+# -- status and timings: read back from the newest run's spool ----------------
 
 STATUS_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_FAILED, "running": 2, "not started": 2}
 
 
+def events_dir(config: Config) -> Path:
+    return Path(config.bootstrap_dir) / EVENTS_DIR_NAME
+
+
+def last_run_events(config: Config) -> list[dict[str, Any]]:
+    """The events of the newest run (run ids sort by start time). The sender
+    deletes a run's spool only once it is delivered and a newer run exists."""
+    try:
+        newest = max(events_dir(config).glob("*.jsonl"), default=None)
+        if newest is None:
+            return []
+        return parse_events(newest.read_text(encoding="utf-8").splitlines())
+    except OSError:
+        return []
+
+
+@dataclass
+class RunRecord:
+    """One run folded from its events; times are seconds since run_start."""
+
+    run_id: str
+    parallel: bool
+    started_ts: float
+    last_ts: float
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan order
+    end: dict[str, Any] | None = None  # the run_end event
+
+    @property
+    def running(self) -> list[str]:
+        return sorted(n for n, s in self.steps.items() if s["start_s"] is not None and s["outcome"] is None)
+
+    @property
+    def wall_s(self) -> float:
+        return float(self.end["wall_s"]) if self.end else round(self.last_ts - self.started_ts, 3)
+
+    def failed(self) -> tuple[str, dict[str, Any]] | None:
+        return next(((n, s) for n, s in self.steps.items() if s["outcome"] == Outcome.FAILED), None)
+
+
+def fold_run(events: list[dict[str, Any]]) -> RunRecord | None:
+    """The run of these events (one run's, from run_start on); None without a run_start."""
+    if not events or events[0]["type"] != EventType.RUN_START:
+        return None
+    first = events[0]
+    run = RunRecord(first["run_id"], first["parallel"], started_ts=first["ts"], last_ts=first["ts"])
+    for info in first["steps"]:
+        run.steps[info["name"]] = {"deps": info["deps"], "start_s": None, "end_s": None, "duration_s": None,
+                                   "outcome": None, "message": "", "hint": None, "log_tail": None}  # fmt: skip
+    for event in events[1:]:
+        run.last_ts = max(run.last_ts, event["ts"])
+        at = round(event["ts"] - run.started_ts, 3)
+        step = run.steps.get(event.get("step", ""))
+        if event["type"] == EventType.STEP_START and step is not None:
+            step["start_s"] = at
+        elif event["type"] == EventType.STEP_END and step is not None:
+            step.update({k: event[k] for k in ("outcome", "duration_s", "message", "hint", "log_tail")}, end_s=at)
+            if step["start_s"] is None:  # blocked: never started
+                step["start_s"] = round(at - event["duration_s"], 3)
+        elif event["type"] == EventType.RUN_END:
+            run.end = event
+    return run
+
+
 def run_status(config: Config) -> dict[str, Any]:
-    """The last or current run, from state.json, the lock and .bootstrap_done."""
-    state = StateStore(state_path(config), writable=False)
-    run = state.last_run or {}
+    """The last or current run, from its events, the lock and .bootstrap_done."""
+    run = fold_run(last_run_events(config))
     done = done_marker(config).exists()
     if lock_is_held(lock_path(config)):
         status = "running"
-    elif not run:
+    elif run is None:
         status = "done" if done else "not started"
-    elif run.get("status") in ("running", "interrupted"):
-        status = "interrupted"  # killed (state still says running, nobody holds the lock) or stopped
-    elif run.get("ok") is False:
+    elif run.end is None or (not run.end["ok"] and run.end["failed_step"] is None):
+        status = "interrupted"  # killed (no run_end, nobody holds the lock) or stopped
+    elif not run.end["ok"]:
         status = "failed"
     else:
         status = "done" if done else "not started"
+    failed = run.failed() if run else None
+    end = (run.end if run else None) or {}
     report: dict[str, Any] = {
         "status": status,
         "exit_code": STATUS_EXIT[status],
         "done_marker": done,
-        "run_id": run.get("run_id"),
-        "started_at": run.get("started_at"),
-        "finished_at": run.get("finished_at"),
-        "wall_s": run.get("wall_s"),
-        "running": run.get("running", []) if status == "running" else [],
-        "failed_step": run.get("failed_step"),
-        "message": run.get("message"),
-        "hint": run.get("hint"),
-        "log_tail": run.get("log_tail"),
+        "run_id": run.run_id if run else None,
+        "started_at": utc_timestamp(run.started_ts) if run else None,
+        "finished_at": utc_timestamp(end["ts"]) if end else None,
+        "wall_s": end.get("wall_s"),
+        "running": run.running if run and status == "running" else [],
+        "failed_step": end.get("failed_step"),
+        "message": failed[1]["message"] if failed else None,
+        "hint": end.get("hint") or (failed[1]["hint"] if failed else None),
+        "log_tail": end.get("log_tail") or (failed[1]["log_tail"] if failed else None),
     }
     if status == "interrupted":
         report["hint"] = "The last run was killed or crashed; run bootstrap.py again, it resumes."
-    elif status == "not started" and run.get("ok"):
+    elif status == "not started" and run is not None and run.end is not None:
         report["hint"] = "The last run was partial (--only/--skip); run the whole plan to finish."
     return report
 
@@ -4450,39 +4812,48 @@ def format_status(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def critical_path(steps: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], float]:
-    """The chain of dependent steps with the largest total duration."""
+def critical_path(steps: Sequence[Mapping[str, Any]]) -> tuple[list[str], float]:
+    """The chain of dependent steps with the largest total duration_s: the
+    shortest wall time any scheduler could reach. Dependencies not among
+    `steps` are ignored; ties go to the step (and dependency) listed first.
+    The one definition: fixtures/critical-path/ holds the vectors that this
+    and criticalPath() in src/timings.ts must both pass."""
+    by_name = {str(s["name"]): s for s in steps}
     best: dict[str, tuple[float, list[str]]] = {}
+    visiting: set[str] = set()
 
     def longest(name: str) -> tuple[float, list[str]]:
-        if name not in best:
-            info = steps[name]
-            chains = [longest(d) for d in info.get("deps", []) if d in steps]
-            base = max(chains, key=lambda c: c[0], default=(0.0, []))
-            best[name] = (base[0] + float(info.get("duration_s") or 0.0), [*base[1], name])
+        if name in best:
+            return best[name]
+        if name in visiting:
+            raise ValueError(f"dependency cycle through {name}")
+        visiting.add(name)
+        chains = [longest(d) for d in by_name[name].get("deps", []) if d in by_name]
+        base = max(chains, key=lambda c: c[0], default=(0.0, []))
+        visiting.discard(name)
+        best[name] = (base[0] + float(by_name[name].get("duration_s") or 0.0), [*base[1], name])
         return best[name]
 
-    chains = [longest(n) for n in steps]
-    total, path = max(chains, key=lambda c: c[0], default=(0.0, []))
+    total, path = max((longest(n) for n in by_name), key=lambda c: c[0], default=(0.0, []))
     return path, total
 
 
-def format_timings(state: StateStore) -> str:
-    run = state.last_run
-    if not run or not run.get("steps"):
+def format_timings(config: Config) -> str:
+    run = fold_run(last_run_events(config))
+    if run is None or not any(s["outcome"] for s in run.steps.values()):
         raise BootstrapError("no timings yet", hint="Run the bootstrap first; timings come from its last run.")
-    steps: dict[str, dict[str, Any]] = run["steps"]
-    wall = float(run.get("wall_s") or max((s.get("end_s") or 0.0) for s in steps.values()) or 0.0)
-    lines = [f"run {run.get('run_id')} ({run.get('status')}), wall time {wall:.2f}s", ""]
-    ranked = sorted(steps.items(), key=lambda kv: -float(kv[1].get("duration_s") or 0.0))
+    steps = {n: s for n, s in run.steps.items() if s["outcome"] is not None}
+    status = "running" if run.end is None else ("done" if run.end["ok"] else "failed")
+    lines = [f"run {run.run_id} ({status}), wall time {run.wall_s:.2f}s", ""]
+    ranked = sorted(steps.items(), key=lambda kv: -float(kv[1]["duration_s"]))
     width = max(len(name) for name in steps)
     for name, info in ranked:
         lines.append(
-            f"  {float(info.get('duration_s') or 0.0):8.2f}s  {name:<{width}}  {info.get('outcome', '?'):<9}"
-            f"  start +{float(info.get('start_s') or 0.0):.2f}s"
+            f"  {float(info['duration_s']):8.2f}s  {name:<{width}}  {info['outcome']:<9}"
+            f"  start +{float(info['start_s']):.2f}s"
         )
-    path, total = critical_path(steps)
-    share = 100.0 * total / wall if wall > 0 else 0.0
+    path, total = critical_path([{"name": n, **s} for n, s in steps.items()])
+    share = 100.0 * total / run.wall_s if run.wall_s > 0 else 0.0
     lines += ["", f"critical path ({total:.2f}s, {share:.0f}% of the wall time): {' -> '.join(path)}"]
     return "\n".join(lines)
 
@@ -4521,9 +4892,10 @@ exit codes of status (like cloud-init's):
   1    failed: the last run failed or was killed (see the hint)
   2    running, or not started (or only partly run with --only/--skip)
 
-files: <bootstrap_root>/logs/bootstrap.log (JSON lines), <bootstrap_dir>/state.json,
-<bootstrap_dir>/bootstrap.lock, <bootstrap_dir>/events/ (progress events not yet
-delivered to the hub).
+files: <bootstrap_root>/logs/bootstrap.log (JSON lines), <bootstrap_dir>/state.json
+(fingerprints for the next run), <bootstrap_dir>/bootstrap.lock,
+<bootstrap_dir>/events/ (the runs' progress events: what status and timings
+read, and what the hub is sent; a run's file goes once delivered and newer).
 """
 
 
@@ -4628,7 +5000,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_timings(args: argparse.Namespace) -> int:
     config = load_config(require_config_path(args))
-    print(format_timings(StateStore(state_path(config), writable=False)))
+    print(format_timings(config))
     return EXIT_OK
 
 
@@ -4665,11 +5037,6 @@ def run_with_reporting(
     if not sender.start():
         log.warn(f"no bootstrap token in {config.token_file}: progress events are spooled, not sent")
     runner = Runner(plan, Context(config, log), state=state, events=spool, jobs=jobs)
-    state.update_run(
-        run_id=run_id, pid=os.getpid(), version=__version__, status="running", ok=None, started_at=utc_timestamp(),
-        finished_at=None, wall_s=None, jobs=runner.jobs, running=[], steps={}, failed_step=None, message=None,
-        hint=None, log_tail=None,
-    )  # fmt: skip
     log.info(f"bootstrap {__version__} run {run_id}: {len(plan.names())} steps, {runner.jobs} at a time")
     failure: BootstrapError | None = None
     try:
@@ -4677,7 +5044,7 @@ def run_with_reporting(
     except StepFailed as e:
         failure = e
     except BaseException as e:
-        finish_run(state, spool, runner, ok=False, failed_step=None, error=e, status="interrupted")
+        finish_run(state, spool, runner, ok=False, failed_step=None, error=e)
         sender.close(min(flush_s, 2.0))
         raise
     failed_step = failure.step if isinstance(failure, StepFailed) else None
@@ -4698,26 +5065,15 @@ def finish_run(
     ok: bool,
     failed_step: str | None,
     error: BaseException | None,
-    status: str | None = None,
 ) -> None:
+    """The run's last events (ok, or failed at failed_step, or interrupted:
+    failed_step None); the state's fingerprints made durable."""
     wall = round(time.monotonic() - runner.t0, 3)
     hint = error.hint if isinstance(error, BootstrapError) else None
     tail = error.log_tail if isinstance(error, BootstrapError) else None
-    message = REDACTOR(str(error)) if error is not None else None
-    state.update_run(
-        durable=True,
-        status=status or ("done" if ok else "failed"),
-        ok=ok,
-        finished_at=utc_timestamp(),
-        wall_s=wall,
-        running=[],
-        failed_step=failed_step,
-        message=message,
-        hint=hint,
-        log_tail=tail,
-    )
-    spool.emit("progress", phase="done" if ok else "failed", percent=100.0 if ok else runner.progress.percent())
-    spool.emit("run_end", ok=ok, wall_s=wall, failed_step=failed_step, hint=hint, log_tail=tail)
+    state.sync()
+    spool.emit(ProgressEvent(phase="done" if ok else "failed", percent=100.0 if ok else runner.progress.percent()))
+    spool.emit(RunEndEvent(ok=ok, wall_s=wall, failed_step=failed_step, hint=hint, log_tail=tail))
 
 
 def report_error(error: BootstrapError, *, debug: bool) -> None:

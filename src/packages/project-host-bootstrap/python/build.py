@@ -36,6 +36,7 @@ OUTPUT = HERE / "bootstrap.py"
 MODULES = (
     "errors",
     "log",
+    "events",
     "commands",
     "config_rules",
     "config",

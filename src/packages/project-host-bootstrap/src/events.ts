@@ -17,7 +17,12 @@ export const MAX_EVENTS_PER_BATCH = 200;
 export const MAX_BATCH_BYTES = 1024 * 1024;
 export const MAX_TEXT = 8192;
 
-export const STEP_OUTCOMES = ["changed", "unchanged", "skipped", "failed", "blocked"] as const;
+/**
+ * How a step ended (bootstrap.py's `Outcome`): changed (its check found
+ * work, it applied, and its check is now satisfied), unchanged (nothing to
+ * do), failed, blocked (a dependency failed, or the run stopped first).
+ */
+export const STEP_OUTCOMES = ["changed", "unchanged", "failed", "blocked"] as const;
 export type StepOutcome = (typeof STEP_OUTCOMES)[number];
 
 const Text = z.string().max(MAX_TEXT);

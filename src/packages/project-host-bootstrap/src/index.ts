@@ -4,3 +4,4 @@ export * from "./builders.js";
 export * from "./stub.js";
 export * from "./asset.js";
 export * from "./userdata.js";
+export * from "./timings.js";

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import textwrap
@@ -43,8 +42,9 @@ from .errors import (
     __version__,
     _Missing,
 )
+from .events import ProgressEvent, RunEndEvent
 from .layout import read_token
-from .log import REDACTOR, Log, set_active_log, utc_timestamp
+from .log import REDACTOR, Log, set_active_log
 from .reporting import FLUSH_TIMEOUT_S, EventSender, EventSpool, format_status, format_timings, run_status
 from .step import Context, Step
 
@@ -77,9 +77,10 @@ exit codes of status (like cloud-init's):
   1    failed: the last run failed or was killed (see the hint)
   2    running, or not started (or only partly run with --only/--skip)
 
-files: <bootstrap_root>/logs/bootstrap.log (JSON lines), <bootstrap_dir>/state.json,
-<bootstrap_dir>/bootstrap.lock, <bootstrap_dir>/events/ (progress events not yet
-delivered to the hub).
+files: <bootstrap_root>/logs/bootstrap.log (JSON lines), <bootstrap_dir>/state.json
+(fingerprints for the next run), <bootstrap_dir>/bootstrap.lock,
+<bootstrap_dir>/events/ (the runs' progress events: what status and timings
+read, and what the hub is sent; a run's file goes once delivered and newer).
 """
 
 
@@ -184,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_timings(args: argparse.Namespace) -> int:
     config = load_config(require_config_path(args))
-    print(format_timings(StateStore(state_path(config), writable=False)))
+    print(format_timings(config))
     return EXIT_OK
 
 
@@ -221,11 +222,6 @@ def run_with_reporting(
     if not sender.start():
         log.warn(f"no bootstrap token in {config.token_file}: progress events are spooled, not sent")
     runner = Runner(plan, Context(config, log), state=state, events=spool, jobs=jobs)
-    state.update_run(
-        run_id=run_id, pid=os.getpid(), version=__version__, status="running", ok=None, started_at=utc_timestamp(),
-        finished_at=None, wall_s=None, jobs=runner.jobs, running=[], steps={}, failed_step=None, message=None,
-        hint=None, log_tail=None,
-    )  # fmt: skip
     log.info(f"bootstrap {__version__} run {run_id}: {len(plan.names())} steps, {runner.jobs} at a time")
     failure: BootstrapError | None = None
     try:
@@ -233,7 +229,7 @@ def run_with_reporting(
     except StepFailed as e:
         failure = e
     except BaseException as e:
-        finish_run(state, spool, runner, ok=False, failed_step=None, error=e, status="interrupted")
+        finish_run(state, spool, runner, ok=False, failed_step=None, error=e)
         sender.close(min(flush_s, 2.0))
         raise
     failed_step = failure.step if isinstance(failure, StepFailed) else None
@@ -254,26 +250,15 @@ def finish_run(
     ok: bool,
     failed_step: str | None,
     error: BaseException | None,
-    status: str | None = None,
 ) -> None:
+    """The run's last events (ok, or failed at failed_step, or interrupted:
+    failed_step None); the state's fingerprints made durable."""
     wall = round(time.monotonic() - runner.t0, 3)
     hint = error.hint if isinstance(error, BootstrapError) else None
     tail = error.log_tail if isinstance(error, BootstrapError) else None
-    message = REDACTOR(str(error)) if error is not None else None
-    state.update_run(
-        durable=True,
-        status=status or ("done" if ok else "failed"),
-        ok=ok,
-        finished_at=utc_timestamp(),
-        wall_s=wall,
-        running=[],
-        failed_step=failed_step,
-        message=message,
-        hint=hint,
-        log_tail=tail,
-    )
-    spool.emit("progress", phase="done" if ok else "failed", percent=100.0 if ok else runner.progress.percent())
-    spool.emit("run_end", ok=ok, wall_s=wall, failed_step=failed_step, hint=hint, log_tail=tail)
+    state.sync()
+    spool.emit(ProgressEvent(phase="done" if ok else "failed", percent=100.0 if ok else runner.progress.percent()))
+    spool.emit(RunEndEvent(ok=ok, wall_s=wall, failed_step=failed_step, hint=hint, log_tail=tail))
 
 
 def report_error(error: BootstrapError, *, debug: bool) -> None:

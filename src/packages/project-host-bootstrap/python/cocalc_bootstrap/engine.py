@@ -11,7 +11,6 @@ import graphlib
 import hashlib
 import json
 import os
-import re
 import secrets
 import threading
 import time
@@ -24,6 +23,16 @@ from typing import Any
 from .commands import terminate_running_commands
 from .config import Config
 from .errors import EXIT_LOCKED, BootstrapError, UsageError, __version__
+from .events import (
+    STEP_NAME_RE,
+    Event,
+    Outcome,
+    ProgressEvent,
+    RunStartEvent,
+    StepEndEvent,
+    StepInfo,
+    StepStartEvent,
+)
 from .log import CURRENT_STEP, REDACTOR, utc_timestamp
 from .step import Context, Step, atomic_write_text
 from .steps_host import DirectoriesStep, FilesStep, PreflightStep, SecretsStep
@@ -74,11 +83,20 @@ STEPS: tuple[type[Step], ...] = (
 # applies. Applying a step first erases the records of all its dependents
 # (transitively), so they re-apply too, in this run, or in the next one if
 # this one is killed in between: "a step whose dependency changed re-runs".
+#
+# The engine does not take apply()'s word for it: check() runs again after
+# apply(), and a step that is still unsatisfied fails ("applied, but ..."
+# with the check's finding). A step is "changed" only when the first check
+# found work and the second finds none; applied with nothing to do (no
+# record, e.g. state.json was lost, or new inputs the check already meets)
+# it is "unchanged".
+#
+# The record of what happened is the event stream (the spool, reporting.py):
+# state.json holds only what the next run needs.
 
 STATE_FILE_NAME = "state.json"
 LOCK_FILE_NAME = "bootstrap.lock"
 EVENTS_DIR_NAME = "events"
-STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # as src/events.ts
 MAX_JOBS = 16
 
 
@@ -88,6 +106,10 @@ class PlanError(BootstrapError):
 
 class LockedError(BootstrapError):
     exit_code = EXIT_LOCKED
+
+
+class StepNotConverged(BootstrapError):
+    """apply() returned, but check() still finds work: the step failed."""
 
 
 class StepFailed(BootstrapError):
@@ -122,6 +144,8 @@ class Plan:
                 raise PlanError(f"step {cls.__name__} has an invalid name {name!r}", hint=PLAN_HINT)
             if name in self.classes:
                 raise PlanError(f"two steps are named {name!r}", hint=PLAN_HINT)
+            if cls.check is Step.check:
+                raise PlanError(f"step {name} has no check(): the engine verifies every apply()", hint=PLAN_HINT)
             self.classes[name] = cls
         for name, cls in self.classes.items():
             unknown = [d for d in cls.deps if d not in self.classes]
@@ -201,18 +225,21 @@ def _canonical(value: Any) -> Any:
 
 
 class StateStore:
-    """state.json: one record per step that last applied successfully, and
-    a summary of the last run (for status and timings). Read-only unless
-    writable (the `plan` command writes nothing)."""
+    """state.json: what the next run needs and nothing more: for each step
+    that last applied successfully, the fingerprint of its inputs, when, and
+    how long apply() took (it weights the next run's percent). What a run
+    did is in its events (reporting.py). Read-only unless writable (the
+    `plan` command writes nothing)."""
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, path: Path, *, writable: bool = True) -> None:
         self.path = path
         self.writable = writable
         self._lock = threading.RLock()
-        self.data: dict[str, Any] = {"version": self.VERSION, "steps": {}, "last_run": None}
+        self.data: dict[str, Any] = {"version": self.VERSION, "steps": {}}
         self.problem: str | None = None
+        self._unsynced = False  # saved without fsync since the last durable save
         try:
             loaded = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -222,48 +249,29 @@ class StateStore:
             self.problem = f"ignoring unreadable {path}: {e}"
             return
         if isinstance(loaded, dict) and isinstance(loaded.get("steps"), dict):
-            self.data.update(loaded)
+            self.data["steps"] = loaded["steps"]  # version 1 also had last_run: dropped
         else:
             self.problem = f"ignoring {path}: not a state file"
-
-    @property
-    def last_run(self) -> dict[str, Any] | None:
-        run = self.data.get("last_run")
-        return run if isinstance(run, dict) else None
 
     def step_record(self, name: str) -> dict[str, Any] | None:
         record = self.data["steps"].get(name)
         return record if isinstance(record, dict) else None
 
-    def record_step(self, name: str, fp: str, duration_s: float, outcome: str) -> None:
-        """Saved with the step's end (update_run_step): a record lost to a
-        crash in between only costs a re-apply."""
+    def record_step(self, name: str, fp: str, duration_s: float) -> None:
+        """Saved at once but not fsync'd: a record lost to a crash only costs a re-apply."""
         with self._lock:
             self.data["steps"][name] = {
                 "fingerprint": fp,
                 "finished_at": utc_timestamp(),
                 "duration_s": round(duration_s, 3),
-                "outcome": outcome,
             }
+            self.save()
 
     def forget(self, names: Iterable[str]) -> None:
         with self._lock:
             gone = [n for n in names if self.data["steps"].pop(n, None) is not None]
             if gone:
                 self.save(durable=True)  # before apply() changes anything
-
-    def update_run(self, *, durable: bool = False, **fields: Any) -> None:
-        with self._lock:
-            run = self.data["last_run"] = self.last_run or {}
-            run.update(fields)
-            self.save(durable=durable)
-
-    def update_run_step(self, name: str, *, running: Sequence[str], **fields: Any) -> None:
-        with self._lock:
-            run = self.data["last_run"] = self.last_run or {}
-            run["running"] = list(running)
-            run.setdefault("steps", {}).setdefault(name, {}).update(fields)
-            self.save()
 
     def save(self, *, durable: bool = False) -> None:
         """Always atomic (a kill never leaves half a file); fsync'd only when
@@ -273,6 +281,13 @@ class StateStore:
         with self._lock:
             text = json.dumps(self.data, indent=1, sort_keys=True) + "\n"
             atomic_write_text(self.path, text, durable=durable)
+            self._unsynced = not durable
+
+    def sync(self) -> None:
+        """At the end of a run: make the records durable, if any changed (a warm run writes nothing)."""
+        with self._lock:
+            if self._unsynced:
+                self.save(durable=True)
 
 
 class RunLock:
@@ -354,7 +369,7 @@ class StepRun:
     """One step's fate in this run; times are seconds since the run started."""
 
     name: str
-    outcome: str = "pending"  # then changed | unchanged | failed | blocked
+    outcome: Outcome | None = None  # None: pending
     start_s: float | None = None
     end_s: float | None = None
     message: str = ""
@@ -389,7 +404,7 @@ class Progress:
 class EventSink:
     """Where progress events go; the base class drops them (tests, `plan`)."""
 
-    def emit(self, type_: str, **fields: Any) -> None:
+    def emit(self, event: Event) -> None:
         pass
 
 
@@ -419,15 +434,13 @@ class Runner:
         self.t0 = time.monotonic()
         names = self.plan.names()
         self.events.emit(
-            "run_start",
-            version=__version__,
-            parallel=self.jobs > 1,
-            steps=[
-                {"name": n, "deps": list(self.plan.deps(n)), "weight": round(self.progress.weights[n], 3)}
-                for n in names
-            ],
+            RunStartEvent(
+                version=__version__,
+                parallel=self.jobs > 1,
+                steps=tuple(StepInfo(n, self.plan.deps(n), round(self.progress.weights[n], 3)) for n in names),
+            )
         )
-        self.events.emit("progress", phase="starting", percent=0.0)
+        self.events.emit(ProgressEvent(phase="starting", percent=0.0))
         failed = self._execute()
         self._mark_blocked(failed)
         if failed is not None:
@@ -468,18 +481,18 @@ class Runner:
     def _mark_blocked(self, failed: str | None) -> None:
         for name in self.plan.names():
             step = self.steps[name]
-            if step.outcome != "pending":
+            if step.outcome is not None:
                 continue
-            blockers = [d for d in self._ancestors(name) if self.steps[d].outcome == "failed"]
-            step.outcome = "blocked"
+            blockers = [d for d in self._ancestors(name) if self.steps[d].outcome is Outcome.FAILED]
+            step.outcome = Outcome.BLOCKED
             step.message = (
                 f"blocked: {', '.join(sorted(blockers))} failed"
                 if blockers
                 else f"not started: the run stopped after {failed} failed"
             )
             step.start_s = step.end_s = self._now()
-            self.events.emit("step_end", step=name, outcome="blocked", duration_s=0.0, message=step.message)
-            self.log.step_finished(name, "blocked", 0.0, self.progress.percent(), step.message)
+            self.events.emit(StepEndEvent(step=name, outcome=Outcome.BLOCKED, duration_s=0.0, message=step.message))
+            self.log.step_finished(name, Outcome.BLOCKED, 0.0, self.progress.percent(), step.message)
 
     def _ancestors(self, name: str) -> set[str]:
         found: set[str] = set()
@@ -503,15 +516,14 @@ class Runner:
         cls = self.plan.classes[name]
         with self._lock:
             self._running.add(name)
-        self.state.update_run(running=sorted(self._running))
-        self.events.emit("step_start", step=name)
-        self.events.emit("progress", phase=cls.phase, percent=self.progress.percent())
+        self.events.emit(StepStartEvent(step=name))
+        self.events.emit(ProgressEvent(phase=cls.phase, percent=self.progress.percent()))
         self.log.step_started(name, self.progress.percent())
         self.log.progress(self.progress.percent(), sorted(self._running))
         try:
             record.outcome, record.message = self._converge(cls(self.ctx))
         except Exception as e:
-            record.outcome = "failed"
+            record.outcome = Outcome.FAILED
             record.error = e
             text = str(e) if isinstance(e, BootstrapError) else f"{type(e).__name__}: {e}"
             record.message = REDACTOR(text)
@@ -520,45 +532,38 @@ class Runner:
             self.log.debug("step failed", event="traceback", traceback=traceback.format_exc())
         record.end_s = self._now()
         duration = record.end_s - record.start_s
-        if record.outcome != "failed":
+        if record.outcome is not Outcome.FAILED:
             self.progress.finish(name)
         with self._lock:
             self._running.discard(name)
-        self.state.update_run_step(
-            name,
-            running=sorted(self._running),
-            deps=list(self.plan.deps(name)),
-            start_s=record.start_s,
-            end_s=record.end_s,
-            duration_s=round(duration, 3),
-            outcome=record.outcome,
-        )
+        assert record.outcome is not None
         self.events.emit(
-            "step_end",
-            step=name,
-            outcome=record.outcome,
-            duration_s=round(duration, 3),
-            message=record.message,
-            hint=record.hint,
-            log_tail=record.log_tail,
+            StepEndEvent(
+                step=name,
+                outcome=record.outcome,
+                duration_s=round(duration, 3),
+                message=record.message,
+                hint=record.hint,
+                log_tail=record.log_tail,
+            )
         )
-        self.events.emit("progress", phase=cls.phase, percent=self.progress.percent())
+        self.events.emit(ProgressEvent(phase=cls.phase, percent=self.progress.percent()))
         percent = self.progress.percent()
         self.log.step_finished(
             name, record.outcome, duration, percent, record.message, hint=record.hint, tail=record.log_tail
         )
         self.log.progress(self.progress.percent(), sorted(self._running))
-        return record.outcome != "failed"
+        return record.outcome is not Outcome.FAILED
 
-    def _converge(self, step: Step) -> tuple[str, str]:
-        """Skip, or apply; returns (outcome, why)."""
+    def _converge(self, step: Step) -> tuple[Outcome, str]:
+        """Skip, or apply and check again; returns (outcome, why)."""
         fp = fingerprint(step)
         record = self.state.step_record(step.name)
         found = step.check()
         if record is not None and record.get("fingerprint") == fp and found.satisfied:
             why = f"satisfied ({found.detail}); inputs unchanged since {record.get('finished_at')}"
             self.log.info(f"skipped: {why}", event="skip")
-            return "unchanged", why
+            return Outcome.UNCHANGED, why
         if not found.satisfied:
             why = f"needs work: {found.detail}"
         elif record is None:
@@ -570,8 +575,16 @@ class Runner:
         self.state.forget([step.name, *self.plan.dependents(step.name)])
         start = time.monotonic()
         step.apply()
-        self.state.record_step(step.name, fp, time.monotonic() - start, "changed")
-        return "changed", why
+        took = time.monotonic() - start
+        after = step.check()
+        if not after.satisfied:
+            raise StepNotConverged(f"applied, but {after.detail}", hint=type(step).hint)
+        self.state.record_step(step.name, fp, took)
+        if found.satisfied:
+            self.log.info(f"applied; nothing needed changing ({after.detail})", event="verified")
+            return Outcome.UNCHANGED, why
+        self.log.info(f"applied and verified: {after.detail}", event="verified")
+        return Outcome.CHANGED, why
 
 
 def default_jobs(plan: Plan, config: Config) -> int:

@@ -12,16 +12,18 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .commands import backoff_delay
 from .config import Config
-from .engine import EventSink, StateStore, lock_is_held, lock_path, state_path
+from .engine import EVENTS_DIR_NAME, EventSink, lock_is_held, lock_path
 from .errors import EXIT_FAILED, EXIT_OK, BootstrapError
+from .events import Event, EventType, Outcome, event_fields, parse_events
 from .layout import done_marker
-from .log import REDACTOR, Log, clip
+from .log import REDACTOR, Log, clip, utc_timestamp
 from .step import atomic_write_text
 
 # Progress events for the hub (src/events.ts): every event is appended to
@@ -55,13 +57,13 @@ class EventSpool(EventSink):
         self._seq = 0
         self.changed = threading.Condition()  # the sender waits on it
 
-    def emit(self, type_: str, **fields: Any) -> None:
+    def emit(self, event: Event) -> None:
         with self.changed:
-            event: dict[str, Any] = {"run_id": self.run_id, "seq": self._seq, "ts": time.time(), "type": type_}
-            for key, value in fields.items():
-                event[key] = clip(REDACTOR(value)) if isinstance(value, str) else REDACTOR.deep(value)
+            line: dict[str, Any] = {"run_id": self.run_id, "seq": self._seq, "ts": time.time(), "type": str(event.type)}
+            for key, value in event_fields(event).items():
+                line[key] = clip(REDACTOR(value)) if isinstance(value, str) else REDACTOR.deep(value)
             # One line per event, flushed: a killed run leaves at most a torn last line.
-            self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
             self._file.flush()
             self._seq += 1
             self.changed.notify_all()
@@ -232,43 +234,107 @@ def batch_prefix(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return events[:EVENT_BATCH_MAX]
 
 
-# -- status and timings --------------------------------------------------------
+# -- status and timings: read back from the newest run's spool ----------------
 
 STATUS_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_FAILED, "running": 2, "not started": 2}
 
 
+def events_dir(config: Config) -> Path:
+    return Path(config.bootstrap_dir) / EVENTS_DIR_NAME
+
+
+def last_run_events(config: Config) -> list[dict[str, Any]]:
+    """The events of the newest run (run ids sort by start time). The sender
+    deletes a run's spool only once it is delivered and a newer run exists."""
+    try:
+        newest = max(events_dir(config).glob("*.jsonl"), default=None)
+        if newest is None:
+            return []
+        return parse_events(newest.read_text(encoding="utf-8").splitlines())
+    except OSError:
+        return []
+
+
+@dataclass
+class RunRecord:
+    """One run folded from its events; times are seconds since run_start."""
+
+    run_id: str
+    parallel: bool
+    started_ts: float
+    last_ts: float
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan order
+    end: dict[str, Any] | None = None  # the run_end event
+
+    @property
+    def running(self) -> list[str]:
+        return sorted(n for n, s in self.steps.items() if s["start_s"] is not None and s["outcome"] is None)
+
+    @property
+    def wall_s(self) -> float:
+        return float(self.end["wall_s"]) if self.end else round(self.last_ts - self.started_ts, 3)
+
+    def failed(self) -> tuple[str, dict[str, Any]] | None:
+        return next(((n, s) for n, s in self.steps.items() if s["outcome"] == Outcome.FAILED), None)
+
+
+def fold_run(events: list[dict[str, Any]]) -> RunRecord | None:
+    """The run of these events (one run's, from run_start on); None without a run_start."""
+    if not events or events[0]["type"] != EventType.RUN_START:
+        return None
+    first = events[0]
+    run = RunRecord(first["run_id"], first["parallel"], started_ts=first["ts"], last_ts=first["ts"])
+    for info in first["steps"]:
+        run.steps[info["name"]] = {"deps": info["deps"], "start_s": None, "end_s": None, "duration_s": None,
+                                   "outcome": None, "message": "", "hint": None, "log_tail": None}  # fmt: skip
+    for event in events[1:]:
+        run.last_ts = max(run.last_ts, event["ts"])
+        at = round(event["ts"] - run.started_ts, 3)
+        step = run.steps.get(event.get("step", ""))
+        if event["type"] == EventType.STEP_START and step is not None:
+            step["start_s"] = at
+        elif event["type"] == EventType.STEP_END and step is not None:
+            step.update({k: event[k] for k in ("outcome", "duration_s", "message", "hint", "log_tail")}, end_s=at)
+            if step["start_s"] is None:  # blocked: never started
+                step["start_s"] = round(at - event["duration_s"], 3)
+        elif event["type"] == EventType.RUN_END:
+            run.end = event
+    return run
+
+
 def run_status(config: Config) -> dict[str, Any]:
-    """The last or current run, from state.json, the lock and .bootstrap_done."""
-    state = StateStore(state_path(config), writable=False)
-    run = state.last_run or {}
+    """The last or current run, from its events, the lock and .bootstrap_done."""
+    run = fold_run(last_run_events(config))
     done = done_marker(config).exists()
     if lock_is_held(lock_path(config)):
         status = "running"
-    elif not run:
+    elif run is None:
         status = "done" if done else "not started"
-    elif run.get("status") in ("running", "interrupted"):
-        status = "interrupted"  # killed (state still says running, nobody holds the lock) or stopped
-    elif run.get("ok") is False:
+    elif run.end is None or (not run.end["ok"] and run.end["failed_step"] is None):
+        status = "interrupted"  # killed (no run_end, nobody holds the lock) or stopped
+    elif not run.end["ok"]:
         status = "failed"
     else:
         status = "done" if done else "not started"
+    failed = run.failed() if run else None
+    end = (run.end if run else None) or {}
     report: dict[str, Any] = {
         "status": status,
         "exit_code": STATUS_EXIT[status],
         "done_marker": done,
-        "run_id": run.get("run_id"),
-        "started_at": run.get("started_at"),
-        "finished_at": run.get("finished_at"),
-        "wall_s": run.get("wall_s"),
-        "running": run.get("running", []) if status == "running" else [],
-        "failed_step": run.get("failed_step"),
-        "message": run.get("message"),
-        "hint": run.get("hint"),
-        "log_tail": run.get("log_tail"),
+        "run_id": run.run_id if run else None,
+        "started_at": utc_timestamp(run.started_ts) if run else None,
+        "finished_at": utc_timestamp(end["ts"]) if end else None,
+        "wall_s": end.get("wall_s"),
+        "running": run.running if run and status == "running" else [],
+        "failed_step": end.get("failed_step"),
+        "message": failed[1]["message"] if failed else None,
+        "hint": end.get("hint") or (failed[1]["hint"] if failed else None),
+        "log_tail": end.get("log_tail") or (failed[1]["log_tail"] if failed else None),
     }
     if status == "interrupted":
         report["hint"] = "The last run was killed or crashed; run bootstrap.py again, it resumes."
-    elif status == "not started" and run.get("ok"):
+    elif status == "not started" and run is not None and run.end is not None:
         report["hint"] = "The last run was partial (--only/--skip); run the whole plan to finish."
     return report
 
@@ -291,38 +357,47 @@ def format_status(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def critical_path(steps: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], float]:
-    """The chain of dependent steps with the largest total duration."""
+def critical_path(steps: Sequence[Mapping[str, Any]]) -> tuple[list[str], float]:
+    """The chain of dependent steps with the largest total duration_s: the
+    shortest wall time any scheduler could reach. Dependencies not among
+    `steps` are ignored; ties go to the step (and dependency) listed first.
+    The one definition: fixtures/critical-path/ holds the vectors that this
+    and criticalPath() in src/timings.ts must both pass."""
+    by_name = {str(s["name"]): s for s in steps}
     best: dict[str, tuple[float, list[str]]] = {}
+    visiting: set[str] = set()
 
     def longest(name: str) -> tuple[float, list[str]]:
-        if name not in best:
-            info = steps[name]
-            chains = [longest(d) for d in info.get("deps", []) if d in steps]
-            base = max(chains, key=lambda c: c[0], default=(0.0, []))
-            best[name] = (base[0] + float(info.get("duration_s") or 0.0), [*base[1], name])
+        if name in best:
+            return best[name]
+        if name in visiting:
+            raise ValueError(f"dependency cycle through {name}")
+        visiting.add(name)
+        chains = [longest(d) for d in by_name[name].get("deps", []) if d in by_name]
+        base = max(chains, key=lambda c: c[0], default=(0.0, []))
+        visiting.discard(name)
+        best[name] = (base[0] + float(by_name[name].get("duration_s") or 0.0), [*base[1], name])
         return best[name]
 
-    chains = [longest(n) for n in steps]
-    total, path = max(chains, key=lambda c: c[0], default=(0.0, []))
+    total, path = max((longest(n) for n in by_name), key=lambda c: c[0], default=(0.0, []))
     return path, total
 
 
-def format_timings(state: StateStore) -> str:
-    run = state.last_run
-    if not run or not run.get("steps"):
+def format_timings(config: Config) -> str:
+    run = fold_run(last_run_events(config))
+    if run is None or not any(s["outcome"] for s in run.steps.values()):
         raise BootstrapError("no timings yet", hint="Run the bootstrap first; timings come from its last run.")
-    steps: dict[str, dict[str, Any]] = run["steps"]
-    wall = float(run.get("wall_s") or max((s.get("end_s") or 0.0) for s in steps.values()) or 0.0)
-    lines = [f"run {run.get('run_id')} ({run.get('status')}), wall time {wall:.2f}s", ""]
-    ranked = sorted(steps.items(), key=lambda kv: -float(kv[1].get("duration_s") or 0.0))
+    steps = {n: s for n, s in run.steps.items() if s["outcome"] is not None}
+    status = "running" if run.end is None else ("done" if run.end["ok"] else "failed")
+    lines = [f"run {run.run_id} ({status}), wall time {run.wall_s:.2f}s", ""]
+    ranked = sorted(steps.items(), key=lambda kv: -float(kv[1]["duration_s"]))
     width = max(len(name) for name in steps)
     for name, info in ranked:
         lines.append(
-            f"  {float(info.get('duration_s') or 0.0):8.2f}s  {name:<{width}}  {info.get('outcome', '?'):<9}"
-            f"  start +{float(info.get('start_s') or 0.0):.2f}s"
+            f"  {float(info['duration_s']):8.2f}s  {name:<{width}}  {info['outcome']:<9}"
+            f"  start +{float(info['start_s']):.2f}s"
         )
-    path, total = critical_path(steps)
-    share = 100.0 * total / wall if wall > 0 else 0.0
+    path, total = critical_path([{"name": n, **s} for n, s in steps.items()])
+    share = 100.0 * total / run.wall_s if run.wall_s > 0 else 0.0
     lines += ["", f"critical path ({total:.2f}s, {share:.0f}% of the wall time): {' -> '.join(path)}"]
     return "\n".join(lines)

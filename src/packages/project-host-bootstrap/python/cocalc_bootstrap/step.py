@@ -38,8 +38,10 @@ class Context:
 
 class Step:
     """A unit of the bootstrap: check() reads the real state (read-only);
-    apply() runs only when check() found work. inputs() is fingerprinted
-    into state.json so a changed input re-runs the step."""
+    apply() runs when check() found work (or the step has no record of a
+    successful run), and check() runs again after it: the step succeeds only
+    if it is then satisfied. inputs() is fingerprinted into state.json so a
+    changed input re-runs the step."""
 
     name: ClassVar[str]
     deps: ClassVar[tuple[str, ...]] = ()
@@ -57,7 +59,9 @@ class Step:
         return {}
 
     def check(self) -> StepState:
-        return StepState(False, "no check; always applies")
+        """Every step has its own: the engine re-runs it after apply() to
+        verify the step did its job (the plan refuses a step without one)."""
+        raise NotImplementedError(f"step {self.name} has no check()")
 
     def apply(self) -> None:
         pass

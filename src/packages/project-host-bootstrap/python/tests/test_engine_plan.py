@@ -41,10 +41,10 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
 
 
 def last_run(tmp_path: Path) -> dict[str, Any]:
-    state = json.loads((tmp_path / "root" / "bootstrap" / "state.json").read_text())
-    run = state["last_run"]
-    assert isinstance(run, dict)
-    return run
+    """The last run as its events tell it (the spool, read as `status` and `timings` read it)."""
+    run = bootstrap.fold_run(bootstrap.last_run_events(make_config(tmp_path / "root")))
+    assert run is not None and run.end is not None
+    return {"steps": run.steps, "wall_s": run.wall_s, "parallel": run.parallel, **run.end}
 
 
 def overlaps(run: dict[str, Any], first: str, second: str) -> bool:
@@ -73,7 +73,7 @@ def test_serial_mode_walks_the_graph_in_stable_order(run: Callable[..., int], tm
     assert applied(tmp_path / "root" / "work") == ["a", "b", "c", "d", "x", "y"]
     info = last_run(tmp_path)
     assert not any(overlaps(info, p, q) for p in info["steps"] for q in info["steps"] if p < q)
-    assert info["jobs"] == 1
+    assert info["parallel"] is False
 
 
 def test_jobs_1_is_serial_too(run: Callable[..., int], tmp_path: Path) -> None:
@@ -133,8 +133,8 @@ class RecordingSink(bootstrap.EventSink):
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
-    def emit(self, type_: str, **fields: Any) -> None:
-        self.events.append({"type": type_, **fields})
+    def emit(self, event: bootstrap.Event) -> None:
+        self.events.append({"type": str(event.type), **bootstrap.event_fields(event)})
 
 
 @pytest.mark.parametrize(
@@ -144,6 +144,7 @@ class RecordingSink(bootstrap.EventSink):
         ([{"name": "a", "deps": ["ghost"]}], "unknown step(s) ghost"),
         ([{"name": "a"}, {"name": "a"}], "two steps are named 'a'"),
         ([{"name": "Bad Name"}], "invalid name"),
+        ([{"name": "unchecked", "no_check": True}], "step unchecked has no check()"),
     ],
 )
 def test_broken_graphs_are_refused_before_anything_runs(
@@ -295,8 +296,8 @@ def test_percent_is_weighted_by_the_last_run_durations(tmp_path: Path) -> None:
     progress = bootstrap.Progress(plan, state)
     progress.finish("fast")
     assert progress.percent() == 50.0  # default weights: equal
-    state.record_step("slow", "fp", 9.0, "changed")
-    state.record_step("fast", "fp", 1.0, "changed")
+    state.record_step("slow", "fp", 9.0)
+    state.record_step("fast", "fp", 1.0)
     progress = bootstrap.Progress(plan, state)
     progress.finish("fast")
     assert progress.percent() == 10.0  # refined by what each took last time
@@ -305,6 +306,9 @@ def test_percent_is_weighted_by_the_last_run_durations(tmp_path: Path) -> None:
 def test_step_bugs_fail_the_run_with_the_exception_named(run: Callable[..., int], tmp_path: Path) -> None:
     class Buggy(bootstrap.Step):
         name = "buggy"
+
+        def check(self) -> bootstrap.StepState:
+            return bootstrap.StepState(False, "never done")
 
         def apply(self) -> None:
             raise KeyError("missing")

@@ -116,6 +116,8 @@ def make_steps(specs: Sequence[Mapping[str, Any]], workdir: Path) -> list[type[b
                 with open(workdir / "applied.log", "a") as f:
                     f.write(f"end {self.name} {time.time():.6f}\n")
 
+        if spec.get("no_check"):
+            del FakeStep.check  # the base class's: refused by the plan
         FakeStep.__name__ = f"Fake_{spec['name']}"
         classes.append(FakeStep)
     return classes
