@@ -95,6 +95,8 @@ class GuardedRedirects(urllib.request.HTTPRedirectHandler):
                 "nothing was sent to the redirect's target.",
             )
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.method = req.get_method()  # urllib would turn a HEAD into a GET
         if new is not None and origin(newurl) != origin(req.full_url):
             for header in CREDENTIAL_HEADERS:
                 new.remove_header(header)

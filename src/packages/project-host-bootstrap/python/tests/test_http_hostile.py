@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import urllib.request
 from pathlib import Path
 
 import bootstrap
@@ -132,3 +133,37 @@ def test_nothing_is_sent_to_another_origin_across_a_whole_events_flush(tmp_path:
         assert sender.close(5.0)
         spool.close()
     assert [e["message"] for e in events_of(hub.seen)] == [f"m{i}" for i in range(5)]
+
+
+def test_every_redirect_combination_keeps_credentials_and_methods_where_they_belong() -> None:
+    # The whole matrix, against real servers: method x status x same/cross origin x credential.
+    with origin() as first, origin() as second:
+        for method in ("GET", "HEAD", "POST"):
+            for code in (301, 302, 303, 307, 308):
+                for target in (first, second):
+                    for credential in (True, False):
+                        target.seen.clear()
+                        first.seen.clear()
+                        target.routes["/final"] = (200, {}, b"final")
+                        first.routes["/start"] = redirect(f"{target.url}/final", code)
+                        headers = {"Authorization": f"Bearer {TOKEN}"} if credential else {}
+                        request = urllib.request.Request(
+                            f"{first.url}/start",
+                            data=b"{}" if method == "POST" else None,
+                            method=method,
+                            headers=headers,
+                        )
+                        case = f"{method} {code} {'same' if target is first else 'cross'} credential={credential}"
+                        followed = method != "POST" and (target is first or not credential)
+                        try:
+                            with bootstrap.open_request(request, 5) as response:
+                                response.read()
+                            assert followed, case
+                        except bootstrap.RedirectRefused:
+                            assert not followed, case
+                        arrived = [s for s in target.seen if s.path == "/final"]
+                        assert len(arrived) == (1 if followed else 0), case
+                        for seen in arrived:
+                            assert seen.method == method, case  # never turned into another method
+                            if target is second:
+                                assert "Authorization" not in seen.headers, case
