@@ -100,9 +100,11 @@ def members(
     kind = draw(st.sampled_from(["file", "file", "dir", "dir", "sym", "sym", "sym", "hard", "hard", "sparse", "big"]))
     if rare(draw, 30):
         kind = "dev"
+    if kind == "hard" and not any(k in ("file", "sym", "hard") for _, k in earlier) and not rare(draw, 8):
+        kind = "file"  # mostly a hard link to something that is there
     name = draw(member_names())
     below = [n for n, k in earlier if k in ("dir", "sym")]
-    if below and not rare(draw, 3):
+    if below and not rare(draw, 3) and (kind != "hard" or rare(draw, 2)):  # hard links: often shallow
         name = draw(st.sampled_from(below)) + "/" + draw(paths(odd=False))
     elif earlier and rare(draw, 8):
         name = draw(st.sampled_from(earlier))[0]  # a duplicate: the later one replaces it
@@ -128,13 +130,20 @@ def members(
         else:
             rest = draw(st.sampled_from(earlier))[0].split("/")[1:] if earlier and draw(st.booleans()) else []
             rest = rest or draw(paths(odd=False)).split("/")
-            if rare(draw, 4):  # a `..` later in the target: refused, however it would resolve
-                rest.insert(draw(st.integers(0, len(rest))), "..")
+            if rare(draw, 4):  # `..` later in the target: refused, however it would resolve
+                for _ in range(draw(st.integers(1, 2))):
+                    rest.insert(draw(st.integers(1, len(rest))), "..")
             info.linkname = "/".join([".."] * draw(st.integers(0, depth + 1)) + rest)
     elif kind == "hard":
         info.type = tarfile.LNKTYPE
         sources = [n for n, k in earlier if k in ("file", "sym", "hard")]
-        info.linkname = draw(st.sampled_from(sources)) if sources and not rare(draw, 8) else draw(member_names())
+        links = [n for n, k in earlier if k == "sym"]
+        if links and draw(st.booleans()):  # a hard link to a symlink
+            info.linkname = draw(st.sampled_from(links))
+        elif sources and not rare(draw, 8):
+            info.linkname = draw(st.sampled_from(sources))
+        else:
+            info.linkname = draw(member_names())
     else:
         info.type = draw(st.sampled_from([tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE]))
     return info
