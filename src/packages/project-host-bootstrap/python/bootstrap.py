@@ -15,6 +15,7 @@ section per module below, in dependency order); edit those, not this file.
 from __future__ import annotations
 
 import argparse
+import bz2
 import concurrent.futures
 import contextlib
 import contextvars
@@ -24,9 +25,11 @@ import enum
 import fcntl
 import graphlib
 import grp
+import gzip
 import hashlib
 import http.client
 import json
+import lzma
 import math
 import os
 import platform
@@ -52,11 +55,12 @@ import typing
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Literal, TextIO, TypeVar, Union, get_args
+from typing import IO, Annotated, Any, ClassVar, Literal, TextIO, TypeVar, Union, get_args
 
 # ============================================================================
 # errors: Constants, exit codes and the error types every other module raises.
@@ -2081,11 +2085,84 @@ class TransientError(BootstrapError):
     """A failure worth retrying: network errors, 5xx/429, a cut connection."""
 
 
+CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+
+
+class RedirectRefused(BootstrapError):
+    """A redirect that would carry a credential to another origin, downgrade
+    https to http, or re-send a POST (as a GET, or elsewhere)."""
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in: what a credential is issued for."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # a malformed port never equals a real origin
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port if port is not None else default
+
+
+def redirect_refusal(request: urllib.request.Request, new_url: str) -> str | None:
+    """Why a redirect from request to new_url must not be followed, or None."""
+    method = request.get_method()
+    old, new = origin(request.full_url), origin(new_url)
+    if method not in ("GET", "HEAD"):
+        return f"a {method} is never re-sent, neither as a GET nor to another address"
+    if new[0] not in ("http", "https"):
+        return f"{new[0] or 'no'} scheme: only http and https are followed"
+    if old[0] == "https" and new[0] == "http":
+        return "a downgrade from https to http"
+    if new != old and any(request.has_header(h) for h in CREDENTIAL_HEADERS):
+        return "the request carries a credential for its own origin, never sent to another one"
+    return None
+
+
+class GuardedRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, minus what leaks or changes a request: see
+    redirect_refusal. A credential-free GET (a public artifact) may follow a
+    redirect to another origin, with any credential header stripped."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        why = redirect_refusal(req, newurl)
+        if why is not None:
+            fp.close()
+            raise RedirectRefused(
+                f"{req.get_method()} {req.full_url}: HTTP {code} redirect to {newurl} refused: {why}",
+                hint="Point the config at the final URL (same origin, https stays https); "
+                "nothing was sent to the redirect's target.",
+            )
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.method = req.get_method()  # urllib would turn a HEAD into a GET
+        if new is not None and origin(newurl) != origin(req.full_url):
+            for header in CREDENTIAL_HEADERS:
+                new.remove_header(header)
+        return new
+
+
+def open_request(request: urllib.request.Request, timeout_s: float) -> Any:
+    """urlopen with GuardedRedirects (the only way this program opens a URL
+    that may carry a credential). Raises what urlopen raises, and RedirectRefused."""
+    opener = urllib.request.build_opener(GuardedRedirects)
+    return opener.open(request, timeout=timeout_s)
+
+
 def http_open(url: str, *, timeout_s: float, headers: Mapping[str, str] | None = None) -> http.client.HTTPResponse:
-    """GET url; TransientError for what a retry may fix, BootstrapError otherwise."""
+    """GET url; TransientError for what a retry may fix, BootstrapError otherwise
+    (RedirectRefused for a redirect that would leak or downgrade)."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)
+        response = open_request(request, timeout_s)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code in (408, 425, 429) or e.code >= 500:
@@ -2095,6 +2172,13 @@ def http_open(url: str, *, timeout_s: float, headers: Mapping[str, str] | None =
         reason = getattr(e, "reason", None) or e
         raise TransientError(f"GET {url}: {reason}", hint=DOWNLOAD_HINT) from None
     assert isinstance(response, http.client.HTTPResponse)
+    if (
+        headers
+        and any(h.lower() in ("authorization", "cookie") for h in headers)
+        and (origin(response.geturl()) != origin(url))
+    ):  # belt and braces: GuardedRedirects refuses this before it happens
+        response.close()
+        raise RedirectRefused(f"GET {url}: answered from {response.geturl()}, another origin")
     return response
 
 
@@ -2298,26 +2382,84 @@ class UnsafeArchiveError(BootstrapError):
     def __init__(self, archive: Path, member: str, why: str) -> None:
         super().__init__(
             f"{archive.name}: refusing member {member!r}: {why}",
-            hint="The archive tries to write outside its directory or contains special files; "
-            "rebuild the bundle with plain files, directories and links that stay inside it.",
+            hint="The archive tries to write outside its directory, contains special files or modes, or "
+            "expands beyond the extraction budget; rebuild the bundle with plain files, directories and "
+            "links that stay inside it (nothing was installed).",
         )
+        self.member = member
+        self.why = why
 
 
-ARCHIVE_MAGIC = ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gz"), (b"\x28\xb5\x2f\xfd", "zst"))
+# Per-artifact extraction budget. A real bundle (the project bundle: about
+# 1 GiB, 100k entries, xz ratio under 10) fits in it ten times over; a bomb
+# (a small .tar.xz of zeros, a GNU sparse member) does not.
+EXTRACT_MAX_BYTES = 32 << 30  # total size of the regular files extracted
+EXTRACT_MAX_ENTRIES = 1_000_000  # files, directories and links created
+EXTRACT_MAX_RATIO = 100.0  # extracted bytes per byte of the archive on disk...
+EXTRACT_RATIO_FLOOR = 64 << 20  # ...counted once more than this has been extracted
+EXTRACT_HEADER_SLACK = 1 << 20  # stream bytes allowed between accepted members (headers, padding, trailer)
+MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4000
+
+
+@dataclass(frozen=True)
+class ExtractBudget:
+    max_bytes: int = EXTRACT_MAX_BYTES
+    max_entries: int = EXTRACT_MAX_ENTRIES
+    max_ratio: float = EXTRACT_MAX_RATIO
+    ratio_floor: int = EXTRACT_RATIO_FLOOR
+
+
+ARCHIVE_MAGIC = ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gz"), (b"\x28\xb5\x2f\xfd", "zst"), (b"BZh", "bz2"))
 
 
 def archive_compression(path: Path) -> str:
-    """'xz', 'gz', 'zst' or '' (plain tar), from the file's magic bytes."""
+    """'xz', 'gz', 'zst', 'bz2' or '' (plain tar), from the file's magic bytes."""
     with open(path, "rb") as f:
         head = f.read(8)
     return next((kind for magic, kind in ARCHIVE_MAGIC if head.startswith(magic)), "")
 
 
+class BudgetedReader:
+    """The decompressed tar stream, read through a limit the extractor raises
+    as it accepts members: tarfile never reads (into memory) more than the
+    accepted members' data plus EXTRACT_HEADER_SLACK, however large a header
+    or trailer claims to be."""
+
+    def __init__(self, raw: IO[bytes], archive: Path, total_limit: int) -> None:
+        self.raw = raw
+        self.archive = archive
+        self.count = 0
+        self.limit = EXTRACT_HEADER_SLACK
+        self.total_limit = total_limit
+        self.after = "(the first header)"
+
+    def allow(self, data_bytes: int, after: str) -> None:
+        self.limit = min(self.count + data_bytes + EXTRACT_HEADER_SLACK, self.total_limit)
+        self.after = after
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = DOWNLOAD_CHUNK
+        data = self.raw.read(max(0, min(n, self.limit - self.count + 1)))
+        self.count += len(data)
+        if self.count > self.limit:
+            raise UnsafeArchiveError(
+                self.archive,
+                self.after,
+                f"more than {EXTRACT_HEADER_SLACK} bytes of headers or padding after it "
+                f"(or over {self.total_limit} bytes in all)",
+            )
+        return data
+
+
 @contextlib.contextmanager
-def open_tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
-    """The archive as a tar stream. xz and zstd go through their command-line
-    tools when present (`xz -T0` is much faster than Python's lzma); zstd has
-    no Python fallback before 3.14."""
+def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iterator[tuple[tarfile.TarFile, Any]]:
+    """The archive as a tar stream (mode "r|") over a BudgetedReader, and the
+    reader. xz and zstd go through their command-line tools when present
+    (`xz -T0` is much faster than Python's lzma); zstd has no Python fallback
+    before 3.14. The stream is read to its end, so a damaged archive fails."""
     kind = archive_compression(archive)
     tool = {"xz": ["xz", "-T0", "-dc"], "zst": ["zstd", "-dc"]}.get(kind)
     if tool is None or shutil.which(tool[0]) is None:
@@ -2326,8 +2468,20 @@ def open_tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
                 f"{archive.name} is zstd-compressed and zstd is not installed",
                 hint="Add zstd to apt.packages, or publish .tar.xz bundles.",
             )
-        with tarfile.open(archive, "r:*") as tar:  # Python's lzma/gzip
-            yield tar
+        with open_decompressed(archive, kind) as raw:
+            reader = BudgetedReader(raw, archive, total_limit)
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                    yield tar, reader
+                reader.allow(0, "(the end of the archive)")
+                while reader.read(DOWNLOAD_CHUNK):  # the padding after the end marker; checks the stream
+                    pass
+            except (lzma.LZMAError, EOFError, OSError, zlib.error) as e:
+                if isinstance(e, OSError) and e.errno is not None:
+                    raise
+                raise BootstrapError(
+                    f"could not decompress {archive.name}: {e}", hint="The archive is damaged; delete it and run again."
+                ) from None
         return
     with tempfile.TemporaryFile() as errors:
         # Streaming, so not run_command: the tar reader consumes stdout as it comes.
@@ -2335,10 +2489,12 @@ def open_tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
             [*tool, "--", str(archive)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
         )
         assert proc.stdout is not None
+        reader = BudgetedReader(proc.stdout, archive, total_limit)
         try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                yield tar
-            while proc.stdout.read(DOWNLOAD_CHUNK):  # the padding after the tar's end marker
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                yield tar, reader
+            reader.allow(0, "(the end of the archive)")
+            while reader.read(DOWNLOAD_CHUNK):  # the padding after the tar's end marker
                 pass
             returncode = proc.wait(timeout=60)
         except BaseException:
@@ -2356,6 +2512,16 @@ def open_tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
             )
 
 
+def open_decompressed(archive: Path, kind: str) -> Any:  # a binary file object
+    if kind == "xz":
+        return lzma.open(archive)
+    if kind == "gz":
+        return gzip.open(archive)
+    if kind == "bz2":
+        return bz2.open(archive)
+    return open(archive, "rb")
+
+
 def member_parts(name: str, strip: int) -> list[str] | None:
     """The path components of a member after stripping, [] for the root,
     None when stripped away. Raises ValueError for absolute paths and `..`."""
@@ -2364,88 +2530,238 @@ def member_parts(name: str, strip: int) -> list[str] | None:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ValueError("'..' in the path")
+    if any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in parts) or len(os.fsencode(name)) > MAX_PATH_BYTES:
+        raise ValueError("name too long")
     return parts[strip:] if len(parts) >= strip else None
 
 
-def link_stays_inside(real_parent: str, linkname: str, real_root: str) -> bool:
-    """A symlink's target is relative, climbs only at its start, and not above
-    the root; later components then only descend, so the link stays inside
-    however other (equally checked) links resolve."""
-    if linkname.startswith("/"):
+def link_stays_inside(depth: int, linkname: str) -> bool:
+    """A symlink's target, read from a real directory `depth` levels below
+    the root, is relative, climbs only at its start and not above the root;
+    later components only descend, so the link stays inside however other
+    (equally checked) links resolve and whatever later members replace."""
+    if not linkname or linkname.startswith("/"):
         return False
     parts = [p for p in linkname.split("/") if p not in ("", ".")]
     ups = 0
     while ups < len(parts) and parts[ups] == "..":
         ups += 1
-    if ".." in parts[ups:]:
-        return False
-    top = os.path.normpath(os.path.join(real_parent, *([".."] * ups))) if ups else real_parent
-    return is_inside_or_same(top, real_root)
+    return ".." not in parts[ups:] and ups <= depth
 
 
-def is_inside_or_same(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
+class LeavesRoot(Exception):
+    pass
 
 
-def extract_safely(archive: Path, dest: Path, *, strip: int = 0) -> int:
-    """Extract into the (new, empty) directory dest: regular files, directories,
-    and links that stay inside; anything else refuses the whole archive.
-    Returns the number of members extracted."""
-    real_root = os.path.realpath(dest)
-    count = 0
-    with open_tar_stream(archive) as tar:
-        for member in tar:
-            try:
-                parts = member_parts(member.name, strip)
-            except ValueError as e:
-                raise UnsafeArchiveError(archive, member.name, str(e)) from None
-            if parts is None or (not parts and member.isdir()):
-                continue
-            if not parts:
-                raise UnsafeArchiveError(archive, member.name, "a non-directory at the bundle root")
-            extract_member(tar, member, dest.joinpath(*parts), archive=archive, real_root=real_root, strip=strip)
-            count += 1
-    return count
-
-
-def extract_member(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, *, archive: Path, real_root: str, strip: int
-) -> None:
-    if not (member.isdir() or member.isreg() or member.issym() or member.islnk()):
-        raise UnsafeArchiveError(archive, member.name, "devices, fifos and other special files are not allowed")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    real_parent = os.path.realpath(target.parent)
-    if not is_inside_or_same(real_parent, real_root):
-        raise UnsafeArchiveError(archive, member.name, "its directory is a link that leads outside")
-    if os.path.lexists(target):
-        if member.isdir() and target.is_dir() and not target.is_symlink():
-            return
-        if target.is_dir() and not target.is_symlink():
-            raise UnsafeArchiveError(archive, member.name, "replaces a directory")
-        target.unlink()  # a duplicate entry: the later one wins, as with tar(1)
-    if member.isdir():
-        target.mkdir(mode=(member.mode & 0o777) | 0o700)
-    elif member.issym():
-        if not link_stays_inside(real_parent, member.linkname, real_root):
-            raise UnsafeArchiveError(archive, member.name, f"symlink to {member.linkname!r} leads outside")
-        os.symlink(member.linkname, target)
-    elif member.islnk():
+def resolve_dir(root: str, parts: Sequence[str]) -> tuple[list[str], int]:
+    """Resolve the directory parts below root as the kernel would, but against
+    root and refusing (LeavesRoot) what leaves it: every symlink on the way is
+    read and followed (chains too, at most MAX_LINK_HOPS), `..` never climbs
+    above root, absolute link targets are refused, and every component that
+    exists must be a directory. Returns the real path's parts (no symlink
+    among them) and how many of them exist: the missing ones are at the end."""
+    todo = list(reversed(parts))
+    resolved: list[str] = []
+    hops = 0
+    existing: int | None = None  # set when a component is missing
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if existing is not None:
+            if part == "..":
+                raise LeavesRoot("'..' after a directory that does not exist")
+            resolved.append(part)
+            continue
+        if part == "..":
+            if not resolved:
+                raise LeavesRoot("climbs above the bundle's root")
+            resolved.pop()
+            continue
+        path = os.path.join(root, *resolved, part)
         try:
-            source_parts = member_parts(member.linkname, strip)
+            st = os.lstat(path)
+        except FileNotFoundError:
+            existing = len(resolved)
+            resolved.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                raise LeavesRoot("too many levels of links")
+            target = os.readlink(path)
+            if target.startswith("/"):
+                raise LeavesRoot(f"goes through the link {'/'.join([*resolved, part])!r} to an absolute path")
+            todo.extend(reversed(target.split("/")))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise LeavesRoot(f"goes through {'/'.join([*resolved, part])!r}, which is not a directory")
+        resolved.append(part)
+    return resolved, len(resolved) if existing is None else existing
+
+
+def mode_problem(member: tarfile.TarInfo) -> str | None:
+    mode = member.mode
+    if mode & (stat.S_ISUID | stat.S_ISGID):
+        return f"setuid/setgid mode {mode:04o} is not allowed"
+    if mode & stat.S_ISVTX:
+        return f"sticky mode {mode:04o} is not allowed"
+    if mode & stat.S_IWOTH:
+        return f"world-writable mode {mode:04o} is not allowed"
+    return None
+
+
+class Extraction:
+    """One archive into one (new) directory: every member is checked against
+    what is already extracted before anything is created for it."""
+
+    def __init__(self, archive: Path, dest: Path, strip: int, budget: ExtractBudget) -> None:
+        self.archive = archive
+        self.root = str(dest)
+        self.strip = strip
+        self.budget = budget
+        self.compressed = archive.stat().st_size
+        self.bytes = 0
+        self.entries = 0
+
+    def refuse(self, member: tarfile.TarInfo, why: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(self.archive, member.name, why)
+
+    def resolve(self, member: tarfile.TarInfo, parts: Sequence[str], what: str) -> tuple[list[str], int]:
+        try:
+            return resolve_dir(self.root, parts)
+        except LeavesRoot as e:
+            raise self.refuse(member, f"{what} {e}") from None
+
+    def path(self, parts: Sequence[str]) -> str:
+        return os.path.join(self.root, *parts)
+
+    def member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, reader: BudgetedReader) -> bool:
+        """Check one member, then create it; False when it creates nothing."""
+        try:
+            parts = member_parts(member.name, self.strip)
         except ValueError as e:
-            raise UnsafeArchiveError(archive, member.name, f"hard link target: {e}") from None
-        source = Path(real_root).joinpath(*(source_parts or []))
-        if not source_parts or not is_inside_or_same(os.path.realpath(source), real_root) or not source.is_file():
-            raise UnsafeArchiveError(archive, member.name, f"hard link to {member.linkname!r} leads outside")
-        os.link(source, target, follow_symlinks=False)
-    else:
+            raise self.refuse(member, str(e)) from None
+        if parts is None or (not parts and member.isdir()):
+            if member.isreg():  # not written, but decompressed all the same
+                self.check_bytes(member)
+                self.bytes += member.size
+            reader.allow(member.size if member.isreg() else 0, member.name)
+            return False
+        if not parts:
+            raise self.refuse(member, "a non-directory at the bundle root")
+        if not (member.isdir() or member.isreg() or member.issym() or member.islnk()):
+            raise self.refuse(member, "devices, fifos and other special files are not allowed")
+        if member.isdir() or member.isreg():
+            problem = mode_problem(member)
+            if problem:
+                raise self.refuse(member, problem)
+        parent, existing = self.resolve(member, parts[:-1], "its directory")
+        new_dirs = len(parent) - existing
+        target = [*parent, parts[-1]]
+        try:
+            st: os.stat_result | None = os.lstat(self.path(target)) if new_dirs == 0 else None
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            if member.isdir():
+                reader.allow(0, member.name)
+                return False
+            raise self.refuse(member, "replaces a directory")
+        source: list[str] | None = None
+        if member.issym() and not link_stays_inside(len(parent), member.linkname):
+            raise self.refuse(member, f"symlink to {member.linkname!r} leads outside")
+        if member.islnk():
+            source = self.hard_link_source(member, parent, target)
+            if source == target:  # tar(1) records a file added twice as a hard link to itself
+                reader.allow(0, member.name)
+                return False
+        if self.entries + 1 + new_dirs > self.budget.max_entries:
+            raise self.refuse(member, f"more than {self.budget.max_entries} entries (the extraction budget)")
+        if member.isreg():
+            self.check_bytes(member)
+        # accepted: now, and only now, create it
+        for i in range(existing, len(parent)):
+            os.mkdir(self.path(parent[: i + 1]), 0o755)
+        self.entries += new_dirs + 1
+        if st is not None:
+            os.unlink(self.path(target))  # a duplicate entry: the later one wins, as with tar(1)
+        reader.allow(member.size if member.isreg() else 0, member.name)
+        path = self.path(target)
+        if member.isdir():
+            os.mkdir(path, (member.mode & 0o777) | 0o700)
+        elif member.issym():
+            os.symlink(member.linkname, path)
+        elif source is not None:
+            os.link(self.path(source), path, follow_symlinks=False)
+        else:
+            self.write_file(tar, member, path)
+        return True
+
+    def hard_link_source(self, member: tarfile.TarInfo, parent: Sequence[str], target: Sequence[str]) -> list[str]:
+        try:
+            parts = member_parts(member.linkname, self.strip)
+        except ValueError as e:
+            raise self.refuse(member, f"hard link target {member.linkname!r}: {e}") from None
+        if not parts:
+            raise self.refuse(member, f"hard link to {member.linkname!r}, which is not in the bundle")
+        source_dir, existing = self.resolve(member, parts[:-1], "its hard link target's directory")
+        source = [*source_dir, parts[-1]]
+        try:
+            st = os.lstat(self.path(source)) if existing == len(source_dir) else None
+        except FileNotFoundError:
+            st = None
+        if st is None:
+            raise self.refuse(member, f"hard link to {member.linkname!r}, which is not extracted before it")
+        if stat.S_ISLNK(st.st_mode):
+            # a hard link to a symlink is a copy of that link in another directory: check it there
+            if not link_stays_inside(len(parent), os.readlink(self.path(source))):
+                raise self.refuse(member, f"hard link to the symlink {member.linkname!r} leads outside from here")
+        elif not stat.S_ISREG(st.st_mode):
+            raise self.refuse(member, f"hard link to {member.linkname!r}, which is not a file")
+        return source
+
+    def check_bytes(self, member: tarfile.TarInfo) -> None:
+        total = self.bytes + member.size
+        b = self.budget
+        if total > b.max_bytes:
+            raise self.refuse(member, f"{total} bytes in all: more than the extraction budget of {b.max_bytes} bytes")
+        if total > b.ratio_floor and total > b.max_ratio * self.compressed:
+            raise self.refuse(
+                member,
+                f"expands {self.compressed} bytes of archive to {total} bytes: "
+                f"a ratio over the extraction budget of {b.max_ratio:g}",
+            )
+
+    def write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> None:
         fileobj = tar.extractfile(member)
         assert fileobj is not None
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        written = 0
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(fileobj, out, DOWNLOAD_CHUNK)
-        os.chmod(target, member.mode & 0o777)  # never setuid/setgid/sticky from a bundle
-        os.utime(target, (member.mtime, member.mtime))
+            while chunk := fileobj.read(DOWNLOAD_CHUNK):
+                written += len(chunk)
+                if written > member.size:
+                    raise self.refuse(member, "more data than its header says")
+                out.write(chunk)
+        self.bytes += written
+        os.chmod(path, member.mode & 0o777)
+        os.utime(path, (member.mtime, member.mtime))
+
+
+def extract_safely(archive: Path, dest: Path, *, strip: int = 0, budget: ExtractBudget | None = None) -> int:
+    """Extract into the (new, empty) directory dest: regular files, directories,
+    and links that stay inside, within the budget; anything else refuses the
+    whole archive (UnsafeArchiveError naming the member), and a refused member
+    creates nothing. Returns the number of members extracted."""
+    budget = budget or ExtractBudget()
+    extraction = Extraction(archive, dest, strip, budget)
+    count = 0
+    with open_tar_stream(archive, budget.max_bytes + budget.max_entries * 4096) as (tar, reader):
+        for member in tar:
+            if extraction.member(tar, member, reader):
+                count += 1
+    return count
 
 
 def bundle_problems(root: Path, expected_files: Sequence[str], executables: Sequence[str]) -> list[str]:
@@ -2476,6 +2792,7 @@ def install_archive(
     executables: Sequence[str] = (),
     marker: Mapping[str, Any],
     verify: Callable[[Path], None] | None = None,
+    budget: ExtractBudget | None = None,
 ) -> None:
     """Extract into `<parent>/.staging-<name>-<random>`, check it, mark it
     complete, and rename it to `final` in one step. A failure anywhere leaves
@@ -2486,7 +2803,7 @@ def install_archive(
     staging = parent / f"{STAGING_PREFIX}{final.name}-{secrets.token_hex(4)}"
     staging.mkdir(mode=0o755)
     try:
-        extract_safely(archive, staging, strip=strip)
+        extract_safely(archive, staging, strip=strip, budget=budget)
         problems = bundle_problems(staging, expected_files, executables)
         if problems:
             raise BootstrapError(
@@ -4619,7 +4936,7 @@ class EventSender:
     def _post(self, events: list[dict[str, Any]]) -> str:
         """'ok', 'drop' (refused for good) or 'retry'."""
         assert self.token is not None
-        body = json.dumps({"host_id": self.host_id, "events": events}, separators=(",", ":")).encode()
+        body = json.dumps({"host_id": self.host_id, "events": sendable(events)}, separators=(",", ":")).encode()
         request = urllib.request.Request(
             self.url,
             data=body,
@@ -4630,9 +4947,14 @@ class EventSender:
         if self.deadline is not None:
             timeout = max(0.1, min(timeout, self.deadline - time.monotonic()))
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with open_request(request, timeout) as response:
                 response.read()
             return "ok"
+        except RedirectRefused as e:  # not delivered: a POST is never re-sent elsewhere or as a GET
+            problem = e.message
+            if self.failures == 0:
+                self.log.warn(f"cannot send progress events: {problem}; spooled, retrying", event="events")
+                return "retry"
         except urllib.error.HTTPError as e:
             if 400 <= e.code < 500 and e.code not in (408, 429):
                 self.log.warn(
@@ -4646,6 +4968,21 @@ class EventSender:
         if self.failures == 0:
             self.log.debug(f"cannot send progress events ({problem}); spooled, retrying", event="events")
         return "retry"
+
+
+def sendable(value: Any) -> Any:
+    """value with every string (keys too) made storable as PostgreSQL text:
+    NUL and unpaired surrogates (from undecodable command output, or a spool
+    written by an older version) become U+FFFD; surrogate pairs are joined."""
+    if isinstance(value, str):
+        if value.isascii() and "\x00" not in value:
+            return value
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {sendable(k): sendable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [sendable(v) for v in value]
+    return value
 
 
 def acked_path(spool_file: Path) -> Path:

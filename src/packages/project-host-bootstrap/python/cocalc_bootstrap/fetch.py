@@ -38,11 +38,84 @@ class TransientError(BootstrapError):
     """A failure worth retrying: network errors, 5xx/429, a cut connection."""
 
 
+CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+
+
+class RedirectRefused(BootstrapError):
+    """A redirect that would carry a credential to another origin, downgrade
+    https to http, or re-send a POST (as a GET, or elsewhere)."""
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in: what a credential is issued for."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # a malformed port never equals a real origin
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port if port is not None else default
+
+
+def redirect_refusal(request: urllib.request.Request, new_url: str) -> str | None:
+    """Why a redirect from request to new_url must not be followed, or None."""
+    method = request.get_method()
+    old, new = origin(request.full_url), origin(new_url)
+    if method not in ("GET", "HEAD"):
+        return f"a {method} is never re-sent, neither as a GET nor to another address"
+    if new[0] not in ("http", "https"):
+        return f"{new[0] or 'no'} scheme: only http and https are followed"
+    if old[0] == "https" and new[0] == "http":
+        return "a downgrade from https to http"
+    if new != old and any(request.has_header(h) for h in CREDENTIAL_HEADERS):
+        return "the request carries a credential for its own origin, never sent to another one"
+    return None
+
+
+class GuardedRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, minus what leaks or changes a request: see
+    redirect_refusal. A credential-free GET (a public artifact) may follow a
+    redirect to another origin, with any credential header stripped."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        why = redirect_refusal(req, newurl)
+        if why is not None:
+            fp.close()
+            raise RedirectRefused(
+                f"{req.get_method()} {req.full_url}: HTTP {code} redirect to {newurl} refused: {why}",
+                hint="Point the config at the final URL (same origin, https stays https); "
+                "nothing was sent to the redirect's target.",
+            )
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.method = req.get_method()  # urllib would turn a HEAD into a GET
+        if new is not None and origin(newurl) != origin(req.full_url):
+            for header in CREDENTIAL_HEADERS:
+                new.remove_header(header)
+        return new
+
+
+def open_request(request: urllib.request.Request, timeout_s: float) -> Any:
+    """urlopen with GuardedRedirects (the only way this program opens a URL
+    that may carry a credential). Raises what urlopen raises, and RedirectRefused."""
+    opener = urllib.request.build_opener(GuardedRedirects)
+    return opener.open(request, timeout=timeout_s)
+
+
 def http_open(url: str, *, timeout_s: float, headers: Mapping[str, str] | None = None) -> http.client.HTTPResponse:
-    """GET url; TransientError for what a retry may fix, BootstrapError otherwise."""
+    """GET url; TransientError for what a retry may fix, BootstrapError otherwise
+    (RedirectRefused for a redirect that would leak or downgrade)."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)
+        response = open_request(request, timeout_s)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code in (408, 425, 429) or e.code >= 500:
@@ -52,6 +125,13 @@ def http_open(url: str, *, timeout_s: float, headers: Mapping[str, str] | None =
         reason = getattr(e, "reason", None) or e
         raise TransientError(f"GET {url}: {reason}", hint=DOWNLOAD_HINT) from None
     assert isinstance(response, http.client.HTTPResponse)
+    if (
+        headers
+        and any(h.lower() in ("authorization", "cookie") for h in headers)
+        and (origin(response.geturl()) != origin(url))
+    ):  # belt and braces: GuardedRedirects refuses this before it happens
+        response.close()
+        raise RedirectRefused(f"GET {url}: answered from {response.geturl()}, another origin")
     return response
 
 

@@ -22,6 +22,7 @@ from .config import Config
 from .engine import EVENTS_DIR_NAME, EventSink, lock_is_held, lock_path
 from .errors import EXIT_FAILED, EXIT_OK, BootstrapError
 from .events import Event, EventType, Outcome, event_fields, parse_events
+from .fetch import RedirectRefused, open_request
 from .layout import done_marker
 from .log import REDACTOR, Log, clip, utc_timestamp
 from .step import atomic_write_text
@@ -164,7 +165,7 @@ class EventSender:
     def _post(self, events: list[dict[str, Any]]) -> str:
         """'ok', 'drop' (refused for good) or 'retry'."""
         assert self.token is not None
-        body = json.dumps({"host_id": self.host_id, "events": events}, separators=(",", ":")).encode()
+        body = json.dumps({"host_id": self.host_id, "events": sendable(events)}, separators=(",", ":")).encode()
         request = urllib.request.Request(
             self.url,
             data=body,
@@ -175,9 +176,14 @@ class EventSender:
         if self.deadline is not None:
             timeout = max(0.1, min(timeout, self.deadline - time.monotonic()))
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with open_request(request, timeout) as response:
                 response.read()
             return "ok"
+        except RedirectRefused as e:  # not delivered: a POST is never re-sent elsewhere or as a GET
+            problem = e.message
+            if self.failures == 0:
+                self.log.warn(f"cannot send progress events: {problem}; spooled, retrying", event="events")
+                return "retry"
         except urllib.error.HTTPError as e:
             if 400 <= e.code < 500 and e.code not in (408, 429):
                 self.log.warn(
@@ -191,6 +197,21 @@ class EventSender:
         if self.failures == 0:
             self.log.debug(f"cannot send progress events ({problem}); spooled, retrying", event="events")
         return "retry"
+
+
+def sendable(value: Any) -> Any:
+    """value with every string (keys too) made storable as PostgreSQL text:
+    NUL and unpaired surrogates (from undecodable command output, or a spool
+    written by an older version) become U+FFFD; surrogate pairs are joined."""
+    if isinstance(value, str):
+        if value.isascii() and "\x00" not in value:
+            return value
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {sendable(k): sendable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [sendable(v) for v in value]
+    return value
 
 
 def acked_path(spool_file: Path) -> Path:

@@ -106,12 +106,14 @@ def test_hostile_members_are_refused(tmp_path: Path, case: str) -> None:
     assert not (tmp_path / "evil").exists()
 
 
-def test_setuid_bits_are_dropped(tmp_path: Path) -> None:
+def test_setuid_bits_are_refused_not_dropped(tmp_path: Path) -> None:
     archive = write(tmp_path / "b.tar.xz", tar_bytes([("x", b"#!/bin/sh\n", 0o4755)]))
     dest = tmp_path / "dest"
     dest.mkdir()
-    bootstrap.extract_safely(archive, dest)
-    assert (dest / "x").stat().st_mode & 0o7777 == 0o755
+    with pytest.raises(bootstrap.UnsafeArchiveError) as failure:
+        bootstrap.extract_safely(archive, dest)
+    assert "refusing member 'x': setuid/setgid mode 4755" in failure.value.message
+    assert os.listdir(dest) == []
 
 
 def install(tmp_path: Path, members: list[Member], **kwargs: Any) -> Path:
