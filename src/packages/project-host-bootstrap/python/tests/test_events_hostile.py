@@ -15,6 +15,12 @@ import bootstrap
 import pytest
 from hostile_support import Answer, Origin, Seen, events_of, origin
 
+
+def note(spool: bootstrap.EventSpool, text: str) -> None:
+    """One event carrying `text` as its message (a failed step's message is free text)."""
+    spool.emit(bootstrap.StepEndEvent(step="s", outcome=bootstrap.Outcome.FAILED, duration_s=0.0, message=text))
+
+
 TOKEN = "tok-0123456789abcdef-events"  # noqa: S105 - a test token
 
 
@@ -63,9 +69,9 @@ def test_nul_and_lone_surrogates_are_cleaned_before_they_are_sent(tmp_path: Path
     with origin() as hub:
         hub.routes["/events"] = like_postgresql
         spool, send, _ = sender(tmp_path, hub)
-        spool.emit("progress", message="bad byte: \x00 and \udc80 from a failing command", nested={"k\x00": ["\ud800"]})
-        spool.emit("progress", message="a pair stays a pair: \U0001f600")
-        spool.emit("progress", message="after")
+        note(spool, "bad byte: \x00 and \udc80 from a failing command")
+        note(spool, "a pair stays a pair: \U0001f600")
+        note(spool, "after")
         assert send.start()
         assert send.close(5.0)
         spool.close()
@@ -75,7 +81,7 @@ def test_nul_and_lone_surrogates_are_cleaned_before_they_are_sent(tmp_path: Path
         "a pair stays a pair: \U0001f600",
         "after",
     ]
-    assert delivered(hub)[0]["nested"] == {"k\ufffd": ["\ufffd"]}
+    assert bootstrap.sendable({"k\x00": ["\ud800"]}) == {"k\ufffd": ["\ufffd"]}
 
 
 def test_a_spool_written_with_raw_escapes_is_cleaned_on_replay(tmp_path: Path) -> None:
@@ -88,7 +94,7 @@ def test_a_spool_written_with_raw_escapes_is_cleaned_on_replay(tmp_path: Path) -
     with origin() as hub:
         hub.routes["/events"] = like_postgresql
         spool, send, _ = sender(tmp_path, hub)
-        spool.emit("progress", message="now")
+        note(spool, "now")
         assert send.start()
         assert send.close(5.0)
         spool.close()
@@ -106,13 +112,13 @@ def test_a_batch_refused_as_invalid_is_dropped_and_logged_and_later_batches_arri
     with origin() as hub:
         hub.routes["/events"] = hub_route
         spool, send, log = sender(tmp_path, hub)
-        spool.emit("progress", message="refused")
+        note(spool, "refused")
         assert send.start()
         deadline = time.monotonic() + 5
         while not hub.seen and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.1)
-        spool.emit("progress", message="later")
+        note(spool, "later")
         assert send.close(5.0)
         spool.close()
     assert len([s for s in hub.seen if b"refused" in s.body]) == 1  # not retried
@@ -132,7 +138,7 @@ def test_5xx_keeps_being_retried_and_nothing_is_dropped(tmp_path: Path, status: 
     with origin() as hub:
         hub.routes["/events"] = hub_route
         spool, send, log = sender(tmp_path, hub)
-        spool.emit("progress", message="kept")
+        note(spool, "kept")
         assert send.start()
         assert send.close(5.0)
         spool.close()
@@ -147,7 +153,7 @@ def test_a_dead_hub_is_retried_and_the_spool_kept(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     spool = bootstrap.EventSpool(tmp_path / "events", "run-1")
     send = bootstrap.EventSender(spool, url=f"{url}/events", host_id="h", token=TOKEN, log=bootstrap.Log(log))
-    spool.emit("progress", message="kept")
+    note(spool, "kept")
     assert send.start()
     assert send.close(0.5) is False
     spool.close()

@@ -17,6 +17,12 @@ import pytest
 from hostile_support import Origin, events_of, origin, redirect, self_signed
 from test_steps_support import context, make_config
 
+
+def note(spool: bootstrap.EventSpool, text: str) -> None:
+    """One event carrying `text` as its message (a failed step's message is free text)."""
+    spool.emit(bootstrap.StepEndEvent(step="s", outcome=bootstrap.Outcome.FAILED, duration_s=0.0, message=text))
+
+
 TOKEN = "tok-0123456789abcdef-hostile"  # noqa: S105 - a test token
 
 
@@ -106,7 +112,7 @@ def test_a_redirected_events_post_is_not_delivered(tmp_path: Path, code: int) ->
         other.routes["/events"] = (200, {}, b'{"ok":true}')
         hub.routes["/events"] = redirect(f"{other.url}/events", code)
         spool = bootstrap.EventSpool(tmp_path / "events", "run-1")
-        spool.emit("progress", message="hello")
+        note(spool, "hello")
         sender = bootstrap.EventSender(
             spool, url=f"{hub.url}/events", host_id="h", token=TOKEN, log=bootstrap.Log(log_path, echo=False)
         )
@@ -125,7 +131,7 @@ def test_nothing_is_sent_to_another_origin_across_a_whole_events_flush(tmp_path:
         hub.routes["/events"] = (200, {}, b"{}")
         spool = bootstrap.EventSpool(tmp_path / "events", "run-1")
         for i in range(5):
-            spool.emit("progress", message=f"m{i}")
+            note(spool, f"m{i}")
         sender = bootstrap.EventSender(
             spool, url=f"{hub.url}/events", host_id="h", token=TOKEN, log=bootstrap.Log(echo=False)
         )
