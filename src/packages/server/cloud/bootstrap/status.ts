@@ -56,19 +56,36 @@ function newStep(name: string, deps: string[] = [], weight = 1): StepStatus {
   return { name, deps, weight, state: "pending", started_ts: null, ended_ts: null, duration_s: null, message: "", hint: null };
 }
 
+/**
+ * The fold. Its rules only ever look at the latest run_start, progress and
+ * run_end, the first and last step_start and step_end of each step, and the
+ * first failed step_end, so folding a run's digest gives exactly what folding
+ * all of its events gives (the fuzz tests check this):
+ *
+ * - the plan (step order, deps, weights) is the latest run_start's; steps
+ *   that have events but are not in the plan follow it, in order of their
+ *   first event;
+ * - a step's start is its latest step_start, else its first step_end minus
+ *   that duration; its outcome, end, duration, message and hint are its
+ *   latest step_end's;
+ * - the run's end is its latest run_end; a failure names that run_end's
+ *   failed step, with the first failed step_end's message when it is the same step.
+ */
 class RunFold {
-  readonly steps = new Map<string, StepStatus>();
+  private readonly touched = new Map<string, StepStatus>();
+  private plan: { name: string; deps: string[]; weight: number }[] = [];
+  private runEnd: { ok: boolean; failed_step: string | null; hint: string | null; log_tail: string | null } | null = null;
   progress: { phase: string; percent: number; ts: number; seq: number } | null = null;
   lastStepEndSeq = -1;
-  failure: FailureInfo | null = null;
+  private firstFailure: FailureInfo | null = null;
 
   constructor(readonly s: HostStatus) {}
 
-  step(name: string): StepStatus {
-    let st = this.steps.get(name);
+  private step(name: string): StepStatus {
+    let st = this.touched.get(name);
     if (!st) {
       st = newStep(name);
-      this.steps.set(name, st);
+      this.touched.set(name, st);
     }
     return st;
   }
@@ -81,11 +98,7 @@ class RunFold {
         s.started_ts = ts;
         s.version = e.version;
         s.parallel = e.parallel;
-        for (const info of e.steps) {
-          const st = this.step(info.name);
-          st.deps = info.deps;
-          st.weight = info.weight;
-        }
+        this.plan = e.steps;
         break;
       case "step_start": {
         const st = this.step(e.step);
@@ -102,8 +115,8 @@ class RunFold {
         st.message = e.message;
         st.hint = e.hint;
         this.lastStepEndSeq = e.seq;
-        if (e.outcome === "failed" && !this.failure) {
-          this.failure = { step: e.step, message: e.message || null, hint: e.hint, log_tail: e.log_tail };
+        if (e.outcome === "failed" && !this.firstFailure) {
+          this.firstFailure = { step: e.step, message: e.message || null, hint: e.hint, log_tail: e.log_tail };
         }
         break;
       }
@@ -114,17 +127,35 @@ class RunFold {
         s.state = e.ok ? "done" : "failed";
         s.ended_ts = ts;
         s.wall_s = e.wall_s;
-        if (!e.ok) {
-          const stepFailure = this.failure?.step === e.failed_step ? this.failure : null;
-          this.failure = {
-            step: e.failed_step,
-            message: stepFailure?.message ?? null,
-            hint: e.hint ?? stepFailure?.hint ?? null,
-            log_tail: e.log_tail ?? stepFailure?.log_tail ?? null,
-          };
-        }
+        this.runEnd = e;
         break;
     }
+  }
+
+  /** The steps: the plan's in its order, then the others in order of their first event. */
+  get steps(): StepStatus[] {
+    const out: StepStatus[] = [];
+    const planned = new Set<string>();
+    for (const info of this.plan) {
+      if (planned.has(info.name)) continue;
+      planned.add(info.name);
+      out.push({ ...(this.touched.get(info.name) ?? newStep(info.name)), deps: info.deps, weight: info.weight });
+    }
+    for (const st of this.touched.values()) if (!planned.has(st.name)) out.push(st);
+    return out;
+  }
+
+  get failure(): FailureInfo | null {
+    const end = this.runEnd;
+    if (!end) return this.firstFailure;
+    if (end.ok) return this.firstFailure;
+    const stepFailure = this.firstFailure?.step === end.failed_step ? this.firstFailure : null;
+    return {
+      step: end.failed_step,
+      message: stepFailure?.message ?? null,
+      hint: end.hint ?? stepFailure?.hint ?? null,
+      log_tail: end.log_tail ?? stepFailure?.log_tail ?? null,
+    };
   }
 }
 
@@ -220,7 +251,7 @@ export function deriveStatusFromDigest(d: RunDigest, o: DeriveOptions): HostStat
   s.silent_s = Math.max(0, o.now.getTime() / 1000 - lastReceived);
   s.events = d.count;
   s.missing_seqs = d.maxSeq + 1 - d.count;
-  s.steps = [...fold.steps.values()];
+  s.steps = fold.steps;
   s.current_steps = s.steps.filter((st) => st.state === "running").map((st) => st.name);
   s.failure = fold.failure;
   s.percent = s.state === "done" ? 100 : Math.round(currentPercent(fold, s.steps) * 10) / 10;
