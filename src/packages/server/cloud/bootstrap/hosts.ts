@@ -12,16 +12,12 @@ import {
   type BootstrapConfig,
   BootstrapConfigError,
   buildBootstrapConfig,
-  HOST_NAME_RE,
   type HostFacts,
   HttpUrl,
-  NODE_VERSION_RE,
   OsSchema,
   renderStub,
-  SECRET_NAME_RE,
-  USER_RE,
-  UUID_RE,
 } from "@cocalc/project-host-bootstrap";
+import { HOST_NAME_RE, NODE_VERSION_RE, SECRET_NAME_RE, USER_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import { z } from "zod";
 import type { Db } from "./db.js";
 import { ManifestError, ManifestFetcher, type ResolvedArtifact } from "./manifests.js";

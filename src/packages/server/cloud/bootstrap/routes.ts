@@ -18,9 +18,8 @@ import {
   bootstrapPySha256,
   EventBatchSchema,
   MAX_BATCH_BYTES,
-  SECRET_NAME_RE,
-  UUID_RE,
 } from "@cocalc/project-host-bootstrap";
+import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import express, { type NextFunction, type Request, type Response, type Router } from "express";
 import { z } from "zod";
 import type { Db } from "./db.js";
