@@ -27,12 +27,13 @@ export type StepOutcome = (typeof STEP_OUTCOMES)[number];
  * sending (a failing command's output may hold anything); the hub refuses a
  * batch that still has them, naming the field, with 422.
  */
+// NUL, a high surrogate not followed by a low one, or a low one not preceded by a high one.
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding NUL is the point
+const UNSTORABLE_RE = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
 export function isStorableText(s: string): boolean {
   return !UNSTORABLE_RE.test(s);
 }
-
-// NUL, a high surrogate not followed by a low one, or a low one not preceded by a high one.
-const UNSTORABLE_RE = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
 
 export const STORABLE_TEXT_MESSAGE = "must not contain NUL (U+0000) or unpaired surrogates (U+D800-U+DFFF)";
 

@@ -22,6 +22,7 @@ const exampleStub = () => renderStub(stubOptionsFor(buildBootstrapConfig(example
 
 const NASTY_DIR = "/tmp/it's a $(touch pwned) `id` \\ \"dir\"\nline two/bootstrap";
 // No whitespace: URLs cannot have any. ${IFS} does the job of a space in a command.
+// biome-ignore lint/suspicious/noTemplateCurlyInString: a shell expansion the stub must not run, on purpose
 const NASTY_URL = "http://127.0.0.1:1/a'b/$(touch${IFS}pwned)/`id`/\"q\"";
 
 function nastyOptions(overrides: Partial<StubOptions> = {}): StubOptions {
@@ -74,7 +75,7 @@ describe("renderStub text", () => {
 
   it("is stub/stub.sh with only its settings block replaced; the asset itself passes shellcheck and sh -n", () => {
     const asset = readFileSync(STUB_SH_PATH, "utf8");
-    const outside = (text: string) => text.replace(/^# >>> settings[^]*?^# <<< settings$/m, "<settings>");
+    const outside = (text: string) => text.replace(/^# >>> settings[\s\S]*?^# <<< settings$/m, "<settings>");
     for (const text of [exampleStub(), renderStub(nastyOptions({ token: null }))]) {
       expect(outside(text)).toBe(outside(asset));
       expect(outside(text)).toContain("<settings>");

@@ -20,7 +20,7 @@ import {
 import { HOST_NAME_RE, NODE_VERSION_RE, SECRET_NAME_RE, USER_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import { z } from "zod";
 import type { Db } from "./db.js";
-import { ManifestError, ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
+import { ManifestError, type ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
 import { saveHost, saveSecret } from "./store.js";
 import { DEFAULT_TOKEN_TTL_MS, issueToken } from "./tokens.js";
 

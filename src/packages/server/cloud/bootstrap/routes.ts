@@ -56,7 +56,7 @@ export interface BootstrapRouter {
 }
 
 const HostIdSchema = z.string().regex(UUID_RE, { message: "must be a lowercase UUID" });
-const SecretNameSchema = z.string().regex(SECRET_NAME_RE, { message: "must match " + SECRET_NAME_RE.source });
+const SecretNameSchema = z.string().regex(SECRET_NAME_RE, { message: `must match ${SECRET_NAME_RE.source}` });
 
 function param(req: Request, name: string): string {
   const v = (req.params as Record<string, unknown>)[name];
