@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# pnpm lint:shell - shellcheck over every shell file in the repository and over
-# the stub that renderStub() produces for an example host.
+# pnpm lint:shell - shellcheck over every shell file in the repository, the stub
+# asset (stub/stub.sh) as a file with shellcheck --shell=sh and sh -n, and the
+# stub that renderStub() produces from it for an example host.
 set -u
 
 main() {
@@ -11,6 +12,9 @@ main() {
   local files=()
   mapfile -t files < <(git ls-files --cached --others --exclude-standard '*.sh' '.ci/run' | while read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done)
   .venv/bin/shellcheck "${files[@]}" || rc=1
+  local stub=src/packages/project-host-bootstrap/stub/stub.sh
+  .venv/bin/shellcheck --shell=sh --severity=style "$stub" || rc=1
+  sh -n "$stub" || rc=1
   rendered=$(mktemp) || return 1
   if pnpm --silent --filter @cocalc/project-host-bootstrap exec tsx scripts/render-example.ts stub >"$rendered"; then
     .venv/bin/shellcheck --shell=sh "$rendered" || rc=1

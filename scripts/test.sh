@@ -23,6 +23,8 @@ main() {
   pnpm --silent lint:shell || { echo "FAILED: lint:shell" >&2; rc=1; }
   say "lint:bootstrap"
   pnpm --silent lint:bootstrap || { echo "FAILED: lint:bootstrap" >&2; rc=1; }
+  say "lint:ts"
+  pnpm --silent lint:ts || { echo "FAILED: lint:ts" >&2; rc=1; }
   say "typecheck"
   pnpm --silent typecheck || { echo "FAILED: typecheck" >&2; rc=1; }
 

@@ -8,6 +8,8 @@ export default defineConfig({
     // Test against the workspace's sources, not whatever dist/ was built last.
     alias: {
       "@cocalc/server": pkg("server/cloud/bootstrap/index.ts"),
+      // The subpath first: an alias also matches as a prefix.
+      "@cocalc/project-host-bootstrap/contract": pkg("project-host-bootstrap/src/contract.ts"),
       "@cocalc/project-host-bootstrap": pkg("project-host-bootstrap/src/index.ts"),
       "@cocalc/util": pkg("util/src/index.ts"),
     },

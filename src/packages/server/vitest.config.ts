@@ -7,6 +7,8 @@ export default defineConfig({
   resolve: {
     // Test against the workspace packages' sources: no build of them needed.
     alias: {
+      // The subpath first: an alias also matches as a prefix.
+      "@cocalc/project-host-bootstrap/contract": here("../project-host-bootstrap/src/contract.ts"),
       "@cocalc/project-host-bootstrap": here("../project-host-bootstrap/src/index.ts"),
       "@cocalc/util": here("../util/src/index.ts"),
     },

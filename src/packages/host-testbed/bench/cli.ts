@@ -8,7 +8,7 @@ async function main(): Promise<number> {
   try {
     const out = await bench(process.argv.slice(2), { repoRoot });
     if (out) {
-      process.stdout.write(out.markdown + "\n");
+      process.stdout.write(`${out.markdown}\n`);
       process.stderr.write(`bench: results in ${out.dir}\n`);
     }
     return 0;

@@ -89,7 +89,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
 export async function bench(argv: string[], opts: { repoRoot: string; log?: (line: string) => void }): Promise<{ dir: string; markdown: string } | null> {
   const cli = parseCli(argv, opts.repoRoot);
   if (cli === "help") {
-    process.stdout.write(HELP + "\n");
+    process.stdout.write(`${HELP}\n`);
     return null;
   }
   const why = whyNotSupported();

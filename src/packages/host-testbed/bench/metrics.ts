@@ -174,7 +174,7 @@ export function extractions(run: EngineRun, records: readonly LogRecord[], archi
   const out: Extraction[] = [];
   for (const [artifact, bytes] of Object.entries(archiveBytes)) {
     const step = run.steps.find((s) => s.name === `install_${artifact}`);
-    if (!step || step.outcome !== "changed") continue;
+    if (step?.outcome !== "changed") continue;
     const said = records
       .map((r) => new RegExp(`^installed ${artifact} \\S+ in ([\\d.]+)s`).exec(r.message ?? ""))
       .find((m) => m !== null);

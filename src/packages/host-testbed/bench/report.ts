@@ -232,7 +232,7 @@ export function waterfallSvg(run: RunRecord, title: string): string {
     out.push(`<text x="${(x(s.start_s) + w + 4).toFixed(1)}" y="${y + 15}" fill="#333">${s.duration_s.toFixed(1)} s</text>`);
   });
   out.push("</svg>");
-  return out.join("\n") + "\n";
+  return `${out.join("\n")}\n`;
 }
 
 function niceTick(total: number): number {
@@ -246,7 +246,7 @@ function niceTick(total: number): number {
 /** Write result.json, result.md and the waterfalls into `dir`; returns the Markdown. */
 export function writeResults(dir: string, result: BenchResult): string {
   mkdirSync(dir, { recursive: true });
-  writeFileSync(join(dir, "result.json"), JSON.stringify(result, null, 2) + "\n");
+  writeFileSync(join(dir, "result.json"), `${JSON.stringify(result, null, 2)}\n`);
   const md = markdown(result);
   writeFileSync(join(dir, "result.md"), md);
   for (const kind of ["cold_parallel", "cold_serial"] as const) {

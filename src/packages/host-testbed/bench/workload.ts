@@ -181,18 +181,18 @@ function header(name: string, size: number, mode: number, type: "0" | "5"): Buff
   let prefix = "";
   let base = name;
   if (Buffer.byteLength(name) > 100) {
-    const cut = name.lastIndexOf("/", name.length - 2 > 155 ? 155 : name.length - 2);
+    const cut = name.lastIndexOf("/", Math.min(name.length - 2 , 155));
     prefix = name.slice(0, cut);
     base = name.slice(cut + 1);
     if (cut < 0 || Buffer.byteLength(prefix) > 155 || Buffer.byteLength(base) > 100) throw new Error(`tar name too long: ${name}`);
   }
   const put = (text: string, off: number, len: number) => h.write(text, off, len, "utf8");
   put(base, 0, 100);
-  put(mode.toString(8).padStart(7, "0") + "\0", 100, 8);
+  put(`${mode.toString(8).padStart(7, "0")}\0`, 100, 8);
   put("0000000\0", 108, 8); // uid
   put("0000000\0", 116, 8); // gid
-  put(size.toString(8).padStart(11, "0") + "\0", 124, 12);
-  put(MTIME.toString(8).padStart(11, "0") + "\0", 136, 12);
+  put(`${size.toString(8).padStart(11, "0")}\0`, 124, 12);
+  put(`${MTIME.toString(8).padStart(11, "0")}\0`, 136, 12);
   put("        ", 148, 8); // checksum placeholder: spaces while summing
   put(type, 156, 1);
   put("ustar\0", 257, 6);
@@ -202,7 +202,7 @@ function header(name: string, size: number, mode: number, type: "0" | "5"): Buff
   put(prefix, 345, 155);
   let sum = 0;
   for (const b of h) sum += b;
-  put(sum.toString(8).padStart(6, "0") + "\0 ", 148, 8);
+  put(`${sum.toString(8).padStart(6, "0")}\0 `, 148, 8);
   return h;
 }
 
@@ -248,7 +248,7 @@ function textFile(rng: Prng, words: string[], size: number): Buffer {
     lines.push(line);
     n += line.length + 1;
   }
-  return Buffer.from(lines.join("\n") + "\n");
+  return Buffer.from(`${lines.join("\n")}\n`);
 }
 
 /**

@@ -85,5 +85,5 @@ export function sourcesListFor(suite: string, sources = readAptSources()): strin
   let mine = sourcesForSuite(sources, suite);
   if (mine.length === 0) mine = [{ uri: debianMirror(suite, sources), suite, components: ["main"] }];
   const lines = mine.map((s) => `deb ${s.uri} ${s.suite} ${(s.components.length ? s.components : ["main"]).join(" ")}`);
-  return [...new Set(lines)].join("\n") + "\n";
+  return `${[...new Set(lines)].join("\n")}\n`;
 }

@@ -113,7 +113,7 @@ export async function buildBundle(spec: BundleSpec, log: (line: string) => void 
   const dir = join(cacheDir(), "artifacts", name, `${spec.version}-${key}`);
   const path = join(dir, fileName);
   const expectedFiles = ["VERSION", "README.md"];
-  const executables = spec.artifact === "project_host" ? ["bin/project-host"] : ["bin/" + name];
+  const executables = spec.artifact === "project_host" ? ["bin/project-host"] : [`bin/${name}`];
   if (!existsSync(path)) {
     log(`building ${fileName} (${(spec.paddingBytes / 1e6).toFixed(0)} MB of padding)`);
     const staging = join(dir, `staging-${process.pid}`);
@@ -203,7 +203,7 @@ function writePadding(dir: string, bytes: number, seed: string): void {
       lines.push(line);
       size += line.length + 1;
     }
-    const text = lines.join("\n") + "\n";
+    const text = `${lines.join("\n")}\n`;
     writeFileSync(join(sub, `${rng.pick(words)}-${file}.js`), text);
     written += text.length;
   }
@@ -310,7 +310,7 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
     writeFileSync(join(dir, `${rel}.sha256`), `${sha256}  ${fileName}\n`);
     const url = `${base}/${rel}`;
     const manifest = { url, sha256, size_bytes: b.size_bytes, built_at: new Date(statSync(b.path).mtimeMs).toISOString(), os: "linux", arch };
-    writeFileSync(join(dir, name, `latest-linux-${arch}.json`), JSON.stringify(manifest, null, 2) + "\n");
+    writeFileSync(join(dir, name, `latest-linux-${arch}.json`), `${JSON.stringify(manifest, null, 2)}\n`);
     out[b.spec.artifact] = {
       artifact: b.spec.artifact,
       version: b.spec.version,

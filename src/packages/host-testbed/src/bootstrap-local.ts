@@ -32,11 +32,8 @@ import {
   type Arch,
   bootstrapPaths,
   defaultAptPackages,
-  HOST_NAME_RE,
-  OS_ID_RE,
-  OS_VERSION_RE,
-  USER_RE,
 } from "@cocalc/project-host-bootstrap";
+import { HOST_NAME_RE, OS_ID_RE, OS_VERSION_RE, USER_RE } from "@cocalc/project-host-bootstrap/contract";
 import { watchArgv } from "./argv-watch.js";
 import { daemonIdentity, expectBootstrappedHost, expectRerunChangedNothing, type HostView, type Observed } from "./end-state.js";
 import { CommandHost, minimalEnvArgv, type ExecOptions } from "./host.js";

@@ -30,7 +30,7 @@ async function main(): Promise<void> {
   });
   const info: DemoServices = { pid: process.pid, hubUrl: bed.hub.url, bootstrapUrl: bed.hub.bootstrapUrl, artifactUrl: bed.artifactServer.url };
   const file = join(values.dir, "services.json");
-  writeFileSync(`${file}.tmp`, JSON.stringify(info, null, 2) + "\n");
+  writeFileSync(`${file}.tmp`, `${JSON.stringify(info, null, 2)}\n`);
   renameSync(`${file}.tmp`, file);
   log(`ready: hub ${info.hubUrl}`);
   await new Promise<void>((resolve) => {

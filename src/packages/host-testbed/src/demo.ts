@@ -121,7 +121,7 @@ async function up(): Promise<number> {
     bootstrapDir: c.bootstrap_dir,
     user: c.bootstrap_user,
   };
-  writeFileSync(join(DEMO_DIR, "host.json"), JSON.stringify(demoHost, null, 2) + "\n");
+  writeFileSync(join(DEMO_DIR, "host.json"), `${JSON.stringify(demoHost, null, 2)}\n`);
   say();
   say(`Progress page: ${p.pageUrl}`);
   say();
@@ -210,7 +210,9 @@ async function main(argv: string[]): Promise<number> {
     case "rerun":
       return rerun();
     case "down":
-      return existsSync(DEMO_DIR) || ThrowawayHost.list().includes(HOST_NAME) ? down() : (note("no demo is up"), 0);
+      if (existsSync(DEMO_DIR) || ThrowawayHost.list().includes(HOST_NAME)) return down();
+      note("no demo is up");
+      return 0;
     default:
       process.stderr.write("usage: pnpm demo [up] | pnpm demo rerun | pnpm demo exec [-- CMD...] | pnpm demo down\n");
       return cmd === "--help" || cmd === "-h" ? 0 : 2;

@@ -122,7 +122,7 @@ export async function expectBootstrappedHost(o: Observed): Promise<void> {
   await expectTokenNowhere(o);
 
   // the token file itself is the user's, 0600
-  const tok = statSync(host.path(c.bootstrap_dir + "/bootstrap-token"));
+  const tok = statSync(host.path(`${c.bootstrap_dir}/bootstrap-token`));
   expect([(tok.mode & 0o777).toString(8), tok.uid]).toEqual(["600", user.uid]);
 }
 

@@ -312,7 +312,7 @@ export class ThrowawayHost extends CommandHost {
 
   private saveState(): void {
     mkdirSync(this.state.dir, { recursive: true });
-    writeFileSync(join(this.state.dir, "state.json"), JSON.stringify(this.state, null, 2) + "\n");
+    writeFileSync(join(this.state.dir, "state.json"), `${JSON.stringify(this.state, null, 2)}\n`);
   }
 }
 
@@ -376,7 +376,7 @@ async function unmountUnder(dir: string): Promise<void> {
   const mounts = readFileSync("/proc/self/mountinfo", "utf8")
     .split("\n")
     .map((l) => l.split(" ")[4])
-    .filter((m): m is string => !!m && (m === dir || m.startsWith(dir + "/")))
+    .filter((m): m is string => !!m && (m === dir || m.startsWith(`${dir}/`)))
     .map((m) => m.replace(/\\040/g, " "))
     .sort((a, b) => b.length - a.length);
   for (const m of mounts) {

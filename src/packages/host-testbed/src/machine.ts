@@ -119,7 +119,7 @@ async function attachedLoops(): Promise<AttachedLoop[]> {
 
 function backingFileIsUnder(dev: AttachedLoop, root: string): boolean {
   const clean = dev.backingFile.replace(/ \(deleted\)$/, "");
-  if (clean === root || clean.startsWith(root + "/")) return true;
+  if (clean === root || clean.startsWith(`${root}/`)) return true;
   try {
     return statSync(join(root, clean)).ino === dev.backingInode;
   } catch {

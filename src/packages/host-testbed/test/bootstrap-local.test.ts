@@ -18,7 +18,12 @@ import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
-import { BOOTSTRAP_PY_PATH, BootstrapConfigSchema, USER_RE, type BootstrapConfig } from "@cocalc/project-host-bootstrap";
+import {
+  BOOTSTRAP_PY_PATH,
+  BootstrapConfigSchema,
+  type BootstrapConfig,
+} from "@cocalc/project-host-bootstrap";
+import { USER_RE } from "@cocalc/project-host-bootstrap/contract";
 import { buildBundle, buildNodeMirror, DEFAULT_NODE, nodeArchOf, testBundleSpecs } from "../src/artifacts.js";
 import { ThrowawayHost } from "../src/host.js";
 import { whyNotSupported } from "../src/machine.js";

@@ -309,7 +309,7 @@ const EnvVars = z
 // --- the whole config ----------------------------------------------------------
 
 export function isInside(child: string, parent: string): boolean {
-  return parent === "/" ? child !== "/" : child.startsWith(parent + "/");
+  return parent === "/" ? child !== "/" : child.startsWith(`${parent}/`);
 }
 
 export const BootstrapConfigSchema = z

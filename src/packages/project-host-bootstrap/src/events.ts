@@ -25,7 +25,27 @@ export const MAX_TEXT = 8192;
 export const STEP_OUTCOMES = ["changed", "unchanged", "failed", "blocked"] as const;
 export type StepOutcome = (typeof STEP_OUTCOMES)[number];
 
-const Text = z.string().max(MAX_TEXT);
+/**
+ * Text a database can store and a browser can show: no NUL (U+0000, which
+ * PostgreSQL's text and jsonb refuse) and no unpaired UTF-16 surrogate (not
+ * Unicode; jsonb refuses its escape). bootstrap.py replaces both before
+ * sending (a failing command's output may hold anything); the hub refuses a
+ * batch that still has them, naming the field, with 422.
+ */
+// NUL, a high surrogate not followed by a low one, or a low one not preceded by a high one.
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding NUL is the point
+const UNSTORABLE_RE = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
+export function isStorableText(s: string): boolean {
+  return !UNSTORABLE_RE.test(s);
+}
+
+export const STORABLE_TEXT_MESSAGE = "must not contain NUL (U+0000) or unpaired surrogates (U+D800-U+DFFF)";
+
+/** A string of at most `max` UTF-16 code units that `isStorableText` accepts. */
+export const storableText = (max: number) => z.string().max(max).refine(isStorableText, { message: STORABLE_TEXT_MESSAGE });
+
+const Text = storableText(MAX_TEXT);
 
 const Base = {
   run_id: z.string().regex(RUN_ID_RE).describe("Run id, new for every run of bootstrap.py."),
@@ -42,7 +62,7 @@ export const StepInfoSchema = z.strictObject({
 export const RunStartEvent = z.strictObject({
   ...Base,
   type: z.literal("run_start"),
-  version: z.string().max(64).describe("bootstrap.py version."),
+  version: storableText(64).describe("bootstrap.py version."),
   parallel: z.boolean(),
   steps: z.array(StepInfoSchema).max(128).describe("The plan, in stable order."),
 });
@@ -67,7 +87,7 @@ export const StepEndEvent = z.strictObject({
 export const ProgressEvent = z.strictObject({
   ...Base,
   type: z.literal("progress"),
-  phase: z.string().max(128).describe("Human-readable phase, e.g. `installing bundles`."),
+  phase: storableText(128).describe("Human-readable phase, e.g. `installing bundles`."),
   percent: z.number().min(0).max(100),
 });
 

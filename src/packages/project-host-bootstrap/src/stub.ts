@@ -1,10 +1,13 @@
 /**
  * The tiny shell stub that cloud-init (user-data) or the Go connector runs on
  * a fresh host. It only fetches and starts bootstrap.py; all the real work is
- * in bootstrap.py. See `renderStub()` for what it does, step by step.
+ * in bootstrap.py. The script is `stub/stub.sh` (a real, linted shell file
+ * shipped in this package); `renderStub()` only replaces its one marked
+ * settings block with this host's shell-quoted values. See `renderStub()` for
+ * what it does, step by step.
  *
  * How the bootstrap token reaches the host: when `token` is given, the stub
- * carries it in a quoted here-document that `cat` writes straight into
+ * carries it (in the settings block) in a quoted here-document that `cat` writes straight into
  * `<bootstrap_dir>/bootstrap-token` under `umask 077` (mode 0600). It is never
  * an argument of any command and never printed, and the stub never runs with
  * `set -x`. The stub text itself is then as secret as the token: cloud-init
@@ -16,6 +19,8 @@
  * For downloads the token is read from that file into a shell variable and
  * given to curl as a `--config -` here-document on stdin (never argv).
  */
+import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 import { shellQuote } from "@cocalc/util";
 import { bootstrapPySha256 } from "./asset.js";
 import { AbsPath, type BootstrapConfig, type ConfigIssue, isHttpUrl, SHA256_RE, TOKEN_FILE_NAME, CONFIG_FILE_NAME, USER_RE } from "./config.js";
@@ -82,8 +87,37 @@ function checkStubOptions(opts: StubOptions): ConfigIssue[] {
   return issues;
 }
 
-/** Settings that end up in the stub's `settings()` function, already shell-quoted. */
-function settingsBody(opts: StubOptions): string {
+/**
+ * The stub's shell text: `stub/stub.sh`, shipped in this package and linted as
+ * a file (shellcheck, `sh -n`). Resolved from this module's URL like
+ * bootstrap.py: `src/stub.ts` and `dist/stub.js` both sit one level below
+ * the package root.
+ */
+export const STUB_SH_PATH: string = fileURLToPath(new URL("../stub/stub.sh", import.meta.url));
+
+const SETTINGS_BEGIN = /^# >>> settings\b.*$/m;
+const SETTINGS_END = /^# <<< settings$/m;
+
+let template: { head: string; tail: string } | undefined;
+
+/** stub.sh split around its settings block (read once). */
+function stubTemplate(): { head: string; tail: string } {
+  if (template === undefined) {
+    const text = readFileSync(STUB_SH_PATH, "utf8");
+    const begin = SETTINGS_BEGIN.exec(text);
+    const end = SETTINGS_END.exec(text);
+    if (!begin || !end || end.index < begin.index) throw new Error(`${STUB_SH_PATH}: no "# >>> settings" … "# <<< settings" block`);
+    template = { head: text.slice(0, begin.index), tail: text.slice(end.index + end[0].length) };
+  }
+  return template;
+}
+
+// The here-document delimiter cannot occur in a token (BOOTSTRAP_TOKEN_RE has no space).
+const TOKEN_EOF = "COCALC_BOOTSTRAP_TOKEN_END";
+
+/** The settings block for these options: every value shell-quoted. */
+function settingsBlock(opts: StubOptions): string {
+  const token = opts.token ?? null;
   const values: [string, string][] = [
     ["base_url", opts.baseUrl.replace(/\/+$/, "")],
     ["default_user", opts.bootstrapUser ?? ""],
@@ -98,26 +132,21 @@ function settingsBody(opts: StubOptions): string {
     ["bootstrap_py", BOOTSTRAP_PY_FILE_NAME],
     ["log_file", STUB_LOG_FILE_NAME],
   ];
-  return [
+  const lines = [
+    "# >>> settings: rendered by renderStub() for this host; everything else is stub/stub.sh verbatim.",
+    "# The values are literal on purpose ($ and backticks stay as they are).",
+    "# shellcheck disable=SC2016",
+    "settings() {",
     ...values.map(([name, value]) => `  ${name}=${shellQuote(value)}`),
     ...files.map(([name, file]) => `  ${name}=$bootstrap_dir/${shellQuote(file)}`),
-  ].join("\n");
-}
-
-// The here-document delimiter cannot occur in a token (BOOTSTRAP_TOKEN_RE has no space).
-const TOKEN_EOF = "COCALC_BOOTSTRAP_TOKEN_END";
-
-function writeTokenBody(token: string | null): string {
-  if (token === null) {
-    return `  [ -s "$token_file" ] || err "no bootstrap token: expected it in $token_file (mode 0600)"
-  chmod 600 "$token_file" || err "cannot chmod 600 $token_file"`;
+    `  token_embedded=${token === null ? 0 : 1}`,
+    "}",
+  ];
+  if (token !== null) {
+    lines.push("", "# The bootstrap token; write_token puts it into $token_file (0600).", "embedded_token() {", `  cat <<'${TOKEN_EOF}'`, token, TOKEN_EOF, "}");
   }
-  return `  rm -f "$token_file.part"
-  cat >"$token_file.part" <<'${TOKEN_EOF}' || err "cannot write $token_file"
-${token}
-${TOKEN_EOF}
-  chmod 600 "$token_file.part" || err "cannot chmod 600 $token_file.part"
-  mv -f "$token_file.part" "$token_file" || err "cannot install $token_file"`;
+  lines.push("# <<< settings");
+  return lines.join("\n");
 }
 
 /**
@@ -141,142 +170,6 @@ ${TOKEN_EOF}
 export function renderStub(opts: StubOptions): string {
   const issues = checkStubOptions(opts);
   if (issues.length > 0) throw new BootstrapConfigError(issues, "stub options");
-  return `#!/bin/sh
-# CoCalc project-host bootstrap stub, rendered by @cocalc/project-host-bootstrap.
-# It downloads bootstrap.py (checking its sha256) and this host's config, and
-# runs bootstrap.py as the non-root bootstrap user. Everything is in functions
-# and main runs on the last line, so a truncated download runs nothing.
-# Usage: sh THIS_FILE [bootstrap.py arguments]   (as root: BOOTSTRAP_USER=user)
-set -u
-
-# The rendered values are literal on purpose ($ and backticks stay as they are).
-# shellcheck disable=SC2016
-settings() {
-${settingsBody(opts)}
-}
-
-say() {
-  printf 'bootstrap-stub: %s\\n' "$1"
-}
-
-err() {
-  say "error: $1" >&2
-  exit 1
-}
-
-need_cmd() {
-  command -v "$1" >/dev/null 2>&1 || err "need '$1' (command not found)"
-}
-
-# Started as root: run this same script again as the bootstrap user.
-drop_root() {
-  user=\${BOOTSTRAP_USER:-$default_user}
-  [ -n "$user" ] || err "started as root without BOOTSTRAP_USER; set BOOTSTRAP_USER to the non-root user that runs the bootstrap"
-  [ "$user" != root ] || err "BOOTSTRAP_USER must not be root"
-  uid=$(id -u "$user" 2>/dev/null) || err "BOOTSTRAP_USER '$user' does not exist"
-  [ "$uid" != 0 ] || err "BOOTSTRAP_USER '$user' has uid 0"
-  [ -f "$0" ] && [ -r "$0" ] || err "cannot re-read this script ($0) to run it as $user; save it to a file and run: sh FILE"
-  say "started as root; running as $user"
-  if command -v runuser >/dev/null 2>&1; then
-    runuser -u "$user" -- env BOOTSTRAP_USER="$user" sh -s -- "$@" <"$0"
-  elif command -v sudo >/dev/null 2>&1; then
-    # shellcheck disable=SC2024 # root reads the script and hands it over on stdin, on purpose
-    sudo -n -u "$user" -- env BOOTSTRAP_USER="$user" sh -s -- "$@" <"$0"
-  else
-    err "need runuser or sudo to run as $user"
-  fi
-}
-
-write_token() {
-${writeTokenBody(opts.token ?? null)}
-}
-
-read_token() {
-  token=
-  IFS= read -r token <"$token_file" || [ -n "$token" ] || err "cannot read $token_file"
-  case $token in
-    '' | *[!A-Za-z0-9._~+/=-]*) err "the token in $token_file is malformed" ;;
-  esac
-}
-
-# fetch URL DEST: the token goes to curl on stdin (--config -), never in argv.
-fetch() {
-  rm -f "$2"
-  curl --fail --silent --show-error --location --proto '=http,https' \\
-    --retry "$curl_retries" --retry-all-errors --connect-timeout 10 --max-time "$curl_max_time" \\
-    --output "$2" --config - "$1" <<EOF
-header = "Authorization: Bearer $token"
-EOF
-}
-
-# On stdin, because sha256sum escapes file names with a newline or backslash.
-verify_sha256() {
-  actual=$(sha256sum <"$1") || return 1
-  [ "\${actual%% *}" = "$2" ]
-}
-
-# Tee everything from here on to the log. A fifo instead of a pipeline keeps
-# the exit code of bootstrap.py (POSIX sh has no pipefail).
-start_log() {
-  : >>"$log_file" || err "cannot write $log_file"
-  fifo=$bootstrap_dir/.bootstrap-log.fifo
-  rm -f "$fifo"
-  mkfifo "$fifo" || err "cannot create $fifo"
-  tee -a "$log_file" <"$fifo" &
-  tee_pid=$!
-  exec 3>&1 4>&2 >"$fifo" 2>&1
-  rm -f "$fifo"
-}
-
-stop_log() {
-  exec 1>&3 2>&4 3>&- 4>&-
-  wait "$tee_pid"
-}
-
-run_bootstrap() {
-  me=$(id -un) || err "cannot tell who I am"
-  user=\${BOOTSTRAP_USER:-\${default_user:-$me}}
-  [ "$user" = "$me" ] || err "running as $me, but the bootstrap user is $user; run this as $user, or as root"
-  for cmd in curl sha256sum python3 mkfifo tee mkdir chmod mv rm; do
-    need_cmd "$cmd"
-  done
-  umask 077
-  mkdir -p "$bootstrap_dir" || err "cannot create $bootstrap_dir"
-  cd "$bootstrap_dir" || err "cannot enter $bootstrap_dir"
-  start_log
-  say "bootstrap as $me in $bootstrap_dir ($(date -u '+%Y-%m-%dT%H:%M:%SZ'))"
-  write_token
-  read_token
-  say "downloading $base_url/bootstrap.py"
-  fetch "$base_url/bootstrap.py" "$bootstrap_py.part" || err "downloading bootstrap.py failed"
-  if ! verify_sha256 "$bootstrap_py.part" "$bootstrap_py_sha256"; then
-    rm -f "$bootstrap_py.part"
-    err "bootstrap.py does not have the expected sha256 $bootstrap_py_sha256; not running it"
-  fi
-  mv -f "$bootstrap_py.part" "$bootstrap_py" || err "cannot install $bootstrap_py"
-  say "downloading $base_url/config"
-  fetch "$base_url/config" "$config_file.part" || err "downloading the config failed"
-  mv -f "$config_file.part" "$config_file" || err "cannot install $config_file"
-  say "running python3 $bootstrap_py --config $config_file $*"
-  python3 "$bootstrap_py" --config "$config_file" "$@" </dev/null
-  rc=$?
-  say "bootstrap.py exited with $rc"
-  stop_log
-  exit "$rc"
-}
-
-main() {
-  settings
-  need_cmd id
-  if [ "$(id -u)" = 0 ]; then
-    drop_root "$@"
-    exit $?
-  fi
-  run_bootstrap "$@"
-}
-
-# main exits with bootstrap.py's own exit code; this line catches anything else.
-# shellcheck disable=SC2317
-main "$@" || exit 1
-`;
+  const { head, tail } = stubTemplate();
+  return `${head}${settingsBlock(opts)}${tail}`;
 }

@@ -151,6 +151,7 @@ describe("the packed package (pnpm pack)", () => {
       `import { createRequire } from "node:module";
 const require = createRequire(import.meta.url);
 const m = await import("@cocalc/project-host-bootstrap");
+const contract = await import("@cocalc/project-host-bootstrap/contract");
 const stub = m.renderStub({ baseUrl: "http://127.0.0.1:1/x", bootstrapDir: "/home/u/cocalc-host/bootstrap", bootstrapUser: "u", token: "t".repeat(20) });
 console.log(JSON.stringify({
   py: require.resolve("@cocalc/project-host-bootstrap/bootstrap.py"),
@@ -159,6 +160,9 @@ console.log(JSON.stringify({
   assetPath: m.BOOTSTRAP_PY_PATH,
   sha: m.bootstrapPySha256(),
   stubHasSha: stub.includes(m.bootstrapPySha256()),
+  stubSh: require.resolve("@cocalc/project-host-bootstrap/stub.sh"),
+  contractUuid: contract.UUID_RE.test("0b0e2f4a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"),
+  rootHasNoRegexes: !("UUID_RE" in m),
 }));
 `,
     );
@@ -170,6 +174,9 @@ console.log(JSON.stringify({
     expect(out.assetPath).toBe(packedPy);
     expect(out.sha).toBe(sha256(readFileSync(packedPy)));
     expect(out.stubHasSha).toBe(true);
+    expect(out.stubSh).toBe(join(packedPkg, "stub", "stub.sh"));
+    expect(out.contractUuid).toBe(true);
+    expect(out.rootHasNoRegexes).toBe(true);
     // The packed schema is the committed one.
     expect(readFileSync(out.schema as string, "utf8")).toBe(readFileSync(join(PACKAGE_DIR, "schema", "bootstrap-config.schema.json"), "utf8"));
   });

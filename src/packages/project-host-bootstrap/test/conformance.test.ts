@@ -77,7 +77,7 @@ for line in sys.stdin:
 
 function runPythonBatch(configs: unknown[]): PythonVerdict[] {
   const stdout = execFileSync(PYTHON, ["-c", BATCH_DRIVER, dirname(BOOTSTRAP_PY)], {
-    input: configs.map((c) => configText(c) + "\n").join(""),
+    input: configs.map((c) => `${configText(c)}\n`).join(""),
     encoding: "utf8",
   });
   return stdout
@@ -136,6 +136,7 @@ print(json.dumps({"patterns": {n: getattr(b, n).pattern for n in sys.argv[2:]}, 
     const py = JSON.parse(execFileSync(PYTHON, ["-c", script, dirname(BOOTSTRAP_PY), ...names, ...searched], { encoding: "utf8" }));
     for (const name of searched) expect(py.patterns[name], name).toBe(contract[name].source);
     // Python uses fullmatch(), so its twin is the JS source without ^ and $.
+    // biome-ignore lint/performance/noDynamicNamespaceImportAccess: a test walking the contract's names
     for (const name of names) expect(`^${py.patterns[name]}$`, name).toBe(contract[name].source);
     expect(py.MAX_PATH).toBe(contract.MAX_PATH);
     expect(py.ARCHES).toEqual([...contract.ARCHES]);
@@ -148,7 +149,9 @@ print(json.dumps({"patterns": {n: getattr(b, n).pattern for n in sys.argv[2:]}, 
   describe("bootstrap.py", () => {
     const verdicts = new Map<string, PythonVerdict>();
     beforeAll(() => {
-      runPythonBatch(vectors.map((v) => v.config)).forEach((verdict, i) => verdicts.set(vectors[i]!.file, verdict));
+      runPythonBatch(vectors.map((v) => v.config)).forEach((verdict, i) => {
+        verdicts.set(vectors[i]!.file, verdict);
+      });
     });
 
     it.each(vectors.map((v) => [v.file, v] as const))("%s: same verdict, paths and output as zod and the recording", (file, v) => {

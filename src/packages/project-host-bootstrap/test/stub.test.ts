@@ -4,14 +4,14 @@
  * validated, and a truncated download runs nothing.
  */
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
 import { bootstrapPySha256 } from "../src/asset.js";
 import { BootstrapConfigError, buildBootstrapConfig } from "../src/builders.js";
-import { renderStub, type StubOptions, stubOptionsFor } from "../src/stub.js";
+import { renderStub, STUB_SH_PATH, type StubOptions, stubOptionsFor } from "../src/stub.js";
 import { EXAMPLE_BASE_URL, EXAMPLE_TOKEN, exampleHostFacts } from "../scripts/example-host.js";
 
 const SHELLCHECK = fileURLToPath(new URL("../../../../.venv/bin/shellcheck", import.meta.url));
@@ -71,6 +71,19 @@ describe("renderStub text", () => {
       else if (depth === 0 && line.trim() !== "" && !line.startsWith("#")) topLevel.push(line);
     }
     expect(topLevel).toEqual(["set -u", 'main "$@" || exit 1']);
+  });
+
+  it("is stub/stub.sh with only its settings block replaced; the asset itself passes shellcheck and sh -n", () => {
+    const asset = readFileSync(STUB_SH_PATH, "utf8");
+    const outside = (text: string) => text.replace(/^# >>> settings[\s\S]*?^# <<< settings$/m, "<settings>");
+    for (const text of [exampleStub(), renderStub(nastyOptions({ token: null }))]) {
+      expect(outside(text)).toBe(outside(asset));
+      expect(outside(text)).toContain("<settings>");
+    }
+    const lint = spawnSync(SHELLCHECK, ["--shell=sh", "--severity=style", STUB_SH_PATH], { encoding: "utf8" });
+    expect(lint.stdout + lint.stderr).toBe("");
+    expect(lint.status).toBe(0);
+    expect(spawnSync("sh", ["-n", STUB_SH_PATH]).status).toBe(0);
   });
 
   it("stubOptionsFor takes dir, user and (by default) the base URL from the config", () => {

@@ -166,18 +166,18 @@ describe("POST events", () => {
     expect(stored.map((e) => e.event.type)).toEqual(["run_start", "step_start", "step_end", "step_start", "progress", "step_end"]);
   });
 
-  it("400 for a batch that fails the event schema, with the reason", async () => {
+  it("422 for a batch that fails the event schema, with the reason", async () => {
     const run = new RunScript().start();
     const bad = { ...run.events[0], seq: -1 };
     const res = await post(`/hosts/${hostId}/events`, batch([bad as BootstrapEventInput]));
-    expect(res.status).toBe(400);
+    expect(res.status).toBe(422);
     expect(((await res.json()) as { error: string }).error).toMatch(/^invalid event batch: events\.0\.seq: /);
   });
 
-  it("400 for a batch naming another host", async () => {
+  it("422 for a batch naming another host", async () => {
     const res = await post(`/hosts/${hostId}/events`, batch(new RunScript().start().events, randomUUID()));
-    expect(res.status).toBe(400);
-    expect(await res.json()).toEqual({ error: "invalid event batch: host_id does not match the URL" });
+    expect(res.status).toBe(422);
+    expect(await res.json()).toEqual({ error: "invalid event batch: host_id: does not match the URL" });
   });
 
   it("400 for a body that is not JSON", async () => {
@@ -227,7 +227,7 @@ describe("status and stream", () => {
 });
 
 describe("page and the rest", () => {
-  it("redirects to the trailing slash and serves the page and its script", async () => {
+  it("redirects to the trailing slash and serves the page, its script and its style sheet", async () => {
     const r = await fetch(url(`/hosts/${hostId}`), { redirect: "manual" });
     expect(r.status).toBe(301);
     expect(r.headers.get("location")).toBe(`/bootstrap/hosts/${hostId}/`);
@@ -237,6 +237,10 @@ describe("page and the rest", () => {
     const js = await fetch(url(`/hosts/${hostId}/progress-page.js`));
     expect(js.status).toBe(200);
     expect(js.headers.get("content-type")).toMatch(/javascript/);
+    const css = await fetch(url(`/hosts/${hostId}/progress-page.css`));
+    expect(css.status).toBe(200);
+    expect(css.headers.get("content-type")).toMatch(/^text\/css/);
+    expect(await css.text()).toContain(".badge");
   });
 
   it("404 for unknown routes", async () => {
@@ -259,7 +263,7 @@ describe("page and the rest", () => {
     const bad = await fetch(`${hub.url}/admin/hosts`, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ record: { ...record, arch: "sparc" } }),
+      body: JSON.stringify({ record: { ...record, id: randomUUID(), arch: "sparc" } }),
     });
     expect(bad.status).toBe(400);
     expect(((await bad.json()) as { error: string }).error).toMatch(/arch/);

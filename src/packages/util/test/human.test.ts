@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { humanBytes, humanDuration } from "../src/index.js";
+import { humanBytes, humanDuration } from "../src/human.js";
 
 describe("humanDuration", () => {
   it.each([

@@ -6,10 +6,11 @@
 import express, { type Express, type Request } from "express";
 import { z } from "zod";
 import type { Db } from "./db.js";
-import { errorHandler, HttpError, badRequest } from "./http-errors.js";
-import { type HostRecordInput, type ProvisionedHost, provisionHost, type SiteSettingsInput } from "./hosts.js";
+import { badRequest, errorHandler, HttpError, notFound } from "./http-errors.js";
+import { type HostRecordInput, type ProvisionedHost, ProvisionRefusedError, provisionHost, type SiteSettingsInput } from "./hosts.js";
 import { ManifestFetcher } from "./manifests.js";
 import { type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
+import { getHost } from "./store.js";
 
 export const DEFAULT_PREFIX = "/bootstrap";
 
@@ -21,7 +22,11 @@ export interface CreateAppOptions extends Omit<BootstrapRouterDeps, "db"> {
   prefix?: string;
   manifests?: ManifestFetcher;
   tokenTtlMs?: number;
-  /** Mount `POST /admin/hosts` (accepted from loopback addresses only). */
+  /**
+   * Mount `POST /admin/hosts` (accepted from loopback addresses only; off by
+   * default). It refuses to replace a host that already exists unless the
+   * request says `"replace": true`.
+   */
   enableAdmin?: boolean;
 }
 
@@ -36,6 +41,8 @@ const LOOPBACK = new Set(["127.0.0.1", "::1", "::ffff:127.0.0.1"]);
 const ProvisionRequestSchema = z.strictObject({
   record: z.record(z.string(), z.unknown()),
   secrets: z.record(z.string(), z.string()).optional(),
+  /** Re-provision a host that exists: new config and secrets, its older tokens revoked. */
+  replace: z.boolean().default(false),
 });
 
 function requireLoopback(req: Request): void {
@@ -46,11 +53,11 @@ export function createApp(opts: CreateAppOptions): HubApp {
   const prefix = opts.prefix ?? DEFAULT_PREFIX;
   const manifests = opts.manifests ?? new ManifestFetcher();
   const settings = () => (typeof opts.settings === "function" ? opts.settings() : opts.settings);
-  const router = createBootstrapRouter(opts);
+  const bootstrap = createBootstrapRouter(opts);
   const app = express();
   app.disable("x-powered-by");
   app.set("trust proxy", false);
-  app.use(prefix, router);
+  app.use(prefix, bootstrap.router);
 
   const provision: HubApp["provisionHost"] = (record, o = {}) =>
     provisionHost({ db: opts.db, settings: settings(), manifests, tokenTtlMs: opts.tokenTtlMs }, record, o);
@@ -60,12 +67,17 @@ export function createApp(opts: CreateAppOptions): HubApp {
       requireLoopback(req);
       const body = ProvisionRequestSchema.safeParse(req.body);
       if (!body.success) throw badRequest("provision request", body.error);
+      const id = body.data.record.id;
+      if (!body.data.replace && typeof id === "string" && (await getHost(opts.db, id)) !== null) {
+        throw new HttpError(409, `host ${id} already exists; send "replace": true to re-provision it (its tokens are revoked)`);
+      }
       let host: ProvisionedHost;
       try {
         host = await provision(body.data.record as HostRecordInput, { secrets: body.data.secrets ?? {} });
       } catch (err) {
-        // Refusals (bad record, bad manifest) are the operator's to read.
-        throw new HttpError(400, (err as Error).message);
+        // Refusals (bad record, bad manifest) are the operator's to read; anything else is internal (500, logged).
+        if (err instanceof ProvisionRefusedError) throw new HttpError(400, err.message);
+        throw err;
       }
       res.status(201).set("Cache-Control", "no-store").json({
         host_id: host.hostId,
@@ -78,8 +90,8 @@ export function createApp(opts: CreateAppOptions): HubApp {
       });
     });
   }
-  app.use((req, _res, next) => next(new HttpError(404, `no route for ${req.method} ${req.path}`)));
+  app.use(notFound);
   app.use(errorHandler({ maxBodyBytes: 64 * 1024, logError: opts.logError ?? ((m, e) => console.error(`hub: ${m}:`, e)) }));
 
-  return { app, provisionHost: provision, close: () => router.closeBootstrap() };
+  return { app, provisionHost: provision, close: () => bootstrap.close() };
 }

@@ -10,22 +10,33 @@ import {
   ARTIFACT_NAMES,
   type ArtifactName,
   type BootstrapConfig,
+  BootstrapConfigError,
   buildBootstrapConfig,
-  HOST_NAME_RE,
   type HostFacts,
   HttpUrl,
-  NODE_VERSION_RE,
   OsSchema,
   renderStub,
-  SECRET_NAME_RE,
-  USER_RE,
-  UUID_RE,
 } from "@cocalc/project-host-bootstrap";
+import { HOST_NAME_RE, NODE_VERSION_RE, SECRET_NAME_RE, USER_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import { z } from "zod";
 import type { Db } from "./db.js";
-import { ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
+import { ManifestError, type ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
 import { saveHost, saveSecret } from "./store.js";
 import { DEFAULT_TOKEN_TTL_MS, issueToken } from "./tokens.js";
+
+/**
+ * Provisioning refused for a reason the operator can fix (a bad host record,
+ * a manifest that does not fit, a config the builders refuse, a missing
+ * secret): its message is meant to be shown. Anything else provisionHost
+ * throws (a database failure, a broken site setting) is internal.
+ */
+export class ProvisionRefusedError extends Error {
+  override readonly name = "ProvisionRefusedError";
+}
+
+function zodMessage(what: string, error: z.ZodError): string {
+  return `invalid ${what}: ${error.issues.map((i) => `${i.path.length ? `${i.path.join(".")}: ` : ""}${i.message}`).join("; ")}`;
+}
 
 /** The hub's record of one host (what the old bootstrap-host.ts read from the hosts table). */
 export const HostRecordSchema = z.strictObject({
@@ -88,8 +99,11 @@ export async function resolveArtifacts(
   arch: HostRecord["arch"],
 ): Promise<Record<ArtifactName, ResolvedArtifact>> {
   const results = await Promise.allSettled(ARTIFACT_NAMES.map((a) => fetcher.artifact(settings.software_base_url, a, settings.os, arch)));
-  const errors = results.flatMap((r) => (r.status === "rejected" ? [(r.reason as Error).message] : []));
-  if (errors.length > 0) throw new Error(`cannot assemble the host config:\n  ${errors.join("\n  ")}`);
+  const failures = results.flatMap((r) => (r.status === "rejected" ? [r.reason as unknown] : []));
+  const internal = failures.find((e) => !(e instanceof ManifestError));
+  if (internal !== undefined) throw internal;
+  const errors = failures.map((e) => (e as ManifestError).message);
+  if (errors.length > 0) throw new ProvisionRefusedError(`cannot assemble the host config:\n  ${errors.join("\n  ")}`);
   const out = {} as Record<ArtifactName, ResolvedArtifact>;
   ARTIFACT_NAMES.forEach((a, i) => {
     out[a] = (results[i] as PromiseFulfilledResult<ResolvedArtifact>).value;
@@ -142,10 +156,17 @@ export async function assembleHostConfig(
   settingsInput: SiteSettingsInput,
   fetcher: ManifestFetcher,
 ): Promise<{ record: HostRecord; config: BootstrapConfig; artifacts: Record<ArtifactName, ResolvedArtifact> }> {
-  const record = HostRecordSchema.parse(recordInput);
+  const parsed = HostRecordSchema.safeParse(recordInput);
+  if (!parsed.success) throw new ProvisionRefusedError(zodMessage("host record", parsed.error));
+  const record = parsed.data;
   const settings = SiteSettingsSchema.parse(settingsInput);
   const artifacts = await resolveArtifacts(fetcher, settings, record.arch);
-  return { record, config: buildBootstrapConfig(hostFacts(record, settings, artifacts)), artifacts };
+  try {
+    return { record, config: buildBootstrapConfig(hostFacts(record, settings, artifacts)), artifacts };
+  } catch (err) {
+    if (err instanceof BootstrapConfigError) throw new ProvisionRefusedError(err.message);
+    throw err;
+  }
 }
 
 export interface ProvisionedHost {
@@ -180,7 +201,7 @@ export async function provisionHost(
   const settings = SiteSettingsSchema.parse(deps.settings);
   const now = opts.now ?? new Date();
   const missing = config.secrets.filter((name) => opts.secrets?.[name] === undefined);
-  if (missing.length > 0) throw new Error(`host ${record.id}: no value for secret(s) ${missing.join(", ")}`);
+  if (missing.length > 0) throw new ProvisionRefusedError(`host ${record.id}: no value for secret(s) ${missing.join(", ")}`);
   await saveHost(deps.db, { hostId: record.id, record, config, now });
   for (const [name, value] of Object.entries(opts.secrets ?? {})) await saveSecret(deps.db, record.id, name, value);
   const { token, expiresAt } = await issueToken(deps.db, record.id, { ttlMs: deps.tokenTtlMs ?? DEFAULT_TOKEN_TTL_MS, now });

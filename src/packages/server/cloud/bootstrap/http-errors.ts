@@ -2,7 +2,8 @@
  * One error type for expected failures, and the one error handler that turns
  * any error into a response without leaking internals.
  */
-import type { ErrorRequestHandler } from "express";
+import { STATUS_CODES } from "node:http";
+import type { ErrorRequestHandler, RequestHandler } from "express";
 import type { z } from "zod";
 
 /** An error whose message is meant for the client. */
@@ -17,10 +18,23 @@ export class HttpError extends Error {
   }
 }
 
-export function badRequest(what: string, error: z.ZodError): HttpError {
-  const reasons = error.issues.map((i) => `${i.path.length ? i.path.join(".") + ": " : ""}${i.message}`);
-  return new HttpError(400, `invalid ${what}: ${reasons.slice(0, 10).join("; ")}${reasons.length > 10 ? `; and ${reasons.length - 10} more` : ""}`);
+function zodReasons(error: z.ZodError): string {
+  const reasons = error.issues.map((i) => `${i.path.length ? `${i.path.join(".")}: ` : ""}${i.message}`);
+  return `${reasons.slice(0, 10).join("; ")}${reasons.length > 10 ? `; and ${reasons.length - 10} more` : ""}`;
 }
+
+/** 400: a malformed part of the request line (host id, secret name, provision request). */
+export function badRequest(what: string, error: z.ZodError): HttpError {
+  return new HttpError(400, `invalid ${what}: ${zodReasons(error)}`);
+}
+
+/** 422: a well-formed JSON body whose content is refused, naming each field (`events.3.message: …`). */
+export function invalidContent(what: string, error: z.ZodError): HttpError {
+  return new HttpError(422, `invalid ${what}: ${zodReasons(error)}`);
+}
+
+/** The last route of a router or app. */
+export const notFound: RequestHandler = (req, _res, next) => next(new HttpError(404, `no route for ${req.method} ${req.path}`));
 
 /** body-parser's errors carry a `type`; these are the client's fault. */
 function bodyParserError(err: unknown, maxBytes: number): HttpError | null {
@@ -32,6 +46,21 @@ function bodyParserError(err: unknown, maxBytes: number): HttpError | null {
   return null;
 }
 
+/**
+ * Express's own client errors: a path parameter that is not valid
+ * percent-encoding (a URIError with status 400), and any other error it marks
+ * as the client's (`status` 4xx). Answered with the status and a fixed
+ * message, never logged: strangers must not be able to fill the log.
+ */
+function clientError(err: unknown): HttpError | null {
+  if (err instanceof URIError) return new HttpError(400, "malformed percent-encoding in the URL");
+  const status = (err as { status?: unknown; statusCode?: unknown } | null)?.status ?? (err as { statusCode?: unknown } | null)?.statusCode;
+  if (typeof status === "number" && Number.isInteger(status) && status >= 400 && status < 500) {
+    return new HttpError(status, (STATUS_CODES[status] ?? "bad request").toLowerCase());
+  }
+  return null;
+}
+
 export type ErrorLogger = (message: string, error: unknown) => void;
 
 export function errorHandler(opts: { maxBodyBytes: number; logError: ErrorLogger }): ErrorRequestHandler {
@@ -40,12 +69,13 @@ export function errorHandler(opts: { maxBodyBytes: number; logError: ErrorLogger
       next(err);
       return;
     }
-    const known = err instanceof HttpError ? err : bodyParserError(err, opts.maxBodyBytes);
+    const known = err instanceof HttpError ? err : (bodyParserError(err, opts.maxBodyBytes) ?? clientError(err));
     if (known) {
       res.status(known.status).set(known instanceof HttpError ? known.headers : {}).json({ error: known.message });
       return;
     }
-    // Unknown: log it for the operator (method and path only, never bodies or headers).
+    // Unknown: log it for the operator (method and path only, never bodies or
+    // headers); the client learns nothing of it.
     opts.logError(`${req.method} ${req.baseUrl}${req.path} failed`, err);
     res.status(500).json({ error: "internal error" });
   };

@@ -1,12 +1,29 @@
-/** @cocalc/server's bootstrap provisioning: the hub side of project-host bootstrap. */
-export * from "./app.js";
-export * from "./db.js";
-export * from "./hosts.js";
-export * from "./hub.js";
-export * from "./manifests.js";
-export * from "./migrate.js";
-export * from "./routes.js";
-export * from "./status.js";
-export * from "./store.js";
-export * from "./tokens.js";
+/**
+ * @cocalc/server's bootstrap provisioning: the hub side of project-host
+ * bootstrap. Hand-picked: what the hub mounts and calls, and what the
+ * testbed and the demo use; everything else (the store's SQL, the stream,
+ * the page) is internal.
+ */
+export { type CreateAppOptions, createApp, DEFAULT_PREFIX, type HubApp } from "./app.js";
+export { type Db, openDb, openPglite, pgDb, pgDbFromUrl, pgliteDb, type Queryable } from "./db.js";
+export {
+  assembleHostConfig,
+  hostBaseUrl,
+  type HostRecord,
+  type HostRecordInput,
+  HostRecordSchema,
+  type ProvisionDeps,
+  type ProvisionedHost,
+  ProvisionRefusedError,
+  provisionHost,
+  type SiteSettings,
+  type SiteSettingsInput,
+  SiteSettingsSchema,
+} from "./hosts.js";
 export { HttpError } from "./http-errors.js";
+export { type RunningHub, type StartHubOptions, startHub } from "./hub.js";
+export { ManifestError, ManifestFetcher, type ManifestFetcherOptions, type ResolvedArtifact } from "./manifests.js";
+export { migrate } from "./migrate.js";
+export { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
+export { DEFAULT_STALE_AFTER_S, type HostStatus, hostStatus, type RunState, type StepState, type StepStatus } from "./status.js";
+export { DEFAULT_TOKEN_TTL_MS, issueToken, revokeTokens } from "./tokens.js";

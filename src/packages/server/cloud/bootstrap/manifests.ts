@@ -12,7 +12,13 @@
  * (never installed unverified). Fetched with a timeout; good manifests are
  * cached briefly, failures never.
  */
-import { ARCHES, type Arch, type ArtifactName, HttpUrl, SHA256_RE, VERSION_RE } from "@cocalc/project-host-bootstrap";
+import {
+  ARCHES,
+  type Arch,
+  type ArtifactName,
+  HttpUrl,
+} from "@cocalc/project-host-bootstrap";
+import { SHA256_RE, VERSION_RE } from "@cocalc/project-host-bootstrap/contract";
 import { z } from "zod";
 
 /** URL path segment of each bundle under the software base URL. */

@@ -1,6 +1,6 @@
 /**
  * Files this package ships besides its compiled JS (SQL migrations, the
- * compiled progress page). Found from the package root, so the same code works
+ * compiled progress page and its style sheet). Found from the package root, so the same code works
  * from the TypeScript sources (tests, tsx) and from `dist/` (node).
  */
 import { existsSync, readFileSync } from "node:fs";
@@ -24,5 +24,5 @@ export const PACKAGE_ROOT = findPackageRoot(dirname(fileURLToPath(import.meta.ur
 export const MIGRATIONS_DIR = join(PACKAGE_ROOT, "cloud", "bootstrap", "migrations");
 /** Output of `tsc -p cloud/bootstrap/page/tsconfig.json` (the `build:page` script). */
 export const PAGE_JS_PATH = join(PACKAGE_ROOT, "dist", "page", "page", "progress-page.js");
-/** Its TypeScript source, transpiled on demand when the compiled file is missing (tsx, vitest without a build). */
-export const PAGE_TS_PATH = join(PACKAGE_ROOT, "cloud", "bootstrap", "page", "progress-page.ts");
+/** The page's style sheet (a static file, shipped as it is). */
+export const PAGE_CSS_PATH = join(PACKAGE_ROOT, "cloud", "bootstrap", "page", "progress-page.css");

@@ -7,8 +7,8 @@
  *   GET  P/hosts/:id/secrets/:name       one secret, text/plain            (Bearer token)
  *   POST P/hosts/:id/events              a batch of progress events        (Bearer token)
  *   GET  P/hosts/:id/status              the status model (JSON)
- *   GET  P/hosts/:id/stream              server-sent events: `status` on every change
- *   GET  P/hosts/:id/                    the progress page
+ *   GET  P/hosts/:id/stream              server-sent events: `status` on every change (stream.ts)
+ *   GET  P/hosts/:id/                    the progress page (+ progress-page.js, progress-page.css)
  *
  * Status, stream and page carry no token: the hub mounts them behind its own
  * login, or passes `authorizeViewer`.
@@ -18,17 +18,16 @@ import {
   bootstrapPySha256,
   EventBatchSchema,
   MAX_BATCH_BYTES,
-  SECRET_NAME_RE,
-  UUID_RE,
 } from "@cocalc/project-host-bootstrap";
-import express, { type Request, type Response, type Router } from "express";
+import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
+import express, { type NextFunction, type Request, type Response, type Router } from "express";
 import { z } from "zod";
 import type { Db } from "./db.js";
-import { badRequest, errorHandler, HttpError } from "./http-errors.js";
-import { HostChangeFeed } from "./live.js";
-import { progressPageHtml, progressPageScript } from "./page.js";
-import { DEFAULT_STALE_AFTER_S, hostStatus, statusFingerprint } from "./status.js";
-import { getHost, getSecret, insertEvents, listRuns } from "./store.js";
+import { badRequest, errorHandler, HttpError, invalidContent, notFound } from "./http-errors.js";
+import { PageNotBuiltError, progressPageHtml, progressPageScript, progressPageStyle } from "./page.js";
+import { DEFAULT_STALE_AFTER_S, hostStatus } from "./status.js";
+import { EventConflictError, getHost, getSecret, hasEvents, insertEvents } from "./store.js";
+import { StatusStreams } from "./stream.js";
 import { bearerToken, verifyToken } from "./tokens.js";
 
 export interface BootstrapRouterDeps {
@@ -48,13 +47,16 @@ export interface BootstrapRouterDeps {
   logError?: (message: string, error: unknown) => void;
 }
 
-export interface BootstrapRouter extends Router {
-  /** Stop listening for changes and end open streams. */
-  closeBootstrap(): Promise<void>;
+/** The router and what stops it: `close()` ends open streams and stops listening for changes. */
+export interface BootstrapRouter {
+  router: Router;
+  close(): Promise<void>;
+  /** The status streams (open viewers, derivations so far). */
+  streams: StatusStreams;
 }
 
 const HostIdSchema = z.string().regex(UUID_RE, { message: "must be a lowercase UUID" });
-const SecretNameSchema = z.string().regex(SECRET_NAME_RE, { message: "must match " + SECRET_NAME_RE.source });
+const SecretNameSchema = z.string().regex(SECRET_NAME_RE, { message: `must match ${SECRET_NAME_RE.source}` });
 
 function param(req: Request, name: string): string {
   const v = (req.params as Record<string, unknown>)[name];
@@ -67,6 +69,12 @@ function hostIdOf(req: Request): string {
   return r.data;
 }
 
+/** PostgreSQL (and PGlite) error class 22, "data exception": a value the database cannot store. */
+function isDataException(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" && code.startsWith("22");
+}
+
 const defaultLogError = (message: string, error: unknown) => console.error(`bootstrap: ${message}:`, error);
 
 export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRouter {
@@ -74,13 +82,16 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
   const now = deps.now ?? (() => new Date());
   const staleAfterS = deps.staleAfterS ?? DEFAULT_STALE_AFTER_S;
   const maxBatchBytes = deps.maxBatchBytes ?? MAX_BATCH_BYTES;
-  const recheckMs = deps.streamRecheckMs ?? 5000;
-  const heartbeatMs = deps.heartbeatMs ?? 15000;
   const logError = deps.logError ?? defaultLogError;
-  const feed = new HostChangeFeed(db);
-  const openStreams = new Set<Response>();
+  const streams = new StatusStreams({
+    db,
+    now,
+    staleAfterS,
+    recheckMs: deps.streamRecheckMs ?? 5000,
+    heartbeatMs: deps.heartbeatMs ?? 15000,
+    logError,
+  });
   let bootstrapPy = deps.bootstrapPy;
-  const router = express.Router() as BootstrapRouter;
 
   async function requireToken(req: Request, hostId: string): Promise<void> {
     const verdict = await verifyToken(db, hostId, bearerToken(req.get("authorization")), now());
@@ -94,8 +105,10 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
   }
 
   async function requireKnownHost(hostId: string): Promise<void> {
-    if ((await getHost(db, hostId)) === null && (await listRuns(db, hostId)).length === 0) throw new HttpError(404, "unknown host");
+    if ((await getHost(db, hostId)) === null && !(await hasEvents(db, hostId))) throw new HttpError(404, "unknown host");
   }
+
+  // --- the handlers, one per route ---------------------------------------------------
 
   function sendBootstrapPy(_req: Request, res: Response): void {
     bootstrapPy ??= { bytes: bootstrapPyBytes(), sha256: bootstrapPySha256() };
@@ -105,21 +118,20 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
       .send(bootstrapPy.bytes);
   }
 
-  router.get("/bootstrap.py", sendBootstrapPy);
-  router.get("/hosts/:id/bootstrap.py", (req, res) => {
+  function sendHostBootstrapPy(req: Request, res: Response): void {
     hostIdOf(req);
     sendBootstrapPy(req, res);
-  });
+  }
 
-  router.get("/hosts/:id/config", async (req, res) => {
+  async function sendConfig(req: Request, res: Response): Promise<void> {
     const hostId = hostIdOf(req);
     await requireToken(req, hostId);
     const host = await getHost(db, hostId);
     if (!host) throw new HttpError(404, "no config for this host");
     res.set("Cache-Control", "no-store").json(host.config);
-  });
+  }
 
-  router.get("/hosts/:id/secrets/:name", async (req, res) => {
+  async function sendSecret(req: Request, res: Response): Promise<void> {
     const hostId = hostIdOf(req);
     const name = SecretNameSchema.safeParse(param(req, "name"));
     if (!name.success) throw badRequest("secret name", name.error);
@@ -127,100 +139,75 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     const value = await getSecret(db, hostId, name.data);
     if (value === null) throw new HttpError(404, `no secret ${name.data} for this host`);
     res.status(200).set({ "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" }).send(value);
-  });
+  }
 
   // The token is checked before the body is read: strangers cannot make us parse a megabyte.
-  router.post(
-    "/hosts/:id/events",
-    async (req, _res, next) => {
-      await requireToken(req, hostIdOf(req));
-      next();
-    },
-    express.json({ limit: maxBatchBytes, strict: true, type: () => true }),
-    async (req, res) => {
-      const hostId = hostIdOf(req);
-      const batch = EventBatchSchema.safeParse(req.body);
-      if (!batch.success) throw badRequest("event batch", batch.error);
-      if (batch.data.host_id !== hostId) throw new HttpError(400, "invalid event batch: host_id does not match the URL");
-      const stored = await insertEvents(db, hostId, batch.data.events, now());
-      res.status(200).json({ stored, duplicates: batch.data.events.length - stored });
-    },
-  );
+  async function authorizeEvents(req: Request, _res: Response, next: NextFunction): Promise<void> {
+    await requireToken(req, hostIdOf(req));
+    next();
+  }
 
-  router.get("/hosts/:id/status", async (req, res) => {
+  /**
+   * Store a batch. Answers: 200 `{stored, duplicates}`; 422 for a batch
+   * that is valid JSON but not a valid batch (naming the field) or that holds
+   * a value the database cannot store; 409 when it repeats a stored (run, seq)
+   * with different content. Either refusal stores nothing.
+   */
+  async function storeEvents(req: Request, res: Response): Promise<void> {
+    const hostId = hostIdOf(req);
+    const batch = EventBatchSchema.safeParse(req.body);
+    if (!batch.success) throw invalidContent("event batch", batch.error);
+    if (batch.data.host_id !== hostId) throw new HttpError(422, "invalid event batch: host_id: does not match the URL");
+    let stored: number;
+    try {
+      stored = await insertEvents(db, hostId, batch.data.events, now());
+    } catch (err) {
+      if (err instanceof EventConflictError) throw new HttpError(409, err.message);
+      if (isDataException(err)) {
+        logError(`events for host ${hostId} refused by the database`, err);
+        throw new HttpError(422, "invalid event batch: it holds a value the database cannot store");
+      }
+      throw err;
+    }
+    res.status(200).json({ stored, duplicates: batch.data.events.length - stored });
+  }
+
+  async function sendStatus(req: Request, res: Response): Promise<void> {
     const hostId = hostIdOf(req);
     await requireViewer(req, hostId);
     await requireKnownHost(hostId);
     res.set("Cache-Control", "no-store").json(await hostStatus(db, hostId, { now: now(), staleAfterS }));
-  });
+  }
 
-  router.get("/hosts/:id/stream", async (req, res) => {
+  async function sendStream(req: Request, res: Response): Promise<void> {
     const hostId = hostIdOf(req);
     await requireViewer(req, hostId);
     await requireKnownHost(hostId);
-    await streamStatus(req, res, hostId);
-  });
-
-  async function streamStatus(req: Request, res: Response, hostId: string): Promise<void> {
-    res.writeHead(200, {
-      "Content-Type": "text/event-stream; charset=utf-8",
-      "Cache-Control": "no-store",
-      Connection: "keep-alive",
-      "X-Accel-Buffering": "no", // nginx: do not buffer the stream
-    });
-    res.write("retry: 2000\n\n");
-    let last = "";
-    let busy = false;
-    let again = false;
-    let closed = false;
-    // Coalesce bursts of notifications into one derivation at a time.
-    const push = async (): Promise<void> => {
-      if (busy) {
-        again = true;
-        return;
-      }
-      busy = true;
-      try {
-        do {
-          again = false;
-          const status = await hostStatus(db, hostId, { now: now(), staleAfterS });
-          const fp = statusFingerprint(status);
-          if (!closed && fp !== last) {
-            last = fp;
-            res.write(`event: status\ndata: ${JSON.stringify(status)}\n\n`);
-          }
-        } while (again && !closed);
-      } catch (err) {
-        logError(`stream for host ${hostId}`, err);
-      } finally {
-        busy = false;
-      }
-    };
-    const unsubscribe = await feed.subscribe(hostId, () => void push());
-    const recheck = setInterval(() => void push(), recheckMs);
-    const heartbeat = setInterval(() => res.write(": ping\n\n"), heartbeatMs);
-    openStreams.add(res);
-    const stop = () => {
-      closed = true;
-      unsubscribe();
-      clearInterval(recheck);
-      clearInterval(heartbeat);
-      openStreams.delete(res);
-    };
-    req.on("close", stop);
-    res.on("close", stop);
-    await push();
+    await streams.serve(req, res, hostId);
   }
 
-  router.get("/hosts/:id/progress-page.js", async (req, res) => {
+  async function sendPageScript(req: Request, res: Response): Promise<void> {
     hostIdOf(req);
-    const js = await progressPageScript();
+    let js: Buffer;
+    try {
+      js = await progressPageScript();
+    } catch (err) {
+      if (!(err instanceof PageNotBuiltError)) throw err;
+      logError("progress page", err);
+      throw new HttpError(503, "the progress page is not built on this hub");
+    }
     res.status(200).set({ "Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "no-cache" }).send(js);
-  });
+  }
 
-  router.get("/hosts/:id", async (req, res) => {
+  async function sendPageStyle(req: Request, res: Response): Promise<void> {
+    hostIdOf(req);
+    const css = await progressPageStyle();
+    res.status(200).set({ "Content-Type": "text/css; charset=utf-8", "Cache-Control": "no-cache" }).send(css);
+  }
+
+  async function sendPage(req: Request, res: Response): Promise<void> {
     const hostId = hostIdOf(req);
-    // Relative links (status, stream, script) need the trailing slash.
+    // Relative links (status, stream, script, style) need the trailing slash.
     const [path, query] = req.originalUrl.split("?", 2) as [string, string | undefined];
     if (!path.endsWith("/")) {
       res.redirect(301, `${path}/${query === undefined ? "" : `?${query}`}`);
@@ -228,15 +215,21 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     }
     await requireViewer(req, hostId);
     res.status(200).set({ "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache" }).send(progressPageHtml(hostId));
-  });
+  }
 
-  router.use((req, _res, next) => next(new HttpError(404, `no route for ${req.method} ${req.path}`)));
+  const router = express.Router();
+  router.get("/bootstrap.py", sendBootstrapPy);
+  router.get("/hosts/:id/bootstrap.py", sendHostBootstrapPy);
+  router.get("/hosts/:id/config", sendConfig);
+  router.get("/hosts/:id/secrets/:name", sendSecret);
+  router.post("/hosts/:id/events", authorizeEvents, express.json({ limit: maxBatchBytes, strict: true, type: () => true }), storeEvents);
+  router.get("/hosts/:id/status", sendStatus);
+  router.get("/hosts/:id/stream", sendStream);
+  router.get("/hosts/:id/progress-page.js", sendPageScript);
+  router.get("/hosts/:id/progress-page.css", sendPageStyle);
+  router.get("/hosts/:id", sendPage);
+  router.use(notFound);
   router.use(errorHandler({ maxBodyBytes: maxBatchBytes, logError }));
 
-  router.closeBootstrap = async () => {
-    for (const res of openStreams) res.end();
-    openStreams.clear();
-    await feed.close();
-  };
-  return router;
+  return { router, streams, close: () => streams.close() };
 }

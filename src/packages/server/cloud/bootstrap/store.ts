@@ -117,24 +117,101 @@ export interface StoredEvent {
 }
 
 /**
- * Store a batch; events already stored (same host, run and seq) are left as
- * they are, so a replayed batch changes nothing. When anything was new, every
- * hub listening on HOST_CHANGED_CHANNEL hears the host id (same statement, so
- * one round trip). Returns how many events were new.
+ * How far ahead of the hub's clock a host's event time may be before the hub
+ * stops believing it and uses the time it received the event instead (a host
+ * with a clock a day ahead must not make its run "the latest" for a day).
  */
-export async function insertEvents(db: Queryable, hostId: string, events: readonly BootstrapEvent[], receivedAt: Date): Promise<number> {
-  const rows = await db.query<{ stored: number }>(
-    `WITH ins AS (
-       INSERT INTO bootstrap_events (host_id, run_id, seq, type, ts, body, received_at)
-       SELECT $1::uuid, e->>'run_id', (e->>'seq')::integer, e->>'type', (e->>'ts')::double precision, e, $3::timestamptz
-         FROM jsonb_array_elements($2::jsonb) AS e
-       ON CONFLICT (host_id, run_id, seq) DO NOTHING
-       RETURNING seq
-     ), counted AS (SELECT count(*)::integer AS stored FROM ins)
-     SELECT stored, CASE WHEN stored > 0 THEN pg_notify($4, $1::text) END AS notified FROM counted`,
-    [hostId, JSON.stringify(events), receivedAt, HOST_CHANGED_CHANNEL],
+export const MAX_CLOCK_AHEAD_S = 300;
+
+/** An event's time as the hub believes it: the host's, unless it is implausibly far ahead of when it arrived. */
+export function effectiveTs(ts: number, receivedAt: Date): number {
+  const received = receivedAt.getTime() / 1000;
+  return ts > received + MAX_CLOCK_AHEAD_S ? received : ts;
+}
+
+/** The same rule in SQL, over a bootstrap_events row. */
+const EFFECTIVE_TS_SQL = `(CASE WHEN ts > extract(epoch FROM received_at)::double precision + ${MAX_CLOCK_AHEAD_S}
+  THEN extract(epoch FROM received_at)::double precision ELSE ts END)`;
+
+/**
+ * Fold new event rows (`from`: run_id, seq, ts, received_at) into their
+ * runs' bootstrap_runs rows (see migrations/002_run_summaries.sql).
+ */
+const RUN_SUMMARY_UPSERT_SQL = (from: string, hostId: string) => `
+  INSERT INTO bootstrap_runs (host_id, run_id, events, max_seq, started_ts, last_event_ts, last_received_at)
+  SELECT ${hostId}, run_id, count(*), max(seq), min(${EFFECTIVE_TS_SQL}), max(${EFFECTIVE_TS_SQL}), max(received_at)
+    FROM ${from} GROUP BY run_id
+  ON CONFLICT (host_id, run_id) DO UPDATE SET
+    events = bootstrap_runs.events + EXCLUDED.events,
+    max_seq = greatest(bootstrap_runs.max_seq, EXCLUDED.max_seq),
+    started_ts = least(bootstrap_runs.started_ts, EXCLUDED.started_ts),
+    last_event_ts = greatest(bootstrap_runs.last_event_ts, EXCLUDED.last_event_ts),
+    last_received_at = greatest(bootstrap_runs.last_received_at, EXCLUDED.last_received_at)`;
+
+/**
+ * Recompute one run's bootstrap_runs row from all its events (for events
+ * written by other means than insertEvents, e.g. a bulk load; O(run size)).
+ */
+export async function refreshRunSummary(db: Queryable, hostId: string, runId: string): Promise<void> {
+  await db.query("DELETE FROM bootstrap_runs WHERE host_id = $1 AND run_id = $2", [hostId, runId]);
+  await db.query(
+    `WITH rows AS (SELECT run_id, seq, ts, received_at FROM bootstrap_events WHERE host_id = $1 AND run_id = $2)
+     ${RUN_SUMMARY_UPSERT_SQL("rows", "$1::uuid")}`,
+    [hostId, runId],
   );
-  return rows[0]?.stored ?? 0;
+}
+
+/** A batch repeats a stored (host, run, seq) with different content: refused whole, nothing stored. */
+export class EventConflictError extends Error {
+  override readonly name = "EventConflictError";
+  constructor(readonly conflicts: readonly { runId: string; seq: number }[]) {
+    const shown = conflicts
+      .slice(0, 10)
+      .map((c) => `run ${c.runId} seq ${c.seq}`)
+      .join(", ");
+    super(
+      `event batch conflicts with stored events (${shown}${conflicts.length > 10 ? ", …" : ""}): the same run and sequence number were stored before with different content; nothing from this batch was stored`,
+    );
+  }
+}
+
+/**
+ * Store a batch in one transaction; events already stored (same host, run and
+ * seq, same content) are left as they are, so a replayed batch changes
+ * nothing. An event that repeats a stored (host, run, seq) with different
+ * content (or a batch that holds two such) refuses the whole batch with
+ * EventConflictError: never a silent first-write-wins. When anything was new,
+ * every hub listening on HOST_CHANGED_CHANNEL hears the host id (delivered on
+ * commit). Returns how many events were new.
+ */
+export async function insertEvents(db: Db, hostId: string, events: readonly BootstrapEvent[], receivedAt: Date): Promise<number> {
+  const json = JSON.stringify(events);
+  return db.transaction(async (tx) => {
+    const rows = await tx.query<{ stored: number }>(
+      `WITH ins AS (
+         INSERT INTO bootstrap_events (host_id, run_id, seq, type, ts, body, received_at)
+         SELECT $1::uuid, e->>'run_id', (e->>'seq')::integer, e->>'type', (e->>'ts')::double precision, e, $3::timestamptz
+           FROM jsonb_array_elements($2::jsonb) AS e
+         ON CONFLICT (host_id, run_id, seq) DO NOTHING
+         RETURNING run_id, seq, ts, received_at
+       ), runs AS (
+         ${RUN_SUMMARY_UPSERT_SQL("ins", "$1::uuid")}
+         RETURNING 1
+       ), counted AS (SELECT count(*)::integer AS stored FROM ins)
+       SELECT stored, (SELECT count(*) FROM runs) AS runs, CASE WHEN stored > 0 THEN pg_notify($4, $1::text) END AS notified FROM counted`,
+      [hostId, json, receivedAt, HOST_CHANGED_CHANNEL],
+    );
+    const conflicts = await tx.query<{ run_id: string; seq: number }>(
+      `SELECT DISTINCT i.run_id, i.seq
+         FROM (SELECT e->>'run_id' AS run_id, (e->>'seq')::integer AS seq, e AS body FROM jsonb_array_elements($2::jsonb) AS e) AS i
+         JOIN bootstrap_events b ON b.host_id = $1::uuid AND b.run_id = i.run_id AND b.seq = i.seq
+        WHERE b.body <> i.body
+        ORDER BY i.run_id, i.seq LIMIT 50`,
+      [hostId, json],
+    );
+    if (conflicts.length > 0) throw new EventConflictError(conflicts.map((c) => ({ runId: c.run_id, seq: c.seq })));
+    return rows[0]?.stored ?? 0;
+  });
 }
 
 /** Tell every hub listening on this database that the host's events changed. */
@@ -144,29 +221,104 @@ export async function notifyHostChanged(db: Queryable, hostId: string): Promise<
 
 export interface RunSummary {
   runId: string;
+  /** The run's start as the hub believes it (see effectiveTs). */
   startedTs: number;
   events: number;
   lastReceivedAt: Date;
 }
 
-/** The host's runs, newest first (by the host's own start time). */
+/** The host's runs, newest first (by their start time, see effectiveTs). */
 export async function listRuns(db: Queryable, hostId: string): Promise<RunSummary[]> {
   const rows = await db.query<{ run_id: string; started_ts: number; events: number; last_received_at: Date }>(
-    `SELECT run_id, min(ts) AS started_ts, count(*)::integer AS events, max(received_at) AS last_received_at
-       FROM bootstrap_events WHERE host_id = $1
-      GROUP BY run_id ORDER BY min(ts) DESC, run_id`,
+    `SELECT run_id, started_ts, events, last_received_at FROM bootstrap_runs WHERE host_id = $1
+      ORDER BY started_ts DESC, run_id`,
     [hostId],
   );
-  return rows.map((r) => ({ runId: r.run_id, startedTs: r.started_ts, events: r.events, lastReceivedAt: r.last_received_at }));
+  return rows.map((r) => ({ runId: r.run_id, startedTs: Number(r.started_ts), events: r.events, lastReceivedAt: r.last_received_at }));
 }
 
-/** One run's events in sequence order, however they arrived. */
+interface RunRow {
+  run_id: string;
+  events: number;
+  max_seq: number;
+  last_event_ts: number;
+  last_received_at: Date;
+  runs: number;
+}
+
+/** The newest run (see listRuns) with its counts, and how many runs the host has; null without any. */
+async function latestRun(db: Queryable, hostId: string): Promise<RunRow | null> {
+  const rows = await db.query<RunRow>(
+    `SELECT run_id, events, max_seq, last_event_ts, last_received_at,
+            (SELECT count(*)::integer FROM bootstrap_runs WHERE host_id = $1) AS runs
+       FROM bootstrap_runs WHERE host_id = $1 ORDER BY started_ts DESC, run_id LIMIT 1`,
+    [hostId],
+  );
+  return rows[0] ?? null;
+}
+
+/** Whether the host has any events at all. */
+export async function hasEvents(db: Queryable, hostId: string): Promise<boolean> {
+  const rows = await db.query<{ one: number }>("SELECT 1 AS one FROM bootstrap_events WHERE host_id = $1 LIMIT 1", [hostId]);
+  return rows.length > 0;
+}
+
+/** One run's events in sequence order, however they arrived (all of them: for tests and tools, not the status). */
 export async function listRunEvents(db: Queryable, hostId: string, runId: string): Promise<StoredEvent[]> {
   const rows = await db.query<{ body: BootstrapEvent; received_at: Date }>(
     "SELECT body, received_at FROM bootstrap_events WHERE host_id = $1 AND run_id = $2 ORDER BY seq",
     [hostId, runId],
   );
   return rows.map((r) => ({ event: r.body, receivedAt: r.received_at }));
+}
+
+/**
+ * What the status of a run needs, whatever the run's size: the few events
+ * that decide it (see `digestEvents` in status.ts, which is the same
+ * selection in TypeScript) and counts. Two queries; memory bounded by the
+ * number of distinct steps, not events.
+ */
+export interface RunDigest {
+  /** The deciding events, in seq order. */
+  events: StoredEvent[];
+  count: number;
+  maxSeq: number;
+  /** Latest effective event time (see effectiveTs). */
+  lastEventTs: number;
+  lastReceivedAt: Date;
+}
+
+/**
+ * The host's latest run (see listRuns) as a digest, and how many runs the
+ * host has; null when it has none. A few index lookups, whatever the run's size.
+ */
+export async function readLatestRunDigest(db: Queryable, hostId: string): Promise<{ digest: RunDigest; runs: number } | null> {
+  const run = await latestRun(db, hostId);
+  if (!run) return null;
+  const marks = await db.query<{ seq: number | null }>(
+    `SELECT max(seq) AS seq FROM bootstrap_events WHERE host_id = $1 AND run_id = $2 AND type = 'run_start'
+     UNION ALL SELECT max(seq) FROM bootstrap_events WHERE host_id = $1 AND run_id = $2 AND type = 'progress'
+     UNION ALL SELECT max(seq) FROM bootstrap_events WHERE host_id = $1 AND run_id = $2 AND type = 'run_end'
+     UNION ALL SELECT min(seq) FROM bootstrap_events WHERE host_id = $1 AND run_id = $2 AND type = 'step_end' AND body->>'outcome' = 'failed'
+     UNION ALL SELECT min(seq) FROM bootstrap_events WHERE host_id = $1 AND run_id = $2 AND type IN ('step_start', 'step_end') GROUP BY type, body->>'step'
+     UNION ALL SELECT max(seq) FROM bootstrap_events WHERE host_id = $1 AND run_id = $2 AND type IN ('step_start', 'step_end') GROUP BY type, body->>'step'`,
+    [hostId, run.run_id],
+  );
+  const seqs = [...new Set(marks.flatMap((m) => (m.seq === null ? [] : [m.seq])))];
+  const rows = await db.query<{ body: BootstrapEvent; received_at: Date }>(
+    "SELECT body, received_at FROM bootstrap_events WHERE host_id = $1 AND run_id = $2 AND seq = ANY($3::integer[]) ORDER BY seq",
+    [hostId, run.run_id, seqs],
+  );
+  return {
+    runs: run.runs,
+    digest: {
+      events: rows.map((r) => ({ event: r.body, receivedAt: r.received_at })),
+      count: run.events,
+      maxSeq: run.max_seq,
+      lastEventTs: Number(run.last_event_ts),
+      lastReceivedAt: run.last_received_at,
+    },
+  };
 }
 
 export type { Db };

@@ -30,8 +30,7 @@ export class SseClient {
         const { done, value } = await this.reader!.read();
         if (done) return;
         this.buffer += decoder.decode(value, { stream: true });
-        let i: number;
-        while ((i = this.buffer.indexOf("\n\n")) >= 0) {
+        for (let i = this.buffer.indexOf("\n\n"); i >= 0; i = this.buffer.indexOf("\n\n")) {
           const block = this.buffer.slice(0, i);
           this.buffer = this.buffer.slice(i + 2);
           const ev: SseEvent = { event: "message", data: "" };
