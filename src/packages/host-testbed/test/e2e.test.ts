@@ -20,12 +20,12 @@ import {
   expectRerunChangedNothing,
   expectServiceHealthy,
   expectTokenNowhere,
-  outputOf,
   type Observed,
+  outputOf,
 } from "../src/end-state.js";
 import { ThrowawayHost } from "../src/host.js";
 import { whyNotSupported } from "../src/machine.js";
-import { Testbed, type ProvisionedTestHost } from "../src/testbed.js";
+import { type ProvisionedTestHost, Testbed } from "../src/testbed.js";
 
 const why = whyNotSupported();
 const skip = process.env.SKIP_E2E === "1";
@@ -100,7 +100,12 @@ describe.skipIf(skip)("bootstrap on a throwaway host", () => {
     const before = await daemonIdentity(a.host, a.prov);
     const requestsBefore = bed.artifactServer.requests.length;
     const again = await bootstrapObserved(bed, a.host, a.prov, "rerun");
-    await expectRerunChangedNothing(a, again, before, bed.artifactServer.requests.slice(requestsBefore).map((r) => r.path));
+    await expectRerunChangedNothing(
+      a,
+      again,
+      before,
+      bed.artifactServer.requests.slice(requestsBefore).map((r) => r.path),
+    );
     timings.rerun_s = again.run.wallMs / 1000;
   });
 
@@ -110,7 +115,13 @@ describe.skipIf(skip)("bootstrap on a throwaway host", () => {
     const before = await daemonIdentity(a.host, a.prov);
     const requestsBefore = bed.artifactServer.requests.length;
     const again = await bootstrapObserved(bed, a.host, a.prov, "state_lost");
-    await expectRerunChangedNothing(a, again, before, bed.artifactServer.requests.slice(requestsBefore).map((r) => r.path), { stateLost: true });
+    await expectRerunChangedNothing(
+      a,
+      again,
+      before,
+      bed.artifactServer.requests.slice(requestsBefore).map((r) => r.path),
+      { stateLost: true },
+    );
     // state.json is back, with a fingerprint for every step and nothing else
     const state = JSON.parse(a.host.readFile(`${c.bootstrap_dir}/state.json`)) as { version: number; steps: Record<string, { fingerprint: string }> };
     expect(Object.keys(state).sort()).toEqual(["steps", "version"]);

@@ -53,6 +53,7 @@ export const SYSTEMD_UNIT_RE = /^cocalc-[A-Za-z0-9_.-]{1,200}$/;
  * splitlines() breaks lines there), and unpaired surrogates (not encodable as
  * UTF-8). With the u flag, a surrogate pair is one code point outside this class.
  */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
 export const UNSAFE_CHAR_RE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\ud800-\udfff]/u;
 /** Deepest JSON nesting a config may have (it needs 5); deeper input is refused as a whole, at `$`. */
 export const MAX_JSON_DEPTH = 32;
@@ -70,9 +71,38 @@ const isSafeText = (s: string) => !UNSAFE_CHAR_RE.test(s);
  * directories, and anything inside the ones the system owns outright.
  */
 export const SYSTEM_DIRS = [
-  "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt", "/opt",
-  "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/backups", "/var/cache",
-  "/var/lib", "/var/local", "/var/log", "/var/mail", "/var/opt", "/var/spool", "/var/tmp",
+  "/",
+  "/bin",
+  "/boot",
+  "/dev",
+  "/etc",
+  "/home",
+  "/lib",
+  "/lib32",
+  "/lib64",
+  "/libx32",
+  "/media",
+  "/mnt",
+  "/opt",
+  "/proc",
+  "/root",
+  "/run",
+  "/sbin",
+  "/snap",
+  "/srv",
+  "/sys",
+  "/tmp",
+  "/usr",
+  "/var",
+  "/var/backups",
+  "/var/cache",
+  "/var/lib",
+  "/var/local",
+  "/var/log",
+  "/var/mail",
+  "/var/opt",
+  "/var/spool",
+  "/var/tmp",
 ] as const;
 export const SYSTEM_TREES = ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr"] as const;
 
@@ -86,14 +116,9 @@ export const AbsPath = z
   .min(1)
   .max(MAX_PATH)
   .refine(isSafeText, { message: SAFE_TEXT_MESSAGE })
-  .refine(
-    (p) =>
-      p.startsWith("/") &&
-      !p.includes("//") &&
-      (p === "/" || !p.endsWith("/")) &&
-      pathSegments(p).every((s) => s !== "." && s !== ".."),
-    { message: "must be an absolute, normalised path (starts with /, no . or .. segments, no // and no trailing /)" },
-  );
+  .refine((p) => p.startsWith("/") && !p.includes("//") && (p === "/" || !p.endsWith("/")) && pathSegments(p).every((s) => s !== "." && s !== ".."), {
+    message: "must be an absolute, normalised path (starts with /, no . or .. segments, no // and no trailing /)",
+  });
 
 /** A relative path inside a bundle: no leading `/`, no `.`/`..` segments. */
 export const RelPath = z
@@ -101,14 +126,9 @@ export const RelPath = z
   .min(1)
   .max(MAX_PATH)
   .refine(isSafeText, { message: SAFE_TEXT_MESSAGE })
-  .refine(
-    (p) =>
-      !p.startsWith("/") &&
-      !p.includes("//") &&
-      !p.endsWith("/") &&
-      pathSegments(p).every((s) => s !== "." && s !== ".."),
-    { message: "must be a relative path inside the bundle (no leading /, no . or .. segments)" },
-  );
+  .refine((p) => !p.startsWith("/") && !p.includes("//") && !p.endsWith("/") && pathSegments(p).every((s) => s !== "." && s !== ".."), {
+    message: "must be a relative path inside the bundle (no leading /, no . or .. segments)",
+  });
 
 /**
  * http(s) URL, in one plain form simple enough that bootstrap.py implements it
@@ -120,12 +140,9 @@ export const RelPath = z
  * no backslash, `%` only as an escape). No userinfo. Plain http is allowed for
  * local mirrors and tests.
  */
-export const HttpUrl = z
-  .string()
-  .max(2048)
-  .refine(isHttpUrl, {
-    message: "must be an http:// or https:// URL in plain ASCII (a host name, IPv4 or [IPv6] host; internationalized names as punycode, xn--)",
-  });
+export const HttpUrl = z.string().max(2048).refine(isHttpUrl, {
+  message: "must be an http:// or https:// URL in plain ASCII (a host name, IPv4 or [IPv6] host; internationalized names as punycode, xn--)",
+});
 
 /** A host name label; the last label starts with a letter (so it is never read as a number). */
 const HOST_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
@@ -171,9 +188,7 @@ export function isHttpUrl(s: string): boolean {
   return hostOk && URL_REST_RE.test(rest);
 }
 
-export const Sha256 = z
-  .string()
-  .regex(SHA256_RE, { message: "must be 64 lowercase hex digits (a sha256)" });
+export const Sha256 = z.string().regex(SHA256_RE, { message: "must be 64 lowercase hex digits (a sha256)" });
 
 const PosInt = (max: number) => z.int().min(1).max(max);
 const NonNegInt = (max: number) => z.int().min(0).max(max);
@@ -205,9 +220,7 @@ export const HubSchema = z
 export const ArtifactSchema = z
   .strictObject({
     url: HttpUrl.describe("Download URL of the bundle (a .tar.xz, .tar.zst or .tar.gz)."),
-    sha256: Sha256.nullable()
-      .default(null)
-      .describe("Expected sha256 of the download; null means fetch `<url>.sha256`. Never installed unverified."),
+    sha256: Sha256.nullable().default(null).describe("Expected sha256 of the download; null means fetch `<url>.sha256`. Never installed unverified."),
     version: z.string().regex(VERSION_RE).describe("Version; installed at `bundles/<artifact>/<version>`."),
     size_bytes: NonNegInt(Number.MAX_SAFE_INTEGER).nullable().default(null).describe("Expected size in bytes, when known (progress and sanity check)."),
     strip_components: NonNegInt(8).default(0).describe("Leading path components to strip when extracting."),
@@ -245,13 +258,16 @@ export const AptSchema = z
     packages: z
       .array(
         z.string().regex(DEB_PACKAGE_RE, {
-          message: "must be a Debian package name (a-z 0-9 . + -, 2 or more, starting with a letter or digit) not ending in - (apt-get would remove the package)",
+          message:
+            "must be a Debian package name (a-z 0-9 . + -, 2 or more, starting with a letter or digit) not ending in - (apt-get would remove the package)",
         }),
       )
       .max(200)
       .default([])
       .describe("Debian packages to install (names only: no version, release or trailing -)."),
-    lists_max_age_s: NonNegInt(7 * 86400).default(3600).describe("Skip `apt-get update` when the lists are younger than this."),
+    lists_max_age_s: NonNegInt(7 * 86400)
+      .default(3600)
+      .describe("Skip `apt-get update` when the lists are younger than this."),
     lock_timeout_s: PosInt(3600).default(600).describe("How long to wait for the dpkg/apt locks."),
   })
   .describe("System packages.");
@@ -321,8 +337,9 @@ export const BootstrapConfigSchema = z
       .regex(USER_RE, { message: "must be a POSIX user name" })
       .refine((u) => u !== "root", { message: "must not be root: the bootstrap runs as a non-root user with sudo" })
       .describe("Non-root user that runs the bootstrap and the daemon."),
-    home: AbsPath.refine((p) => !isSystemPath(p), { message: "must be a real home directory, not / or a system directory (e.g. /home/<user>)" })
-      .describe("That user's home directory (preflight checks it against getent passwd); not / or a system directory."),
+    home: AbsPath.refine((p) => !isSystemPath(p), { message: "must be a real home directory, not / or a system directory (e.g. /home/<user>)" }).describe(
+      "That user's home directory (preflight checks it against getent passwd); not / or a system directory.",
+    ),
     bootstrap_root: AbsPath.describe("Root of everything the bootstrap owns, e.g. `/home/ubuntu/cocalc-host`."),
     bootstrap_dir: AbsPath.describe("Where the stub, config, token, state and logs of the bootstrap live; inside bootstrap_root."),
     arch: z.enum(ARCHES).describe("Expected CPU architecture (Debian naming)."),
@@ -330,7 +347,11 @@ export const BootstrapConfigSchema = z
     parallel: z.boolean().default(true).describe("Run independent steps concurrently; false walks the same graph serially."),
     hub: HubSchema,
     conat_urls: z.array(HttpUrl).min(1).max(8).describe("Conat server URLs the daemon connects to; reachability is checked."),
-    secrets: z.array(z.string().regex(SECRET_NAME_RE)).max(16).default([]).describe("Secrets to fetch into 0600 files under `<bootstrap_root>/config/secrets/`."),
+    secrets: z
+      .array(z.string().regex(SECRET_NAME_RE))
+      .max(16)
+      .default([])
+      .describe("Secrets to fetch into 0600 files under `<bootstrap_root>/config/secrets/`."),
     artifacts: ArtifactsSchema,
     node: NodeSchema,
     apt: AptSchema,
@@ -375,9 +396,7 @@ export interface ConfigIssue {
 }
 
 /** Validate without throwing; every issue with its JSON path. */
-export function checkConfig(
-  input: unknown,
-): { ok: true; config: BootstrapConfig } | { ok: false; issues: ConfigIssue[] } {
+export function checkConfig(input: unknown): { ok: true; config: BootstrapConfig } | { ok: false; issues: ConfigIssue[] } {
   if (jsonDepth(input) > MAX_JSON_DEPTH) return { ok: false, issues: [{ path: [], message: DEPTH_MESSAGE }] };
   const r = BootstrapConfigSchema.safeParse(input);
   if (r.success) return { ok: true, config: r.data };

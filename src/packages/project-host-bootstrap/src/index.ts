@@ -16,8 +16,8 @@ export {
 export {
   AbsPath,
   ARCHES,
-  type Arch,
   ARTIFACT_NAMES,
+  type Arch,
   type ArtifactName,
   type BootstrapConfig,
   type BootstrapConfigInput,
@@ -41,6 +41,7 @@ export {
   type StepOutcome,
 } from "./events.js";
 export { renderStub, STUB_SH_PATH, type StubOptions, stubOptionsFor } from "./stub.js";
+export { criticalPath, type RunTimings, runTimings, type StepDuration, type StepTiming } from "./timings.js";
 export {
   CLOUD_CONFIG_STUB_PATH,
   cloudConfigFor,
@@ -49,4 +50,3 @@ export {
   UserDataError,
   type UserDataPlacement,
 } from "./userdata.js";
-export { criticalPath, type RunTimings, runTimings, type StepDuration, type StepTiming } from "./timings.js";

@@ -7,7 +7,7 @@
  * `critical_path` (its `timings` command): both must pass the vectors in
  * fixtures/critical-path/ (test/timings.test.ts, python/tests/test_timings.py).
  */
-import { BootstrapEventSchema, type BootstrapEvent } from "./events.js";
+import { type BootstrapEvent, BootstrapEventSchema } from "./events.js";
 
 export interface StepDuration {
   name: string;
@@ -100,7 +100,14 @@ export function runTimings(lines: readonly string[]): RunTimings {
     else if (e.type === "step_end") {
       const info = first.steps.find((s) => s.name === e.step);
       const end_s = at(e.ts);
-      ended.set(e.step, { name: e.step, deps: info?.deps ?? [], start_s: started.get(e.step) ?? end_s - e.duration_s, end_s, duration_s: e.duration_s, outcome: e.outcome });
+      ended.set(e.step, {
+        name: e.step,
+        deps: info?.deps ?? [],
+        start_s: started.get(e.step) ?? end_s - e.duration_s,
+        end_s,
+        duration_s: e.duration_s,
+        outcome: e.outcome,
+      });
     } else if (e.type === "run_end") end = e;
   }
   return {

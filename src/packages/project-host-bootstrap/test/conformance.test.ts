@@ -125,15 +125,31 @@ describe("conformance vectors", () => {
   });
 
   it("bootstrap.py's regexes and constants are twins of config.ts's", () => {
-    const names = ["SHA256_RE", "UUID_RE", "USER_RE", "HOST_NAME_RE", "VERSION_RE", "NODE_VERSION_RE", "DEB_PACKAGE_RE",
-      "ENV_NAME_RE", "SECRET_NAME_RE", "OS_ID_RE", "OS_VERSION_RE", "SYSTEMD_UNIT_RE", "DNS_NAME_RE", "IPV4_RE",
-      "URL_PARTS_RE", "URL_REST_RE"] as const;
+    const names = [
+      "SHA256_RE",
+      "UUID_RE",
+      "USER_RE",
+      "HOST_NAME_RE",
+      "VERSION_RE",
+      "NODE_VERSION_RE",
+      "DEB_PACKAGE_RE",
+      "ENV_NAME_RE",
+      "SECRET_NAME_RE",
+      "OS_ID_RE",
+      "OS_VERSION_RE",
+      "SYSTEMD_UNIT_RE",
+      "DNS_NAME_RE",
+      "IPV4_RE",
+      "URL_PARTS_RE",
+      "URL_REST_RE",
+    ] as const;
     const searched = ["UNSAFE_CHAR_RE"] as const; // search(), not fullmatch(): no anchors on either side
     const script = `import json, sys; sys.path.insert(0, sys.argv[1]); import bootstrap as b
 print(json.dumps({"patterns": {n: getattr(b, n).pattern for n in sys.argv[2:]}, "MAX_PATH": b.MAX_PATH,
   "ARCHES": list(b.ARCHES), "SCHEMA_VERSION": b.SCHEMA_VERSION, "MAX_JSON_DEPTH": b.MAX_JSON_DEPTH,
   "SYSTEM_DIRS": list(b.SYSTEM_DIRS), "SYSTEM_TREES": list(b.SYSTEM_TREES)}))`;
     const py = JSON.parse(execFileSync(PYTHON, ["-c", script, dirname(BOOTSTRAP_PY), ...names, ...searched], { encoding: "utf8" }));
+    // biome-ignore lint/performance/noDynamicNamespaceImportAccess: a test walking the contract's names
     for (const name of searched) expect(py.patterns[name], name).toBe(contract[name].source);
     // Python uses fullmatch(), so its twin is the JS source without ^ and $.
     // biome-ignore lint/performance/noDynamicNamespaceImportAccess: a test walking the contract's names

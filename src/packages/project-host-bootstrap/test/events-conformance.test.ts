@@ -94,8 +94,12 @@ describe("event vectors", () => {
     const verdicts = new Map<string, Verdict>();
     beforeAll(() => {
       const files = vectors.map((v) => join(FIXTURES, v.file));
-      const lines = execFileSync(PYTHON, ["-c", BATCH_DRIVER, dirname(BOOTSTRAP_PY), ...files], { encoding: "utf8", maxBuffer: 64 << 20 }).trim().split("\n");
-      lines.forEach((line, i) => verdicts.set(vectors[i]!.file, JSON.parse(line) as Verdict));
+      const lines = execFileSync(PYTHON, ["-c", BATCH_DRIVER, dirname(BOOTSTRAP_PY), ...files], { encoding: "utf8", maxBuffer: 64 << 20 })
+        .trim()
+        .split("\n");
+      lines.forEach((line, i) => {
+        verdicts.set(vectors[i]!.file, JSON.parse(line) as Verdict);
+      });
     });
 
     it.each(vectors.map((v) => [v.file, v] as const))("%s: same verdict, paths and output as zod", (file, v) => {
