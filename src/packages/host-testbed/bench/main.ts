@@ -6,8 +6,8 @@ import { cpus, release } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { whyNotSupported } from "../src/machine.js";
-import { buildResult, writeResults, type BenchSettings } from "./report.js";
-import { defaultAptPackages, RUN_KINDS, runBench, type RunKind } from "./runner.js";
+import { type BenchSettings, buildResult, writeResults } from "./report.js";
+import { defaultAptPackages, RUN_KINDS, type RunKind, runBench } from "./runner.js";
 
 const HELP = `usage: pnpm bench [options]
 
@@ -68,10 +68,16 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
   };
   const apt = values.apt ?? (smoke ? "test" : "real");
   if (apt !== "real" && apt !== "test") throw new Error(`--apt: real or test, not ${JSON.stringify(apt)}`);
-  const kinds = (values.kinds ?? RUN_KINDS.join(",")).split(",").map((k) => k.trim()).filter(Boolean);
+  const kinds = (values.kinds ?? RUN_KINDS.join(","))
+    .split(",")
+    .map((k) => k.trim())
+    .filter(Boolean);
   const unknown = kinds.filter((k) => !(RUN_KINDS as readonly string[]).includes(k));
   if (unknown.length) throw new Error(`--kinds: unknown ${unknown.join(", ")} (known: ${RUN_KINDS.join(", ")})`);
-  const stamp = now.toISOString().replace(/[-:]/g, "").replace(/\.\d+Z$/, "Z");
+  const stamp = now
+    .toISOString()
+    .replace(/[-:]/g, "")
+    .replace(/\.\d+Z$/, "Z");
   return {
     runs: number("runs", values.runs, smoke ? 1 : 3, (x) => Number.isInteger(x) && x >= 1 && x <= 50),
     scale: number("scale", values.scale, smoke ? 0.01 : 1, (x) => x > 0 && x <= 10),

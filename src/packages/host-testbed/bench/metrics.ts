@@ -228,9 +228,7 @@ export function extractions(run: EngineRun, records: readonly LogRecord[], archi
   for (const [artifact, bytes] of Object.entries(archiveBytes)) {
     const step = run.steps.find((s) => s.name === `install_${artifact}`);
     if (step?.outcome !== "changed") continue;
-    const said = records
-      .map((r) => new RegExp(`^installed ${artifact} \\S+ in ([\\d.]+)s`).exec(r.message ?? ""))
-      .find((m) => m !== null);
+    const said = records.map((r) => new RegExp(`^installed ${artifact} \\S+ in ([\\d.]+)s`).exec(r.message ?? "")).find((m) => m !== null);
     const seconds = said ? Number(said[1]) : step.duration_s;
     if (!(seconds > 0)) continue;
     out.push({ artifact, archive_bytes: bytes, seconds, mb_per_s: bytes / 1e6 / seconds });

@@ -5,7 +5,7 @@
  */
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { stat, type Stat, type StepTiming } from "./metrics.js";
+import { type Stat, type StepTiming, stat } from "./metrics.js";
 import type { BenchRun, RunKind, RunRecord } from "./runner.js";
 import { RUN_KINDS } from "./runner.js";
 
@@ -136,10 +136,16 @@ export function markdown(result: BenchResult): string {
   lines.push("## Headline", "");
   const sp = h.serial_over_parallel;
   lines.push("| figure | value | aim |", "|---|---|---|");
-  lines.push(`| wall ÷ critical path, cold parallel | ${fmt(h.wall_over_critical_parallel, 2)} | ≤ 1.10 ${mark(h.wall_over_critical_parallel?.median, (x) => x <= 1.1)} |`);
-  lines.push(`| serial ÷ parallel (wall) | ${sp ? (sp.min !== sp.max ? `${sp.median.toFixed(2)} (${sp.min.toFixed(2)}–${sp.max.toFixed(2)})` : sp.median.toFixed(2)) : "–"} | > 1 |`);
+  lines.push(
+    `| wall ÷ critical path, cold parallel | ${fmt(h.wall_over_critical_parallel, 2)} | ≤ 1.10 ${mark(h.wall_over_critical_parallel?.median, (x) => x <= 1.1)} |`,
+  );
+  lines.push(
+    `| serial ÷ parallel (wall) | ${sp ? (sp.min !== sp.max ? `${sp.median.toFixed(2)} (${sp.min.toFixed(2)}–${sp.max.toFixed(2)})` : sp.median.toFixed(2)) : "–"} | > 1 |`,
+  );
   lines.push(`| warm re-run wall | ${fmt(h.warm_wall_s, 2)} s | < 2 s ${mark(h.warm_wall_s?.median, (x) => x < 2)} |`);
-  lines.push(`| download throughput ÷ bandwidth, cold parallel | ${fmt(h.download_fraction, 2)} | ≥ 0.9 ${mark(h.download_fraction?.median, (x) => x >= 0.9)} |`);
+  lines.push(
+    `| download throughput ÷ bandwidth, cold parallel | ${fmt(h.download_fraction, 2)} | ≥ 0.9 ${mark(h.download_fraction?.median, (x) => x >= 0.9)} |`,
+  );
   lines.push("", "## All figures (median, min–max)", "");
   lines.push(`| figure | ${kinds.map((k) => KIND_LABEL[k]).join(" | ")} |`);
   lines.push(`|---|${kinds.map(() => "---").join("|")}|`);

@@ -12,34 +12,47 @@
  * them alike.
  */
 import { chmodSync, copyFileSync, mkdirSync } from "node:fs";
+import { type BundleName, publishSite } from "../src/artifacts.js";
 import { ThrowawayHost } from "../src/host.js";
-import { publishSite, type BundleName } from "../src/artifacts.js";
 import { hostsDir } from "../src/paths.js";
-import { TEST_APT_PACKAGES, Testbed, testHostRecord, type BootstrapRun, type ProvisionedTestHost } from "../src/testbed.js";
+import { type BootstrapRun, type ProvisionedTestHost, TEST_APT_PACKAGES, Testbed, testHostRecord } from "../src/testbed.js";
 import {
   aptCommands,
+  type ByteSample,
   changedSteps,
   criticalPath,
   downloadThroughput,
+  type EngineRun,
+  type Extraction,
   engineOverheadSeconds,
   engineRunFromState,
   extractionRate,
   extractions,
-  logRecords,
-  milestones,
-  type ByteSample,
-  type EngineRun,
-  type Extraction,
   type LogRecord,
+  logRecords,
   type Milestones,
+  milestones,
   type StepTiming,
   type Throughput,
 } from "./metrics.js";
-import { ByteSampler, MemorySampler, probeMachine, type MachineNoise } from "./samplers.js";
-import { asVersion, BASE_VERSION, buildWorkloadBundle, workloadSpecs, type WorkloadBundle } from "./workload.js";
+import { ByteSampler, type MachineNoise, MemorySampler, probeMachine } from "./samplers.js";
+import { asVersion, BASE_VERSION, buildWorkloadBundle, type WorkloadBundle, workloadSpecs } from "./workload.js";
 
 /** The apt list of the old bootstrap (what a real project host installs). */
-export const REAL_APT_PACKAGES = ["podman", "btrfs-progs", "uidmap", "slirp4netns", "fuse-overlayfs", "curl", "xz-utils", "rsync", "vim", "crun", "cron", "chrony"];
+export const REAL_APT_PACKAGES = [
+  "podman",
+  "btrfs-progs",
+  "uidmap",
+  "slirp4netns",
+  "fuse-overlayfs",
+  "curl",
+  "xz-utils",
+  "rsync",
+  "vim",
+  "crun",
+  "cron",
+  "chrony",
+];
 
 export const RUN_KINDS = ["cold_parallel", "cold_serial", "warm", "version_change"] as const;
 export type RunKind = (typeof RUN_KINDS)[number];

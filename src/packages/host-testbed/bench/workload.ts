@@ -17,7 +17,7 @@ import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { dashName, sha256File, type BuiltBundle, type BundleName } from "../src/artifacts.js";
+import { type BuiltBundle, type BundleName, dashName, sha256File } from "../src/artifacts.js";
 import { cacheDir } from "../src/paths.js";
 import { Prng } from "../src/prng.js";
 
@@ -91,7 +91,9 @@ export async function buildWorkloadBundle(spec: WorkloadBundleSpec, log: (line: 
     const files = await packBundle(path, topDir, spec, executables[0]!, exe);
     const meta = { path, sha256: await sha256File(path), size_bytes: statSync(path).size, contentBytes: spec.contentBytes, files };
     writeFileSync(metaPath, JSON.stringify(meta));
-    log(`built ${fileName}: ${(meta.size_bytes / MB).toFixed(1)} MB, ratio ${(spec.contentBytes / meta.size_bytes).toFixed(2)}x, ${files} files, ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+    log(
+      `built ${fileName}: ${(meta.size_bytes / MB).toFixed(1)} MB, ratio ${(spec.contentBytes / meta.size_bytes).toFixed(2)}x, ${files} files, ${((Date.now() - t0) / 1000).toFixed(0)} s`,
+    );
   }
   const meta = JSON.parse(readFileSync(metaPath, "utf8")) as { path: string; sha256: string; size_bytes: number; contentBytes: number; files: number };
   return {
@@ -121,7 +123,9 @@ export function asVersion(bundle: WorkloadBundle, version: string): WorkloadBund
 async function packBundle(path: string, topDir: string, spec: WorkloadBundleSpec, exePath: string, exe: string): Promise<number> {
   mkdirSync(dirname(path), { recursive: true });
   const part = `${path}.part`;
-  const xz = spawn("bash", ["-c", 'xz -T0 -"$1" --block-size="$2" -c > "$3"', "bash", String(spec.xzLevel), XZ_BLOCK_SIZE, part], { stdio: ["pipe", "ignore", "pipe"] });
+  const xz = spawn("bash", ["-c", 'xz -T0 -"$1" --block-size="$2" -c > "$3"', "bash", String(spec.xzLevel), XZ_BLOCK_SIZE, part], {
+    stdio: ["pipe", "ignore", "pipe"],
+  });
   let stderr = "";
   xz.stderr!.on("data", (b: Buffer) => (stderr += b.toString()));
   const done = new Promise<number>((resolve, reject) => {
@@ -181,7 +185,7 @@ function header(name: string, size: number, mode: number, type: "0" | "5"): Buff
   let prefix = "";
   let base = name;
   if (Buffer.byteLength(name) > 100) {
-    const cut = name.lastIndexOf("/", Math.min(name.length - 2 , 155));
+    const cut = name.lastIndexOf("/", Math.min(name.length - 2, 155));
     prefix = name.slice(0, cut);
     base = name.slice(cut + 1);
     if (cut < 0 || Buffer.byteLength(prefix) > 155 || Buffer.byteLength(base) > 100) throw new Error(`tar name too long: ${name}`);
@@ -208,8 +212,58 @@ function header(name: string, size: number, mode: number, type: "0" | "5"): Buff
 
 // --- content that compresses like software -------------------------------------------
 
-const KEYWORDS = ["const", "let", "return", "if", "else", "for", "function", "await", "async", "import", "export", "new", "this", "null", "true", "false", "def", "self", "class", "while"];
-const SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "qu", "ba", "do", "fe", "gi", "ho", "ju", "pe", "ri", "su", "ty", "wa", "xo", "yu", "ce", "st", "an", "er", "on"];
+const KEYWORDS = [
+  "const",
+  "let",
+  "return",
+  "if",
+  "else",
+  "for",
+  "function",
+  "await",
+  "async",
+  "import",
+  "export",
+  "new",
+  "this",
+  "null",
+  "true",
+  "false",
+  "def",
+  "self",
+  "class",
+  "while",
+];
+const SYLLABLES = [
+  "ka",
+  "lo",
+  "mi",
+  "ne",
+  "ru",
+  "sa",
+  "to",
+  "vi",
+  "ze",
+  "qu",
+  "ba",
+  "do",
+  "fe",
+  "gi",
+  "ho",
+  "ju",
+  "pe",
+  "ri",
+  "su",
+  "ty",
+  "wa",
+  "xo",
+  "yu",
+  "ce",
+  "st",
+  "an",
+  "er",
+  "on",
+];
 
 function vocabulary(rng: Prng, size: number): string[] {
   const words: string[] = [];

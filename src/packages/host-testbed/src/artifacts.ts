@@ -14,13 +14,13 @@
  * manifests (`<artifact>/latest-linux-<arch>.json`) and `.sha256` files.
  */
 import { createHash } from "node:crypto";
-import { createReadStream, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync, chmodSync } from "node:fs";
+import { chmodSync, createReadStream, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { Arch } from "@cocalc/project-host-bootstrap";
 import { cacheDir } from "./paths.js";
-import { run } from "./proc.js";
 import { Prng } from "./prng.js";
+import { run } from "./proc.js";
 
 /** Bump when the layout or content recipe changes. */
 const RECIPE_VERSION = 1;
@@ -156,7 +156,32 @@ async function packTarXz(cwd: string, entry: string, out: string, level: number)
 // Code-like text: identifiers and keywords from a fixed vocabulary, so xz
 // compresses it about as well as a tree of JavaScript (4-6x), not like zeros.
 const KEYWORDS = ["const", "let", "return", "if", "else", "for", "function", "await", "async", "import", "export", "new", "this", "null", "true", "false"];
-const SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "qu", "ba", "do", "fe", "gi", "ho", "ju", "pe", "ri", "su", "ty", "wa", "xo", "yu", "ce"];
+const SYLLABLES = [
+  "ka",
+  "lo",
+  "mi",
+  "ne",
+  "ru",
+  "sa",
+  "to",
+  "vi",
+  "ze",
+  "qu",
+  "ba",
+  "do",
+  "fe",
+  "gi",
+  "ho",
+  "ju",
+  "pe",
+  "ri",
+  "su",
+  "ty",
+  "wa",
+  "xo",
+  "yu",
+  "ce",
+];
 
 function vocabulary(rng: Prng, size: number): string[] {
   const words: string[] = [];

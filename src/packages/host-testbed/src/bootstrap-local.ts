@@ -24,21 +24,16 @@
  * 2 this machine or the arguments do not fit (the message says why).
  */
 import { spawnSync } from "node:child_process";
-import { readFileSync, rmSync, writeFileSync, chmodSync } from "node:fs";
+import { chmodSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
-import {
-  ARCHES,
-  type Arch,
-  bootstrapPaths,
-  defaultAptPackages,
-} from "@cocalc/project-host-bootstrap";
+import { ARCHES, type Arch, bootstrapPaths, defaultAptPackages } from "@cocalc/project-host-bootstrap";
 import { HOST_NAME_RE, OS_ID_RE, OS_VERSION_RE, USER_RE } from "@cocalc/project-host-bootstrap/contract";
 import { watchArgv } from "./argv-watch.js";
 import { daemonIdentity, expectBootstrappedHost, expectRerunChangedNothing, type HostView, type Observed } from "./end-state.js";
-import { CommandHost, minimalEnvArgv, type ExecOptions } from "./host.js";
+import { CommandHost, type ExecOptions, minimalEnvArgv } from "./host.js";
 import { isRoot } from "./machine.js";
-import { STUB_PATH, TEST_APT_PACKAGES, TEST_DISK_SIZE_GB, Testbed, type ProvisionedTestHost } from "./testbed.js";
+import { type ProvisionedTestHost, STUB_PATH, TEST_APT_PACKAGES, TEST_DISK_SIZE_GB, Testbed } from "./testbed.js";
 
 const USAGE = `usage: bootstrap-local [--dry-run] [--default-apt]
 
@@ -218,7 +213,10 @@ async function checking(what: string, checks: () => Promise<void>): Promise<void
     say(`ok: ${what}`);
   } catch (e) {
     const err = e as Error;
-    const at = (err.stack ?? "").split("\n").find((l) => l.includes("end-state.ts"))?.trim();
+    const at = (err.stack ?? "")
+      .split("\n")
+      .find((l) => l.includes("end-state.ts"))
+      ?.trim();
     throw new Error(`check failed: ${what}: ${err.message}${at ? `\n  (${at})` : ""}`);
   }
 }

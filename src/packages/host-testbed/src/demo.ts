@@ -84,7 +84,10 @@ async function startServices(): Promise<DemoServices> {
   }
 }
 
-async function provisionDemoHost(services: DemoServices, host: ThrowawayHost): Promise<{ stub: string; config: BootstrapConfig; pageUrl: string; hostId: string }> {
+async function provisionDemoHost(
+  services: DemoServices,
+  host: ThrowawayHost,
+): Promise<{ stub: string; config: BootstrapConfig; pageUrl: string; hostId: string }> {
   const record = testHostRecord(host, `http://127.0.0.1:${await freePort()}`);
   const r = await fetch(`${services.hubUrl}/admin/hosts`, {
     method: "POST",

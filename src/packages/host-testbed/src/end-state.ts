@@ -68,7 +68,10 @@ export async function expectBootstrappedHost(o: Observed): Promise<void> {
   expect((await host.sh("stat -c '%U' /btrfs/data")).trim()).toBe(c.bootstrap_user);
 
   // exactly one tagged, nofail fstab line for the loop image
-  const fstab = host.readFile("/etc/fstab").split("\n").filter((l) => /\s\/btrfs\s/.test(l) && !l.trimStart().startsWith("#"));
+  const fstab = host
+    .readFile("/etc/fstab")
+    .split("\n")
+    .filter((l) => /\s\/btrfs\s/.test(l) && !l.trimStart().startsWith("#"));
   expect(fstab).toHaveLength(1);
   const [src, mnt, type, options] = fstab[0]!.trim().split(/\s+/);
   expect([src, mnt, type]).toEqual([c.btrfs.image_path, "/btrfs", "btrfs"]);
@@ -126,11 +129,7 @@ export async function expectBootstrappedHost(o: Observed): Promise<void> {
   expect([(tok.mode & 0o777).toString(8), tok.uid]).toEqual(["600", user.uid]);
 }
 
-export async function expectServiceHealthy(
-  host: HostView,
-  prov: ProvisionedTestHost,
-  timeoutMs = 30_000,
-): Promise<{ pid: number; version: string }> {
+export async function expectServiceHealthy(host: HostView, prov: ProvisionedTestHost, timeoutMs = 30_000): Promise<{ pid: number; version: string }> {
   const deadline = Date.now() + timeoutMs;
   let last = "";
   while (Date.now() < deadline) {
@@ -148,7 +147,10 @@ export async function expectServiceHealthy(
 }
 
 export function readJsonLines(host: HostView, path: string): Record<string, unknown>[] {
-  const lines = host.readFile(path).split("\n").filter((l) => l.trim() !== "");
+  const lines = host
+    .readFile(path)
+    .split("\n")
+    .filter((l) => l.trim() !== "");
   return lines.map((l, i) => {
     try {
       return JSON.parse(l) as Record<string, unknown>;

@@ -11,30 +11,12 @@
  */
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import {
-  chmodSync,
-  chownSync,
-  closeSync,
-  existsSync,
-  mkdirSync,
-  openSync,
-  readdirSync,
-  readFileSync,
-  rmSync,
-  writeFileSync,
-} from "node:fs";
+import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
-import {
-  busyBoundLoops,
-  detachLoopsUnder,
-  ensureLoopDeviceNodes,
-  ensureMachinePackages,
-  LOOP_DEVICES,
-  whyNotSupported,
-} from "./machine.js";
+import { busyBoundLoops, detachLoopsUnder, ensureLoopDeviceNodes, ensureMachinePackages, LOOP_DEVICES, whyNotSupported } from "./machine.js";
 import { hostsDir } from "./paths.js";
-import { run, sleep, type RunOptions, type RunResult } from "./proc.js";
-import { defaultRootfsSpec, ensureRootfsTarball, unpackRootfs, type RootfsSpec } from "./rootfs.js";
+import { type RunOptions, type RunResult, run, sleep } from "./proc.js";
+import { defaultRootfsSpec, ensureRootfsTarball, type RootfsSpec, unpackRootfs } from "./rootfs.js";
 
 const CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -71,10 +53,7 @@ export interface ExecOptions extends Omit<RunOptions, "env"> {
  * `env -i K=V ... [runuser -u USER --] cmd`: a command with a minimal, explicit
  * environment, as root or as `user`.
  */
-export function minimalEnvArgv(
-  cmd: readonly string[],
-  opts: { user: string; home: string; path: string; env?: Record<string, string> | undefined },
-): string[] {
+export function minimalEnvArgv(cmd: readonly string[], opts: { user: string; home: string; path: string; env?: Record<string, string> | undefined }): string[] {
   const { user, home, path } = opts;
   const env = { PATH: path, LANG: "C.UTF-8", HOME: home, USER: user, LOGNAME: user, TERM: "dumb", ...opts.env };
   const asUser = user !== "root" ? ["runuser", "-u", user, "--"] : [];
@@ -138,11 +117,11 @@ export class ThrowawayHost extends CommandHost {
     await unpackRootfs(built.tarball, rootfs);
     const unpackMs = Date.now() - t0;
     writeIdentity(rootfs, name);
-    const host = new ThrowawayHost(
-      { name, dir, rootfs, user: spec.user, nspawnPid: null },
-      log,
-      { rootfsBuildMs: built.debootstrapMs + built.packMs, unpackMs, bootMs: 0 },
-    );
+    const host = new ThrowawayHost({ name, dir, rootfs, user: spec.user, nspawnPid: null }, log, {
+      rootfsBuildMs: built.debootstrapMs + built.packMs,
+      unpackMs,
+      bootMs: 0,
+    });
     host.saveState();
     try {
       await host.boot(opts.bootTimeoutMs);
@@ -319,10 +298,7 @@ export class ThrowawayHost extends CommandHost {
 function writeIdentity(rootfs: string, name: string): void {
   // Without these sudo warns "unable to resolve host" on every call.
   writeFileSync(join(rootfs, "etc", "hostname"), `${name}\n`);
-  writeFileSync(
-    join(rootfs, "etc", "hosts"),
-    `127.0.0.1\tlocalhost\n127.0.1.1\t${name}\n::1\tlocalhost ip6-localhost ip6-loopback\n`,
-  );
+  writeFileSync(join(rootfs, "etc", "hosts"), `127.0.0.1\tlocalhost\n127.0.1.1\t${name}\n::1\tlocalhost ip6-localhost ip6-loopback\n`);
 }
 
 function readProc(pid: number, file: string): string | null {

@@ -1,32 +1,32 @@
-export { ThrowawayHost, type ExecOptions, type HostUpOptions, type HostTimings } from "./host.js";
-export { defaultRootfsSpec, ensureRootfsTarball, BASE_PACKAGES, type RootfsSpec } from "./rootfs.js";
-export { whyNotSupported, isRoot } from "./machine.js";
-export { run, type RunResult } from "./proc.js";
+export { watchArgv } from "./argv-watch.js";
+export { type ArtifactServer, type ArtifactServerOptions, startArtifactServer, TokenBucket } from "./artifact-server.js";
 export {
-  buildBundle,
-  buildNodeMirror,
-  publishSite,
-  testBundleSpecs,
   BUNDLES,
-  DEFAULT_NODE,
-  type BundleName,
-  type BundleSpec,
   type BuiltBundle,
   type BuiltNode,
+  type BundleName,
+  type BundleSpec,
+  buildBundle,
+  buildNodeMirror,
+  DEFAULT_NODE,
   type NodeMirrorSpec,
   type PublishedSite,
+  publishSite,
+  testBundleSpecs,
 } from "./artifacts.js";
-export { startArtifactServer, TokenBucket, type ArtifactServer, type ArtifactServerOptions } from "./artifact-server.js";
+export { type ExecOptions, type HostTimings, type HostUpOptions, ThrowawayHost } from "./host.js";
+export { isRoot, whyNotSupported } from "./machine.js";
+export { type RunResult, run } from "./proc.js";
+export { BASE_PACKAGES, defaultRootfsSpec, ensureRootfsTarball, type RootfsSpec } from "./rootfs.js";
 export {
-  Testbed,
+  type BootstrapRun,
   freePort,
-  testHostRecord,
+  type HubVariant,
+  type ProvisionedTestHost,
   STUB_PATH,
   TEST_APT_PACKAGES,
   TESTBED_OS,
-  type BootstrapRun,
-  type HubVariant,
-  type ProvisionedTestHost,
+  Testbed,
   type TestbedOptions,
+  testHostRecord,
 } from "./testbed.js";
-export { watchArgv } from "./argv-watch.js";

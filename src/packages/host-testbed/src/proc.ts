@@ -2,7 +2,7 @@
  * Running commands on the machine that hosts the testbed: argv only, output
  * captured (and optionally streamed), a timeout that kills the process group.
  */
-import { spawn, type SpawnOptions } from "node:child_process";
+import { type SpawnOptions, spawn } from "node:child_process";
 
 export interface RunOptions {
   cwd?: string;

@@ -46,7 +46,10 @@ export function debianArch(): string {
 }
 
 export function rootfsKey(spec: RootfsSpec): string {
-  return createHash("sha256").update(JSON.stringify({ RECIPE_VERSION, ...spec })).digest("hex").slice(0, 16);
+  return createHash("sha256")
+    .update(JSON.stringify({ RECIPE_VERSION, ...spec }))
+    .digest("hex")
+    .slice(0, 16);
 }
 
 export function rootfsTarball(spec: RootfsSpec): string {
@@ -123,10 +126,9 @@ async function buildRootfs(spec: RootfsSpec, tarball: string, log: (line: string
   try {
     log(`debootstrap ${spec.suite} (${spec.arch}) from ${spec.mirror} ...`);
     const t0 = Date.now();
-    await run(
-      ["debootstrap", "--variant=minbase", `--arch=${spec.arch}`, `--include=${spec.packages.join(",")}`, spec.suite, work, spec.mirror],
-      { timeoutMs: 30 * 60_000 },
-    );
+    await run(["debootstrap", "--variant=minbase", `--arch=${spec.arch}`, `--include=${spec.packages.join(",")}`, spec.suite, work, spec.mirror], {
+      timeoutMs: 30 * 60_000,
+    });
     const debootstrapMs = Date.now() - t0;
     await customise(work, spec);
     const t1 = Date.now();
@@ -163,7 +165,10 @@ async function customise(root: string, spec: RootfsSpec): Promise<void> {
   // Like a cloud image: no downloaded .debs and no package lists, so every
   // host's first apt step really runs `apt-get update` (and the result does
   // not depend on how old the cached tarball is).
-  for (const dir of [["var", "cache", "apt", "archives"], ["var", "lib", "apt", "lists"]]) {
+  for (const dir of [
+    ["var", "cache", "apt", "archives"],
+    ["var", "lib", "apt", "lists"],
+  ]) {
     rmSync(join(root, ...dir), { recursive: true, force: true });
     mkdirSync(join(root, ...dir, "partial"), { recursive: true });
   }

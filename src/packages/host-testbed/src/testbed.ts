@@ -12,22 +12,22 @@ import { randomUUID } from "node:crypto";
 import { mkdirSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
-import { startHub, type RunningHub, type HostStatus } from "@cocalc/server";
 import type { Arch, BootstrapConfig } from "@cocalc/project-host-bootstrap";
-import { startArtifactServer, type ArtifactServer } from "./artifact-server.js";
+import { type HostStatus, type RunningHub, startHub } from "@cocalc/server";
+import { type ArtifactServer, startArtifactServer } from "./artifact-server.js";
 import {
-  buildBundle,
-  buildNodeMirror,
-  DEFAULT_NODE,
-  nodeArchOf,
-  publishSite,
-  testBundleSpecs,
   type BuiltBundle,
   type BuiltNode,
   type BundleName,
   type BundleSpec,
+  buildBundle,
+  buildNodeMirror,
+  DEFAULT_NODE,
   type NodeMirrorSpec,
+  nodeArchOf,
   type PublishedSite,
+  publishSite,
+  testBundleSpecs,
 } from "./artifacts.js";
 import type { ThrowawayHost } from "./host.js";
 import { cacheDir } from "./paths.js";

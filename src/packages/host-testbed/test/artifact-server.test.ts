@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { parseRange, startArtifactServer, type ArtifactServer } from "../src/artifact-server.js";
+import { type ArtifactServer, parseRange, startArtifactServer } from "../src/artifact-server.js";
 
 let dir: string;
 let server: ArtifactServer;

@@ -8,7 +8,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { buildBundle, buildNodeMirror, publishSite, sha256File, testBundleSpecs, type BuiltBundle, type BuiltNode } from "../src/artifacts.js";
+import { type BuiltBundle, type BuiltNode, buildBundle, buildNodeMirror, publishSite, sha256File, testBundleSpecs } from "../src/artifacts.js";
 import { run } from "../src/proc.js";
 
 let scratch: string;
@@ -105,8 +105,7 @@ function freePort(): Promise<number> {
 }
 
 describe("stand-in project-host daemon", () => {
-  const daemonSource = () =>
-    readFileSync(new URL("../src/daemon.py", import.meta.url), "utf8").replace("@VERSION@", "9.9.9");
+  const daemonSource = () => readFileSync(new URL("../src/daemon.py", import.meta.url), "utf8").replace("@VERSION@", "9.9.9");
 
   it("answers GET /healthz on the port of COCALC_HOST_INTERNAL_URL", async () => {
     const dir = mkdtempSync(join(scratch, "daemon-"));

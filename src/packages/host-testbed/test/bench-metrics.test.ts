@@ -8,24 +8,24 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { parseCli } from "../bench/main.js";
 import {
   aptCommands,
   criticalPath,
   downloadThroughput,
+  type EngineRun,
   engineOverheadSeconds,
   engineRunFromState,
   extractionRate,
   extractions,
   logRecords,
   milestones,
+  type StepTiming,
   stat,
   unionSeconds,
-  type EngineRun,
-  type StepTiming,
 } from "../bench/metrics.js";
-import { parseCli } from "../bench/main.js";
-import { buildResult, markdown, waterfallSvg, writeResults, type BenchSettings } from "../bench/report.js";
-import { runRecord, type RunRecord } from "../bench/runner.js";
+import { type BenchSettings, buildResult, markdown, waterfallSvg, writeResults } from "../bench/report.js";
+import { type RunRecord, runRecord } from "../bench/runner.js";
 import { Prng, TarWriter } from "../bench/workload.js";
 
 function step(name: string, deps: string[], start: number, end: number, outcome = "changed"): StepTiming {
@@ -33,13 +33,7 @@ function step(name: string, deps: string[], start: number, end: number, outcome 
 }
 
 /** A diamond plus a side chain: a → (b: 5 s | c: 2 s) → d; a → e (9 s). */
-const DIAMOND: StepTiming[] = [
-  step("a", [], 0, 1),
-  step("b", ["a"], 1, 6),
-  step("c", ["a"], 1, 3),
-  step("d", ["b", "c"], 6.5, 7.5),
-  step("e", ["a"], 1, 10),
-];
+const DIAMOND: StepTiming[] = [step("a", [], 0, 1), step("b", ["a"], 1, 6), step("c", ["a"], 1, 3), step("d", ["b", "c"], 6.5, 7.5), step("e", ["a"], 1, 10)];
 
 function engine(steps: StepTiming[], wall: number): EngineRun {
   return { run_id: "r1", ok: true, status: "done", wall_s: wall, jobs: 4, steps };
@@ -64,7 +58,14 @@ describe("critical path", () => {
 
 describe("overhead and milestones", () => {
   it("unions overlapping intervals once", () => {
-    expect(unionSeconds([{ start: 0, end: 2 }, { start: 1, end: 3 }, { start: 5, end: 6 }, { start: 5.5, end: 5.7 }])).toBeCloseTo(4);
+    expect(
+      unionSeconds([
+        { start: 0, end: 2 },
+        { start: 1, end: 3 },
+        { start: 5, end: 6 },
+        { start: 5.5, end: 5.7 },
+      ]),
+    ).toBeCloseTo(4);
     expect(unionSeconds([])).toBe(0);
   });
 
@@ -101,7 +102,15 @@ describe("throughput from byte samples", () => {
   });
 
   it("is null when nothing was downloaded", () => {
-    expect(downloadThroughput([{ t_ms: 0, bytes: 7 }, { t_ms: 50, bytes: 7 }], 1)).toBeNull();
+    expect(
+      downloadThroughput(
+        [
+          { t_ms: 0, bytes: 7 },
+          { t_ms: 50, bytes: 7 },
+        ],
+        1,
+      ),
+    ).toBeNull();
     expect(downloadThroughput([], 1)).toBeNull();
   });
 });
@@ -158,24 +167,16 @@ describe("statistics", () => {
 
 function syntheticRun(kind: RunRecord["kind"], iteration: number, wallMs: number): RunRecord {
   const steps = DIAMOND.map((s) => ({ ...s, outcome: kind === "warm" ? "unchanged" : "changed" }));
-  return runRecord(
-    kind,
-    iteration,
-    "h",
-    { code: 0, wallMs, stdout: "", stderr: "" },
-    engine(steps, wallMs / 1000 - 0.3),
-    [],
-    {
-      samples: [
-        { t_ms: 0, bytes: 0 },
-        { t_ms: 1000, bytes: 45e6 },
-      ],
-      limit: 50e6,
-      archiveBytes: {},
-      peakKb: 40 * 1024,
-      noise: { loadavg_1m: 1.5, cpu_probe_ms: 80, disk_probe_ms: 300 },
-    },
-  );
+  return runRecord(kind, iteration, "h", { code: 0, wallMs, stdout: "", stderr: "" }, engine(steps, wallMs / 1000 - 0.3), [], {
+    samples: [
+      { t_ms: 0, bytes: 0 },
+      { t_ms: 1000, bytes: 45e6 },
+    ],
+    limit: 50e6,
+    archiveBytes: {},
+    peakKb: 40 * 1024,
+    noise: { loadavg_1m: 1.5, cpu_probe_ms: 80, disk_probe_ms: 300 },
+  });
 }
 
 describe("report", () => {

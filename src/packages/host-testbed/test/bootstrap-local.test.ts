@@ -17,13 +17,9 @@ import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync,
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { afterAll, describe, expect, it } from "vitest";
-import {
-  BOOTSTRAP_PY_PATH,
-  BootstrapConfigSchema,
-  type BootstrapConfig,
-} from "@cocalc/project-host-bootstrap";
+import { BOOTSTRAP_PY_PATH, type BootstrapConfig, BootstrapConfigSchema } from "@cocalc/project-host-bootstrap";
 import { USER_RE } from "@cocalc/project-host-bootstrap/contract";
+import { afterAll, describe, expect, it } from "vitest";
 import { buildBundle, buildNodeMirror, DEFAULT_NODE, nodeArchOf, testBundleSpecs } from "../src/artifacts.js";
 import { ThrowawayHost } from "../src/host.js";
 import { whyNotSupported } from "../src/machine.js";
@@ -152,7 +148,14 @@ describe.skipIf(process.env.SKIP_E2E === "1")("bootstrap-local in a throwaway ho
     for (const spec of testBundleSpecs()) await buildBundle(spec);
     await buildNodeMirror({ ...DEFAULT_NODE, arch: nodeArchOf(dpkgArch()) }); // the throwaway hosts are this machine's arch
     mkdirSync(h.path("/work/main"), { recursive: true });
-    await run(["bash", "-c", 'set -o pipefail; tar -C "$1" --exclude=./.git --exclude=./.venv -cf - . | tar -C "$2" -xf -', "bash", WORKSPACE, h.path("/work/main")]);
+    await run([
+      "bash",
+      "-c",
+      'set -o pipefail; tar -C "$1" --exclude=./.git --exclude=./.venv -cf - . | tar -C "$2" -xf -',
+      "bash",
+      WORKSPACE,
+      h.path("/work/main"),
+    ]);
     copyFileSync(process.execPath, h.path("/usr/local/bin/node"));
     await run(["chmod", "0755", h.path("/usr/local/bin/node")]);
     const cache = h.path("/var/cache/cocalc-host-testbed");

@@ -19,12 +19,12 @@ import {
   expectRerunChangedNothing,
   expectServiceHealthy,
   expectTokenNowhere,
-  outputOf,
   type Observed,
+  outputOf,
 } from "../src/end-state.js";
 import { ThrowawayHost } from "../src/host.js";
 import { whyNotSupported } from "../src/machine.js";
-import { Testbed, type ProvisionedTestHost } from "../src/testbed.js";
+import { type ProvisionedTestHost, Testbed } from "../src/testbed.js";
 
 const why = whyNotSupported();
 const skip = process.env.SKIP_E2E === "1";
@@ -99,7 +99,12 @@ describe.skipIf(skip)("bootstrap on a throwaway host", () => {
     const before = await daemonIdentity(a.host, a.prov);
     const requestsBefore = bed.artifactServer.requests.length;
     const again = await bootstrapObserved(bed, a.host, a.prov, "rerun");
-    await expectRerunChangedNothing(a, again, before, bed.artifactServer.requests.slice(requestsBefore).map((r) => r.path));
+    await expectRerunChangedNothing(
+      a,
+      again,
+      before,
+      bed.artifactServer.requests.slice(requestsBefore).map((r) => r.path),
+    );
     timings.rerun_s = again.run.wallMs / 1000;
   });
 

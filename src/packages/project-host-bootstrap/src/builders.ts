@@ -19,14 +19,14 @@
  */
 import type { z } from "zod";
 import {
+  type AptSchema,
   type Arch,
   type ArtifactsSchema,
-  type AptSchema,
-  BootstrapConfigSchema,
   type BootstrapConfig,
   type BootstrapConfigInput,
-  type ConfigIssue,
+  BootstrapConfigSchema,
   CONFIG_FILE_NAME,
+  type ConfigIssue,
   type DataDiskSchema,
   formatPath,
   type HostSchema,

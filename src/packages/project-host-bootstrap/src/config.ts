@@ -53,11 +53,7 @@ export const AbsPath = z
   .max(MAX_PATH)
   .refine(
     (p) =>
-      p.startsWith("/") &&
-      !p.includes("\0") &&
-      !p.includes("//") &&
-      (p === "/" || !p.endsWith("/")) &&
-      pathSegments(p).every((s) => s !== "." && s !== ".."),
+      p.startsWith("/") && !p.includes("\0") && !p.includes("//") && (p === "/" || !p.endsWith("/")) && pathSegments(p).every((s) => s !== "." && s !== ".."),
     { message: "must be an absolute, normalised path (starts with /, no . or .. segments, no // and no trailing /)" },
   );
 
@@ -66,21 +62,12 @@ export const RelPath = z
   .string()
   .min(1)
   .max(MAX_PATH)
-  .refine(
-    (p) =>
-      !p.startsWith("/") &&
-      !p.includes("\0") &&
-      !p.includes("//") &&
-      !p.endsWith("/") &&
-      pathSegments(p).every((s) => s !== "." && s !== ".."),
-    { message: "must be a relative path inside the bundle (no leading /, no . or .. segments)" },
-  );
+  .refine((p) => !p.startsWith("/") && !p.includes("\0") && !p.includes("//") && !p.endsWith("/") && pathSegments(p).every((s) => s !== "." && s !== ".."), {
+    message: "must be a relative path inside the bundle (no leading /, no . or .. segments)",
+  });
 
 /** http(s) URL. Plain http is allowed for local mirrors and tests. */
-export const HttpUrl = z
-  .string()
-  .max(2048)
-  .refine(isHttpUrl, { message: "must be an absolute http:// or https:// URL" });
+export const HttpUrl = z.string().max(2048).refine(isHttpUrl, { message: "must be an absolute http:// or https:// URL" });
 
 /**
  * The plain form: lower-case scheme, `//`, and an authority without userinfo,
@@ -98,18 +85,10 @@ export function isHttpUrl(s: string): boolean {
   } catch {
     return false;
   }
-  return (
-    (u.protocol === "http:" || u.protocol === "https:") &&
-    u.hostname.length > 0 &&
-    u.username === "" &&
-    u.password === "" &&
-    !/\s/.test(s)
-  );
+  return (u.protocol === "http:" || u.protocol === "https:") && u.hostname.length > 0 && u.username === "" && u.password === "" && !/\s/.test(s);
 }
 
-export const Sha256 = z
-  .string()
-  .regex(SHA256_RE, { message: "must be 64 lowercase hex digits (a sha256)" });
+export const Sha256 = z.string().regex(SHA256_RE, { message: "must be 64 lowercase hex digits (a sha256)" });
 
 const PosInt = (max: number) => z.int().min(1).max(max);
 const NonNegInt = (max: number) => z.int().min(0).max(max);
@@ -141,9 +120,7 @@ export const HubSchema = z
 export const ArtifactSchema = z
   .strictObject({
     url: HttpUrl.describe("Download URL of the bundle (a .tar.xz, .tar.zst or .tar.gz)."),
-    sha256: Sha256.nullable()
-      .default(null)
-      .describe("Expected sha256 of the download; null means fetch `<url>.sha256`. Never installed unverified."),
+    sha256: Sha256.nullable().default(null).describe("Expected sha256 of the download; null means fetch `<url>.sha256`. Never installed unverified."),
     version: z.string().regex(VERSION_RE).describe("Version; installed at `bundles/<artifact>/<version>`."),
     size_bytes: NonNegInt(Number.MAX_SAFE_INTEGER).nullable().default(null).describe("Expected size in bytes, when known (progress and sanity check)."),
     strip_components: NonNegInt(8).default(0).describe("Leading path components to strip when extracting."),
@@ -179,7 +156,9 @@ export const NodeSchema = z
 export const AptSchema = z
   .strictObject({
     packages: z.array(z.string().regex(DEB_PACKAGE_RE)).max(200).default([]).describe("Debian packages to install."),
-    lists_max_age_s: NonNegInt(7 * 86400).default(3600).describe("Skip `apt-get update` when the lists are younger than this."),
+    lists_max_age_s: NonNegInt(7 * 86400)
+      .default(3600)
+      .describe("Skip `apt-get update` when the lists are younger than this."),
     lock_timeout_s: PosInt(3600).default(600).describe("How long to wait for the dpkg/apt locks."),
   })
   .describe("System packages.");
@@ -212,7 +191,12 @@ export const ServiceSchema = z
 
 export const TunnelSchema = z
   .strictObject({
-    host: z.string().min(1).max(253).regex(/^[A-Za-z0-9.-]+$/).describe("SSH server the reverse tunnel goes to."),
+    host: z
+      .string()
+      .min(1)
+      .max(253)
+      .regex(/^[A-Za-z0-9.-]+$/)
+      .describe("SSH server the reverse tunnel goes to."),
     port: PosInt(65535).default(22).describe("SSH port."),
     user: z.string().regex(USER_RE).describe("SSH user on that server."),
     remote_port: PosInt(65535).describe("Port forwarded back to this host."),
@@ -221,7 +205,13 @@ export const TunnelSchema = z
   .describe("Optional reverse SSH tunnel (managed by the connector).");
 
 const EnvVars = z
-  .record(z.string().regex(ENV_NAME_RE), z.string().max(4096).refine((v) => !/[\n\0]/.test(v), { message: "must not contain newlines or NUL" }))
+  .record(
+    z.string().regex(ENV_NAME_RE),
+    z
+      .string()
+      .max(4096)
+      .refine((v) => !/[\n\0]/.test(v), { message: "must not contain newlines or NUL" }),
+  )
   .default({})
   .describe("Extra non-secret variables for /etc/cocalc/project-host.env.");
 
@@ -248,7 +238,11 @@ export const BootstrapConfigSchema = z
     parallel: z.boolean().default(true).describe("Run independent steps concurrently; false walks the same graph serially."),
     hub: HubSchema,
     conat_urls: z.array(HttpUrl).min(1).max(8).describe("Conat server URLs the daemon connects to; reachability is checked."),
-    secrets: z.array(z.string().regex(SECRET_NAME_RE)).max(16).default([]).describe("Secrets to fetch into 0600 files under `<bootstrap_root>/config/secrets/`."),
+    secrets: z
+      .array(z.string().regex(SECRET_NAME_RE))
+      .max(16)
+      .default([])
+      .describe("Secrets to fetch into 0600 files under `<bootstrap_root>/config/secrets/`."),
     artifacts: ArtifactsSchema,
     node: NodeSchema,
     apt: AptSchema,
@@ -283,9 +277,7 @@ export interface ConfigIssue {
 }
 
 /** Validate without throwing; every issue with its JSON path. */
-export function checkConfig(
-  input: unknown,
-): { ok: true; config: BootstrapConfig } | { ok: false; issues: ConfigIssue[] } {
+export function checkConfig(input: unknown): { ok: true; config: BootstrapConfig } | { ok: false; issues: ConfigIssue[] } {
   const r = BootstrapConfigSchema.safeParse(input);
   if (r.success) return { ok: true, config: r.data };
   return {

@@ -96,13 +96,7 @@ export const RunEndEvent = z.strictObject({
   log_tail: Text.nullable().default(null),
 });
 
-export const BootstrapEventSchema = z.discriminatedUnion("type", [
-  RunStartEvent,
-  StepStartEvent,
-  StepEndEvent,
-  ProgressEvent,
-  RunEndEvent,
-]);
+export const BootstrapEventSchema = z.discriminatedUnion("type", [RunStartEvent, StepStartEvent, StepEndEvent, ProgressEvent, RunEndEvent]);
 export type BootstrapEvent = z.output<typeof BootstrapEventSchema>;
 export type BootstrapEventInput = z.input<typeof BootstrapEventSchema>;
 

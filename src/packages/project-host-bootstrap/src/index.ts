@@ -16,8 +16,8 @@ export {
 export {
   AbsPath,
   ARCHES,
-  type Arch,
   ARTIFACT_NAMES,
+  type Arch,
   type ArtifactName,
   type BootstrapConfig,
   type BootstrapConfigInput,

@@ -23,8 +23,8 @@ import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { shellQuote } from "@cocalc/util";
 import { bootstrapPySha256 } from "./asset.js";
-import { AbsPath, type BootstrapConfig, type ConfigIssue, isHttpUrl, SHA256_RE, TOKEN_FILE_NAME, CONFIG_FILE_NAME, USER_RE } from "./config.js";
 import { BootstrapConfigError } from "./builders.js";
+import { AbsPath, type BootstrapConfig, CONFIG_FILE_NAME, type ConfigIssue, isHttpUrl, SHA256_RE, TOKEN_FILE_NAME, USER_RE } from "./config.js";
 
 /** Bootstrap tokens: URL-safe base64/hex-like, so they fit a curl header line and a here-document. */
 export const BOOTSTRAP_TOKEN_RE = /^[A-Za-z0-9._~+/=-]{16,512}$/;
@@ -143,7 +143,15 @@ function settingsBlock(opts: StubOptions): string {
     "}",
   ];
   if (token !== null) {
-    lines.push("", "# The bootstrap token; write_token puts it into $token_file (0600).", "embedded_token() {", `  cat <<'${TOKEN_EOF}'`, token, TOKEN_EOF, "}");
+    lines.push(
+      "",
+      "# The bootstrap token; write_token puts it into $token_file (0600).",
+      "embedded_token() {",
+      `  cat <<'${TOKEN_EOF}'`,
+      token,
+      TOKEN_EOF,
+      "}",
+    );
   }
   lines.push("# <<< settings");
   return lines.join("\n");

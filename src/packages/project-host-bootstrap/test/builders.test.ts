@@ -3,17 +3,10 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { BOOTSTRAP_PY_PATH } from "../src/asset.js";
-import {
-  BootstrapConfigError,
-  bootstrapPaths,
-  buildBootstrapConfig,
-  defaultAptPackages,
-  type HostFacts,
-  imageSizeGb,
-} from "../src/builders.js";
-import { BootstrapConfigSchema, checkConfig } from "../src/config.js";
 import { exampleHostFacts } from "../scripts/example-host.js";
+import { BOOTSTRAP_PY_PATH } from "../src/asset.js";
+import { BootstrapConfigError, bootstrapPaths, buildBootstrapConfig, defaultAptPackages, type HostFacts, imageSizeGb } from "../src/builders.js";
+import { BootstrapConfigSchema, checkConfig } from "../src/config.js";
 
 function deepFreeze<T>(value: T): T {
   if (value !== null && typeof value === "object") {
@@ -122,7 +115,7 @@ describe("buildBootstrapConfig", () => {
     );
     const paths = error.issues.map((i) => i.path.join("."));
     expect(paths).toEqual(expect.arrayContaining(["bootstrap_user", "arch", "artifacts.tools.sha256", "conat_urls.0"]));
-    expect(error.message).toContain("$.artifacts.tools.sha256: must be 64 lowercase hex digits (a sha256) (got \"not-a-sha\")");
+    expect(error.message).toContain('$.artifacts.tools.sha256: must be 64 lowercase hex digits (a sha256) (got "not-a-sha")');
     expect(error.message).toContain("$.bootstrap_user: must not be root");
     expect(error.message).toContain("$.conat_urls[0]:");
     expect(error.message).toContain("$.arch:");

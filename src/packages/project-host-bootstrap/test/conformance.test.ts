@@ -125,8 +125,20 @@ describe("conformance vectors", () => {
   });
 
   it("bootstrap.py's regexes and constants are twins of config.ts's", () => {
-    const names = ["SHA256_RE", "UUID_RE", "USER_RE", "HOST_NAME_RE", "VERSION_RE", "NODE_VERSION_RE", "DEB_PACKAGE_RE",
-      "ENV_NAME_RE", "SECRET_NAME_RE", "OS_ID_RE", "OS_VERSION_RE", "SYSTEMD_UNIT_RE"] as const;
+    const names = [
+      "SHA256_RE",
+      "UUID_RE",
+      "USER_RE",
+      "HOST_NAME_RE",
+      "VERSION_RE",
+      "NODE_VERSION_RE",
+      "DEB_PACKAGE_RE",
+      "ENV_NAME_RE",
+      "SECRET_NAME_RE",
+      "OS_ID_RE",
+      "OS_VERSION_RE",
+      "SYSTEMD_UNIT_RE",
+    ] as const;
     const script = `import json, sys; sys.path.insert(0, sys.argv[1]); import bootstrap as b
 print(json.dumps({"patterns": {n: getattr(b, n).pattern for n in sys.argv[2:]}, "MAX_PATH": b.MAX_PATH,
   "ARCHES": list(b.ARCHES), "SCHEMA_VERSION": b.SCHEMA_VERSION}))`;

@@ -112,11 +112,7 @@ export function makeCurlRecorder(top: string): { binDir: string; argvLog: string
   const realCurl = execFileSync("sh", ["-c", "command -v curl"], { encoding: "utf8" }).trim();
   writeFileSync(argvLog, "", { mode: 0o666 });
   chmodSync(argvLog, 0o666); // the dropped-to user appends to it too
-  writeFileSync(
-    join(binDir, "curl"),
-    `#!/bin/sh\nprintf '%s\\n' "$@" >>'${argvLog}'\nexec '${realCurl}' "$@"\n`,
-    { mode: 0o755 },
-  );
+  writeFileSync(join(binDir, "curl"), `#!/bin/sh\nprintf '%s\\n' "$@" >>'${argvLog}'\nexec '${realCurl}' "$@"\n`, { mode: 0o755 });
   return { binDir, argvLog };
 }
 

@@ -8,10 +8,10 @@
 import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { buildBootstrapConfig } from "../src/builders.js";
-import { bootstrapPyBytes } from "../src/asset.js";
-import { renderStub, type StubOptions } from "../src/stub.js";
 import { exampleHostFacts } from "../scripts/example-host.js";
+import { bootstrapPyBytes } from "../src/asset.js";
+import { buildBootstrapConfig } from "../src/builders.js";
+import { renderStub, type StubOptions } from "../src/stub.js";
 import {
   canUnshareRoot,
   type HubStandIn,
@@ -21,10 +21,10 @@ import {
   makeTop,
   newToken,
   runStub,
-  sha256,
   STAND_IN_BOOTSTRAP_PY,
-  startHub,
   type StubUser,
+  sha256,
+  startHub,
 } from "./stub-harness.js";
 
 const token = newToken();
@@ -161,7 +161,7 @@ describe("a rendered stub, run for real", () => {
 
   it("works in a bootstrap dir whose name has quotes, $(...), backticks and a newline", async () => {
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
-    const nastyParent = join(user.home, "it's $(touch pwned) `touch pwned2` \\ \"x\"\nline 2");
+    const nastyParent = join(user.home, 'it\'s $(touch pwned) `touch pwned2` \\ "x"\nline 2');
     const nastyDir = join(nastyParent, "bootstrap");
     const stub = writeStub("nasty.sh", renderStub(stubOptions({ bootstrapDir: nastyDir })));
     const r = await runStub(stub, { env });

@@ -9,10 +9,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
+import { EXAMPLE_BASE_URL, EXAMPLE_TOKEN, exampleHostFacts } from "../scripts/example-host.js";
 import { bootstrapPySha256 } from "../src/asset.js";
 import { BootstrapConfigError, buildBootstrapConfig } from "../src/builders.js";
 import { renderStub, STUB_SH_PATH, type StubOptions, stubOptionsFor } from "../src/stub.js";
-import { EXAMPLE_BASE_URL, EXAMPLE_TOKEN, exampleHostFacts } from "../scripts/example-host.js";
 
 const SHELLCHECK = fileURLToPath(new URL("../../../../.venv/bin/shellcheck", import.meta.url));
 const work = mkdtempSync(join(tmpdir(), "phb-stubtext-"));
@@ -20,10 +20,10 @@ afterAll(() => rmSync(work, { recursive: true, force: true }));
 
 const exampleStub = () => renderStub(stubOptionsFor(buildBootstrapConfig(exampleHostFacts()), { baseUrl: EXAMPLE_BASE_URL, token: EXAMPLE_TOKEN }));
 
-const NASTY_DIR = "/tmp/it's a $(touch pwned) `id` \\ \"dir\"\nline two/bootstrap";
+const NASTY_DIR = '/tmp/it\'s a $(touch pwned) `id` \\ "dir"\nline two/bootstrap';
 // No whitespace: URLs cannot have any. ${IFS} does the job of a space in a command.
 // biome-ignore lint/suspicious/noTemplateCurlyInString: a shell expansion the stub must not run, on purpose
-const NASTY_URL = "http://127.0.0.1:1/a'b/$(touch${IFS}pwned)/`id`/\"q\"";
+const NASTY_URL = 'http://127.0.0.1:1/a\'b/$(touch${IFS}pwned)/`id`/"q"';
 
 function nastyOptions(overrides: Partial<StubOptions> = {}): StubOptions {
   return { baseUrl: NASTY_URL, bootstrapDir: NASTY_DIR, bootstrapUser: "ubuntu", token: EXAMPLE_TOKEN, ...overrides };
@@ -57,7 +57,7 @@ describe("renderStub text", () => {
     }
   });
 
-  it("is functions only: set -u first, main \"$@\" || exit 1 as the last line", () => {
+  it('is functions only: set -u first, main "$@" || exit 1 as the last line', () => {
     const lines = exampleStub().trimEnd().split("\n");
     expect(lines[0]).toBe("#!/bin/sh");
     expect(lines.find((l) => !l.startsWith("#"))).toBe("set -u");
@@ -101,7 +101,15 @@ describe("renderStub text", () => {
   it("embeds the package's bootstrap.py sha256 by default, and the curl flags", () => {
     const text = exampleStub();
     expect(text).toContain(`bootstrap_py_sha256=${bootstrapPySha256()}`);
-    for (const flag of ["--fail", "--location", "--retry-all-errors", "--connect-timeout 10", '--max-time "$curl_max_time"', '--retry "$curl_retries"', "--config -"]) {
+    for (const flag of [
+      "--fail",
+      "--location",
+      "--retry-all-errors",
+      "--connect-timeout 10",
+      '--max-time "$curl_max_time"',
+      '--retry "$curl_retries"',
+      "--config -",
+    ]) {
       expect(text).toContain(flag);
     }
     expect(text).not.toContain("set -x");
@@ -113,13 +121,7 @@ describe("renderStub text", () => {
     const probe = `${text.replace(/main "\$@" \|\| exit 1\n$/, "")}settings\nprintf '%s\\0' "$base_url" "$bootstrap_dir" "$default_user" "$token_file" "$config_file"\n`;
     const dir = mkdtempSync(join(work, "cwd-"));
     const out = execFileSync("sh", [writeScript("probe.sh", probe)], { cwd: dir, encoding: "utf8" });
-    expect(out.split("\0").slice(0, -1)).toEqual([
-      NASTY_URL,
-      NASTY_DIR,
-      "o_neil-2",
-      `${NASTY_DIR}/bootstrap-token`,
-      `${NASTY_DIR}/bootstrap-config.json`,
-    ]);
+    expect(out.split("\0").slice(0, -1)).toEqual([NASTY_URL, NASTY_DIR, "o_neil-2", `${NASTY_DIR}/bootstrap-token`, `${NASTY_DIR}/bootstrap-config.json`]);
     expect(existsSync(join(dir, "pwned"))).toBe(false);
   });
 

@@ -46,11 +46,7 @@ const unit = fc.oneof(
 );
 const hostileText = fc.string({ unit, maxLength: 40 });
 const safeText = fc.string({ unit: "grapheme", maxLength: 40 });
-const oddNumber = fc.oneof(
-  fc.double(),
-  fc.integer(),
-  fc.constantFrom(0, -0, -1, 5e-324, 1e308, -1e308, 2 ** 31, 2 ** 53 + 1, 1_000_000, 1_000_001, 100.5),
-);
+const oddNumber = fc.oneof(fc.double(), fc.integer(), fc.constantFrom(0, -0, -1, 5e-324, 1e308, -1e308, 2 ** 31, 2 ** 53 + 1, 1_000_000, 1_000_001, 100.5));
 const anything = fc.oneof(hostileText, oddNumber, fc.boolean(), fc.constant(null), fc.jsonValue({ maxDepth: 2 }));
 const ts = fc.oneof(fc.double({ min: 0, max: 4e9, noNaN: true, noDefaultInfinity: true }), fc.constantFrom(0, 5e-324, 1e12, 1e300));
 const duration = fc.double({ min: 0, max: 1e6, noNaN: true, noDefaultInfinity: true });

@@ -242,7 +242,11 @@ describeOnDatabases("the hub under hostile input", (h) => {
     it("is off unless configured", async () => {
       const other = await startHub({ db, artifactBaseUrl: srv.baseUrl });
       try {
-        const res = await fetch(`${other.url}/admin/hosts`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ record: hostRecord() }) });
+        const res = await fetch(`${other.url}/admin/hosts`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ record: hostRecord() }),
+        });
         expect(res.status).toBe(404);
       } finally {
         await other.close();

@@ -39,7 +39,8 @@ describe.skipIf(skipWhy !== null)("progress page in headless Chromium", () => {
   let navigations = 0;
 
   beforeAll(async () => {
-    if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} not found: install Debian's chromium package (apt-get install -y chromium), or set SKIP_CHROMIUM=1`);
+    if (!existsSync(CHROMIUM))
+      throw new Error(`${CHROMIUM} not found: install Debian's chromium package (apt-get install -y chromium), or set SKIP_CHROMIUM=1`);
     mkdirSync(ARTIFACTS, { recursive: true });
     srv = await startManifestServer();
     serveGoodManifests(srv);
@@ -105,7 +106,11 @@ describe.skipIf(skipWhy !== null)("progress page in headless Chromium", () => {
 
     const tail = run.events.length;
     const hint = "The project-host bundle has no bin/project-host; check the bundle's layout.";
-    run.wait(1).stepEnd("install", "failed", 2, { message: "expected file bin/project-host missing", hint, log_tail: "tar: bin/project-host: Not found in archive\nexit status 2" });
+    run.wait(1).stepEnd("install", "failed", 2, {
+      message: "expected file bin/project-host missing",
+      hint,
+      log_tail: "tar: bin/project-host: Not found in archive\nexit status 2",
+    });
     run.end(false, { failed_step: "install", hint, log_tail: "tar: bin/project-host: Not found in archive\nexit status 2" });
     await postEvents(host.hostId, host.token, run.events.slice(tail));
     await page.locator("#failure-hint", { hasText: "no bin/project-host" }).waitFor({ timeout: 10_000 });

@@ -1,7 +1,7 @@
 import { createHash, randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { BOOTSTRAP_PY_PATH, type BootstrapEventInput, bootstrapPyBytes, bootstrapPySha256 } from "@cocalc/project-host-bootstrap";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
 import { type Db, openPglite, type Queryable } from "../cloud/bootstrap/db.js";
 import { type RunningHub, startHub } from "../cloud/bootstrap/hub.js";
 import type { HostStatus } from "../cloud/bootstrap/status.js";
@@ -11,7 +11,6 @@ import { openTestPostgres } from "./support/databases.js";
 import { hostRecord, RunScript } from "./support/fixtures.js";
 import { type ManifestServer, serveGoodManifests, startManifestServer } from "./support/manifest-server.js";
 import { SseClient } from "./support/sse.js";
-import { inject } from "vitest";
 
 const SECRET = "conat-secret-value-0123456789";
 

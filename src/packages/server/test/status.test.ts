@@ -53,7 +53,11 @@ describe("status model", () => {
 
   it("is failed with the failing step, its hint and the log tail", () => {
     const run = new RunScript().start().stepStart("preflight").stepEnd("preflight", "changed");
-    run.stepStart("apt").stepEnd("apt", "failed", 3, { message: "apt-get install failed (exit 100)", hint: "check the apt sources", log_tail: "E: Unable to locate package foo" });
+    run.stepStart("apt").stepEnd("apt", "failed", 3, {
+      message: "apt-get install failed (exit 100)",
+      hint: "check the apt sources",
+      log_tail: "E: Unable to locate package foo",
+    });
     run.end(false, { failed_step: "apt", hint: "apt failed: check the apt sources", log_tail: "E: Unable to locate package foo" });
     const s = deriveStatus(stored(run), opts());
     expect(s.state).toBe("failed");

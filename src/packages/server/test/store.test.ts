@@ -168,10 +168,13 @@ describe("pg adapter: LISTEN survives a lost connection", () => {
       const marker = randomUUID();
       // Keep notifying until the new LISTEN connection hears one.
       await expect
-        .poll(async () => {
-          await notifyHostChanged(db, marker);
-          return heard.includes(marker);
-        }, { timeout: 15_000, interval: 500 })
+        .poll(
+          async () => {
+            await notifyHostChanged(db, marker);
+            return heard.includes(marker);
+          },
+          { timeout: 15_000, interval: 500 },
+        )
         .toBe(true);
       expect(errors.join("\n")).toMatch(/LISTEN connection failed; reconnecting/);
     } finally {

@@ -6,8 +6,8 @@
 import express, { type Express, type Request } from "express";
 import { z } from "zod";
 import type { Db } from "./db.js";
-import { badRequest, errorHandler, HttpError, notFound } from "./http-errors.js";
 import { type HostRecordInput, type ProvisionedHost, ProvisionRefusedError, provisionHost, type SiteSettingsInput } from "./hosts.js";
+import { badRequest, errorHandler, HttpError, notFound } from "./http-errors.js";
 import { ManifestFetcher } from "./manifests.js";
 import { type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
 import { getHost } from "./store.js";
@@ -79,15 +79,18 @@ export function createApp(opts: CreateAppOptions): HubApp {
         if (err instanceof ProvisionRefusedError) throw new HttpError(400, err.message);
         throw err;
       }
-      res.status(201).set("Cache-Control", "no-store").json({
-        host_id: host.hostId,
-        base_url: host.baseUrl,
-        page_url: `${host.baseUrl}/`,
-        token: host.token,
-        expires_at: host.expiresAt.toISOString(),
-        stub: host.stub,
-        config: host.config,
-      });
+      res
+        .status(201)
+        .set("Cache-Control", "no-store")
+        .json({
+          host_id: host.hostId,
+          base_url: host.baseUrl,
+          page_url: `${host.baseUrl}/`,
+          token: host.token,
+          expires_at: host.expiresAt.toISOString(),
+          stub: host.stub,
+          config: host.config,
+        });
     });
   }
   app.use(notFound);

@@ -43,7 +43,10 @@ export const HostRecordSchema = z.strictObject({
   id: z.string().regex(UUID_RE, { message: "must be a lowercase UUID" }),
   name: z.string().regex(HOST_NAME_RE, { message: "must be a lowercase RFC 1123 host label" }),
   region: z.string().max(64).default(""),
-  runtime_user: z.string().regex(USER_RE).refine((u) => u !== "root", { message: "must not be root" }),
+  runtime_user: z
+    .string()
+    .regex(USER_RE)
+    .refine((u) => u !== "root", { message: "must not be root" }),
   arch: z.enum(ARCHES),
   disk_size_gb: z.number().positive(),
   data_disk_candidates: z.array(AbsPath).max(16).default([]),

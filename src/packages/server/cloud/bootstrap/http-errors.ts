@@ -71,7 +71,10 @@ export function errorHandler(opts: { maxBodyBytes: number; logError: ErrorLogger
     }
     const known = err instanceof HttpError ? err : (bodyParserError(err, opts.maxBodyBytes) ?? clientError(err));
     if (known) {
-      res.status(known.status).set(known instanceof HttpError ? known.headers : {}).json({ error: known.message });
+      res
+        .status(known.status)
+        .set(known instanceof HttpError ? known.headers : {})
+        .json({ error: known.message });
       return;
     }
     // Unknown: log it for the operator (method and path only, never bodies or

@@ -8,10 +8,10 @@ export { type CreateAppOptions, createApp, DEFAULT_PREFIX, type HubApp } from ".
 export { type Db, openDb, openPglite, pgDb, pgDbFromUrl, pgliteDb, type Queryable } from "./db.js";
 export {
   assembleHostConfig,
-  hostBaseUrl,
   type HostRecord,
   type HostRecordInput,
   HostRecordSchema,
+  hostBaseUrl,
   type ProvisionDeps,
   type ProvisionedHost,
   ProvisionRefusedError,

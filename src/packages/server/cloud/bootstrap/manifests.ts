@@ -12,12 +12,7 @@
  * (never installed unverified). Fetched with a timeout; good manifests are
  * cached briefly, failures never.
  */
-import {
-  ARCHES,
-  type Arch,
-  type ArtifactName,
-  HttpUrl,
-} from "@cocalc/project-host-bootstrap";
+import { ARCHES, type Arch, type ArtifactName, HttpUrl } from "@cocalc/project-host-bootstrap";
 import { SHA256_RE, VERSION_RE } from "@cocalc/project-host-bootstrap/contract";
 import { z } from "zod";
 

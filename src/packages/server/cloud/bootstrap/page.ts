@@ -46,7 +46,6 @@ function escapeHtml(s: string): string {
   return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
 
-
 export function progressPageHtml(hostId: string): string {
   const id = escapeHtml(hostId);
   return `<!doctype html>

@@ -13,12 +13,7 @@
  * Status, stream and page carry no token: the hub mounts them behind its own
  * login, or passes `authorizeViewer`.
  */
-import {
-  bootstrapPyBytes,
-  bootstrapPySha256,
-  EventBatchSchema,
-  MAX_BATCH_BYTES,
-} from "@cocalc/project-host-bootstrap";
+import { bootstrapPyBytes, bootstrapPySha256, EventBatchSchema, MAX_BATCH_BYTES } from "@cocalc/project-host-bootstrap";
 import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import express, { type NextFunction, type Request, type Response, type Router } from "express";
 import { z } from "zod";
@@ -97,7 +92,11 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     const verdict = await verifyToken(db, hostId, bearerToken(req.get("authorization")), now());
     if (verdict.ok) return;
     const challenge = { "WWW-Authenticate": 'Bearer realm="cocalc-bootstrap"' };
-    throw new HttpError(verdict.status, verdict.status === 403 ? "token belongs to another host" : `bootstrap token ${verdict.reason}`, verdict.status === 401 ? challenge : {});
+    throw new HttpError(
+      verdict.status,
+      verdict.status === 403 ? "token belongs to another host" : `bootstrap token ${verdict.reason}`,
+      verdict.status === 401 ? challenge : {},
+    );
   }
 
   async function requireViewer(req: Request, hostId: string): Promise<void> {

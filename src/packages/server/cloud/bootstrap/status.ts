@@ -12,7 +12,7 @@
 import type { BootstrapEvent } from "@cocalc/project-host-bootstrap";
 import type { Queryable } from "./db.js";
 import type { FailureInfo, HostStatus, RunState, StepStatus } from "./status-types.js";
-import { effectiveTs, readLatestRunDigest, type RunDigest, type StoredEvent } from "./store.js";
+import { effectiveTs, type RunDigest, readLatestRunDigest, type StoredEvent } from "./store.js";
 
 export type { HostStatus, RunState, StepState, StepStatus } from "./status-types.js";
 

@@ -79,10 +79,9 @@ export async function insertToken(db: Queryable, t: Omit<StoredToken, "revokedAt
 }
 
 export async function findToken(db: Queryable, tokenHash: string): Promise<StoredToken | null> {
-  const rows = await db.query<TokenRow>(
-    "SELECT token_hash, host_id, created_at, expires_at, revoked_at FROM bootstrap_tokens WHERE token_hash = $1",
-    [tokenHash],
-  );
+  const rows = await db.query<TokenRow>("SELECT token_hash, host_id, created_at, expires_at, revoked_at FROM bootstrap_tokens WHERE token_hash = $1", [
+    tokenHash,
+  ]);
   return rows[0] ? tokenFromRow(rows[0]) : null;
 }
 

@@ -24,7 +24,9 @@ export function findPostgresBin(): string | null {
   if (process.env.PG_BIN_DIR) return [process.env.PG_BIN_DIR].find((dir) => existsSync(join(dir, "initdb")) && existsSync(join(dir, "pg_ctl"))) ?? null;
   const debian = "/usr/lib/postgresql";
   if (existsSync(debian)) {
-    const versions = readdirSync(debian).filter((v) => /^\d+$/.test(v)).sort((a, b) => Number(b) - Number(a));
+    const versions = readdirSync(debian)
+      .filter((v) => /^\d+$/.test(v))
+      .sort((a, b) => Number(b) - Number(a));
     candidates.push(...versions.map((v) => join(debian, v, "bin")));
   }
   candidates.push(...(process.env.PATH ?? "").split(":").filter(Boolean));

@@ -155,8 +155,7 @@ function renderClock(s: HostStatus): void {
   const eta = s.eta_s === null ? null : Math.max(0, s.eta_s - elapsed);
   el("eta").textContent = s.state === "running" && eta !== null ? `about ${fmtDuration(eta)} left` : s.wall_s !== null ? `took ${fmtDuration(s.wall_s)}` : "";
   const silent = s.silent_s === null ? null : s.silent_s + elapsed;
-  el("silence").textContent =
-    s.state === "stale" ? `No news from the host for ${fmtDuration(silent)}; it may still be working.` : "";
+  el("silence").textContent = s.state === "stale" ? `No news from the host for ${fmtDuration(silent)}; it may still be working.` : "";
   renderSteps(s, now);
   renderWaterfall(s, now);
 }
@@ -174,7 +173,8 @@ function render(s: HostStatus): void {
   bar.className = `bar ${s.state}`;
   (bar.firstElementChild as HTMLElement).style.width = `${s.percent}%`;
   renderFailure(s);
-  el("meta").textContent = `${s.events} events${s.missing_seqs ? ` (${s.missing_seqs} not arrived yet)` : ""} · ${s.runs} run${s.runs === 1 ? "" : "s"} · updated ${new Date(s.generated_at * 1000).toLocaleTimeString()}`;
+  el("meta").textContent =
+    `${s.events} events${s.missing_seqs ? ` (${s.missing_seqs} not arrived yet)` : ""} · ${s.runs} run${s.runs === 1 ? "" : "s"} · updated ${new Date(s.generated_at * 1000).toLocaleTimeString()}`;
   document.title = `${Math.round(s.percent)}% ${s.state} · bootstrap`;
   renderClock(s);
 }
