@@ -6,13 +6,22 @@ const BUILD_HINT = "the progress page is not built: run `pnpm --filter @cocalc/s
 /** The progress page is missing its compiled script: the hub answers 503 and says why. */
 export class PageNotBuiltError extends Error {
   override readonly name = "PageNotBuiltError";
-  constructor() {
-    super(`${BUILD_HINT} (${PAGE_JS_PATH} is missing)`);
+  constructor(path: string) {
+    super(`${BUILD_HINT} (${path} is missing)`);
   }
 }
 
 let script: Promise<Buffer> | null = null;
 let style: Promise<Buffer> | null = null;
+
+/** Read a compiled page script; a missing file is a PageNotBuiltError. */
+export async function readPageScript(path: string): Promise<Buffer> {
+  try {
+    return await readFile(path);
+  } catch (err) {
+    throw (err as NodeJS.ErrnoException).code === "ENOENT" ? new PageNotBuiltError(path) : err;
+  }
+}
 
 /**
  * The page's browser script: the compiled file from the build
@@ -20,9 +29,9 @@ let style: Promise<Buffer> | null = null;
  * at run time: without a build this fails with PageNotBuiltError.
  */
 export function progressPageScript(): Promise<Buffer> {
-  script ??= readFile(PAGE_JS_PATH).catch((err: NodeJS.ErrnoException) => {
+  script ??= readPageScript(PAGE_JS_PATH).catch((err: unknown) => {
     script = null;
-    throw err.code === "ENOENT" ? new PageNotBuiltError() : err;
+    throw err;
   });
   return script;
 }

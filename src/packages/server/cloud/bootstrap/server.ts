@@ -24,7 +24,8 @@ const HELP = `Usage: cocalc-bootstrap-hub --artifact-base-url URL [options]
   --node-dist-url URL    Node.js dist mirror (default https://nodejs.org/dist)
   --conat-url URL        conat server for hosts (default the public URL)
   --stale-after S        seconds of silence before a run shows as stale (default 120)
-  --admin                enable POST /admin/hosts (loopback only) to provision hosts
+  --admin                enable POST /admin/hosts (loopback only, off by default) to
+                         provision hosts; an existing host only with "replace": true
   -h, --help             this help
 `;
 
