@@ -59,13 +59,13 @@ ensure_system_packages() {
     say "not root: cannot install $missing; the tests that need them will say so"
     return 0
   fi
-  apt-get update -q >/dev/null || err "apt-get update failed"
+  apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null || err "apt-get update failed"
   # shellcheck disable=SC2086 # word splitting of the package list is intended
   missing=$(available_packages $missing)
   [ -n "$missing" ] || return 0
   say "installing Debian packages: $missing"
   # shellcheck disable=SC2086 # word splitting of the package list is intended
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null \
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends $missing >/dev/null \
     || err "apt-get install failed for: $missing"
 }
 

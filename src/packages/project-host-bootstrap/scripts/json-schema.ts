@@ -3,7 +3,7 @@
  * (input side: defaults are optional, as a hand-written config may omit them).
  */
 import { fileURLToPath } from "node:url";
-import { z } from "zod";
+import { z } from "zod/v4";
 import { BootstrapConfigSchema } from "../src/config.js";
 
 export const JSON_SCHEMA_PATH = fileURLToPath(new URL("../schema/bootstrap-config.schema.json", import.meta.url));

@@ -13,7 +13,7 @@
  * checks in `BootstrapConfigSchema`'s superRefine.
  */
 import { UUID_PATTERN } from "@cocalc/util";
-import { z } from "zod";
+import { z } from "zod/v4";
 
 export const SCHEMA_VERSION = 1 as const;
 

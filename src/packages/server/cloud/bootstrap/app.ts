@@ -4,7 +4,7 @@
  * Never listens; `startHub()` in hub.ts does.
  */
 import express, { type Express, type Request } from "express";
-import { z } from "zod";
+import { z } from "zod/v4";
 import type { Db } from "./db.js";
 import { errorHandler, HttpError, badRequest } from "./http-errors.js";
 import { type HostRecordInput, type ProvisionedHost, provisionHost, type SiteSettingsInput } from "./hosts.js";

@@ -21,7 +21,7 @@ import {
   USER_RE,
   UUID_RE,
 } from "@cocalc/project-host-bootstrap";
-import { z } from "zod";
+import { z } from "zod/v4";
 import type { Db } from "./db.js";
 import { ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
 import { saveHost, saveSecret } from "./store.js";

@@ -3,7 +3,7 @@
  * any error into a response without leaking internals.
  */
 import type { ErrorRequestHandler } from "express";
-import type { z } from "zod";
+import type { z } from "zod/v4";
 
 /** An error whose message is meant for the client. */
 export class HttpError extends Error {

@@ -13,7 +13,7 @@
  * cached briefly, failures never.
  */
 import { ARCHES, type Arch, type ArtifactName, HttpUrl, SHA256_RE, VERSION_RE } from "@cocalc/project-host-bootstrap";
-import { z } from "zod";
+import { z } from "zod/v4";
 
 /** URL path segment of each bundle under the software base URL. */
 export const ARTIFACT_PATHS: Readonly<Record<ArtifactName, string>> = {

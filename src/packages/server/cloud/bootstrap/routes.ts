@@ -22,7 +22,7 @@ import {
   UUID_RE,
 } from "@cocalc/project-host-bootstrap";
 import express, { type Request, type Response, type Router } from "express";
-import { z } from "zod";
+import { z } from "zod/v4";
 import type { Db } from "./db.js";
 import { badRequest, errorHandler, HttpError } from "./http-errors.js";
 import { HostChangeFeed } from "./live.js";
