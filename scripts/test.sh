@@ -21,6 +21,8 @@ main() {
 
   say "lint:shell"
   pnpm --silent lint:shell || { echo "FAILED: lint:shell" >&2; rc=1; }
+  say "lint:workflows"
+  pnpm --silent lint:workflows || { echo "FAILED: lint:workflows" >&2; rc=1; }
   say "lint:bootstrap"
   pnpm --silent lint:bootstrap || { echo "FAILED: lint:bootstrap" >&2; rc=1; }
   say "typecheck"
