@@ -27,6 +27,7 @@ import { dirname, join } from "node:path";
 import {
   busyBoundLoops,
   detachLoopsUnder,
+  ensureForeignArch,
   ensureLoopDeviceNodes,
   ensureMachinePackages,
   LOOP_DEVICES,
@@ -128,6 +129,7 @@ export class ThrowawayHost extends CommandHost {
     await ensureMachinePackages(log);
     await ensureLoopDeviceNodes();
     const spec = defaultRootfsSpec(opts.rootfs);
+    await ensureForeignArch(spec.arch, log);
     const built = await ensureRootfsTarball(spec, log);
     const name = opts.name ?? `testhost-${randomBytes(3).toString("hex")}`;
     if (!/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/.test(name)) throw new Error(`bad host name ${JSON.stringify(name)}`);

@@ -131,3 +131,62 @@ function backingFileIsUnder(dev: AttachedLoop, root: string): boolean {
 export function busyBoundLoops(): LoopDevice[] {
   return loopDevices().filter((d) => d.backingFile !== null && Number(d.name.slice(4)) < LOOP_DEVICES);
 }
+
+/** binfmt_misc names and qemu arch names for the Debian arches a host may have. */
+const QEMU_ARCH: Record<string, string> = { arm64: "aarch64", amd64: "x86_64" };
+const BINFMT = "/proc/sys/fs/binfmt_misc";
+
+/** This machine's Debian arch. */
+export function nativeDebianArch(): string {
+  return process.arch === "arm64" ? "arm64" : process.arch === "x64" ? "amd64" : process.arch;
+}
+
+/**
+ * Make this machine run `arch` binaries (a foreign-arch rootfs: debootstrap's
+ * second stage, then the booted host): qemu-user-static and its binfmt_misc
+ * entry, registered with the F flag (the interpreter is opened now, so it
+ * works inside the host's root too). Nothing to do for the native arch.
+ */
+export async function ensureForeignArch(arch: string, log: (line: string) => void = () => {}): Promise<void> {
+  if (arch === nativeDebianArch()) return;
+  const qemu = QEMU_ARCH[arch];
+  if (!qemu) throw new Error(`rootfs arch '${arch}': this testbed emulates only ${Object.keys(QEMU_ARCH).join(", ")}`);
+  const entry = join(BINFMT, `qemu-${qemu}`);
+  if (!existsSync(join(BINFMT, "register"))) {
+    const r = await run(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT], { allowFailure: true });
+    if (r.code !== 0) throw new Error(`cannot mount binfmt_misc on ${BINFMT} (${r.stderr.trim()}): arch ${arch} needs it to run emulated`);
+  }
+  let conf = binfmtConf(qemu);
+  if (!conf) {
+    log(`installing qemu-user-static (to run ${arch} hosts)`);
+    const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
+    await run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "--no-install-recommends", "qemu-user-static"], { env, timeoutMs: 600_000 });
+    conf = binfmtConf(qemu);
+    if (!conf) throw new Error(`qemu-user-static installed no /usr/lib/binfmt.d/qemu-${qemu}*.conf; cannot run ${arch} binaries`);
+  }
+  if (!existsSync(entry)) {
+    log(`registering ${conf} with binfmt_misc`);
+    const r = await run(["sh", "-c", 'cat "$1" > "$2"', "sh", conf, join(BINFMT, "register")], { allowFailure: true });
+    // Another process may have registered it in between: only the end state matters.
+    if (r.code !== 0 && !existsSync(entry)) throw new Error(`cannot register ${conf} with binfmt_misc: ${r.stderr.trim()}`);
+  }
+  const status = readFileSync(entry, "utf8");
+  if (!/^enabled$/m.test(status)) throw new Error(`${entry} is disabled; enable it: echo 1 > ${entry}`);
+  if (!/^flags:.*F/m.test(status)) throw new Error(`${entry} lacks the F flag, so ${arch} binaries cannot run inside a host root; re-register it from ${conf}`);
+}
+
+/** The binfmt.d file qemu-user-static ships for `qemu` (with the F flag), or null. */
+function binfmtConf(qemu: string): string | null {
+  const dir = "/usr/lib/binfmt.d";
+  let names: string[] = [];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return null;
+  }
+  const name = names.filter((n) => n === `qemu-${qemu}.conf` || n === `qemu-${qemu}-static.conf`).sort()[0];
+  if (!name) return null;
+  const path = join(dir, name);
+  const interpreter = readFileSync(path, "utf8").trim().split(":")[6];
+  return interpreter && existsSync(interpreter) ? path : null;
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# test-node.sh [22|24|VERSION] [--quick] - build, type-check and run the unit
+# and integration suites of every package on another Node.js (the official
+# binary from the npm registry's node-linux-* package, see with-node.sh).
+# Without an argument: both Node.js versions CoCalc supports. --quick runs
+# the suites only (no build, no type-check). The end-to-end and benchmark
+# suites are left to scripts/test.sh: they exercise the hosts' Node.js, not
+# this one.
+set -u
+
+NODE22=22.23.5
+NODE24=24.22.3
+# host-testbed's unit-level files (the rest boot hosts or bootstrap this machine).
+TESTBED_FILES="test/apt-sources.test.ts test/artifact-server.test.ts test/artifacts.test.ts test/bench-metrics.test.ts test/toolchain.test.ts"
+
+say() { printf '\n=== %s\n' "$*" >&2; }
+
+run_on() {
+  local version=$1 quick=$2 rc=0 pkg
+  local node=(bash scripts/with-node.sh "$version")
+  if [ "$quick" = 0 ]; then
+    say "Node.js $version: build and type-check"
+    "${node[@]}" pnpm --silent -r build || rc=1
+    "${node[@]}" pnpm --silent -r typecheck || rc=1
+  fi
+  for pkg in util project-host-bootstrap server; do
+    say "Node.js $version: vitest $pkg"
+    (cd "src/packages/$pkg" && TEST_NODE_VERSION=$version ../../../scripts/with-node.sh "$version" pnpm exec vitest run) || rc=1
+  done
+  say "Node.js $version: vitest host-testbed (unit files)"
+  # shellcheck disable=SC2086 # the file list is meant to split
+  (cd src/packages/host-testbed && TEST_NODE_VERSION=$version ../../../scripts/with-node.sh "$version" pnpm exec vitest run $TESTBED_FILES) || rc=1
+  return "$rc"
+}
+
+main() {
+  local top quick=0 versions=() v rc=0
+  top=$(cd "$(dirname "$0")/.." && pwd) || return 1
+  cd "$top" || return 1
+  for v in "$@"; do
+    case "$v" in
+      --quick) quick=1 ;;
+      22) versions+=("$NODE22") ;;
+      24) versions+=("$NODE24") ;;
+      [0-9]*.*.*) versions+=("$v") ;;
+      *) echo "test-node: unknown argument '$v' (use 22, 24, a full version like $NODE22, or --quick)" >&2; return 2 ;;
+    esac
+  done
+  [ "${#versions[@]}" -gt 0 ] || versions=("$NODE22" "$NODE24")
+  for v in "${versions[@]}"; do run_on "$v" "$quick" || rc=1; done
+  # Put dist/ back as the default Node.js builds it.
+  [ "$quick" = 1 ] || pnpm --silent -r build || rc=1
+  return "$rc"
+}
+
+main "$@"
