@@ -8,10 +8,8 @@
 # this one.
 set -u
 
-NODE22=22.23.5
-NODE24=24.22.3
 # host-testbed's unit-level files (the rest boot hosts or bootstrap this machine).
-TESTBED_FILES="test/apt-sources.test.ts test/artifact-server.test.ts test/artifacts.test.ts test/bench-metrics.test.ts test/toolchain.test.ts"
+TESTBED_FILES="test/apt-sources.test.ts test/artifact-server.test.ts test/artifacts.test.ts test/bench-metrics.test.ts test/targets.test.ts test/toolchain.test.ts"
 
 say() { printf '\n=== %s\n' "$*" >&2; }
 
@@ -25,11 +23,11 @@ run_on() {
   fi
   for pkg in util project-host-bootstrap server; do
     say "Node.js $version: vitest $pkg"
-    (cd "src/packages/$pkg" && TEST_NODE_VERSION=$version ../../../scripts/with-node.sh "$version" pnpm exec vitest run) || rc=1
+    (cd "src/packages/$pkg" && ../../../scripts/with-node.sh "$version" pnpm exec vitest run) || rc=1
   done
   say "Node.js $version: vitest host-testbed (unit files)"
   # shellcheck disable=SC2086 # the file list is meant to split
-  (cd src/packages/host-testbed && TEST_NODE_VERSION=$version ../../../scripts/with-node.sh "$version" pnpm exec vitest run $TESTBED_FILES) || rc=1
+  (cd src/packages/host-testbed && ../../../scripts/with-node.sh "$version" pnpm exec vitest run $TESTBED_FILES) || rc=1
   return "$rc"
 }
 
@@ -40,13 +38,11 @@ main() {
   for v in "$@"; do
     case "$v" in
       --quick) quick=1 ;;
-      22) versions+=("$NODE22") ;;
-      24) versions+=("$NODE24") ;;
-      [0-9]*.*.*) versions+=("$v") ;;
-      *) echo "test-node: unknown argument '$v' (use 22, 24, a full version like $NODE22, or --quick)" >&2; return 2 ;;
+      22 | 24 | [0-9]*.*.*) versions+=("$v") ;;
+      *) echo "test-node: unknown argument '$v' (use 22, 24, a full version like 22.23.5, or --quick)" >&2; return 2 ;;
     esac
   done
-  [ "${#versions[@]}" -gt 0 ] || versions=("$NODE22" "$NODE24")
+  [ "${#versions[@]}" -gt 0 ] || versions=(22 24)
   for v in "${versions[@]}"; do run_on "$v" "$quick" || rc=1; done
   # Put dist/ back as the default Node.js builds it.
   [ "$quick" = 1 ] || pnpm --silent -r build || rc=1

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# with-node.sh VERSION CMD [ARG...] - run CMD with Node.js VERSION first on
-# PATH. The binary is the official one from the npm registry's
+# with-node.sh VERSION CMD [ARG...] - run CMD with Node.js VERSION (22 and
+# 24 name the pinned releases below) first on PATH, and TEST_NODE_VERSION set. The binary is the official one from the npm registry's
 # node-linux-<x64|arm64> package (as the test mirror builds its Node.js
 # tarballs), fetched with `npm pack` once into the testbed cache.
 set -u
+
+# The Node.js releases CoCalc's toolchain is tested on.
+NODE22=22.23.5
+NODE24=24.22.3
 
 say() { printf 'with-node: %s\n' "$*" >&2; }
 err() { say "error: $*"; exit 1; }
 
 main() {
   local version=${1:-} arch cache dir tgz
-  [ "$#" -ge 2 ] || err "usage: with-node.sh VERSION CMD [ARG...] (VERSION like 22.23.5)"
+  [ "$#" -ge 2 ] || err "usage: with-node.sh 22|24|VERSION CMD [ARG...] (VERSION like $NODE22)"
   shift
+  case "$version" in
+    22) version=$NODE22 ;;
+    24) version=$NODE24 ;;
+  esac
   [[ "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || err "VERSION '$version' is not like 22.23.5"
   case "$(uname -m)" in
     x86_64) arch=x64 ;;
@@ -37,7 +45,7 @@ main() {
   fi
   [ "$("$dir/bin/node" --version)" = "v$version" ] || err "$dir/bin/node is not v$version"
   # pnpm and npm are scripts run by whichever `node` is first on PATH.
-  PATH="$dir/bin:$PATH" "$@"
+  PATH="$dir/bin:$PATH" TEST_NODE_VERSION=$version "$@"
 }
 
 main "$@"
