@@ -9,9 +9,16 @@
 set -u
 
 # host-testbed's unit-level files (the rest boot hosts or bootstrap this machine).
-TESTBED_FILES="test/apt-sources.test.ts test/artifact-server.test.ts test/artifacts.test.ts test/bench-metrics.test.ts test/targets.test.ts test/toolchain.test.ts"
+TESTBED_FILES=(test/apt-sources.test.ts test/artifact-server.test.ts test/artifacts.test.ts test/bench-metrics.test.ts test/targets.test.ts test/toolchain.test.ts)
 
 say() { printf '\n=== %s\n' "$*" >&2; }
+
+# With VITEST_JSON_DIR set (scripts/test.sh), each run also writes a JSON
+# report there for the summary line.
+report_args() {
+  [ -n "${VITEST_JSON_DIR:-}" ] || return 0
+  printf '%s\n' --reporter=default --reporter=json "--outputFile.json=$VITEST_JSON_DIR/vitest-$1.json"
+}
 
 run_on() {
   local version=$1 quick=$2 rc=0 pkg
@@ -21,13 +28,15 @@ run_on() {
     "${node[@]}" pnpm --silent -r build || rc=1
     "${node[@]}" pnpm --silent -r typecheck || rc=1
   fi
+  local report=()
   for pkg in util project-host-bootstrap server; do
     say "Node.js $version: vitest $pkg"
-    (cd "src/packages/$pkg" && ../../../scripts/with-node.sh "$version" pnpm exec vitest run) || rc=1
+    mapfile -t report < <(report_args "node$version-$pkg")
+    (cd "src/packages/$pkg" && ../../../scripts/with-node.sh "$version" pnpm exec vitest run "${report[@]}") || rc=1
   done
   say "Node.js $version: vitest host-testbed (unit files)"
-  # shellcheck disable=SC2086 # the file list is meant to split
-  (cd src/packages/host-testbed && ../../../scripts/with-node.sh "$version" pnpm exec vitest run $TESTBED_FILES) || rc=1
+  mapfile -t report < <(report_args "node$version-host-testbed")
+  (cd src/packages/host-testbed && ../../../scripts/with-node.sh "$version" pnpm exec vitest run "${report[@]}" "${TESTBED_FILES[@]}") || rc=1
   return "$rc"
 }
 

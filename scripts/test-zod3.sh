@@ -9,14 +9,21 @@ set -u
 ZOD3=3.25.76
 # The suites that exercise zod: the config schema and its JSON Schema, the
 # builders, the hub's routes (request and response validation).
-PHB_FILES="test/conformance.test.ts test/json-schema.test.ts test/builders.test.ts"
-SERVER_FILES="test/routes.test.ts"
-TESTBED_FILES="test/toolchain.test.ts"
+PHB_FILES=(test/conformance.test.ts test/json-schema.test.ts test/builders.test.ts)
+SERVER_FILES=(test/routes.test.ts)
+TESTBED_FILES=(test/toolchain.test.ts)
 
 say() { printf '\n=== %s\n' "$*" >&2; }
 
+# With VITEST_JSON_DIR set (scripts/test.sh), each run also writes a JSON
+# report there for the summary line.
+report_args() {
+  [ -n "${VITEST_JSON_DIR:-}" ] || return 0
+  printf '%s\n' --reporter=default --reporter=json "--outputFile.json=$VITEST_JSON_DIR/vitest-$1.json"
+}
+
 main() {
-  local top scratch rc=0 node=()
+  local top scratch rc=0 node=() report=()
   top=$(cd "$(dirname "$0")/.." && pwd) || return 1
   case "${1:-}" in
     --node) [ -n "${2:-}" ] || { echo "test-zod3: --node needs 22, 24 or a version" >&2; return 2; }
@@ -40,15 +47,15 @@ main() {
   say "zod $ZOD3: type-check and build"
   "${node[@]}" pnpm --silent -r build || rc=1
   "${node[@]}" pnpm --silent -r typecheck || rc=1
-  say "zod $ZOD3: vitest project-host-bootstrap ($PHB_FILES)"
-  # shellcheck disable=SC2086 # the file lists are meant to split
-  (cd src/packages/project-host-bootstrap && TEST_ZOD_VERSION=$ZOD3 "${node[@]}" pnpm exec vitest run $PHB_FILES) || rc=1
-  say "zod $ZOD3: vitest server ($SERVER_FILES)"
-  # shellcheck disable=SC2086
-  (cd src/packages/server && TEST_ZOD_VERSION=$ZOD3 "${node[@]}" pnpm exec vitest run $SERVER_FILES) || rc=1
-  say "zod $ZOD3: vitest host-testbed ($TESTBED_FILES)"
-  # shellcheck disable=SC2086
-  (cd src/packages/host-testbed && TEST_ZOD_VERSION=$ZOD3 "${node[@]}" pnpm exec vitest run $TESTBED_FILES) || rc=1
+  say "zod $ZOD3: vitest project-host-bootstrap (${PHB_FILES[*]})"
+  mapfile -t report < <(report_args "zod3-project-host-bootstrap")
+  (cd src/packages/project-host-bootstrap && TEST_ZOD_VERSION=$ZOD3 "${node[@]}" pnpm exec vitest run "${report[@]}" "${PHB_FILES[@]}") || rc=1
+  say "zod $ZOD3: vitest server (${SERVER_FILES[*]})"
+  mapfile -t report < <(report_args "zod3-server")
+  (cd src/packages/server && TEST_ZOD_VERSION=$ZOD3 "${node[@]}" pnpm exec vitest run "${report[@]}" "${SERVER_FILES[@]}") || rc=1
+  say "zod $ZOD3: vitest host-testbed (${TESTBED_FILES[*]})"
+  mapfile -t report < <(report_args "zod3-host-testbed")
+  (cd src/packages/host-testbed && TEST_ZOD_VERSION=$ZOD3 "${node[@]}" pnpm exec vitest run "${report[@]}" "${TESTBED_FILES[@]}") || rc=1
   return "$rc"
 }
 

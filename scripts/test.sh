@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The README's test command: set-up, lint, type-check, then every test suite
 # (vitest in each package, pytest for bootstrap.py, the end-to-end bootstrap
-# of a throwaway host). Ends with one "N passed, N failed, N skipped" line.
+# of throwaway hosts: bookworm, trixie, and arm64's install and Node.js
+# steps), then CoCalc's toolchain besides the default: Node.js 24 (unit
+# suites) and Node.js 22 with zod 3.25.76 (config, builder and route tests).
+# Ends with one "N passed, N failed, N skipped" line.
 set -u
 
 say() { printf '\n=== %s\n' "$*" >&2; }
@@ -35,6 +38,16 @@ main() {
     [ -d "src/packages/$pkg/test" ] || continue
     run_vitest "$pkg" "$out" || rc=1
   done
+
+  # host-testbed's run above booted bookworm hosts; the same suite on trixie (apt 3).
+  say "vitest: host-testbed e2e on trixie"
+  (cd src/packages/host-testbed && E2E_SUITE=trixie pnpm exec vitest run test/e2e.test.ts \
+    --reporter=default --reporter=json --outputFile.json="$out/vitest-host-testbed-e2e-trixie.json") || rc=1
+
+  say "Node.js 24: unit suites"
+  VITEST_JSON_DIR=$out bash scripts/test-node.sh 24 --quick || rc=1
+  say "Node.js 22 + zod 3.25.76: config, builder and route tests"
+  VITEST_JSON_DIR=$out bash scripts/test-zod3.sh --node 22 || rc=1
 
   .venv/bin/python scripts/test-summary.py "$out" || rc=1
   rm -rf "$out"

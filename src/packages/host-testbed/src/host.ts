@@ -31,6 +31,7 @@ import {
   ensureLoopDeviceNodes,
   ensureMachinePackages,
   LOOP_DEVICES,
+  nativeDebianArch,
   whyNotSupported,
 } from "./machine.js";
 import { hostsDir } from "./paths.js";
@@ -59,7 +60,13 @@ interface HostState {
   rootfs: string;
   user: string;
   nspawnPid: number | null;
+  /** Debian arch of the rootfs (absent in older state files: this machine's). */
+  arch?: string;
 }
+
+/** Booting takes several times longer when every binary runs under qemu. */
+const BOOT_TIMEOUT_MS = 60_000;
+const EMULATED_BOOT_TIMEOUT_MS = 300_000;
 
 export interface ExecOptions extends Omit<RunOptions, "env"> {
   /** Run as this user (via runuser) instead of root. */
@@ -120,6 +127,13 @@ export class ThrowawayHost extends CommandHost {
   get user(): string {
     return this.state.user;
   }
+  get arch(): string {
+    return this.state.arch ?? nativeDebianArch();
+  }
+  /** Its binaries run under qemu-user (a foreign arch). */
+  get emulated(): boolean {
+    return this.arch !== nativeDebianArch();
+  }
 
   /** Build (or reuse) the rootfs tarball, unpack it, boot it, wait for systemd. */
   static async up(opts: HostUpOptions = {}): Promise<ThrowawayHost> {
@@ -141,7 +155,7 @@ export class ThrowawayHost extends CommandHost {
     const unpackMs = Date.now() - t0;
     writeIdentity(rootfs, name);
     const host = new ThrowawayHost(
-      { name, dir, rootfs, user: spec.user, nspawnPid: null },
+      { name, dir, rootfs, user: spec.user, nspawnPid: null, arch: spec.arch },
       log,
       { rootfsBuildMs: built.debootstrapMs + built.packMs, unpackMs, bootMs: 0 },
     );
@@ -238,7 +252,7 @@ export class ThrowawayHost extends CommandHost {
     this.log(`${this.name}: removed ${this.dir}`);
   }
 
-  private async boot(timeoutMs = 60_000): Promise<void> {
+  private async boot(timeoutMs = this.emulated ? EMULATED_BOOT_TIMEOUT_MS : BOOT_TIMEOUT_MS): Promise<void> {
     const t0 = Date.now();
     for (const d of busyBoundLoops()) {
       this.log(`note: ${d.path} is in use (${d.backingFile}); the host gets the free ones`);
