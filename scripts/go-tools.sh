@@ -16,7 +16,7 @@ main() {
   have=$("$bin/actionlint" -version 2>/dev/null | head -n 1)
   [ "$have" = "$ACTIONLINT_VERSION" ] && return 0
   command -v go >/dev/null 2>&1 \
-    || err "need 'go' (1.24 or newer) to install actionlint $ACTIONLINT_VERSION; install Go, then run scripts/setup.sh again"
+    || err "need 'go' (1.25 or newer) to install actionlint $ACTIONLINT_VERSION; install Go, then run scripts/setup.sh again"
   say "installing actionlint $ACTIONLINT_VERSION into $bin"
   mkdir -p "$bin" || err "cannot create $bin"
   GOBIN="$bin" go install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" \

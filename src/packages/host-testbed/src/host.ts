@@ -67,6 +67,8 @@ interface HostState {
 /** Booting takes several times longer when every binary runs under qemu. */
 const BOOT_TIMEOUT_MS = 60_000;
 const EMULATED_BOOT_TIMEOUT_MS = 300_000;
+const POWEROFF_MS = 30_000;
+const EMULATED_POWEROFF_MS = 120_000;
 
 export interface ExecOptions extends Omit<RunOptions, "env"> {
   /** Run as this user (via runuser) instead of root. */
@@ -312,12 +314,16 @@ export class ThrowawayHost extends CommandHost {
       return;
     }
     const init = containerInit(nspawn);
-    if (init !== null) {
+    if (init !== null && this.emulated) {
+      // qemu-user renumbers the real-time signals, so ask systemd itself.
+      await this.exec(["systemctl", "poweroff", "--no-block"], { allowFailure: true, timeoutMs: 60_000 });
+    } else if (init !== null) {
       // SIGRTMIN+3 asks systemd for an orderly poweroff; nspawn exits when it is done.
       await run(["kill", "-s", "RTMIN+3", String(init)], { allowFailure: true });
     }
-    if (!(await waitGone(nspawn, this.state.name, 30_000))) {
-      this.log(`${this.name}: no clean poweroff in 30 s; killing`);
+    const poweroffMs = this.emulated ? EMULATED_POWEROFF_MS : POWEROFF_MS;
+    if (!(await waitGone(nspawn, this.state.name, poweroffMs))) {
+      this.log(`${this.name}: no clean poweroff in ${poweroffMs / 1000} s; killing`);
       if (init !== null) signal(init, "SIGKILL"); // the container's PID 1: takes its whole PID namespace
       signal(nspawn, "SIGKILL");
       await waitGone(nspawn, this.state.name, 10_000);

@@ -164,15 +164,41 @@ export async function ensureForeignArch(arch: string, log: (line: string) => voi
     conf = binfmtConf(qemu);
     if (!conf) throw new Error(`qemu-user-static installed no /usr/lib/binfmt.d/qemu-${qemu}*.conf; cannot run ${arch} binaries`);
   }
+  const existing = existsSync(entry) ? readFileSync(entry, "utf8") : null;
+  if (existing !== null && !/^flags:.*C/m.test(existing)) {
+    // Registered without C (credentials from the binary): setuid binaries such
+    // as sudo would run unprivileged in the host. Register it again with C.
+    log(`${entry} lacks the C flag (setuid, e.g. sudo, would not work in ${arch} hosts); registering it again`);
+    await run(["sh", "-c", 'echo -1 > "$1"', "sh", entry], { allowFailure: true });
+  }
   if (!existsSync(entry)) {
-    log(`registering ${conf} with binfmt_misc`);
-    const r = await run(["sh", "-c", 'cat "$1" > "$2"', "sh", conf, join(BINFMT, "register")], { allowFailure: true });
+    log(`registering ${conf} with binfmt_misc (flags + C)`);
+    const line = withCredentialsFlag(readFileSync(conf, "utf8").trim());
+    const r = await run(["sh", "-c", 'printf "%s" "$1" > "$2"', "sh", line, join(BINFMT, "register")], { allowFailure: true });
     // Another process may have registered it in between: only the end state matters.
     if (r.code !== 0 && !existsSync(entry)) throw new Error(`cannot register ${conf} with binfmt_misc: ${r.stderr.trim()}`);
   }
   const status = readFileSync(entry, "utf8");
   if (!/^enabled$/m.test(status)) throw new Error(`${entry} is disabled; enable it: echo 1 > ${entry}`);
-  if (!/^flags:.*F/m.test(status)) throw new Error(`${entry} lacks the F flag, so ${arch} binaries cannot run inside a host root; re-register it from ${conf}`);
+  for (const [flag, why] of [
+    ["F", `${arch} binaries cannot run inside a host root`],
+    ["C", `setuid binaries (sudo) run unprivileged in ${arch} hosts`],
+  ] as const) {
+    if (!new RegExp(`^flags:.*${flag}`, "m").test(status)) throw new Error(`${entry} lacks the ${flag} flag, so ${why}; unregister it (echo -1 > ${entry}) and run again`);
+  }
+}
+
+/**
+ * A binfmt.d line (`:name:type:offset:magic:mask:interpreter:flags`) with the
+ * C flag (credentials and security token from the binary, not the
+ * interpreter: setuid works), which implies O.
+ */
+export function withCredentialsFlag(line: string): string {
+  const fields = line.split(":");
+  if (fields.length !== 8) throw new Error(`not a binfmt_misc registration line: ${JSON.stringify(line)}`);
+  const flags = fields[7]!;
+  if (!flags.includes("C")) fields[7] = flags + "C";
+  return fields.join(":");
 }
 
 /** The binfmt.d file qemu-user-static ships for `qemu` (with the F flag), or null. */

@@ -21,6 +21,8 @@ const log = (line: string) => process.stderr.write(`[arm64] ${line}\n`);
 const LEFT_OUT = ["apt", "btrfs", "service", "finalize"];
 const EM_AARCH64 = 183;
 const timings: Record<string, number> = {};
+/** A cold arm64 rootfs is debootstrapped under emulation: tens of minutes on a busy 2-core machine. */
+const SETUP_TIMEOUT_MS = 60 * 60_000;
 
 if (skipReason) log(`skipping the arm64 steps: ${skipReason}`);
 
@@ -44,7 +46,7 @@ describe.skipIf(skipReason !== null)(`arm64 host (${nativeDebianArch() === "arm6
     timings.bootstrap_s = run.wallMs / 1000;
     o = { host, prov, run, argvHits: [], status: await bed.settledStatus(prov) };
     log(`bootstrap (without ${LEFT_OUT.join(", ")}): exit ${run.code} in ${timings.bootstrap_s.toFixed(1)} s`);
-  });
+  }, SETUP_TIMEOUT_MS);
 
   afterAll(async () => {
     await host?.down().catch((e: unknown) => log(`down: ${String(e)}`));
@@ -77,7 +79,7 @@ describe.skipIf(skipReason !== null)(`arm64 host (${nativeDebianArch() === "arm6
   it("Node.js is the arm64 binary, and runs (emulated) as the user", async () => {
     const c = o.prov.config;
     const node = `${c.home}/.nvm/versions/node/v${c.node.version}/bin/node`;
-    const elf = Buffer.from(await host.sh(`head -c 20 ${node} | od -An -v -tx1`).then((hex) => hex.trim().split(/\s+/).map((b) => parseInt(b, 16))));
+    const elf = Buffer.from(await host.sh(`set -o pipefail; head -c 20 ${node} | od -An -v -tx1`).then((hex) => hex.trim().split(/\s+/).map((b) => parseInt(b, 16))));
     expect(elf.subarray(0, 4).toString("latin1")).toBe("\x7fELF");
     expect(elf.readUInt16LE(18)).toBe(EM_AARCH64);
     expect((await host.sh(`${node} -p 'process.version + " " + process.arch'`, { user: c.bootstrap_user })).trim()).toBe(`v${c.node.version} arm64`);

@@ -28,11 +28,13 @@ import {
   type Observed,
 } from "../src/end-state.js";
 import { ThrowawayHost } from "../src/host.js";
-import { whyNotSupported } from "../src/machine.js";
+import { nativeDebianArch, whyNotSupported } from "../src/machine.js";
 import { e2eTarget } from "../src/targets.js";
 import { Testbed, type ProvisionedTestHost } from "../src/testbed.js";
 
 const target = e2eTarget();
+/** Emulated (arm64 on amd64), a cold rootfs is debootstrapped under qemu: tens of minutes. */
+const SETUP_TIMEOUT_MS = target.arch === nativeDebianArch() ? 600_000 : 60 * 60_000;
 const why = whyNotSupported();
 const skip = process.env.SKIP_E2E === "1";
 const log = (line: string) => process.stderr.write(`[e2e] ${line}\n`);
@@ -90,7 +92,7 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     timings.testbed_start_s = (Date.now() - t0) / 1000;
     const host = await freshHost("a");
     a = await bootstrapObserved(bed, host, await bed.provision(host), "cold");
-  });
+  }, SETUP_TIMEOUT_MS);
 
   afterAll(async () => {
     for (const h of hosts) await h.down().catch((e: unknown) => log(`down ${h.name}: ${String(e)}`));

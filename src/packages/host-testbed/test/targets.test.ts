@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { nativeDebianArch } from "../src/machine.js";
+import { nativeDebianArch, withCredentialsFlag } from "../src/machine.js";
 import { e2eTarget } from "../src/targets.js";
 
 describe("e2e targets (E2E_SUITE, E2E_ARCH)", () => {
@@ -14,5 +14,16 @@ describe("e2e targets (E2E_SUITE, E2E_ARCH)", () => {
   it("an unknown release or arch is an error naming the variable and the choices", () => {
     expect(() => e2eTarget({ E2E_SUITE: "noble" })).toThrow(/E2E_SUITE="noble": use one of bookworm, trixie/);
     expect(() => e2eTarget({ E2E_ARCH: "riscv64" })).toThrow(/E2E_ARCH="riscv64": use one of amd64, arm64/);
+  });
+});
+
+describe("binfmt_misc registration for emulated hosts", () => {
+  const line = ":qemu-aarch64:M::\\x7f\\x45\\x4c\\x46:\\xff\\xff\\xff\\xff:/usr/libexec/qemu-binfmt/aarch64-binfmt-P:OPF";
+  it("adds the C flag (setuid sudo works in the host), once", () => {
+    expect(withCredentialsFlag(line)).toBe(line.replace(/:OPF$/, ":OPFC"));
+    expect(withCredentialsFlag(withCredentialsFlag(line))).toBe(withCredentialsFlag(line));
+  });
+  it("refuses what is not a registration line", () => {
+    expect(() => withCredentialsFlag("qemu-aarch64 OPF")).toThrow(/not a binfmt_misc registration line/);
   });
 });
