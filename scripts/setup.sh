@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up for tests and the demo on a fresh Linux machine
-# that has Node.js (20+) and python3: pnpm, the workspace's node_modules, the
+# that has Node.js (20+), python3 and Go (for actionlint): pnpm, the workspace's node_modules, the
 # Python dev venv and, when running as root, the Debian packages the real-
 # component tests use (PostgreSQL, Chromium, debootstrap, systemd-nspawn, ...).
 set -u
@@ -8,9 +8,11 @@ set -u
 PNPM_VERSION=10.34.9
 # What the tests and the demo use from Debian: a real PostgreSQL server, a
 # real headless browser, the throwaway-host tools, and the archive tools.
+# qemu-user-static runs the arm64 throwaway hosts on an amd64 machine;
+# debian-archive-keyring lets debootstrap check Debian on an Ubuntu machine.
 # cloud-init: its schema validator checks the rendered #cloud-config user-data
 # (installed disabled, see ensure_system_packages: it never acts on this machine).
-SYSTEM_PACKAGES="postgresql chromium debootstrap systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux cloud-init"
+SYSTEM_PACKAGES="postgresql chromium debootstrap debian-archive-keyring systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux qemu-user-static cloud-init"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 err() { say "error: $*"; exit 1; }
@@ -61,7 +63,7 @@ ensure_system_packages() {
     say "not root: cannot install $missing; the tests that need them will say so"
     return 0
   fi
-  apt-get update -q >/dev/null || err "apt-get update failed"
+  apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null || err "apt-get update failed"
   # shellcheck disable=SC2086 # word splitting of the package list is intended
   missing=$(available_packages $missing)
   [ -n "$missing" ] || return 0
@@ -72,7 +74,7 @@ ensure_system_packages() {
   esac
   say "installing Debian packages: $missing"
   # shellcheck disable=SC2086 # word splitting of the package list is intended
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null \
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends $missing >/dev/null \
     || err "apt-get install failed for: $missing"
 }
 
@@ -92,6 +94,8 @@ main() {
   say "pnpm install"
   pnpm install --frozen-lockfile --reporter=silent || err "pnpm install failed"
   bash scripts/python-venv.sh || err "python venv set-up failed"
+  # actionlint (pnpm lint:workflows) is built with Go; without Go only that lint fails, and says why.
+  bash scripts/go-tools.sh || say "warning: the Go tools are missing; pnpm lint:workflows will fail until they install"
   say "building workspace packages"
   pnpm -r --reporter=silent build || err "pnpm -r build failed"
 }

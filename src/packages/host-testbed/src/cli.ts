@@ -2,7 +2,8 @@
 /**
  * host-testbed: throwaway Debian hosts for trying the bootstrap by hand.
  *
- *   host-testbed up [--name NAME]         build/reuse the rootfs, boot a host, print its name
+ *   host-testbed up [--name NAME] [--suite bookworm|trixie] [--arch amd64|arm64]
+ *                                         build/reuse the rootfs, boot a host, print its name
  *   host-testbed exec [NAME] -- CMD...    run CMD inside the host as root
  *   host-testbed list                     hosts and whether they run
  *   host-testbed down [NAME] | --all      stop, release loop devices and mounts, delete
@@ -10,7 +11,7 @@
 import { ThrowawayHost } from "./host.js";
 
 const USAGE = `usage:
-  host-testbed up [--name NAME]
+  host-testbed up [--name NAME] [--suite bookworm|trixie] [--arch amd64|arm64]
   host-testbed exec [NAME] -- CMD [ARG...]
   host-testbed list
   host-testbed down [NAME] | down --all`;
@@ -25,10 +26,20 @@ function pickHost(name: string | undefined): string {
   throw new Error(all.length === 0 ? "no hosts; start one with: host-testbed up" : `several hosts (${all.join(", ")}); name one`);
 }
 
+function option(args: string[], flag: string): string | undefined {
+  const i = args.indexOf(flag);
+  if (i < 0) return undefined;
+  const v = args[i + 1];
+  if (!v || v.startsWith("--")) throw new Error(`${flag} needs a value`);
+  return v;
+}
+
 async function cmdUp(args: string[]): Promise<number> {
-  const i = args.indexOf("--name");
-  const name = i >= 0 ? args[i + 1] : undefined;
-  const host = await ThrowawayHost.up({ name, log: say });
+  const name = option(args, "--name");
+  const suite = option(args, "--suite");
+  const arch = option(args, "--arch");
+  if (arch !== undefined && arch !== "amd64" && arch !== "arm64") throw new Error(`--arch ${arch}: use amd64 or arm64`);
+  const host = await ThrowawayHost.up({ name, log: say, rootfs: { ...(suite ? { suite } : {}), ...(arch ? { arch } : {}) } });
   process.stdout.write(`${host.name}\n`);
   say(`run commands:  host-testbed exec ${host.name} -- bash`);
   say(`take it down:  host-testbed down ${host.name}`);

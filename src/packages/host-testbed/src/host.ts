@@ -13,7 +13,16 @@ import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { busyBoundLoops, detachLoopsUnder, ensureLoopDeviceNodes, ensureMachinePackages, LOOP_DEVICES, whyNotSupported } from "./machine.js";
+import {
+  busyBoundLoops,
+  detachLoopsUnder,
+  ensureForeignArch,
+  ensureLoopDeviceNodes,
+  ensureMachinePackages,
+  LOOP_DEVICES,
+  nativeDebianArch,
+  whyNotSupported,
+} from "./machine.js";
 import { hostsDir } from "./paths.js";
 import { type RunOptions, type RunResult, run, sleep } from "./proc.js";
 import { defaultRootfsSpec, ensureRootfsTarball, type RootfsSpec, unpackRootfs } from "./rootfs.js";
@@ -40,7 +49,15 @@ interface HostState {
   rootfs: string;
   user: string;
   nspawnPid: number | null;
+  /** Debian arch of the rootfs (absent in older state files: this machine's). */
+  arch?: string;
 }
+
+/** Booting takes several times longer when every binary runs under qemu. */
+const BOOT_TIMEOUT_MS = 60_000;
+const EMULATED_BOOT_TIMEOUT_MS = 300_000;
+const POWEROFF_MS = 30_000;
+const EMULATED_POWEROFF_MS = 120_000;
 
 export interface ExecOptions extends Omit<RunOptions, "env"> {
   /** Run as this user (via runuser) instead of root. */
@@ -98,6 +115,13 @@ export class ThrowawayHost extends CommandHost {
   get user(): string {
     return this.state.user;
   }
+  get arch(): string {
+    return this.state.arch ?? nativeDebianArch();
+  }
+  /** Its binaries run under qemu-user (a foreign arch). */
+  get emulated(): boolean {
+    return this.arch !== nativeDebianArch();
+  }
 
   /** Build (or reuse) the rootfs tarball, unpack it, boot it, wait for systemd. */
   static async up(opts: HostUpOptions = {}): Promise<ThrowawayHost> {
@@ -107,6 +131,7 @@ export class ThrowawayHost extends CommandHost {
     await ensureMachinePackages(log);
     await ensureLoopDeviceNodes();
     const spec = defaultRootfsSpec(opts.rootfs);
+    await ensureForeignArch(spec.arch, log);
     const built = await ensureRootfsTarball(spec, log);
     const name = opts.name ?? `testhost-${randomBytes(3).toString("hex")}`;
     if (!/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/.test(name)) throw new Error(`bad host name ${JSON.stringify(name)}`);
@@ -117,7 +142,7 @@ export class ThrowawayHost extends CommandHost {
     await unpackRootfs(built.tarball, rootfs);
     const unpackMs = Date.now() - t0;
     writeIdentity(rootfs, name);
-    const host = new ThrowawayHost({ name, dir, rootfs, user: spec.user, nspawnPid: null }, log, {
+    const host = new ThrowawayHost({ name, dir, rootfs, user: spec.user, nspawnPid: null, arch: spec.arch }, log, {
       rootfsBuildMs: built.debootstrapMs + built.packMs,
       unpackMs,
       bootMs: 0,
@@ -215,7 +240,7 @@ export class ThrowawayHost extends CommandHost {
     this.log(`${this.name}: removed ${this.dir}`);
   }
 
-  private async boot(timeoutMs = 60_000): Promise<void> {
+  private async boot(timeoutMs = this.emulated ? EMULATED_BOOT_TIMEOUT_MS : BOOT_TIMEOUT_MS): Promise<void> {
     const t0 = Date.now();
     for (const d of busyBoundLoops()) {
       this.log(`note: ${d.path} is in use (${d.backingFile}); the host gets the free ones`);
@@ -275,12 +300,16 @@ export class ThrowawayHost extends CommandHost {
       return;
     }
     const init = containerInit(nspawn);
-    if (init !== null) {
+    if (init !== null && this.emulated) {
+      // qemu-user renumbers the real-time signals, so ask systemd itself.
+      await this.exec(["systemctl", "poweroff", "--no-block"], { allowFailure: true, timeoutMs: 60_000 });
+    } else if (init !== null) {
       // SIGRTMIN+3 asks systemd for an orderly poweroff; nspawn exits when it is done.
       await run(["kill", "-s", "RTMIN+3", String(init)], { allowFailure: true });
     }
-    if (!(await waitGone(nspawn, this.state.name, 30_000))) {
-      this.log(`${this.name}: no clean poweroff in 30 s; killing`);
+    const poweroffMs = this.emulated ? EMULATED_POWEROFF_MS : POWEROFF_MS;
+    if (!(await waitGone(nspawn, this.state.name, poweroffMs))) {
+      this.log(`${this.name}: no clean poweroff in ${poweroffMs / 1000} s; killing`);
       if (init !== null) signal(init, "SIGKILL"); // the container's PID 1: takes its whole PID namespace
       signal(nspawn, "SIGKILL");
       await waitGone(nspawn, this.state.name, 10_000);

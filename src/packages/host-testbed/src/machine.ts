@@ -131,3 +131,89 @@ function backingFileIsUnder(dev: AttachedLoop, root: string): boolean {
 export function busyBoundLoops(): LoopDevice[] {
   return loopDevices().filter((d) => d.backingFile !== null && Number(d.name.slice(4)) < LOOP_DEVICES);
 }
+
+/** binfmt_misc names and qemu arch names for the Debian arches a host may have. */
+const QEMU_ARCH: Record<string, string> = { arm64: "aarch64", amd64: "x86_64" };
+const BINFMT = "/proc/sys/fs/binfmt_misc";
+
+/** This machine's Debian arch. */
+export function nativeDebianArch(): string {
+  return process.arch === "arm64" ? "arm64" : process.arch === "x64" ? "amd64" : process.arch;
+}
+
+/**
+ * Make this machine run `arch` binaries (a foreign-arch rootfs: debootstrap's
+ * second stage, then the booted host): qemu-user-static and its binfmt_misc
+ * entry, registered with the F flag (the interpreter is opened now, so it
+ * works inside the host's root too). Nothing to do for the native arch.
+ */
+export async function ensureForeignArch(arch: string, log: (line: string) => void = () => {}): Promise<void> {
+  if (arch === nativeDebianArch()) return;
+  const qemu = QEMU_ARCH[arch];
+  if (!qemu) throw new Error(`rootfs arch '${arch}': this testbed emulates only ${Object.keys(QEMU_ARCH).join(", ")}`);
+  const entry = join(BINFMT, `qemu-${qemu}`);
+  if (!existsSync(join(BINFMT, "register"))) {
+    const r = await run(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT], { allowFailure: true });
+    if (r.code !== 0) throw new Error(`cannot mount binfmt_misc on ${BINFMT} (${r.stderr.trim()}): arch ${arch} needs it to run emulated`);
+  }
+  let conf = binfmtConf(qemu);
+  if (!conf) {
+    log(`installing qemu-user-static (to run ${arch} hosts)`);
+    const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
+    await run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "--no-install-recommends", "qemu-user-static"], { env, timeoutMs: 600_000 });
+    conf = binfmtConf(qemu);
+    if (!conf) throw new Error(`qemu-user-static installed no /usr/lib/binfmt.d/qemu-${qemu}*.conf; cannot run ${arch} binaries`);
+  }
+  const existing = existsSync(entry) ? readFileSync(entry, "utf8") : null;
+  if (existing !== null && !/^flags:.*C/m.test(existing)) {
+    // Registered without C (credentials from the binary): setuid binaries such
+    // as sudo would run unprivileged in the host. Register it again with C.
+    log(`${entry} lacks the C flag (setuid, e.g. sudo, would not work in ${arch} hosts); registering it again`);
+    await run(["sh", "-c", 'echo -1 > "$1"', "sh", entry], { allowFailure: true });
+  }
+  if (!existsSync(entry)) {
+    log(`registering ${conf} with binfmt_misc (flags + C)`);
+    const line = withCredentialsFlag(readFileSync(conf, "utf8").trim());
+    const r = await run(["sh", "-c", 'printf "%s" "$1" > "$2"', "sh", line, join(BINFMT, "register")], { allowFailure: true });
+    // Another process may have registered it in between: only the end state matters.
+    if (r.code !== 0 && !existsSync(entry)) throw new Error(`cannot register ${conf} with binfmt_misc: ${r.stderr.trim()}`);
+  }
+  const status = readFileSync(entry, "utf8");
+  if (!/^enabled$/m.test(status)) throw new Error(`${entry} is disabled; enable it: echo 1 > ${entry}`);
+  for (const [flag, why] of [
+    ["F", `${arch} binaries cannot run inside a host root`],
+    ["C", `setuid binaries (sudo) run unprivileged in ${arch} hosts`],
+  ] as const) {
+    if (!new RegExp(`^flags:.*${flag}`, "m").test(status))
+      throw new Error(`${entry} lacks the ${flag} flag, so ${why}; unregister it (echo -1 > ${entry}) and run again`);
+  }
+}
+
+/**
+ * A binfmt.d line (`:name:type:offset:magic:mask:interpreter:flags`) with the
+ * C flag (credentials and security token from the binary, not the
+ * interpreter: setuid works), which implies O.
+ */
+export function withCredentialsFlag(line: string): string {
+  const fields = line.split(":");
+  if (fields.length !== 8) throw new Error(`not a binfmt_misc registration line: ${JSON.stringify(line)}`);
+  const flags = fields[7]!;
+  if (!flags.includes("C")) fields[7] = flags + "C";
+  return fields.join(":");
+}
+
+/** The binfmt.d file qemu-user-static ships for `qemu` (with the F flag), or null. */
+function binfmtConf(qemu: string): string | null {
+  const dir = "/usr/lib/binfmt.d";
+  let names: string[] = [];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return null;
+  }
+  const name = names.filter((n) => n === `qemu-${qemu}.conf` || n === `qemu-${qemu}-static.conf`).sort()[0];
+  if (!name) return null;
+  const path = join(dir, name);
+  const interpreter = readFileSync(path, "utf8").trim().split(":")[6];
+  return interpreter && existsSync(interpreter) ? path : null;
+}

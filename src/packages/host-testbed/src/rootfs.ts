@@ -9,6 +9,7 @@ import { createHash } from "node:crypto";
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { debianMirror, sourcesListFor } from "./apt-sources.js";
+import { nativeDebianArch } from "./machine.js";
 import { cacheDir } from "./paths.js";
 import { run } from "./proc.js";
 
@@ -42,7 +43,7 @@ export function defaultRootfsSpec(overrides: Partial<RootfsSpec> = {}): RootfsSp
 }
 
 export function debianArch(): string {
-  return process.arch === "arm64" ? "arm64" : "amd64";
+  return nativeDebianArch();
 }
 
 export function rootfsKey(spec: RootfsSpec): string {

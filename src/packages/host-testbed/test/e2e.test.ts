@@ -11,6 +11,11 @@
  * Cost: the cold bootstrap runs once on host A, which the re-run (also with
  * state.json removed) and reboot checks reuse; serial mode and the wrong
  * checksum each get a fresh host.
+ *
+ * E2E_SUITE (bookworm, the default, or trixie) and E2E_ARCH (this machine's
+ * arch, the default, or arm64 emulated with qemu-user-static) choose the
+ * hosts' Debian release and arch; scripts/test.sh runs both releases, and
+ * `pnpm test:arm64` the whole suite on arm64.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { watchArgv } from "../src/argv-watch.js";
@@ -24,15 +29,20 @@ import {
   outputOf,
 } from "../src/end-state.js";
 import { ThrowawayHost } from "../src/host.js";
-import { whyNotSupported } from "../src/machine.js";
+import { nativeDebianArch, whyNotSupported } from "../src/machine.js";
+import { e2eTarget } from "../src/targets.js";
 import { type ProvisionedTestHost, Testbed } from "../src/testbed.js";
 
+const target = e2eTarget();
+/** Emulated (arm64 on amd64), a cold rootfs is debootstrapped under qemu: tens of minutes. */
+const SETUP_TIMEOUT_MS = target.arch === nativeDebianArch() ? 600_000 : 60 * 60_000;
 const why = whyNotSupported();
 const skip = process.env.SKIP_E2E === "1";
 const log = (line: string) => process.stderr.write(`[e2e] ${line}\n`);
 const timings: Record<string, number> = {};
 
 if (skip) log(`skipping the end-to-end suite: SKIP_E2E=1${why ? ` (and ${why})` : ""}`);
+else log(`hosts: Debian ${target.suite} ${target.arch}`);
 
 async function bootstrapObserved(bed: Testbed, host: ThrowawayHost, prov: ProvisionedTestHost, label: string): Promise<Observed & { host: ThrowawayHost }> {
   const watch = watchArgv(prov.token);
@@ -55,14 +65,14 @@ function linePrefixer(prefix: string): (chunk: string) => void {
   };
 }
 
-describe.skipIf(skip)("bootstrap on a throwaway host", () => {
+describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.arch})`, () => {
   let bed: Testbed;
   let a: Observed & { host: ThrowawayHost };
   const hosts: ThrowawayHost[] = [];
 
   async function freshHost(label: string): Promise<ThrowawayHost> {
     const t0 = Date.now();
-    const host = await ThrowawayHost.up({ log });
+    const host = await ThrowawayHost.up({ log, rootfs: { suite: target.suite, arch: target.arch } });
     hosts.push(host);
     timings[`${label}_host_up_s`] = (Date.now() - t0) / 1000;
     timings[`${label}_host_boot_s`] = host.timings.bootMs / 1000;
@@ -79,16 +89,16 @@ describe.skipIf(skip)("bootstrap on a throwaway host", () => {
   beforeAll(async () => {
     if (why) throw new Error(`${why}. Run the suite as root, or set SKIP_E2E=1 to skip it (reported as skipped).`);
     const t0 = Date.now();
-    bed = await Testbed.start({ log });
+    bed = await Testbed.start({ log, arch: target.arch, os: target.os });
     timings.testbed_start_s = (Date.now() - t0) / 1000;
     const host = await freshHost("a");
     a = await bootstrapObserved(bed, host, await bed.provision(host), "cold");
-  });
+  }, SETUP_TIMEOUT_MS);
 
   afterAll(async () => {
     for (const h of hosts) await h.down().catch((e: unknown) => log(`down ${h.name}: ${String(e)}`));
     await bed?.close();
-    log(`timings: ${JSON.stringify(timings)}`);
+    log(`timings (${target.suite} ${target.arch}): ${JSON.stringify(timings)}`);
   });
 
   it("cold run (parallel) reaches the whole end state", async () => {

@@ -17,7 +17,7 @@
  * The facts are never mutated (they are deep-copied first), and every problem
  * is reported at once in a `BootstrapConfigError` naming each field path.
  */
-import type { z } from "zod";
+import type { z } from "zod/v4";
 import {
   type AptSchema,
   type Arch,

@@ -10,10 +10,10 @@
  *
  * Rules that bootstrap.py must mirror are kept deliberately simple: regexes,
  * integer ranges, absolute/relative paths, and a handful of cross-field
- * checks in `BootstrapConfigSchema`'s superRefine.
+ * checks in `BootstrapConfigSchema`'s refinements.
  */
 import { UUID_PATTERN } from "@cocalc/util";
-import { z } from "zod";
+import { z } from "zod/v4";
 
 export const SCHEMA_VERSION = 1 as const;
 
@@ -190,6 +190,38 @@ export function isHttpUrl(s: string): boolean {
 
 export const Sha256 = z.string().regex(SHA256_RE, { message: "must be 64 lowercase hex digits (a sha256)" });
 
+/**
+ * An array of at most `max` (and at least `min`) items. One over-long array
+ * fails as a whole before any item is checked, and the failure is fatal (the
+ * cross-field checks do not run), as bootstrap.py does. zod 4 does so for
+ * `.max()` itself; zod 3.25's `zod/v4` checks every item first and goes on,
+ * so the length is checked here, with zod's own issue and message, before
+ * the items. (Typed as the plain array: the check changes no type, and the
+ * JSON Schema shows the array with its bounds.)
+ */
+function BoundedArray<T extends z.ZodType>(item: T, bounds: { min?: number; max: number }): z.ZodArray<T> {
+  const lengthOnly = z.array(z.unknown()).max(bounds.max);
+  let array = z.array(item).max(bounds.max);
+  if (bounds.min !== undefined) array = array.min(bounds.min);
+  return z.preprocess((value, ctx) => {
+    if (Array.isArray(value) && value.length > bounds.max) {
+      // zod's own message for the length, whichever zod this is
+      const message = lengthOnly.safeParse(value).error?.issues[0]?.message ?? `must have at most ${bounds.max} items`;
+      ctx.addIssue({ code: "too_big", origin: "array", maximum: bounds.max, inclusive: true, input: value, message, continue: false });
+    }
+    return value;
+  }, array) as unknown as z.ZodArray<T>;
+}
+
+/**
+ * When the cross-field checks run: only if every issue so far leaves the
+ * values in place (continue), an unknown key included; zod 4 and zod 3.25's
+ * `zod/v4` differ on the latter, so the rule is spelled out here.
+ */
+function crossFieldChecksRun(payload: { issues: readonly { code?: string; continue?: boolean }[] }): boolean {
+  return payload.issues.every((i) => i.continue === true || i.code === "unrecognized_keys");
+}
+
 const PosInt = (max: number) => z.int().min(1).max(max);
 const NonNegInt = (max: number) => z.int().min(0).max(max);
 
@@ -224,8 +256,8 @@ export const ArtifactSchema = z
     version: z.string().regex(VERSION_RE).describe("Version; installed at `bundles/<artifact>/<version>`."),
     size_bytes: NonNegInt(Number.MAX_SAFE_INTEGER).nullable().default(null).describe("Expected size in bytes, when known (progress and sanity check)."),
     strip_components: NonNegInt(8).default(0).describe("Leading path components to strip when extracting."),
-    expected_files: z.array(RelPath).max(64).default([]).describe("Files that must exist after extraction (relative to the bundle root)."),
-    executables: z.array(RelPath).max(64).default([]).describe("Files that must exist and be executable after extraction."),
+    expected_files: BoundedArray(RelPath, { max: 64 }).default([]).describe("Files that must exist after extraction (relative to the bundle root)."),
+    executables: BoundedArray(RelPath, { max: 64 }).default([]).describe("Files that must exist and be executable after extraction."),
   })
   .describe("One software bundle for this host's arch.");
 
@@ -255,14 +287,12 @@ export const NodeSchema = z
 
 export const AptSchema = z
   .strictObject({
-    packages: z
-      .array(
-        z.string().regex(DEB_PACKAGE_RE, {
-          message:
-            "must be a Debian package name (a-z 0-9 . + -, 2 or more, starting with a letter or digit) not ending in - (apt-get would remove the package)",
-        }),
-      )
-      .max(200)
+    packages: BoundedArray(
+      z.string().regex(DEB_PACKAGE_RE, {
+        message: "must be a Debian package name (a-z 0-9 . + -, 2 or more, starting with a letter or digit) not ending in - (apt-get would remove the package)",
+      }),
+      { max: 200 },
+    )
       .default([])
       .describe("Debian packages to install (names only: no version, release or trailing -)."),
     lists_max_age_s: NonNegInt(7 * 86400)
@@ -274,7 +304,7 @@ export const AptSchema = z
 
 export const DataDiskSchema = z
   .strictObject({
-    candidates: z.array(AbsPath).min(1).max(16).describe("Block devices to use, in order of preference (e.g. /dev/disk/by-id/...)."),
+    candidates: BoundedArray(AbsPath, { min: 1, max: 16 }).describe("Block devices to use, in order of preference (e.g. /dev/disk/by-id/...)."),
     min_size_gb: PosInt(1 << 20).describe("Refuse a disk smaller than this."),
     wait_s: NonNegInt(3600).default(300).describe("How long to wait for a candidate to appear."),
   })
@@ -328,6 +358,12 @@ export function isInside(child: string, parent: string): boolean {
   return parent === "/" ? child !== "/" : child.startsWith(`${parent}/`);
 }
 
+/** The loop image must be a file bootstrap.py owns: inside bootstrap_root, outside bootstrap_dir. */
+function imageOutsideOurRoot(c: { bootstrap_root: string; bootstrap_dir: string; btrfs: { image_path: string } }): boolean {
+  const image = c.btrfs.image_path;
+  return !isInside(image, c.bootstrap_root) || image === c.bootstrap_dir || isInside(image, c.bootstrap_dir);
+}
+
 export const BootstrapConfigSchema = z
   .strictObject({
     schema_version: z.literal(SCHEMA_VERSION).describe("Version of this schema."),
@@ -346,10 +382,8 @@ export const BootstrapConfigSchema = z
     os: OsSchema,
     parallel: z.boolean().default(true).describe("Run independent steps concurrently; false walks the same graph serially."),
     hub: HubSchema,
-    conat_urls: z.array(HttpUrl).min(1).max(8).describe("Conat server URLs the daemon connects to; reachability is checked."),
-    secrets: z
-      .array(z.string().regex(SECRET_NAME_RE))
-      .max(16)
+    conat_urls: BoundedArray(HttpUrl, { min: 1, max: 8 }).describe("Conat server URLs the daemon connects to; reachability is checked."),
+    secrets: BoundedArray(z.string().regex(SECRET_NAME_RE), { max: 16 })
       .default([])
       .describe("Secrets to fetch into 0600 files under `<bootstrap_root>/config/secrets/`."),
     artifacts: ArtifactsSchema,
@@ -360,23 +394,26 @@ export const BootstrapConfigSchema = z
     tunnel: TunnelSchema.nullable().default(null).describe("Optional reverse SSH tunnel (managed by the connector); null for none."),
     env: EnvVars,
   })
-  .superRefine((c, ctx) => {
-    if (!isInside(c.bootstrap_dir, c.bootstrap_root)) {
-      ctx.addIssue({ code: "custom", path: ["bootstrap_dir"], message: "must be inside bootstrap_root", input: c.bootstrap_dir });
-    }
-    if (!isInside(c.bootstrap_root, c.home)) {
-      ctx.addIssue({ code: "custom", path: ["bootstrap_root"], message: "must be inside home", input: c.bootstrap_root });
-    }
-    const b = c.btrfs;
-    if (!isInside(b.image_path, c.bootstrap_root) || b.image_path === c.bootstrap_dir || isInside(b.image_path, c.bootstrap_dir)) {
-      const message = "must be inside bootstrap_root and outside bootstrap_dir (a file bootstrap.py owns)";
-      ctx.addIssue({ code: "custom", path: ["btrfs", "image_path"], message, input: b.image_path });
-    } else if (isInside(b.image_path, b.mount_point)) {
-      ctx.addIssue({ code: "custom", path: ["btrfs", "image_path"], message: "must not be inside btrfs.mount_point", input: b.image_path });
-    }
-    if (b.mount_point === c.home || isInside(c.home, b.mount_point)) {
-      ctx.addIssue({ code: "custom", path: ["btrfs", "mount_point"], message: "must not be home or above it (it would hide home)", input: b.mount_point });
-    }
+  .refine((c) => isInside(c.bootstrap_dir, c.bootstrap_root), {
+    path: ["bootstrap_dir"],
+    message: "must be inside bootstrap_root",
+    when: crossFieldChecksRun,
+  })
+  .refine((c) => isInside(c.bootstrap_root, c.home), { path: ["bootstrap_root"], message: "must be inside home", when: crossFieldChecksRun })
+  .refine((c) => !imageOutsideOurRoot(c), {
+    path: ["btrfs", "image_path"],
+    message: "must be inside bootstrap_root and outside bootstrap_dir (a file bootstrap.py owns)",
+    when: crossFieldChecksRun,
+  })
+  .refine((c) => imageOutsideOurRoot(c) || !isInside(c.btrfs.image_path, c.btrfs.mount_point), {
+    path: ["btrfs", "image_path"],
+    message: "must not be inside btrfs.mount_point",
+    when: crossFieldChecksRun,
+  })
+  .refine((c) => !(c.btrfs.mount_point === c.home || isInside(c.home, c.btrfs.mount_point)), {
+    path: ["btrfs", "mount_point"],
+    message: "must not be home or above it (it would hide home)",
+    when: crossFieldChecksRun,
   })
   .describe("CoCalc project-host bootstrap config, read by bootstrap.py.");
 

@@ -8,7 +8,7 @@
  * idempotently (host, run_id, seq) and in order even when batches are
  * replayed after an outage.
  */
-import { z } from "zod";
+import { z } from "zod/v4";
 import { UUID_RE } from "./config.js";
 
 export const RUN_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$/;

@@ -4,7 +4,7 @@
  * Never listens; `startHub()` in hub.ts does.
  */
 import express, { type Express, type Request } from "express";
-import { z } from "zod";
+import { z } from "zod/v4";
 import type { Db } from "./db.js";
 import { type HostRecordInput, type ProvisionedHost, ProvisionRefusedError, provisionHost, type SiteSettingsInput } from "./hosts.js";
 import { badRequest, errorHandler, HttpError, notFound } from "./http-errors.js";

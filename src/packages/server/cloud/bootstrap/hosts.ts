@@ -18,7 +18,7 @@ import {
   renderStub,
 } from "@cocalc/project-host-bootstrap";
 import { HOST_NAME_RE, NODE_VERSION_RE, SECRET_NAME_RE, USER_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
-import { z } from "zod";
+import { z } from "zod/v4";
 import type { Db } from "./db.js";
 import { ManifestError, type ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
 import { saveHost, saveSecret } from "./store.js";

@@ -4,7 +4,7 @@
  */
 import { STATUS_CODES } from "node:http";
 import type { ErrorRequestHandler, RequestHandler } from "express";
-import type { z } from "zod";
+import type { z } from "zod/v4";
 
 /** An error whose message is meant for the client. */
 export class HttpError extends Error {

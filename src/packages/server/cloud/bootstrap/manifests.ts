@@ -14,7 +14,7 @@
  */
 import { ARCHES, type Arch, type ArtifactName, HttpUrl } from "@cocalc/project-host-bootstrap";
 import { SHA256_RE, VERSION_RE } from "@cocalc/project-host-bootstrap/contract";
-import { z } from "zod";
+import { z } from "zod/v4";
 
 /** URL path segment of each bundle under the software base URL. */
 export const ARTIFACT_PATHS: Readonly<Record<ArtifactName, string>> = {

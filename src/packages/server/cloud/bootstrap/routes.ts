@@ -16,7 +16,7 @@
 import { bootstrapPyBytes, bootstrapPySha256, EventBatchSchema, MAX_BATCH_BYTES } from "@cocalc/project-host-bootstrap";
 import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import express, { type NextFunction, type Request, type Response, type Router } from "express";
-import { z } from "zod";
+import { z } from "zod/v4";
 import type { Db } from "./db.js";
 import { badRequest, errorHandler, HttpError, invalidContent, notFound } from "./http-errors.js";
 import { PageNotBuiltError, progressPageHtml, progressPageScript, progressPageStyle } from "./page.js";
