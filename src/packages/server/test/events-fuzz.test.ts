@@ -14,6 +14,7 @@
  * a failure (the seed is printed when a property fails).
  */
 import { randomUUID } from "node:crypto";
+import { STEP_OUTCOMES } from "@cocalc/project-host-bootstrap";
 import fc from "fast-check";
 import { afterAll, beforeAll, expect, it } from "vitest";
 import { type RunningHub, startHub } from "../cloud/bootstrap/hub.js";
@@ -65,7 +66,7 @@ const eventBody = fc.oneof(
   fc.record({
     type: fc.constant("step_end"),
     step: stepName,
-    outcome: fc.constantFrom("changed", "unchanged", "skipped", "failed", "blocked"),
+    outcome: fc.constantFrom(...STEP_OUTCOMES),
     duration_s: duration,
     message: safeText,
     hint: fc.option(safeText, { nil: null }),

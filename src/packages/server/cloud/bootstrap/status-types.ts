@@ -6,7 +6,7 @@
  */
 
 export type RunState = "pending" | "running" | "done" | "failed" | "stale";
-export type StepState = "pending" | "running" | "changed" | "unchanged" | "skipped" | "failed" | "blocked";
+export type StepState = "pending" | "running" | "changed" | "unchanged" | "failed" | "blocked";
 
 export interface StepStatus {
   name: string;

@@ -72,7 +72,7 @@ export class RunScript {
     this.push({ type: "step_start", step });
     return this;
   }
-  stepEnd(step: string, outcome: "changed" | "unchanged" | "failed" | "skipped" | "blocked", duration = 1, extra: Record<string, unknown> = {}): this {
+  stepEnd(step: string, outcome: "changed" | "unchanged" | "failed" | "blocked", duration = 1, extra: Record<string, unknown> = {}): this {
     this.push({ type: "step_end", step, outcome, duration_s: duration, ...extra });
     return this;
   }

@@ -69,7 +69,6 @@ const STATE_COLORS: Record<string, string> = {
   changed: "#2e7d32",
   unchanged: "#66bb6a",
   failed: "#c62828",
-  skipped: "#9e9e9e",
   blocked: "#9e9e9e",
   pending: "#e5e7eb",
 };
