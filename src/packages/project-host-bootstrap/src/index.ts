@@ -41,3 +41,11 @@ export {
   type StepOutcome,
 } from "./events.js";
 export { renderStub, STUB_SH_PATH, type StubOptions, stubOptionsFor } from "./stub.js";
+export {
+  CLOUD_CONFIG_STUB_PATH,
+  cloudConfigFor,
+  renderUserData,
+  USER_DATA_PLACEMENTS,
+  UserDataError,
+  type UserDataPlacement,
+} from "./userdata.js";
