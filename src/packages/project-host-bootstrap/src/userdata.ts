@@ -25,12 +25,7 @@
 /** The placements upstream uses. */
 export type UserDataPlacement = "gcp-startup-script" | "user-data-script" | "nebius-cloud-config" | "multipass-cloud-config";
 
-export const USER_DATA_PLACEMENTS: readonly UserDataPlacement[] = [
-  "gcp-startup-script",
-  "user-data-script",
-  "nebius-cloud-config",
-  "multipass-cloud-config",
-];
+export const USER_DATA_PLACEMENTS: readonly UserDataPlacement[] = ["gcp-startup-script", "user-data-script", "nebius-cloud-config", "multipass-cloud-config"];
 
 /** Where the `cloud-config` forms write the stub (root-only, like the old connector's file). */
 export const CLOUD_CONFIG_STUB_PATH = "/root/cocalc-bootstrap.sh";
@@ -71,8 +66,6 @@ export function renderUserData(placement: UserDataPlacement, stub: string): stri
     case "multipass-cloud-config":
       return `#cloud-config\n${JSON.stringify(cloudConfigFor(stub), null, 2)}\n`;
     default:
-      throw new UserDataError(
-        `placement: unknown ${JSON.stringify(placement)}; use one of ${USER_DATA_PLACEMENTS.join(", ")}`,
-      );
+      throw new UserDataError(`placement: unknown ${JSON.stringify(placement)}; use one of ${USER_DATA_PLACEMENTS.join(", ")}`);
   }
 }

@@ -46,8 +46,7 @@ describe("the build of bootstrap.py from python/cocalc_bootstrap/ (python/build.
     dir = mkdtempSync(join(tmpdir(), "phb-build-"));
   });
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
-  const build = (out: string) =>
-    spawnSync("python3", [join(PACKAGE_DIR, "python", "build.py"), "--out", out], { encoding: "utf8" });
+  const build = (out: string) => spawnSync("python3", [join(PACKAGE_DIR, "python", "build.py"), "--out", out], { encoding: "utf8" });
 
   it("is reproducible: two builds give the same bytes, and they are the committed asset", () => {
     const a = join(dir, "a.py");

@@ -10,16 +10,10 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { EXAMPLE_BASE_URL, EXAMPLE_TOKEN, exampleHostFacts } from "../scripts/example-host.js";
 import { buildBootstrapConfig } from "../src/builders.js";
 import { renderStub, stubOptionsFor } from "../src/stub.js";
-import {
-  CLOUD_CONFIG_STUB_PATH,
-  renderUserData,
-  USER_DATA_PLACEMENTS,
-  type UserDataPlacement,
-  UserDataError,
-} from "../src/userdata.js";
-import { EXAMPLE_BASE_URL, EXAMPLE_TOKEN, exampleHostFacts } from "../scripts/example-host.js";
+import { CLOUD_CONFIG_STUB_PATH, renderUserData, USER_DATA_PLACEMENTS, UserDataError, type UserDataPlacement } from "../src/userdata.js";
 
 const stub = renderStub(stubOptionsFor(buildBootstrapConfig(exampleHostFacts()), { baseUrl: EXAMPLE_BASE_URL, token: EXAMPLE_TOKEN }));
 

@@ -1,7 +1,7 @@
 import { BootstrapConfigSchema, bootstrapPySha256 } from "@cocalc/project-host-bootstrap";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { type Db, openPglite } from "../cloud/bootstrap/db.js";
 import { assembleHostConfig, provisionHost } from "../cloud/bootstrap/hosts.js";
-import { openPglite, type Db } from "../cloud/bootstrap/db.js";
 import { ManifestFetcher, versionFromUrl } from "../cloud/bootstrap/manifests.js";
 import { migrate } from "../cloud/bootstrap/migrate.js";
 import { getHost, getSecret, listHostTokens } from "../cloud/bootstrap/store.js";
@@ -48,7 +48,9 @@ describe("host config assembly from manifests", () => {
   });
 
   it("takes the version from the URL when the manifest has none", async () => {
-    srv.files.set(manifestPath("project"), { body: JSON.stringify(goodManifest(srv.baseUrl, "project", "amd64", { version: "2025.06.01-rc1", versionInUrlOnly: true })) });
+    srv.files.set(manifestPath("project"), {
+      body: JSON.stringify(goodManifest(srv.baseUrl, "project", "amd64", { version: "2025.06.01-rc1", versionInUrlOnly: true })),
+    });
     const { config } = await assembleHostConfig(hostRecord(), siteSettings(srv.baseUrl), fetcher());
     expect(config.artifacts.project.version).toBe("2025.06.01-rc1");
     expect(versionFromUrl("https://x/software/project-host/1.0/a.tar.xz", "project_host")).toBe("1.0");
