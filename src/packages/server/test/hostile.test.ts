@@ -193,6 +193,9 @@ describeOnDatabases("the hub under hostile input", (h) => {
         [id, runId, JSON.stringify(start), n()],
       );
       await refreshRunSummary(h.db, id, runId);
+      // PGlite runs in this process: the bulk load blocked the event loop for seconds. Let the
+      // server's keep-alive timers fire now, so fetch does not reuse a socket being closed.
+      await new Promise((resolve) => setTimeout(resolve, 200));
       const s = await status(id);
       expect(s.events).toBe(n() + 1);
       expect(s.phase).toBe(`p${n()}`);
@@ -280,7 +283,7 @@ describeOnDatabases("the hub under hostile input", (h) => {
     });
   });
 
-  it("logged nothing but what the tests provoked", () => {
+  it("no token in anything the hub logged", () => {
     for (const line of logged) expect(line).not.toContain(token);
   });
 });

@@ -20,8 +20,8 @@ beforeEach(() => {
   serveGoodManifests(srv, "arm64");
 });
 
-// A generous timeout: other suites load the two cores at the same time (the timeout test sets its own).
-const fetcher = (timeoutMs = 5000) => new ManifestFetcher({ timeoutMs, ttlMs: 60_000 });
+// Generous: a loaded 2-core CI machine can take seconds to answer on loopback.
+const fetcher = (timeoutMs = 10_000) => new ManifestFetcher({ timeoutMs, ttlMs: 60_000 });
 
 describe("host config assembly from manifests", () => {
   it("builds a valid config from good manifests", async () => {
