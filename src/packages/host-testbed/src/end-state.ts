@@ -22,6 +22,8 @@ export interface HostView {
   path(inside: string): string;
   readFile(inside: string): string;
   lookupUser(name: string): { uid: number; gid: number; home: string };
+  /** `btrfs ARGS... <mountpoint>` when the host cannot run it itself (see ThrowawayHost.btrfs). */
+  btrfs?(args: readonly string[], mountpoint: string, opts?: ExecOptions): Promise<RunResult>;
 }
 
 /** A bootstrap run with everything the assertions need afterwards. */
@@ -50,6 +52,11 @@ export function parseEnvFile(text: string): Record<string, string> {
   return out;
 }
 
+/** `btrfs ARGS... <mountpoint>` on the host, through the host's own route when it has one (emulated hosts). */
+export function btrfsOn(host: HostView, args: readonly string[], mountpoint: string, opts: ExecOptions = {}): Promise<RunResult> {
+  return host.btrfs ? host.btrfs(args, mountpoint, opts) : host.exec(["btrfs", ...args, mountpoint], opts);
+}
+
 /** Everything the issue lists for a finished bootstrap; shared by the parallel and serial runs. */
 export async function expectBootstrappedHost(o: Observed): Promise<void> {
   const { host, prov } = o;
@@ -61,8 +68,8 @@ export async function expectBootstrappedHost(o: Observed): Promise<void> {
 
   // /btrfs: btrfs, the data subvolume, quota, tmp 1777 owned by the user
   expect((await host.sh("findmnt -n -o FSTYPE /btrfs")).trim()).toBe("btrfs");
-  expect(await host.sh("btrfs subvolume list /btrfs")).toMatch(/ path data$/m);
-  const qgroups = await host.exec(["btrfs", "qgroup", "show", "/btrfs"], { allowFailure: true });
+  expect((await btrfsOn(host, ["subvolume", "list"], "/btrfs")).stdout).toMatch(/ path data$/m);
+  const qgroups = await btrfsOn(host, ["qgroup", "show"], "/btrfs", { allowFailure: true });
   expect(qgroups.code, `quota not enabled: ${qgroups.stderr}`).toBe(0);
   expect((await host.sh("stat -c '%a %U' /btrfs/tmp")).trim()).toBe(`1777 ${c.bootstrap_user}`);
   expect((await host.sh("stat -c '%U' /btrfs/data")).trim()).toBe(c.bootstrap_user);

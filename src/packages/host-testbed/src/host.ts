@@ -11,7 +11,7 @@
  */
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import {
   busyBoundLoops,
@@ -192,6 +192,29 @@ export class ThrowawayHost extends CommandHost {
     const user = opts.user ?? "root";
     const home = user === "root" ? "/root" : `/home/${user}`;
     return ["nsenter", "-t", String(this.pid1()), "-a", ...minimalEnvArgv(cmd, { user, home, path: CONTAINER_PATH, env: opts.env })];
+  }
+
+  /**
+   * `btrfs ARGS... <mountpoint>` for the btrfs mounted at `mountpoint` in the
+   * host. Emulated, qemu-user lacks btrfs's search ioctls ("Function not
+   * implemented"), so the same filesystem (its loop device) is mounted on
+   * this machine for the moment and this machine's btrfs reads it.
+   */
+  async btrfs(args: readonly string[], mountpoint: string, opts: ExecOptions = {}): Promise<RunResult> {
+    if (!this.emulated) return this.exec(["btrfs", ...args, mountpoint], opts);
+    const source = (await this.sh(`findmnt -n -o SOURCE ${mountpoint}`)).trim();
+    if (!/^\/dev\/loop\d+$/.test(source)) throw new Error(`host ${this.name}: ${mountpoint} is on ${JSON.stringify(source)}, not a loop device`);
+    const dir = mkdtempSync(join(this.dir, "btrfs-"));
+    try {
+      await run(["mount", "-t", "btrfs", source, dir]);
+      try {
+        return await run(["btrfs", ...args, dir], { allowFailure: opts.allowFailure, timeoutMs: opts.timeoutMs });
+      } finally {
+        await run(["umount", dir], { allowFailure: true });
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   }
 
   /** Host path of a path inside the container. */

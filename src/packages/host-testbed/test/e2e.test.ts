@@ -144,7 +144,7 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     await a.host.reboot();
     timings.reboot_s = (Date.now() - t0) / 1000;
     expect((await a.host.sh("findmnt -n -o FSTYPE,SOURCE /btrfs")).trim()).toMatch(/^btrfs\s+\/dev\/loop\d+/);
-    expect(await a.host.sh("btrfs subvolume list /btrfs")).toMatch(/ path data$/m);
+    expect((await a.host.btrfs(["subvolume", "list"], "/btrfs")).stdout).toMatch(/ path data$/m);
     const health = await expectServiceHealthy(a.host, a.prov, 60_000);
     expect(health.version).toBe(a.prov.config.artifacts.project_host.version);
   });
