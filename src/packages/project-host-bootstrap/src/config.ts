@@ -142,7 +142,7 @@ export function isHostName(host: string): boolean {
   return (host.length <= 253 && DNS_NAME_RE.test(host)) || IPV4_RE.test(host);
 }
 
-/** An IPv6 address as RFC 4291 writes it (hex groups, one `::`, an IPv4 tail); no zone. */
+/** An IPv6 address as RFC 4291 writes it (hex groups, one `::`, an IPv4 tail at the very end); no zone. */
 export function isIPv6(text: string): boolean {
   if (!/^[0-9A-Fa-f:.]+$/.test(text)) return false;
   const halves = text.split("::");
@@ -150,7 +150,7 @@ export function isIPv6(text: string): boolean {
   const groups = halves.flatMap((h) => (h === "" ? [] : h.split(":")));
   let count = 0;
   for (const [i, g] of groups.entries()) {
-    if (i === groups.length - 1 && g.includes(".")) {
+    if (i === groups.length - 1 && g.includes(".") && !text.endsWith(":")) {
       if (!IPV4_RE.test(g)) return false;
       count += 2;
     } else if (/^[0-9A-Fa-f]{1,4}$/.test(g)) count += 1;
