@@ -6,6 +6,7 @@
  * issue_json), on one line. Anything else that escapes (an internal error, which
  * would be exit 1 from the CLI) is answered as `{"crash": traceback}`.
  * `runCheckConfigCli` runs the real CLI on a file, to show the two agree.
+ * FUZZ_DEBUG=<file> appends every config text sent (to find the one a hung run was on).
  */
 import { type ChildProcessWithoutNullStreams, execFile, execFileSync, spawn } from "node:child_process";
 import { appendFileSync } from "node:fs";
