@@ -89,7 +89,7 @@ describe("host config assembly from manifests", () => {
     srv.files.set(manifestPath("project"), { body: JSON.stringify({ url: "ftp://x", size_bytes: -1 }) });
     const err = (await assembleHostConfig(hostRecord(), siteSettings(srv.baseUrl), fetcher()).catch((e: Error) => e)) as Error;
     expect(err.message).toContain(`${srv.baseUrl}/tools/latest-linux-amd64.json: is not valid JSON`);
-    expect(err.message).toMatch(/project\/latest-linux-amd64\.json: url must be an absolute http/);
+    expect(err.message).toMatch(/project\/latest-linux-amd64\.json: url must be an http:\/\/ or https:\/\/ URL/);
   });
 
   it("refuses an HTTP error", async () => {
