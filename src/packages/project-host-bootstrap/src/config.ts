@@ -4,9 +4,11 @@
  *
  * This zod schema is the single source of truth. The JSON Schema in
  * `schema/bootstrap-config.schema.json` is generated from it (input side),
- * and `python/bootstrap.py` re-implements exactly these rules by hand; the
- * vectors in `fixtures/configs/` prove that both agree on every verdict and
- * every error path.
+ * and `python/bootstrap.py` re-implements exactly these rules (config.py: one
+ * declaration per field, its checks in the type); the vectors in
+ * `fixtures/configs/` prove that both agree on every verdict and every error
+ * path, and two differential fuzzers (test/config-fuzz.test.ts,
+ * python/tests/test_config_fuzz.py) look for configs on which they do not.
  *
  * Rules that bootstrap.py must mirror are kept deliberately simple: regexes,
  * integer ranges, absolute/relative paths, and a handful of cross-field
