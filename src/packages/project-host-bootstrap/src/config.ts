@@ -4,9 +4,11 @@
  *
  * This zod schema is the single source of truth. The JSON Schema in
  * `schema/bootstrap-config.schema.json` is generated from it (input side),
- * and `python/bootstrap.py` re-implements exactly these rules by hand; the
- * vectors in `fixtures/configs/` prove that both agree on every verdict and
- * every error path.
+ * and `python/bootstrap.py` re-implements exactly these rules (config.py: one
+ * declaration per field, its checks in the type); the vectors in
+ * `fixtures/configs/` prove that both agree on every verdict and every error
+ * path, and two differential fuzzers (test/config-fuzz.test.ts,
+ * python/tests/test_config_fuzz.py) look for configs on which they do not.
  *
  * Rules that bootstrap.py must mirror are kept deliberately simple: regexes,
  * integer ranges, absolute/relative paths, and a handful of cross-field
@@ -159,7 +161,7 @@ export function isHostName(host: string): boolean {
   return (host.length <= 253 && DNS_NAME_RE.test(host)) || IPV4_RE.test(host);
 }
 
-/** An IPv6 address as RFC 4291 writes it (hex groups, one `::`, an IPv4 tail); no zone. */
+/** An IPv6 address as RFC 4291 writes it (hex groups, one `::`, an IPv4 tail at the very end); no zone. */
 export function isIPv6(text: string): boolean {
   if (!/^[0-9A-Fa-f:.]+$/.test(text)) return false;
   const halves = text.split("::");
@@ -167,7 +169,7 @@ export function isIPv6(text: string): boolean {
   const groups = halves.flatMap((h) => (h === "" ? [] : h.split(":")));
   let count = 0;
   for (const [i, g] of groups.entries()) {
-    if (i === groups.length - 1 && g.includes(".")) {
+    if (i === groups.length - 1 && g.includes(".") && !text.endsWith(":")) {
       if (!IPV4_RE.test(g)) return false;
       count += 2;
     } else if (/^[0-9A-Fa-f]{1,4}$/.test(g)) count += 1;

@@ -134,18 +134,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         verdict: dict[str, Any] = {"ok": True, "config": load_config(path).to_dict()}
     except ConfigError as e:
         verdict = {"ok": False, "errors": [issue_json(issue) for issue in e.issues]}
-    print(json.dumps(verdict, indent=2))
+    print(json.dumps(verdict, indent=2, allow_nan=False))
     return EXIT_OK if verdict["ok"] else EXIT_CONFIG
 
 
 def issue_json(issue: ConfigIssue) -> dict[str, Any]:
     """One issue for machines: the JSON path as bootstrap.py prints it, and the value unless it is absent."""
     out: dict[str, Any] = {"path": issue.json_path(), "message": issue.message}
-    if isinstance(issue.value, float) and not math.isfinite(issue.value):
-        out["value"] = "Infinity" if issue.value > 0 else "-Infinity"  # 1e400 in the config; JSON has none
-    elif not isinstance(issue.value, _Missing):
-        out["value"] = issue.value
+    if not isinstance(issue.value, _Missing):
+        out["value"] = json_safe(issue.value)
     return out
+
+
+def json_safe(value: Any) -> Any:
+    """A config value as strict JSON: 1e400 in the config (Infinity once parsed, at any depth)
+    becomes the string "Infinity"; JSON has no such number. (Depth is bounded by MAX_JSON_DEPTH.)"""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
 
 
 def require_config_path(args: argparse.Namespace) -> str:

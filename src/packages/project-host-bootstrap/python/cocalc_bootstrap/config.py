@@ -142,7 +142,7 @@ def is_host_name(host: str) -> bool:
 
 
 def is_ipv6(text: str) -> bool:
-    """An IPv6 address as RFC 4291 writes it (hex groups, one ::, an IPv4 tail); no zone."""
+    """An IPv6 address as RFC 4291 writes it (hex groups, one ::, an IPv4 tail at the very end); no zone."""
     if not _IPV6_CHARS_RE.fullmatch(text):
         return False
     halves = text.split("::")
@@ -151,7 +151,7 @@ def is_ipv6(text: str) -> bool:
     groups = [g for half in halves if half != "" for g in half.split(":")]
     count = 0
     for i, group in enumerate(groups):
-        if i == len(groups) - 1 and "." in group:
+        if i == len(groups) - 1 and "." in group and not text.endswith(":"):
             if not IPV4_RE.fullmatch(group):
                 return False
             count += 2

@@ -372,3 +372,13 @@ def test_control_characters_in_keys_reach_the_terminal_escaped(tmp_path: Path) -
     assert result.returncode == 2
     assert "\x1b" not in result.stderr
     assert "$.env.A\\u001b[2J\\u000aB: key must match" in result.stderr
+
+
+def test_check_config_json_is_strict_json_when_a_value_holds_a_huge_number(tmp_path: Path) -> None:
+    """Found by the differential fuzzer: a 1e400 inside an array was printed as Infinity (not JSON)."""
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config_text_with('[null, 1e400, {"a": -1e400}]'), encoding="utf-8")
+    result = run_cli("--json", "--config", str(config_path), "check-config", home=tmp_path)
+    assert result.returncode == 2
+    verdict = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in the output"))
+    assert verdict["errors"][0]["value"] == [None, "Infinity", {"a": "-Infinity"}]
