@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import bootstrap
-from hypothesis import HealthCheck, event, given, seed, settings
+from hypothesis import HealthCheck, event, given, note, seed, settings
 from hypothesis import strategies as st
 
 settings.register_profile(
@@ -47,11 +47,19 @@ BUDGET = bootstrap.ExtractBudget(max_bytes=6000, max_entries=24, max_ratio=1e9, 
 
 
 @contextmanager
-def seed_printed() -> Iterator[None]:
+def seed_printed(items: list[Any] | None = None) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        print(f"\nfuzz seed: {SEED} (replay: HYPOTHESIS_SEED={SEED} bash scripts/pytest.sh -k fuzz)")
+        # note(): printed once, with hypothesis' report of the shrunk failing example
+        note(f"fuzz seed: {SEED} (replay: HYPOTHESIS_SEED={SEED} bash scripts/pytest.sh -k fuzz)")
+        for item in items or []:
+            info, data = item if isinstance(item, tuple) else (item, b"")
+            kind = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link"}.get(
+                info.type, "file" if info.isreg() else f"type {info.type!r}"
+            )
+            extra = f" -> {info.linkname!r}" if info.linkname else f" {len(data)} bytes"
+            note(f"  {info.name!r}: {kind} mode {info.mode:04o}{extra} {info.pax_headers or ''}")
         raise
 
 
@@ -267,7 +275,7 @@ def simple_files(items: list[Any]) -> dict[str, bytes]:
 @seed(SEED)
 @given(archives())
 def test_generated_archives_keep_the_extraction_invariants(tmp_path_factory: Any, items: list[Any]) -> None:
-    with seed_printed():
+    with seed_printed(items):
         tmp = tmp_path_factory.mktemp("fuzz")
         box, dest, refused = extract(tmp, "full", items)
         assert outside_state(box) == (["dest", "outdir", "sentinel"], [], b"untouched", 1)
