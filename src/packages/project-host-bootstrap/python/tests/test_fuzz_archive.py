@@ -138,9 +138,8 @@ def members(
         else:
             rest = draw(st.sampled_from(earlier))[0].split("/")[1:] if earlier and draw(st.booleans()) else []
             rest = rest or draw(paths(odd=False)).split("/")
-            if rare(draw, 4):  # `..` later in the target: refused, however it would resolve
-                for _ in range(draw(st.integers(1, 2))):
-                    rest.insert(draw(st.integers(1, len(rest))), "..")
+            if rare(draw, 4):  # `..` after a name (`a/../..`): refused, however it would resolve
+                rest[1:1] = [".."] * draw(st.integers(1, 3))
             info.linkname = "/".join([".."] * draw(st.integers(0, depth + 1)) + rest)
     elif kind == "hard":
         info.type = tarfile.LNKTYPE
