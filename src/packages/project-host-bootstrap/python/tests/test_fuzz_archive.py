@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import bootstrap
-from hypothesis import HealthCheck, event, given, seed, settings
+from hypothesis import HealthCheck, event, given, note, seed, settings
 from hypothesis import strategies as st
 
 settings.register_profile(
@@ -47,11 +47,19 @@ BUDGET = bootstrap.ExtractBudget(max_bytes=6000, max_entries=24, max_ratio=1e9, 
 
 
 @contextmanager
-def seed_printed() -> Iterator[None]:
+def seed_printed(items: list[Any] | None = None) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        print(f"\nfuzz seed: {SEED} (replay: HYPOTHESIS_SEED={SEED} bash scripts/pytest.sh -k fuzz)")
+        # note(): printed once, with hypothesis' report of the shrunk failing example
+        note(f"fuzz seed: {SEED} (replay: HYPOTHESIS_SEED={SEED} bash scripts/pytest.sh -k fuzz)")
+        for item in items or []:
+            info, data = item if isinstance(item, tuple) else (item, b"")
+            kind = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link"}.get(
+                info.type, "file" if info.isreg() else f"type {info.type!r}"
+            )
+            extra = f" -> {info.linkname!r}" if info.linkname else f" {len(data)} bytes"
+            note(f"  {info.name!r}: {kind} mode {info.mode:04o}{extra} {info.pax_headers or ''}")
         raise
 
 
@@ -130,16 +138,17 @@ def members(
         else:
             rest = draw(st.sampled_from(earlier))[0].split("/")[1:] if earlier and draw(st.booleans()) else []
             rest = rest or draw(paths(odd=False)).split("/")
-            if rare(draw, 4):  # `..` later in the target: refused, however it would resolve
-                for _ in range(draw(st.integers(1, 2))):
-                    rest.insert(draw(st.integers(1, len(rest))), "..")
+            if rare(draw, 4):  # `..` after a name (`a/../..`): refused, however it would resolve
+                rest[1:1] = [".."] * draw(st.integers(1, 3))
             info.linkname = "/".join([".."] * draw(st.integers(0, depth + 1)) + rest)
     elif kind == "hard":
         info.type = tarfile.LNKTYPE
         sources = [n for n, k in earlier if k in ("file", "sym", "hard")]
         links = [n for n, k in earlier if k == "sym"]
-        if links and draw(st.booleans()):  # a hard link to a symlink
+        if links and draw(st.booleans()):  # a hard link to a symlink, often higher up than the symlink
             info.linkname = draw(st.sampled_from(links))
+            if draw(st.booleans()):
+                info.name = f"top/{draw(NAMES)}{draw(NAMES)}"
         elif sources and not rare(draw, 8):
             info.linkname = draw(st.sampled_from(sources))
         else:
@@ -267,7 +276,7 @@ def simple_files(items: list[Any]) -> dict[str, bytes]:
 @seed(SEED)
 @given(archives())
 def test_generated_archives_keep_the_extraction_invariants(tmp_path_factory: Any, items: list[Any]) -> None:
-    with seed_printed():
+    with seed_printed(items):
         tmp = tmp_path_factory.mktemp("fuzz")
         box, dest, refused = extract(tmp, "full", items)
         assert outside_state(box) == (["dest", "outdir", "sentinel"], [], b"untouched", 1)
@@ -286,25 +295,49 @@ def test_generated_archives_keep_the_extraction_invariants(tmp_path_factory: Any
         assert snapshot(dest) == snapshot(before), f"refused at member {cut - 1}: {refused}"
 
 
-CLEAN_CHARS = st.characters(codec=None, categories=["L", "M", "N", "P", "S", "Z", "C"])
+ANY_CHARS = st.characters(codec=None, categories=["L", "M", "N", "P", "S", "Z", "C"])  # C: NUL, surrogates
 
 
 @seed(SEED)
-@given(st.recursive(st.text(CLEAN_CHARS, max_size=20), lambda c: st.lists(c, max_size=4), max_leaves=10))
+@given(
+    st.recursive(
+        st.text(ANY_CHARS, max_size=20),
+        lambda children: st.one_of(
+            st.lists(children, max_size=4), st.dictionaries(st.text(ANY_CHARS, max_size=5), children, max_size=3)
+        ),
+        max_leaves=10,
+    )
+)
 def test_event_text_is_always_storable_as_postgresql_text(value: Any) -> None:
+    """Whatever a step's output holds, what the sender posts is valid UTF-8
+    JSON without NUL once parsed (what PostgreSQL text and jsonb take), and
+    a value that was already storable is sent unchanged."""
     with seed_printed():
-        event = {"type": "progress", "message": value, "nested": {value if isinstance(value, str) else "k": value}}
-        clean = bootstrap.sendable(event)
-        text = json.dumps(clean)
-        decoded = json.loads(text)
-        for s in json.dumps(decoded, ensure_ascii=False).split("\x00"):
-            s.encode("utf-8")  # no lone surrogate survives
-        assert "\\u0000" not in text and "\x00" not in json.dumps(decoded, ensure_ascii=False)
-        stringy = json.dumps(event, ensure_ascii=False)
-        try:
-            stringy.encode("utf-8")
-            already_clean = "\\u0000" not in json.dumps(event)
-        except UnicodeEncodeError:
-            already_clean = False
-        if already_clean:
-            assert clean == event
+        sent = {"type": "progress", "message": value}
+        clean = bootstrap.sendable(sent)
+        stored = json.loads(json.dumps(clean))  # what the hub parses and stores
+        assert all(storable(text) for text in strings(stored))
+        event("storable" if all(storable(text) for text in strings(sent)) else "cleaned")
+        if all(storable(text) for text in strings(sent)):
+            assert clean == sent
+
+
+def strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from strings(key)
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+
+
+def storable(text: str) -> bool:
+    """What PostgreSQL text takes: UTF-8 (no lone surrogate), no NUL."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
