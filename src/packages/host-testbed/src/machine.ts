@@ -198,7 +198,7 @@ export function withCredentialsFlag(line: string): string {
   const fields = line.split(":");
   if (fields.length !== 8) throw new Error(`not a binfmt_misc registration line: ${JSON.stringify(line)}`);
   const flags = fields[7]!;
-  if (!flags.includes("C")) fields[7] = flags + "C";
+  if (!flags.includes("C")) fields[7] = `${flags}C`;
   return fields.join(":");
 }
 

@@ -34,9 +34,57 @@ const schemaPaths: Path[] = pathsOf(validConfigs.reduce((a, b) => (JSON.stringif
 
 /** Characters the rules care about, mixed with ordinary ones. */
 const nastyChar = fc.constantFrom(
-  "\0", "\t", "\n", "\r", "\x1b", "\x1f", "\x7f", "\x80", "\x85", "\x9f", "\xa0", "\u2028", "\u2029", "\ufeff",
-  "\ud800", "\udfff", "\ud83d\ude00", "ñ", "é", "ß", "İ", "\u0130", "\u212a", "Ⅸ", "ｆ", "。", " ", "/", ".", "%", "@",
-  ":", "[", "]", "\\", "-", "+", "=", "#", "?", "~", "'", '"', "$", "(", "`", "*", "&", ";", ",", "_",
+  "\0",
+  "\t",
+  "\n",
+  "\r",
+  "\x1b",
+  "\x1f",
+  "\x7f",
+  "\x80",
+  "\x85",
+  "\x9f",
+  "\xa0",
+  "\u2028",
+  "\u2029",
+  "\ufeff",
+  "\ud800",
+  "\udfff",
+  "\ud83d\ude00",
+  "ñ",
+  "é",
+  "ß",
+  "İ",
+  "\u0130",
+  "\u212a",
+  "Ⅸ",
+  "ｆ",
+  "。",
+  " ",
+  "/",
+  ".",
+  "%",
+  "@",
+  ":",
+  "[",
+  "]",
+  "\\",
+  "-",
+  "+",
+  "=",
+  "#",
+  "?",
+  "~",
+  "'",
+  '"',
+  "$",
+  "(",
+  "`",
+  "*",
+  "&",
+  ";",
+  ",",
+  "_",
 );
 const text = fc.oneof(
   { weight: 3, arbitrary: fc.string({ unit: fc.oneof(nastyChar, fc.constantFrom("a", "b", "z", "0", "9", "A")), maxLength: 12 }) },
@@ -45,7 +93,29 @@ const text = fc.oneof(
 );
 
 const label = fc.oneof(
-  fc.constantFrom("a", "hub", "example", "com", "xn--ida", "xn--bcher-kva", "localhost", "a-b", "-a", "a-", "0", "09", "0x7f", "1e3", "ñ", "bücher", "a_b", "ＡＢ", "", "A".repeat(63), "a".repeat(64)),
+  fc.constantFrom(
+    "a",
+    "hub",
+    "example",
+    "com",
+    "xn--ida",
+    "xn--bcher-kva",
+    "localhost",
+    "a-b",
+    "-a",
+    "a-",
+    "0",
+    "09",
+    "0x7f",
+    "1e3",
+    "ñ",
+    "bücher",
+    "a_b",
+    "ＡＢ",
+    "",
+    "A".repeat(63),
+    "a".repeat(64),
+  ),
   fc.stringMatching(/^[a-z0-9-]{1,8}$/),
 );
 const octet = fc.oneof(fc.integer({ min: 0, max: 300 }).map(String), fc.constantFrom("00", "010", "0x10", "0X1F", "255", "256", "4294967295", ""));
@@ -55,18 +125,20 @@ const hostName = fc.oneof(
   fc.ipV4(),
   fc.ipV4Extended(),
   fc.domain(),
-  fc.constantFrom("a".repeat(250) + ".com", `${"a.".repeat(126)}a`, `${"a.".repeat(127)}a`),
+  fc.constantFrom(`${"a".repeat(250)}.com`, `${"a.".repeat(126)}a`, `${"a.".repeat(127)}a`),
 );
 const ipv6 = fc.oneof(
   fc.ipV6(),
-  fc.array(fc.oneof(fc.stringMatching(/^[0-9a-fA-F]{0,5}$/), fc.ipV4(), fc.constantFrom("", ":", "::", "%25eth0")), { maxLength: 10 }).map((gs) => gs.join(":")),
+  fc
+    .array(fc.oneof(fc.stringMatching(/^[0-9a-fA-F]{0,5}$/), fc.ipV4(), fc.constantFrom("", ":", "::", "%25eth0")), { maxLength: 10 })
+    .map((gs) => gs.join(":")),
 );
-const host = fc.oneof(
-  { weight: 4, arbitrary: hostName },
-  { weight: 2, arbitrary: ipv6.map((a) => `[${a}]`) },
-  { weight: 1, arbitrary: text },
+const host = fc.oneof({ weight: 4, arbitrary: hostName }, { weight: 2, arbitrary: ipv6.map((a) => `[${a}]`) }, { weight: 1, arbitrary: text });
+const port = fc.oneof(
+  fc.constant(""),
+  fc.integer({ min: 0, max: 70000 }).map((p) => `:${p}`),
+  fc.constantFrom(":", ":0080", ":8a", ":-1", ":65535", ":65536"),
 );
-const port = fc.oneof(fc.constant(""), fc.integer({ min: 0, max: 70000 }).map((p) => `:${p}`), fc.constantFrom(":", ":0080", ":8a", ":-1", ":65535", ":65536"));
 const urlRest = fc.oneof(
   fc.constant(""),
   fc.webPath(),
@@ -84,27 +156,96 @@ export const url = fc.oneof(
 );
 
 const segment = fc.oneof(
-  fc.constantFrom("home", "ubuntu", "cocalc-host", "bootstrap", "btrfs", "btrfs.img", "srv", "etc", "usr", "local", "var", "lib", "tmp", "dev", "sda", "root", "mnt", ".", "..", "", "..."),
+  fc.constantFrom(
+    "home",
+    "ubuntu",
+    "cocalc-host",
+    "bootstrap",
+    "btrfs",
+    "btrfs.img",
+    "srv",
+    "etc",
+    "usr",
+    "local",
+    "var",
+    "lib",
+    "tmp",
+    "dev",
+    "sda",
+    "root",
+    "mnt",
+    ".",
+    "..",
+    "",
+    "...",
+  ),
   text,
 );
 /** Paths built from a pool of related prefixes, so the cross-field rules (inside, above, equal) meet each other. */
 const pathPool = [
-  "/", "/home", "/home/ubuntu", "/home/ubuntu/cocalc-host", "/home/ubuntu/cocalc-host/bootstrap", "/home/ubuntu/cocalc-host/btrfs.img",
-  "/home/ubuntu/cocalc-host/bootstrap/x.img", "/btrfs", "/srv", "/srv/btrfs", "/etc/cocalc", "/usr/local", "/var/lib", "/var/lib/x", "/dev/sda", "/root", "/tmp/x",
+  "/",
+  "/home",
+  "/home/ubuntu",
+  "/home/ubuntu/cocalc-host",
+  "/home/ubuntu/cocalc-host/bootstrap",
+  "/home/ubuntu/cocalc-host/btrfs.img",
+  "/home/ubuntu/cocalc-host/bootstrap/x.img",
+  "/btrfs",
+  "/srv",
+  "/srv/btrfs",
+  "/etc/cocalc",
+  "/usr/local",
+  "/var/lib",
+  "/var/lib/x",
+  "/dev/sda",
+  "/root",
+  "/tmp/x",
 ];
 export const absPath = fc.oneof(
   { weight: 3, arbitrary: fc.constantFrom(...pathPool) },
-  { weight: 3, arbitrary: fc.tuple(fc.constantFrom(...pathPool), fc.array(segment, { maxLength: 3 })).map(([p, s]) => (s.length ? `${p === "/" ? "" : p}/${s.join("/")}` : p)) },
+  {
+    weight: 3,
+    arbitrary: fc
+      .tuple(fc.constantFrom(...pathPool), fc.array(segment, { maxLength: 3 }))
+      .map(([p, s]) => (s.length ? `${p === "/" ? "" : p}/${s.join("/")}` : p)),
+  },
   { weight: 1, arbitrary: fc.array(segment, { maxLength: 4 }).map((s) => s.join("/")) },
 );
 
 const packageName = fc.oneof(fc.stringMatching(/^[a-z0-9.+=/:-]{0,8}$/), fc.constantFrom("g++", "git-", "a", "a-", "-a", "python3.12", "x=1", "Git"));
-const unitName = fc.oneof(fc.stringMatching(/^[a-z-]{0,8}$/).map((s) => `cocalc-${s}`), fc.constantFrom("ssh", "cocalc-", "cocalc-a@", "cocalc-a.service", "cocalc-" + "a".repeat(201)), text);
+const unitName = fc.oneof(
+  fc.stringMatching(/^[a-z-]{0,8}$/).map((s) => `cocalc-${s}`),
+  fc.constantFrom("ssh", "cocalc-", "cocalc-a@", "cocalc-a.service", `cocalc-${"a".repeat(201)}`),
+  text,
+);
 
 const number = fc.oneof(
   fc.integer(),
   fc.integer({ min: -3, max: 70000 }),
-  fc.constantFrom(0, -0, 1, 0.5, 1.0, 2 ** 53 - 1, 2 ** 53, 2 ** 53 + 2, -(2 ** 53), 1e21, 1e308, Number.MAX_VALUE, Infinity, -Infinity, 65535, 65536, 3600, 3601, 604800, 604801, 2 ** 20, 2 ** 20 + 1),
+  fc.constantFrom(
+    0,
+    -0,
+    1,
+    0.5,
+    1.0,
+    2 ** 53 - 1,
+    2 ** 53,
+    2 ** 53 + 2,
+    -(2 ** 53),
+    1e21,
+    1e308,
+    Number.MAX_VALUE,
+    Infinity,
+    -Infinity,
+    65535,
+    65536,
+    3600,
+    3601,
+    604800,
+    604801,
+    2 ** 20,
+    2 ** 20 + 1,
+  ),
   fc.double(),
 );
 const deep = fc.integer({ min: 0, max: 40 }).map((n) => {
@@ -140,7 +281,10 @@ export type Edit = { kind: "set"; path: Path; value: unknown } | { kind: "drop";
 const edit: fc.Arbitrary<Edit> = fc.oneof(
   { weight: 6, arbitrary: fc.record({ kind: fc.constant("set" as const), path: fc.constantFrom(...schemaPaths), value: fieldValue }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant("drop" as const), path: fc.constantFrom(...schemaPaths) }) },
-  { weight: 1, arbitrary: fc.record({ kind: fc.constant("add" as const), path: fc.constantFrom([], ...schemaPaths.filter((p) => p.length === 1)), key, value: anyJson }) },
+  {
+    weight: 1,
+    arbitrary: fc.record({ kind: fc.constant("add" as const), path: fc.constantFrom([], ...schemaPaths.filter((p) => p.length === 1)), key, value: anyJson }),
+  },
 );
 
 function applyEdit(root: Record<string, unknown>, e: Edit): Record<string, unknown> {

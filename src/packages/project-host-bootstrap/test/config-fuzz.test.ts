@@ -36,7 +36,9 @@ const uniqueSorted = (xs: string[]) => [...new Set(xs)].sort();
 /** What zod says about the JSON text (what the host would receive), in check-config's terms. */
 function zodVerdict(text: string): { ok: boolean; paths: string[]; config?: unknown } {
   const r = checkConfig(JSON.parse(text));
-  return r.ok ? { ok: true, paths: [], config: JSON.parse(JSON.stringify(r.config)) } : { ok: false, paths: uniqueSorted(r.issues.map((i) => formatPath(i.path))) };
+  return r.ok
+    ? { ok: true, paths: [], config: JSON.parse(JSON.stringify(r.config)) }
+    : { ok: false, paths: uniqueSorted(r.issues.map((i) => formatPath(i.path))) };
 }
 
 function pythonVerdict(out: CheckConfigOutput): { ok: boolean; paths: string[]; config?: unknown } {
