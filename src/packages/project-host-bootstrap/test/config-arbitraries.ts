@@ -276,10 +276,39 @@ export const fieldValue: fc.Arbitrary<unknown> = fc.oneof(
   { weight: 1, arbitrary: fc.dictionary(key, fc.oneof(text, fc.constantFrom("a\tb", "ok", "")), { maxKeys: 3 }) },
 );
 
+const relPath = fc.array(segment, { minLength: 1, maxLength: 3 }).map((s) => s.join("/"));
+const envValue = fc.oneof(text, fc.constantFrom("a\tb", "ok", "", "ünïcödé", "a\u2028b", "x".repeat(4097)));
+
+/** The grammar a field's own kind of value comes from (with the generic one mixed in by `valueFor`). */
+function grammarFor(path: Path): fc.Arbitrary<unknown> | null {
+  const name = String(path.filter((p) => typeof p === "string").at(-1) ?? "");
+  const item = typeof path.at(-1) === "number";
+  const parent = String(path.at(-2) ?? "");
+  if (/url$/.test(name) || name === "conat_urls") return item ? url : fc.array(url, { maxLength: 9 });
+  if (["home", "bootstrap_root", "bootstrap_dir", "mount_point", "image_path"].includes(name)) return absPath;
+  if (name === "candidates") return item ? absPath : fc.array(absPath, { maxLength: 17 });
+  if (name === "expected_files" || name === "executables") return item ? relPath : fc.array(relPath, { maxLength: 65 });
+  if (name === "exec") return relPath;
+  if (name === "packages") return item ? packageName : fc.array(packageName, { maxLength: 12 });
+  if (name === "unit") return unitName;
+  if (name === "host" && parent === "tunnel") return hostName;
+  if (parent === "env" || name === "env") return name === "env" ? fc.dictionary(key, envValue, { maxKeys: 3 }) : envValue;
+  if (/_s$|_gb$|port$|size_bytes|strip_components|schema_version/.test(name)) return number;
+  return null;
+}
+
+function valueFor(path: Path): fc.Arbitrary<unknown> {
+  const own = grammarFor(path);
+  return own ? fc.oneof({ weight: 3, arbitrary: own }, { weight: 1, arbitrary: fieldValue }) : fieldValue;
+}
+
 export type Edit = { kind: "set"; path: Path; value: unknown } | { kind: "drop"; path: Path } | { kind: "add"; path: Path; key: string; value: unknown };
 
 const edit: fc.Arbitrary<Edit> = fc.oneof(
-  { weight: 6, arbitrary: fc.record({ kind: fc.constant("set" as const), path: fc.constantFrom(...schemaPaths), value: fieldValue }) },
+  {
+    weight: 6,
+    arbitrary: fc.constantFrom(...schemaPaths).chain((path) => valueFor(path).map((value) => ({ kind: "set" as const, path, value }))),
+  },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant("drop" as const), path: fc.constantFrom(...schemaPaths) }) },
   {
     weight: 1,

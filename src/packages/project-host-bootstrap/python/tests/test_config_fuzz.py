@@ -9,7 +9,7 @@ test/config-fuzz.test.ts does the same from the TypeScript side with
 fast-check; this one generates differently (hypothesis's unicode text,
 surrogates included, JSON texts with huge integers and non-JSON constants).
 
-Bounded for CI: FUZZ_EXAMPLES (default 150) examples; the seed is printed on
+Bounded for CI: FUZZ_EXAMPLES (default 1000) examples; the seed is printed on
 failure (replay with FUZZ_SEED=<seed>); `pnpm fuzz` runs a long one."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 PACKAGE = Path(__file__).resolve().parents[2]
 TSX = PACKAGE.parents[2] / "node_modules" / ".bin" / "tsx"
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 SEED = int(os.environ["FUZZ_SEED"]) if "FUZZ_SEED" in os.environ else random.SystemRandom().randrange(2**32)
 
 VALID = [
@@ -143,6 +143,42 @@ deep = st.integers(0, 40).map(lambda n: _nest(n))
 field_value = st.one_of(url, abs_path, host, json_value, deep, st.lists(st.one_of(url, abs_path, text), max_size=9))
 
 
+rel_path = st.lists(st.one_of(st.sampled_from(["bin", "a", ".", "..", ""]), text), min_size=1, max_size=3).map("/".join)
+package = st.one_of(
+    st.builds(
+        str.__add__,
+        st.from_regex(r"[a-z0-9][a-z0-9.+-]{0,6}", fullmatch=True),
+        st.sampled_from(["", "-", "+", "=1.0", "/noble", ":amd64", ".", "--"]),
+    ),
+    st.sampled_from(["g++", "git-", "a-", "-a", "a", "Git"]),
+)
+unit = st.one_of(st.from_regex(r"cocalc-[a-z@.-]{0,6}", fullmatch=True), st.sampled_from(["ssh", "cocalc-"]), text)
+
+
+def grammar_for(path: tuple[Any, ...]) -> st.SearchStrategy[Any] | None:
+    """The grammar of a field's own kind of value (mixed with the generic one where it is used)."""
+    names = [p for p in path if isinstance(p, str)]
+    name, item = (names[-1] if names else ""), isinstance(path[-1], int)
+    parent = path[-2] if len(path) > 1 else ""
+    if name.endswith("url") or name == "conat_urls":
+        return url if item else st.lists(url, max_size=9)
+    if name in ("home", "bootstrap_root", "bootstrap_dir", "mount_point", "image_path"):
+        return abs_path
+    if name == "candidates":
+        return abs_path if item else st.lists(abs_path, max_size=17)
+    if name in ("expected_files", "executables", "exec"):
+        return rel_path if item or name == "exec" else st.lists(rel_path, max_size=65)
+    if name == "packages":
+        return package if item else st.lists(package, max_size=12)
+    if name == "unit":
+        return unit
+    if name == "host" and parent == "tunnel":
+        return host
+    if parent == "env":
+        return text
+    return None
+
+
 def _nest(n: int) -> Any:
     value: Any = "x"
     for i in range(n):
@@ -162,13 +198,16 @@ SCHEMA_PATHS = sorted({p for config in VALID for p in _paths(config)}, key=repr)
 RAW = "@@raw@@"
 
 
+GRAMMAR_PATHS = [p for p in SCHEMA_PATHS if grammar_for(p) is not None]
+
+
 @st.composite
 def config_texts(draw: st.DrawFn) -> str:
     """A valid vector with 0-4 edits, serialised; some values are raw JSON text (huge numbers, NaN)."""
     config = copy.deepcopy(draw(st.sampled_from(VALID)))
     raws: list[str] = []
     for _ in range(draw(st.integers(0, 4))):
-        path = draw(st.sampled_from(SCHEMA_PATHS))
+        path = draw(st.one_of(st.sampled_from(GRAMMAR_PATHS), st.sampled_from(SCHEMA_PATHS)))
         parent: Any = config
         for part in path[:-1]:
             if (isinstance(parent, dict) and part in parent) or (
@@ -195,7 +234,8 @@ def config_texts(draw: st.DrawFn) -> str:
             raws.append(draw(st.one_of(big_int_text, non_json)))
             parent[path[-1]] = RAW
         else:
-            parent[path[-1]] = draw(field_value)
+            own = grammar_for(path)
+            parent[path[-1]] = draw(st.one_of(own, own, own, field_value) if own is not None else field_value)
     text_out = json.dumps(config)  # ASCII: surrogates and separators escaped, as JSON.stringify would too
     for raw in raws:
         text_out = text_out.replace(json.dumps(RAW), raw, 1)
