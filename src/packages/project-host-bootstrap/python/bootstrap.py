@@ -680,6 +680,13 @@ class HubSpec(ConfigSpec):
 
 
 @dataclass(frozen=True)
+class ImageSpec(ConfigSpec):
+    url: str
+    sha256: str
+    size_bytes: int | None
+
+
+@dataclass(frozen=True)
 class ArtifactSpec(ConfigSpec):
     url: str
     sha256: str | None
@@ -688,6 +695,7 @@ class ArtifactSpec(ConfigSpec):
     strip_components: int
     expected_files: tuple[str, ...]
     executables: tuple[str, ...]
+    image: ImageSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -1125,6 +1133,11 @@ _REL_PATH = _string(
     _holds(is_rel_path, "must be a relative path inside the bundle (no leading /, no . or .. segments)"),
 )
 
+_IMAGE = _object(
+    ImageSpec,
+    {"url": _URL, "sha256": _SHA256, "size_bytes": _default(None, _nullable(_int(0, MAX_SAFE_INTEGER)))},
+)
+
 _ARTIFACT = _object(
     ArtifactSpec,
     {
@@ -1135,6 +1148,7 @@ _ARTIFACT = _object(
         "strip_components": _default(0, _int(0, 8)),
         "expected_files": _default((), _array(_REL_PATH, max_items=64)),
         "executables": _default((), _array(_REL_PATH, max_items=64)),
+        "image": _default(None, _nullable(_IMAGE)),
     },
 )
 
@@ -1161,6 +1175,7 @@ _SCHEMAS: dict[type[ConfigSpec], Validator] = {
     ),
     OsSpec: _object(OsSpec, {"id": _string(_matches(OS_ID_RE)), "min_version": _string(_matches(OS_VERSION_RE))}),
     HubSpec: _object(HubSpec, {"url": _URL, "events_url": _URL, "secrets_url": _URL}),
+    ImageSpec: _IMAGE,
     ArtifactSpec: _ARTIFACT,
     ArtifactsSpec: _object(ArtifactsSpec, {"project_host": _ARTIFACT, "project": _ARTIFACT, "tools": _ARTIFACT}),
     NvmSpec: _NVM,
