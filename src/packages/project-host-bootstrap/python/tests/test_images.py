@@ -56,11 +56,12 @@ def test_converter_is_reproducible(tmp_path: Path) -> None:
 @needs_mksquashfs
 def test_same_content_other_times_owners_and_order_same_image(tmp_path: Path) -> None:
     files = [m for m in BUNDLE if not isinstance(m, tarfile.TarInfo)]
+    plain: list[Member] = list(files)
     a, b = tmp_path / "a.tar", tmp_path / "b.tar.gz"
-    a.write_bytes(tar_bytes(files, "w"))  # mtime 0, uid 0, in order
+    a.write_bytes(tar_bytes(plain, "w"))  # mtime 0, uid 0, in order
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-        for name, content, mode in reversed(files):  # type: ignore[misc]
+        for name, content, mode in reversed(files):
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime, info.uid, info.uname = len(content), mode, 1_700_000_000, 1234, "x"
             tar.addfile(info, io.BytesIO(content))
