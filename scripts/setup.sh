@@ -10,7 +10,7 @@ PNPM_VERSION=10.34.9
 # real headless browser, the throwaway-host tools, and the archive tools.
 # cloud-init: its schema validator checks the rendered #cloud-config user-data
 # (installed disabled, see ensure_system_packages: it never acts on this machine).
-SYSTEM_PACKAGES="postgresql chromium debootstrap systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux cloud-init"
+SYSTEM_PACKAGES="postgresql chromium debootstrap systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux cloud-init squashfs-tools"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 err() { say "error: $*"; exit 1; }
