@@ -75,8 +75,8 @@ describe.skipIf(skip)("bundle images on a throwaway host", () => {
     expect((await host.sh(`stat -c '%a %U %G' ${image}`)).trim()).toBe("444 root root");
     expect((await host.sh(`sha256sum ${image}`)).split(" ")[0]).toBe(sha256);
     const unit = await unitOf(dir);
-    expect((await host.sh(`systemctl is-enabled ${unit}`)).trim()).toBe("enabled");
-    expect((await host.sh(`systemctl is-active ${unit}`)).trim()).toBe("active");
+    expect((await host.exec(["systemctl", "is-enabled", unit], { allowFailure: true })).stdout.trim(), unit).toBe("enabled");
+    expect((await host.exec(["systemctl", "is-active", unit], { allowFailure: true })).stdout.trim(), unit).toBe("active");
     // read-only: nothing extracted, nothing writable, not even by root
     expect((await host.exec(["touch", `${dir}/x`], { allowFailure: true })).code).not.toBe(0);
     expect((await host.exec(["test", "-e", `${dir}/.bootstrap-installed.json`], { allowFailure: true })).code).toBe(1);

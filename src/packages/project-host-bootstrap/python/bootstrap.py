@@ -2807,11 +2807,13 @@ def remove_image(config: Config, artifact: str, version: str, log: Log) -> bool:
     where = version_dir(config, artifact, version)
     unit = mount_unit_name(where)
     if mount_at(str(where)) is not None:
-        stopped = run_command(["systemctl", "stop", unit], sudo=True, check=False, timeout_s=120)
+        # umount itself, not `systemctl stop`: that would first stop every unit that
+        # requires the mount (a project started there), where umount refuses while busy.
+        done = run_command(["umount", str(where)], sudo=True, check=False, timeout_s=120)
         if mount_at(str(where)) is not None:
             log.warn(
-                f"{artifact} {version} is in use (its mount is busy); kept, a later run prunes it"
-                + (f": {stopped.output.strip()[-200:]}" if stopped.output.strip() else "")
+                f"{artifact} {version} is in use (umount: {done.output.strip()[-200:] or 'busy'}); "
+                "kept, a later upgrade prunes it"
             )
             return False
     run_command(["systemctl", "disable", unit], sudo=True, check=False, timeout_s=120)

@@ -15,9 +15,10 @@ sends both because only the host knows its kernel.
   every boot mounts it again; a failing mount does not fail the boot.
 - `current` is swapped to it atomically (by the install step, as for archives).
 - When `current` moves, image versions other than the new `current` and the
-  one it replaced (`previous`, kept for a rollback) are pruned: the unit is
-  stopped, which fails while anything uses the mount (then the version is kept
-  and a later upgrade prunes it), disabled and removed, then the image.
+  one it replaced (`previous`, kept for a rollback) are pruned: unmounted with
+  umount (not `systemctl stop`, which would stop the units that use it first),
+  which fails while anything uses the mount (then the version is kept and a
+  later upgrade prunes it); then the unit is disabled and removed, then the image.
 """
 
 from __future__ import annotations
@@ -302,11 +303,13 @@ def remove_image(config: Config, artifact: str, version: str, log: Log) -> bool:
     where = version_dir(config, artifact, version)
     unit = mount_unit_name(where)
     if mount_at(str(where)) is not None:
-        stopped = run_command(["systemctl", "stop", unit], sudo=True, check=False, timeout_s=120)
+        # umount itself, not `systemctl stop`: that would first stop every unit that
+        # requires the mount (a project started there), where umount refuses while busy.
+        done = run_command(["umount", str(where)], sudo=True, check=False, timeout_s=120)
         if mount_at(str(where)) is not None:
             log.warn(
-                f"{artifact} {version} is in use (its mount is busy); kept, a later run prunes it"
-                + (f": {stopped.output.strip()[-200:]}" if stopped.output.strip() else "")
+                f"{artifact} {version} is in use (umount: {done.output.strip()[-200:] or 'busy'}); "
+                "kept, a later upgrade prunes it"
             )
             return False
     run_command(["systemctl", "disable", unit], sudo=True, check=False, timeout_s=120)
