@@ -15,7 +15,7 @@ from pathlib import Path
 import bootstrap
 import pytest
 from test_steps_extract import HOSTILE
-from test_steps_support import Member, context, make_config, sha256, special, tar_bytes
+from test_steps_support import Behaviour, Member, context, make_config, serve, sha256, special, tar_bytes
 
 PYTHON_DIR = Path(__file__).resolve().parents[1]
 CONVERTER = PYTHON_DIR / "bundle_image.py"
@@ -164,3 +164,32 @@ def test_corrupt_image_is_refused_before_mounting(tmp_path: Path, monkeypatch: p
     assert (stored, st.st_uid, st.st_mode & 0o777) == (store / "project" / "1.0.0.sqfs", 0, 0o444)
     assert (store / "project" / "1.0.0.sqfs.sha256").read_text().strip() == sha256(good)
     assert not download.exists()
+
+
+@pytest.mark.parametrize("mounts_images", [True, False])
+def test_download_step_fetches_the_image_when_the_kernel_mounts_it_else_the_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mounts_images: bool
+) -> None:
+    """The probe's verdict (tested on the real kernel above) decides which of the two is fetched;
+    here it is set, to stand for a kernel without squashfs or zstd."""
+    archive = tar_bytes(BUNDLE)
+    image = b"hsqs" + os.urandom(8188)
+    behaviour = Behaviour(files={"/project/1.0.0/p.tar.xz": archive, "/project/1.0.0/p.sqfs": image})
+    monkeypatch.setattr(bootstrap, "_support", [None if mounts_images else "no squashfs in this kernel"])
+    with serve(behaviour) as url:
+        spec = {
+            "url": f"{url}/project/1.0.0/p.tar.xz",
+            "sha256": sha256(archive),
+            "image": {"url": f"{url}/project/1.0.0/p.sqfs", "sha256": sha256(image), "size_bytes": len(image)},
+        }
+        config = make_config(tmp_path, url, artifacts={"project": spec})
+        step = bootstrap.DownloadProjectStep(context(config))
+        assert not step.check().satisfied
+        step.apply()
+        state = step.check()
+    assert state.satisfied and ("image" in state.detail) == mounts_images
+    fetched = [path for path, _ in behaviour.requests]
+    assert fetched == (["/project/1.0.0/p.sqfs"] if mounts_images else ["/project/1.0.0/p.tar.xz"])
+    downloads = tmp_path / "home" / "cocalc-host" / "bundles" / ".downloads"
+    assert (downloads / "project-1.0.0.sqfs").exists() == mounts_images
+    assert (downloads / "project-1.0.0.tar.xz").exists() != mounts_images
