@@ -58,6 +58,7 @@ describe("buildBootstrapConfig", () => {
       strip_components: 0,
       expected_files: [],
       executables: [],
+      image: null,
     });
     expect(checkConfig(config)).toEqual({ ok: true, config });
   });
