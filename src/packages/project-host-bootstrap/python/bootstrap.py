@@ -2712,13 +2712,24 @@ def archive_installed(config: Config, artifact: str, spec: ArtifactSpec) -> bool
     return marker is not None and (spec.sha256 is None or marker.get("sha256") == spec.sha256)
 
 
-def wants_image(config: Config, artifact: str, spec: ArtifactSpec, log: Log) -> bool:
-    """Install this artifact from its image (else from its archive)?"""
+def chosen_format(config: Config, artifact: str, spec: ArtifactSpec) -> bool | None:
+    """Image (True) or archive (False) when the host's state already says; None: only the probe can.
+    A verified download counts: it was chosen by an earlier run's probe (so check() never probes)."""
     if spec.image is None or archive_installed(config, artifact, spec):
         return False
-    if image_installed(config, artifact, spec):
+    if image_installed(config, artifact, spec) or verified_download(
+        image_download(config, artifact, spec), spec.image.sha256
+    ):
         return True
-    return images_unsupported(log) is None
+    if verified_download(artifact_archive(config, artifact, spec), spec.sha256):
+        return False
+    return None
+
+
+def wants_image(config: Config, artifact: str, spec: ArtifactSpec, log: Log) -> bool:
+    """Install this artifact from its image (else from its archive)? Probes the kernel when undecided."""
+    chosen = chosen_format(config, artifact, spec)
+    return chosen if chosen is not None else images_unsupported(log) is None
 
 
 # -- install -----------------------------------------------------------------------
@@ -3214,10 +3225,8 @@ class DownloadBundleStep(Step):
         s = self.spec
         if bundle_installed(self.config, self.artifact, s) or image_installed(self.config, self.artifact, s):
             return StepState(True, f"{self.artifact} {s.version} is installed; nothing to download")
-        if s.image is not None and wants_image(self.config, self.artifact, s, self.log):
-            if verified_download(image_download(self.config, self.artifact, s), s.image.sha256):
-                return StepState(True, f"{self.artifact} {s.version}'s image is downloaded and verified")
-            return StepState(False, f"{self.artifact} {s.version}'s image is not downloaded")
+        if s.image is not None and verified_download(image_download(self.config, self.artifact, s), s.image.sha256):
+            return StepState(True, f"{self.artifact} {s.version}'s image is downloaded and verified")
         if verified_download(artifact_archive(self.config, self.artifact, s), s.sha256):
             return StepState(True, f"{self.artifact} {s.version} is downloaded and verified")
         return StepState(False, f"{self.artifact} {s.version} is not downloaded")

@@ -37,7 +37,8 @@ from .commands import run_command
 from .config import ArtifactSpec, Config
 from .errors import BootstrapError
 from .facts import SYSTEMD_UNIT_DIR, file_sha256, mount_at, read_text_or, systemctl_state
-from .layout import bundles_dir, downloads_dir
+from .fetch import verified_download
+from .layout import artifact_archive, bundles_dir, downloads_dir
 from .log import Log
 from .step import file_matches, make_root_dirs, write_root_file
 from .system import systemd_quote
@@ -208,13 +209,24 @@ def archive_installed(config: Config, artifact: str, spec: ArtifactSpec) -> bool
     return marker is not None and (spec.sha256 is None or marker.get("sha256") == spec.sha256)
 
 
-def wants_image(config: Config, artifact: str, spec: ArtifactSpec, log: Log) -> bool:
-    """Install this artifact from its image (else from its archive)?"""
+def chosen_format(config: Config, artifact: str, spec: ArtifactSpec) -> bool | None:
+    """Image (True) or archive (False) when the host's state already says; None: only the probe can.
+    A verified download counts: it was chosen by an earlier run's probe (so check() never probes)."""
     if spec.image is None or archive_installed(config, artifact, spec):
         return False
-    if image_installed(config, artifact, spec):
+    if image_installed(config, artifact, spec) or verified_download(
+        image_download(config, artifact, spec), spec.image.sha256
+    ):
         return True
-    return images_unsupported(log) is None
+    if verified_download(artifact_archive(config, artifact, spec), spec.sha256):
+        return False
+    return None
+
+
+def wants_image(config: Config, artifact: str, spec: ArtifactSpec, log: Log) -> bool:
+    """Install this artifact from its image (else from its archive)? Probes the kernel when undecided."""
+    chosen = chosen_format(config, artifact, spec)
+    return chosen if chosen is not None else images_unsupported(log) is None
 
 
 # -- install -----------------------------------------------------------------------

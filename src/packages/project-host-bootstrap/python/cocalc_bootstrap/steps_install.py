@@ -142,10 +142,8 @@ class DownloadBundleStep(Step):
         s = self.spec
         if bundle_installed(self.config, self.artifact, s) or image_installed(self.config, self.artifact, s):
             return StepState(True, f"{self.artifact} {s.version} is installed; nothing to download")
-        if s.image is not None and wants_image(self.config, self.artifact, s, self.log):
-            if verified_download(image_download(self.config, self.artifact, s), s.image.sha256):
-                return StepState(True, f"{self.artifact} {s.version}'s image is downloaded and verified")
-            return StepState(False, f"{self.artifact} {s.version}'s image is not downloaded")
+        if s.image is not None and verified_download(image_download(self.config, self.artifact, s), s.image.sha256):
+            return StepState(True, f"{self.artifact} {s.version}'s image is downloaded and verified")
         if verified_download(artifact_archive(self.config, self.artifact, s), s.sha256):
             return StepState(True, f"{self.artifact} {s.version} is downloaded and verified")
         return StepState(False, f"{self.artifact} {s.version} is not downloaded")
