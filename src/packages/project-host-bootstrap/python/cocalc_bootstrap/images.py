@@ -36,7 +36,7 @@ from .archive import bundle_problems, read_marker
 from .commands import run_command
 from .config import ArtifactSpec, Config
 from .errors import BootstrapError
-from .facts import SYSTEMD_UNIT_DIR, file_sha256, mount_at, read_text_or, systemctl_state
+from .facts import SYSTEMD_UNIT_DIR, file_sha256, mount_at, read_text_or
 from .fetch import verified_download
 from .layout import artifact_archive, bundles_dir, downloads_dir
 from .log import Log
@@ -134,9 +134,27 @@ def version_dir(config: Config, artifact: str, version: str) -> Path:
 
 
 def mount_unit_name(where: Path) -> str:
-    """systemd's name for the mount unit of `where` (systemd-escape --path --suffix=mount)."""
-    found = run_command(["systemd-escape", "--path", "--suffix=mount", str(where)], timeout_s=30)
-    return found.output.strip()
+    """systemd's name for the mount unit of `where`, as `systemd-escape --path --suffix=mount`
+    gives it (computed here: check() runs no command for an installed image)."""
+    path = str(where).strip("/")
+    if not path:
+        return "-.mount"
+    out = []
+    for i, byte in enumerate(path.encode()):
+        c = chr(byte)
+        if c == "/":
+            out.append("-")
+        elif (c.isascii() and (c.isalnum() or c in ":_.")) and not (c == "." and i == 0):
+            out.append(c)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out) + ".mount"
+
+
+def unit_enabled(config: Config, unit: str) -> bool:
+    """`systemctl enable` made its links for every WantedBy= of our mount units."""
+    wanted_by = ("multi-user.target", f"{config.service.unit}.service")
+    return all((SYSTEMD_UNIT_DIR / f"{t}.wants" / unit).is_symlink() for t in wanted_by)
 
 
 def render_mount_unit(config: Config, artifact: str, version: str) -> str:
@@ -189,7 +207,7 @@ def image_problems(config: Config, artifact: str, spec: ArtifactSpec) -> list[st
     unit = mount_unit_name(where)
     if not file_matches(SYSTEMD_UNIT_DIR / unit, render_mount_unit(config, artifact, version), mode=0o644):
         problems.append(f"{SYSTEMD_UNIT_DIR / unit} is missing or differs")
-    elif systemctl_state("is-enabled", unit) != "enabled":
+    elif not unit_enabled(config, unit):
         problems.append(f"{unit} is not enabled")
     if mounted_image(where) != str(stored_image(artifact, version)):
         problems.append(f"{stored_image(artifact, version)} is not mounted at {where}")
@@ -289,7 +307,7 @@ def install_image(config: Config, artifact: str, spec: ArtifactSpec, log: Log) -
     if not file_matches(SYSTEMD_UNIT_DIR / unit, unit_text, mode=0o644):
         write_root_file(SYSTEMD_UNIT_DIR / unit, unit_text, mode=0o644)
         run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
-    if systemctl_state("is-enabled", unit) != "enabled":
+    if not unit_enabled(config, unit):
         run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
     if mounted_image(where) != str(stored):
         run_command(["systemctl", "start", unit], sudo=True, timeout_s=120, hint=IMAGE_HINT)

@@ -193,3 +193,21 @@ def test_download_step_fetches_the_image_when_the_kernel_mounts_it_else_the_arch
     downloads = tmp_path / "home" / "cocalc-host" / "bundles" / ".downloads"
     assert (downloads / "project-1.0.0.sqfs").exists() == mounts_images
     assert (downloads / "project-1.0.0.tar.xz").exists() != mounts_images
+
+
+@pytest.mark.skipif(shutil.which("systemd-escape") is None, reason="systemd-escape is not installed (systemd)")
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/home/ubuntu/cocalc-host/bundles/project_host/1.0.0",
+        "/home/a b/.hidden/x+y/ü/1.2.3-rc.1",
+        "/srv/-lead/trail-/a:b_c/v1.0+build.7",
+        "/.dot/x",
+        "/",
+    ],
+)
+def test_mount_unit_name_is_what_systemd_escape_says(path: str) -> None:
+    want = subprocess.run(
+        ["systemd-escape", "--path", "--suffix=mount", path], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert bootstrap.mount_unit_name(Path(path)) == want
