@@ -45,7 +45,8 @@ describe.skipIf(skip)("bundle images on a throwaway host", () => {
     const { hits } = watch.stop();
     const status = await bed.settledStatus(p);
     const fetched = bed.artifactServer.requests.slice(before).map((x) => x.path);
-    log(`${label}: exit ${r.code} in ${(r.wallMs / 1000).toFixed(1)} s; hub says ${status.state}; fetched ${fetched.length} file(s)`);
+    const py = status.wall_s === null ? "" : ` (bootstrap.py ${status.wall_s.toFixed(2)} s)`;
+    log(`${label}: exit ${r.code} in ${(r.wallMs / 1000).toFixed(1)} s${py}; hub says ${status.state}; fetched ${fetched.length} file(s)`);
     return { host, prov: p, run: r, argvHits: hits, status, fetched };
   }
 
