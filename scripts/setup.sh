@@ -12,7 +12,7 @@ PNPM_VERSION=10.34.9
 # debian-archive-keyring lets debootstrap check Debian on an Ubuntu machine.
 # cloud-init: its schema validator checks the rendered #cloud-config user-data
 # (installed disabled, see ensure_system_packages: it never acts on this machine).
-SYSTEM_PACKAGES="postgresql chromium debootstrap debian-archive-keyring systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux qemu-user-static cloud-init"
+SYSTEM_PACKAGES="postgresql chromium debootstrap debian-archive-keyring systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux qemu-user-static cloud-init squashfs-tools"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 err() { say "error: $*"; exit 1; }

@@ -10,8 +10,12 @@
  *   made from the `node-linux-<arch>` npm package (the official `bin/node`)
  *   plus npm under `lib/node_modules/npm`.
  *
+ * - each bundle's squashfs image (`buildBundleImage`), made from its archive by
+ *   the workspace's converter (project-host-bootstrap/python/bundle_image.py).
+ *
  * `publishSite` lays them out for the artifact server with the hub's
- * manifests (`<artifact>/latest-linux-<arch>.json`) and `.sha256` files.
+ * manifests (`<artifact>/latest-linux-<arch>.json`, with an `image` entry
+ * when images are published) and `.sha256` files.
  */
 import { createHash } from "node:crypto";
 import { chmodSync, createReadStream, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
@@ -78,6 +82,7 @@ export function nodeArchOf(arch: Arch): "x64" | "arm64" {
 }
 
 const DAEMON_SOURCE = fileURLToPath(new URL("../src/daemon.py", import.meta.url));
+const IMAGE_CONVERTER = fileURLToPath(new URL("../../project-host-bootstrap/python/bundle_image.py", import.meta.url));
 
 export function dashName(artifact: BundleName): string {
   return artifact.replace(/_/g, "-");
@@ -151,6 +156,20 @@ async function packTarXz(cwd: string, entry: string, out: string, level: number)
     { timeoutMs: 30 * 60_000 },
   );
   renameSync(part, out);
+}
+
+// --- bundle images ---------------------------------------------------------------
+
+/** The bundle's squashfs image, next to its archive in the cache (the converter is reproducible). */
+export async function buildBundleImage(b: BuiltBundle, log: (line: string) => void = () => {}): Promise<BuiltFile> {
+  const path = b.path.replace(/\.tar\.xz$/, ".sqfs");
+  if (!existsSync(path)) {
+    log(`building ${b.fileName.replace(/\.tar\.xz$/, ".sqfs")}`);
+    const part = `${path}.${process.pid}.tmp.sqfs`; // unique: another process may build the same file
+    await run(["python3", IMAGE_CONVERTER, b.path, part, "--strip", "1"], { timeoutMs: 30 * 60_000 });
+    renameSync(part, path);
+  }
+  return builtFile(path);
 }
 
 // Code-like text: identifiers and keywords from a fixed vocabulary, so xz
@@ -295,6 +314,8 @@ export interface PublishedBundle {
   strip_components: number;
   expected_files: string[];
   executables: string[];
+  /** The published image, when there is one (its sha256 as the manifest says). */
+  image: { url: string; sha256: string; size_bytes: number } | null;
 }
 
 export interface PublishedSite {
@@ -312,6 +333,10 @@ export interface PublishOptions {
    * only python3 and shell, so one build serves every arch.
    */
   arch?: Arch;
+  /** Images to publish beside the archives (`image` entries in the manifests), by bundle. */
+  images?: Partial<Record<BundleName, BuiltFile>>;
+  /** This bundle's image is served with flipped bytes (its manifest keeps the true sha256). */
+  corruptImage?: BundleName;
 }
 
 /**
@@ -334,7 +359,28 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
     const sha256 = opts.wrongChecksum === b.spec.artifact ? createHash("sha256").update(`not ${b.sha256}`).digest("hex") : b.sha256;
     writeFileSync(join(dir, `${rel}.sha256`), `${sha256}  ${fileName}\n`);
     const url = `${base}/${rel}`;
-    const manifest = { url, sha256, size_bytes: b.size_bytes, built_at: new Date(statSync(b.path).mtimeMs).toISOString(), os: "linux", arch };
+    const built = opts.images?.[b.spec.artifact];
+    let image: PublishedBundle["image"] = null;
+    if (built) {
+      const imageRel = `${name}/${b.spec.version}/${fileName.replace(/\.tar\.xz$/, ".sqfs")}`;
+      if (opts.corruptImage === b.spec.artifact) {
+        const bytes = readFileSync(built.path);
+        for (let i = 1024; i < bytes.length; i += 4096) bytes[i] = bytes[i]! ^ 0xff;
+        writeFileSync(join(dir, imageRel), bytes);
+      } else {
+        symlinkSync(built.path, join(dir, imageRel));
+      }
+      image = { url: `${base}/${imageRel}`, sha256: built.sha256, size_bytes: built.size_bytes };
+    }
+    const manifest = {
+      url,
+      sha256,
+      size_bytes: b.size_bytes,
+      built_at: new Date(statSync(b.path).mtimeMs).toISOString(),
+      os: "linux",
+      arch,
+      ...(image ? { image } : {}),
+    };
     writeFileSync(join(dir, name, `latest-linux-${arch}.json`), `${JSON.stringify(manifest, null, 2)}\n`);
     out[b.spec.artifact] = {
       artifact: b.spec.artifact,
@@ -346,6 +392,7 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
       strip_components: 1,
       expected_files: b.expectedFiles,
       executables: b.executables,
+      image,
     };
   }
   mkdirSync(join(dir, "node"), { recursive: true });

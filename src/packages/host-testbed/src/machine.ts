@@ -1,7 +1,7 @@
 /**
  * What the machine that runs the testbed needs: root, the tools
  * (debootstrap, systemd-nspawn, nsenter, zstd, xz) and loop devices
- * /dev/loop0..7 to bind into the hosts.
+ * /dev/loop0..15 to bind into the hosts.
  */
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
@@ -18,7 +18,8 @@ export const MACHINE_PACKAGES: Record<string, string> = {
   tar: "tar",
 };
 
-export const LOOP_DEVICES = 8;
+/** Bound into every host: btrfs takes one, each mounted bundle image one more (two while upgrading). */
+export const LOOP_DEVICES = 16;
 
 export function isRoot(): boolean {
   return typeof process.getuid === "function" && process.getuid() === 0;
@@ -54,7 +55,7 @@ export interface LoopDevice {
   backingFile: string | null;
 }
 
-/** Make /dev/loop-control and /dev/loop0..7 exist (block major 7). */
+/** Make /dev/loop-control and /dev/loop0..<LOOP_DEVICES - 1> exist (block major 7). */
 export async function ensureLoopDeviceNodes(): Promise<void> {
   if (!existsSync("/dev/loop-control")) await run(["modprobe", "loop"], { allowFailure: true });
   if (!existsSync("/dev/loop-control")) await run(["mknod", "-m", "0660", "/dev/loop-control", "c", "10", "237"]);
@@ -127,7 +128,7 @@ function backingFileIsUnder(dev: AttachedLoop, root: string): boolean {
   }
 }
 
-/** Loop devices 0..7 that are attached to something (the hosts get these bound in). */
+/** Loop devices 0..<LOOP_DEVICES - 1> that are attached to something (the hosts get these bound in). */
 export function busyBoundLoops(): LoopDevice[] {
   return loopDevices().filter((d) => d.backingFile !== null && Number(d.name.slice(4)) < LOOP_DEVICES);
 }

@@ -17,10 +17,12 @@ import { type HostStatus, type RunningHub, startHub } from "@cocalc/server";
 import { type ArtifactServer, startArtifactServer } from "./artifact-server.js";
 import {
   type BuiltBundle,
+  type BuiltFile,
   type BuiltNode,
   type BundleName,
   type BundleSpec,
   buildBundle,
+  buildBundleImage,
   buildNodeMirror,
   DEFAULT_NODE,
   type NodeMirrorSpec,
@@ -67,6 +69,12 @@ export interface HubVariant {
   parallel?: boolean;
   /** This bundle's manifest carries a wrong sha256. */
   wrongChecksum?: BundleName;
+  /** Publish each bundle's squashfs image beside its archive (manifests name it). */
+  images?: boolean;
+  /** With images: this bundle's image is served corrupted (its manifest keeps the true sha256). */
+  corruptImage?: BundleName;
+  /** These bundles are published at these versions instead (an upgrade). */
+  upgrade?: Partial<Record<BundleName, string>>;
 }
 
 export interface ProvisionedTestHost {
@@ -152,11 +160,22 @@ export class Testbed {
 
   private async startVariant(variant: HubVariant): Promise<RunningHub> {
     let site = this.site;
-    if (variant.wrongChecksum) {
-      const name = `wrong-${variant.wrongChecksum}`;
-      site = publishSite(join(this.siteRoot, name), `${this.artifactServer.url}/${name}`, this.bundles, this.node, {
+    if (variant.wrongChecksum || variant.images || variant.upgrade) {
+      const name = variantKey(variant)
+        .replace(/[^a-z0-9]+/gi, "-")
+        .replace(/^-|-$/g, "");
+      const bundles: BuiltBundle[] = [];
+      for (const b of this.bundles) {
+        const version = variant.upgrade?.[b.spec.artifact];
+        bundles.push(version ? await buildBundle({ ...b.spec, version }, this.log) : b);
+      }
+      const images: Partial<Record<BundleName, BuiltFile>> = {};
+      if (variant.images) for (const b of bundles) images[b.spec.artifact] = await buildBundleImage(b, this.log);
+      site = publishSite(join(this.siteRoot, name), `${this.artifactServer.url}/${name}`, bundles, this.node, {
         wrongChecksum: variant.wrongChecksum,
         arch: this.opts.arch,
+        images,
+        corruptImage: variant.corruptImage,
       });
       this.sites.set(name, site);
     }
@@ -186,6 +205,19 @@ export class Testbed {
       statusUrl: `${p.baseUrl}/status`,
       healthUrl: p.config.service.health_url,
     };
+  }
+
+  /**
+   * Register the same host again (same id, name and daemon port) with a
+   * variant's hub, as the hub does when a host's software changes: a new
+   * config from the current manifests, a new token and stub.
+   */
+  async reprovision(p: ProvisionedTestHost, variant: HubVariant = {}): Promise<ProvisionedTestHost> {
+    const hub = await this.hubFor(variant);
+    const internalUrl = p.config.env.COCALC_HOST_INTERNAL_URL!;
+    const record = { ...testHostRecord({ name: p.hostName, user: p.config.bootstrap_user }, internalUrl, this.opts.arch), id: p.hostId };
+    const n = await hub.provisionHost(record);
+    return { ...p, token: n.token, stub: n.stub, config: n.config, hub, pageUrl: `${n.baseUrl}/`, statusUrl: `${n.baseUrl}/status` };
   }
 
   /**
@@ -247,7 +279,12 @@ export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, inter
 }
 
 function variantKey(v: HubVariant): string {
-  return JSON.stringify({ parallel: v.parallel ?? true, wrong: v.wrongChecksum ?? null });
+  return JSON.stringify({
+    parallel: v.parallel ?? true,
+    wrong: v.wrongChecksum ?? null,
+    ...(v.images ? { images: true, corrupt: v.corruptImage ?? null } : {}),
+    ...(v.upgrade ? { upgrade: v.upgrade } : {}),
+  });
 }
 
 /** Site settings for the testbed's hub: our mirror, our manifests, Debian 12 unless told otherwise. */

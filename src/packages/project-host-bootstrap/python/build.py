@@ -47,6 +47,7 @@ MODULES = (
     "apt",
     "system",
     "layout",
+    "images",
     "steps_host",
     "steps_install",
     "steps_system",

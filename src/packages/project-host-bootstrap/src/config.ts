@@ -251,6 +251,19 @@ export const HubSchema = z
   })
   .describe("The hub this host reports to. The bootstrap token is not here: it lives in `<bootstrap_dir>/bootstrap-token` (mode 0600).");
 
+/**
+ * A read-only squashfs (zstd) image of the same bundle: mounted instead of
+ * extracted when the host's kernel supports it (bootstrap.py decides: only the
+ * host knows its kernel). Its root is the bundle root (no strip_components).
+ */
+export const ImageSchema = z
+  .strictObject({
+    url: HttpUrl.describe("Download URL of the image (a .sqfs)."),
+    sha256: Sha256.describe("sha256 of the image; required: an image is never mounted unverified."),
+    size_bytes: NonNegInt(Number.MAX_SAFE_INTEGER).nullable().default(null).describe("Expected size in bytes, when known."),
+  })
+  .describe("A squashfs image of the bundle, mounted read-only instead of extracting the archive.");
+
 export const ArtifactSchema = z
   .strictObject({
     url: HttpUrl.describe("Download URL of the bundle (a .tar.xz, .tar.zst or .tar.gz)."),
@@ -260,6 +273,7 @@ export const ArtifactSchema = z
     strip_components: NonNegInt(8).default(0).describe("Leading path components to strip when extracting."),
     expected_files: BoundedArray(RelPath, { max: 64 }).default([]).describe("Files that must exist after extraction (relative to the bundle root)."),
     executables: BoundedArray(RelPath, { max: 64 }).default([]).describe("Files that must exist and be executable after extraction."),
+    image: ImageSchema.nullable().default(null).describe("The same bundle as a squashfs image; null: archive only."),
   })
   .describe("One software bundle for this host's arch.");
 
@@ -422,6 +436,7 @@ export const BootstrapConfigSchema = z
 export type BootstrapConfigInput = z.input<typeof BootstrapConfigSchema>;
 export type BootstrapConfig = z.output<typeof BootstrapConfigSchema>;
 export type ArtifactSpec = z.output<typeof ArtifactSchema>;
+export type ImageSpec = z.output<typeof ImageSchema>;
 
 /** The fixed name of the token file inside bootstrap_dir (mode 0600). */
 export const TOKEN_FILE_NAME = "bootstrap-token";

@@ -51,6 +51,7 @@ describe("buildBootstrapConfig", () => {
       strip_components: 0,
       expected_files: [],
       executables: [],
+      image: null,
     });
     expect(checkConfig(config)).toEqual({ ok: true, config });
   });

@@ -73,6 +73,21 @@ describe("host config assembly from manifests", () => {
     expect((err as Error).message).toContain(`artifact manifest ${srv.baseUrl}/project-host/latest-linux-amd64.json: is for arch "arm64", not "amd64"`);
   });
 
+  it("passes a manifest's image beside the archive; bundle_images: false leaves it out; a bad image is refused", async () => {
+    const image = { url: `${srv.baseUrl}/project/1.2.3/project-linux-amd64.sqfs`, sha256: ` ${"CD".repeat(32)}`, size_bytes: 4096 };
+    srv.files.set(manifestPath("project"), { body: JSON.stringify({ ...goodManifest(srv.baseUrl, "project", "amd64"), image }) });
+    const { config } = await assembleHostConfig(hostRecord(), siteSettings(srv.baseUrl), fetcher());
+    expect(config.artifacts.project.image).toEqual({ url: image.url, sha256: "cd".repeat(32), size_bytes: 4096 });
+    expect(config.artifacts.project.url).toMatch(/\.tar\.xz$/); // the archive stays: the host falls back to it
+    expect(config.artifacts.tools.image).toBeNull();
+    const off = await assembleHostConfig(hostRecord(), { ...siteSettings(srv.baseUrl), bundle_images: false }, fetcher());
+    expect(off.config.artifacts.project.image).toBeNull();
+    srv.files.set(manifestPath("project"), { body: JSON.stringify({ ...goodManifest(srv.baseUrl, "project", "amd64"), image: { ...image, sha256: "nope" } }) });
+    await expect(assembleHostConfig(hostRecord(), siteSettings(srv.baseUrl), fetcher())).rejects.toThrow(
+      /project\/latest-linux-amd64\.json: image\.sha256 is not a sha256/,
+    );
+  });
+
   it("refuses a manifest without a checksum", async () => {
     const m = goodManifest(srv.baseUrl, "project", "amd64");
     delete m.sha256;

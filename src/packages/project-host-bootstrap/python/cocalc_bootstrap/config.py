@@ -276,6 +276,13 @@ class HubSpec(ConfigSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ImageSpec(ConfigSpec):
+    url: Url
+    sha256: Sha256
+    size_bytes: Annotated[int, Range(0, MAX_SAFE_INTEGER)] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ArtifactSpec(ConfigSpec):
     url: Url
     sha256: Sha256 | None = None
@@ -284,6 +291,7 @@ class ArtifactSpec(ConfigSpec):
     strip_components: Annotated[int, Range(0, 8)] = 0
     expected_files: Annotated[tuple[RelPath, ...], Items(64)] = ()
     executables: Annotated[tuple[RelPath, ...], Items(64)] = ()
+    image: ImageSpec | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

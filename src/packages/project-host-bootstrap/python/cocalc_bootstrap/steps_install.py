@@ -32,6 +32,7 @@ from .fetch import (
     remove_download,
     verified_download,
 )
+from .images import image_download, image_installed, install_image, prune_images, wants_image
 from .layout import (
     artifact_archive,
     bundle_installed,
@@ -134,12 +135,15 @@ class DownloadBundleStep(Step):
 
     def inputs(self) -> Mapping[str, Any]:
         s = self.spec
-        return {"url": s.url, "sha256": s.sha256, "version": s.version, "size_bytes": s.size_bytes}
+        image = dataclasses.asdict(s.image) if s.image else None
+        return {"url": s.url, "sha256": s.sha256, "version": s.version, "size_bytes": s.size_bytes, "image": image}
 
     def check(self) -> StepState:
         s = self.spec
-        if bundle_installed(self.config, self.artifact, s):
+        if bundle_installed(self.config, self.artifact, s) or image_installed(self.config, self.artifact, s):
             return StepState(True, f"{self.artifact} {s.version} is installed; nothing to download")
+        if s.image is not None and verified_download(image_download(self.config, self.artifact, s), s.image.sha256):
+            return StepState(True, f"{self.artifact} {s.version}'s image is downloaded and verified")
         if verified_download(artifact_archive(self.config, self.artifact, s), s.sha256):
             return StepState(True, f"{self.artifact} {s.version} is downloaded and verified")
         return StepState(False, f"{self.artifact} {s.version} is not downloaded")
@@ -148,6 +152,10 @@ class DownloadBundleStep(Step):
         if self.check().satisfied:
             return
         s = self.spec
+        if s.image is not None and wants_image(self.config, self.artifact, s, self.log):
+            target = image_download(self.config, self.artifact, s)
+            download_verified(s.image.url, target, s.image.sha256, log=self.log, size_bytes=s.image.size_bytes)
+            return
         download_verified(
             s.url, artifact_archive(self.config, self.artifact, s), s.sha256, log=self.log, size_bytes=s.size_bytes
         )
@@ -184,6 +192,9 @@ class InstallBundleStep(Step):
     def current_link(self) -> Path:
         return bundles_dir(self.config) / self.artifact / "current"
 
+    def previous_link(self) -> Path:
+        return bundles_dir(self.config) / self.artifact / "previous"
+
     def inputs(self) -> Mapping[str, Any]:
         s = self.spec
         return {
@@ -193,11 +204,12 @@ class InstallBundleStep(Step):
             "strip_components": s.strip_components,
             "expected_files": list(s.expected_files),
             "executables": list(s.executables),
+            "image": dataclasses.asdict(s.image) if s.image else None,
         }
 
     def check(self) -> StepState:
         s = self.spec
-        if not bundle_installed(self.config, self.artifact, s):
+        if not (bundle_installed(self.config, self.artifact, s) or image_installed(self.config, self.artifact, s)):
             return StepState(False, f"{self.artifact} {s.version} is not installed")
         current = read_link(self.current_link())
         if current != s.version:
@@ -207,10 +219,18 @@ class InstallBundleStep(Step):
     def apply(self) -> None:
         s = self.spec
         archive = artifact_archive(self.config, self.artifact, s)
-        if not bundle_installed(self.config, self.artifact, s):
+        if s.image is not None and wants_image(self.config, self.artifact, s, self.log):
+            if not image_installed(self.config, self.artifact, s):
+                install_image(self.config, self.artifact, s, self.log)
+        elif not bundle_installed(self.config, self.artifact, s):
             self.install(archive)
+        before = read_link(self.current_link())
         if point_symlink(self.current_link(), s.version):
             self.log.info(f"{self.artifact}/current -> {s.version}")
+            if before is not None and before != s.version:
+                point_symlink(self.previous_link(), before)
+            previous = read_link(self.previous_link())
+            prune_images(self.config, self.artifact, {s.version, *([previous] if previous else [])}, self.log)
         remove_download(archive)  # installed: the archive is no longer needed
 
     def install(self, archive: Path) -> None:

@@ -84,6 +84,11 @@ export const SiteSettingsSchema = z.strictObject({
   apt_packages: z.array(z.string()).optional(),
   parallel: z.boolean().default(true),
   layouts: z.partialRecord(z.enum(ARTIFACT_NAMES), ArtifactLayoutSchema).default({}),
+  /**
+   * Offer bundle images (when a manifest names one) beside the archives; the
+   * host mounts them when its kernel can. false: archives only.
+   */
+  bundle_images: z.boolean().default(true),
   /** Secret names every host fetches (values are stored per host at provisioning). */
   secret_names: z.array(z.string().regex(SECRET_NAME_RE)).default([]),
 });
@@ -121,6 +126,7 @@ function artifactFacts(artifacts: Record<ArtifactName, ResolvedArtifact>, settin
     version: artifacts[a].version,
     size_bytes: artifacts[a].size_bytes,
     ...settings.layouts[a],
+    image: settings.bundle_images ? artifacts[a].image : null,
   });
   return { project_host: one("project_host"), project: one("project"), tools: one("tools") };
 }

@@ -6,6 +6,12 @@
  *     "sha256": "<64 hex>", "size_bytes": 123, "built_at": "2025-01-01T00:00:00Z",
  *     "os": "linux", "arch": "amd64", "version": "1.4.2" }
  *
+ * An optional `image` entry names the same bundle as a read-only squashfs
+ * image (`{ "url", "sha256", "size_bytes" }`, made from the archive by
+ * `pnpm bundle-image`); it goes into the config beside the archive and the
+ * host mounts it when its kernel can (bootstrap.py probes; only the host
+ * knows its kernel), else extracts the archive.
+ *
  * `version` is optional: without it the version is the path segment after
  * `/<artifact>/` in `url`. A manifest that does not validate, names another
  * os or arch, or has no usable sha256 is refused with an error naming its URL
@@ -30,13 +36,18 @@ const MAX_MANIFEST_BYTES = 64 * 1024;
 // Names other build systems use for the same machines.
 const ARCH_ALIASES: Record<string, Arch> = { amd64: "amd64", x86_64: "amd64", x64: "amd64", arm64: "arm64", aarch64: "arm64" };
 
+const ManifestSha256 = z
+  .string({ error: (iss) => (iss.input === undefined ? "missing: a manifest without a sha256 is never installed" : "must be a string") })
+  .transform((s) => s.trim().toLowerCase())
+  .refine((s) => SHA256_RE.test(s), { message: "is not a sha256 (64 hex digits)" });
+
+export const ManifestImageSchema = z.looseObject({ url: HttpUrl, sha256: ManifestSha256, size_bytes: z.int().min(0) });
+
 export const ManifestSchema = z.looseObject({
   url: HttpUrl,
-  sha256: z
-    .string({ error: (iss) => (iss.input === undefined ? "missing: a manifest without a sha256 is never installed" : "must be a string") })
-    .transform((s) => s.trim().toLowerCase())
-    .refine((s) => SHA256_RE.test(s), { message: "is not a sha256 (64 hex digits)" }),
+  sha256: ManifestSha256,
   size_bytes: z.int().min(0),
+  image: ManifestImageSchema.optional(),
   built_at: z.string().refine((s) => !Number.isNaN(Date.parse(s)), { message: "must be an ISO 8601 date" }),
   os: z.string().min(1).max(32),
   arch: z.string().min(1).max(32),
@@ -52,6 +63,8 @@ export interface ResolvedArtifact {
   size_bytes: number;
   built_at: string;
   manifest_url: string;
+  /** The same bundle as a squashfs image, when the manifest names one. */
+  image: { url: string; sha256: string; size_bytes: number } | null;
 }
 
 export class ManifestError extends Error {
@@ -89,7 +102,8 @@ export function resolveManifest(body: unknown, want: { url: string; artifact: Ar
   if (version === null) {
     throw new ManifestError(want.url, `has no version field and its url has no /${ARTIFACT_PATHS[want.artifact]}/<version>/ segment`);
   }
-  return { url: m.url, sha256: m.sha256, version, size_bytes: m.size_bytes, built_at: m.built_at, manifest_url: want.url };
+  const image = m.image ? { url: m.image.url, sha256: m.image.sha256, size_bytes: m.image.size_bytes } : null;
+  return { url: m.url, sha256: m.sha256, version, size_bytes: m.size_bytes, built_at: m.built_at, manifest_url: want.url, image };
 }
 
 // A pooled keep-alive socket the server has just closed fails with these;
