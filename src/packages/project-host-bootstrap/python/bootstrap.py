@@ -627,6 +627,10 @@ OS_ID_RE = re.compile(r"[a-z0-9._-]+")
 OS_VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 SYSTEMD_UNIT_RE = re.compile(r"[A-Za-z0-9_.@-]+")
 TUNNEL_HOST_RE = re.compile(r"[A-Za-z0-9.-]+")
+DNS_NAME_RE = re.compile(r"[A-Za-z0-9.-]+")
+IP_RE = re.compile(r"([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*)")
+HOST_PORT_RE = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+REGION_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")
 ARCHES = ("amd64", "arm64")
 
 
@@ -742,6 +746,22 @@ class ServiceSpec(ConfigSpec):
     exec: str
     health_url: str
     health_timeout_s: int
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DaemonSpec(ConfigSpec):
+    """What the daemon's environment (UPSTREAM 13) needs beyond the rest of the config."""
+
+    region: str = ""
+    public_url: str | None = None
+    internal_url: str | None = None
+    public_ip: str | None = None
+    ssh_server: str | None = None
+    https_hostname: str | None = None
+    software_base_url: str | None = None
+    port: int = 443
+    https: bool = True
 
 
 @dataclass(frozen=True)
@@ -773,6 +793,7 @@ class Config(ConfigSpec):
     btrfs: BtrfsSpec
     service: ServiceSpec
     tunnel: TunnelSpec | None
+    daemon: DaemonSpec = DaemonSpec()
     env: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -1195,9 +1216,34 @@ _SCHEMAS: dict[type[ConfigSpec], Validator] = {
             "exec": _REL_PATH,
             "health_url": _URL,
             "health_timeout_s": _default(120, _int(1, 3600)),
+            "args": _default(
+                (),
+                _array(
+                    _string(
+                        _min_len(1),
+                        _max_len(4096),
+                        _holds(lambda v: "\n" not in v and "\0" not in v, "must not contain newlines or NUL"),
+                    ),
+                    max_items=32,
+                ),
+            ),
         },
     ),
     TunnelSpec: _TUNNEL,
+    DaemonSpec: _object(
+        DaemonSpec,
+        {
+            "region": _default("", _string(_matches(REGION_RE))),
+            "public_url": _default(None, _nullable(_URL)),
+            "internal_url": _default(None, _nullable(_URL)),
+            "public_ip": _default(None, _nullable(_string(_matches(IP_RE)))),
+            "ssh_server": _default(None, _nullable(_string(_matches(HOST_PORT_RE)))),
+            "https_hostname": _default(None, _nullable(_string(_min_len(1), _max_len(253), _matches(DNS_NAME_RE)))),
+            "software_base_url": _default(None, _nullable(_URL)),
+            "port": _default(443, _int(1, 65535)),
+            "https": _default(True, _boolean),
+        },
+    ),
 }
 _SCHEMAS[BtrfsSpec] = _object(
     BtrfsSpec,
@@ -1233,6 +1279,7 @@ _CONFIG_FIELDS = _object(
         "btrfs": _SCHEMAS[BtrfsSpec],
         "service": _SCHEMAS[ServiceSpec],
         "tunnel": _default(None, _nullable(_TUNNEL)),
+        "daemon": _default(DaemonSpec(), _SCHEMAS[DaemonSpec]),
         "env": _default(
             MappingProxyType({}),
             _record(

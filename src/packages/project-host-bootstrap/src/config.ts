@@ -40,6 +40,14 @@ export const SECRET_NAME_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 export const OS_ID_RE = /^[a-z0-9._-]+$/;
 export const OS_VERSION_RE = /^[0-9]+(\.[0-9]+)*$/;
 export const SYSTEMD_UNIT_RE = /^[A-Za-z0-9_.@-]+$/;
+/** A DNS name (TLS host name, tunnel host). */
+export const DNS_NAME_RE = /^[A-Za-z0-9.-]+$/;
+/** An IPv4 or IPv6 address, textually (the hub writes what it saw). */
+export const IP_RE = /^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*)$/;
+/** `host:port` or `[v6]:port`, as PROJECT_HOST_SSH_SERVER takes it. */
+export const HOST_PORT_RE = /^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$/;
+/** The old region names: letters, digits, `.`, `_`, `-` (may be empty). */
+export const REGION_RE = /^[A-Za-z0-9._-]{0,64}$/;
 export const MAX_PATH = 4096;
 
 function pathSegments(p: string): string[] {
@@ -207,6 +215,11 @@ export const ServiceSchema = z
     exec: RelPath.describe("Daemon executable, relative to the project_host bundle root."),
     health_url: HttpUrl.describe("URL polled until it answers 2xx."),
     health_timeout_s: PosInt(3600).default(120).describe("Deadline for the health check."),
+    args: z
+      .array(z.string().min(1).max(4096).refine((v) => !/[\n\0]/.test(v), { message: "must not contain newlines or NUL" }))
+      .max(32)
+      .default([])
+      .describe("Arguments after the executable (the real daemon runs in the foreground with none)."),
   })
   .describe("The project-host daemon.");
 
@@ -219,6 +232,34 @@ export const TunnelSchema = z
     local_port: PosInt(65535).describe("Local port exposed through the tunnel."),
   })
   .describe("Optional reverse SSH tunnel (managed by the connector).");
+
+/** What the daemon's environment (UPSTREAM §13) needs beyond the rest of the config. */
+export const DaemonSchema = z
+  .strictObject({
+    region: z.string().regex(REGION_RE).default("").describe("PROJECT_HOST_REGION."),
+    public_url: HttpUrl.nullable().default(null).describe("PROJECT_HOST_PUBLIC_URL; null: https://<public_ip>."),
+    internal_url: HttpUrl.nullable().default(null).describe("PROJECT_HOST_INTERNAL_URL; null: the public URL."),
+    public_ip: z.string().regex(IP_RE).nullable().default(null).describe("The host's public IP; the hub fills it from the caller's address when it does not know it."),
+    ssh_server: z.string().regex(HOST_PORT_RE).nullable().default(null).describe("PROJECT_HOST_SSH_SERVER; null: <public_ip>:2222."),
+    https_hostname: z.string().min(1).max(253).regex(DNS_NAME_RE).nullable().default(null).describe("COCALC_PROJECT_HOST_HTTPS_HOSTNAME (when https)."),
+    software_base_url: HttpUrl.nullable().default(null).describe("COCALC_PROJECT_HOST_SOFTWARE_BASE_URL: where the daemon finds bundle upgrades."),
+    port: PosInt(65535).default(443).describe("PORT the daemon listens on (HOST=0.0.0.0)."),
+    https: z.boolean().default(true).describe("COCALC_PROJECT_HOST_HTTPS: the daemon terminates TLS itself."),
+  })
+  .describe("Values for the daemon's environment file (/etc/cocalc/project-host.env).");
+
+/** The daemon section when the config leaves it out (zod 4 takes an object default as is). */
+export const DEFAULT_DAEMON = Object.freeze({
+  region: "",
+  public_url: null,
+  internal_url: null,
+  public_ip: null,
+  ssh_server: null,
+  https_hostname: null,
+  software_base_url: null,
+  port: 443,
+  https: true,
+});
 
 const EnvVars = z
   .record(z.string().regex(ENV_NAME_RE), z.string().max(4096).refine((v) => !/[\n\0]/.test(v), { message: "must not contain newlines or NUL" }))
@@ -255,6 +296,7 @@ export const BootstrapConfigSchema = z
     btrfs: BtrfsSchema,
     service: ServiceSchema,
     tunnel: TunnelSchema.nullable().default(null).describe("Optional reverse SSH tunnel (managed by the connector); null for none."),
+    daemon: DaemonSchema.default({ ...DEFAULT_DAEMON }),
     env: EnvVars,
   })
   .superRefine((c, ctx) => {
