@@ -48,6 +48,7 @@ MODULES = (
     "steps_host",
     "steps_install",
     "steps_system",
+    "steps_platform",
     "engine",
     "reporting",
     "cli",

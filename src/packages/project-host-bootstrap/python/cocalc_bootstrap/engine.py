@@ -37,6 +37,7 @@ from .steps_install import (
     InstallToolsStep,
     NodeStep,
 )
+from .steps_platform import ChronyStep, ContainersStep
 from .steps_system import BtrfsStep, FinalizeStep, ServiceStep
 
 STEPS: tuple[type[Step], ...] = (
@@ -53,6 +54,8 @@ STEPS: tuple[type[Step], ...] = (
     InstallProjectStep,
     InstallToolsStep,
     BtrfsStep,
+    ContainersStep,
+    ChronyStep,
     ServiceStep,
     FinalizeStep,
 )

@@ -25,13 +25,24 @@ from .facts import (
     systemctl_state,
     user_ids,
 )
-from .layout import bundles_dir, done_marker, render_env_file, render_unit
+from .layout import (
+    GROW_HELPER,
+    GROW_UNIT,
+    SYSTEM_DONE_MARKER,
+    bundles_dir,
+    data_dir,
+    done_marker,
+    render_env_file,
+    render_grow_unit,
+    render_unit,
+)
 from .log import REDACTOR, output_tail, utc_timestamp
-from .step import Step, StepState, atomic_write_text, file_matches, make_root_dirs, write_root_file, write_user_file
+from .step import Step, StepState, atomic_write_text, file_matches, make_root_dirs, write_root_file
 from .steps_host import owned_dir
 from .system import (
     BTRFS_DIR_MODES,
     BTRFS_LABEL,
+    MIN_DATA_DISK_UNIT,
     block_device_probe,
     fstab_entry,
     fstab_with_entry,
@@ -45,7 +56,8 @@ from .system import (
 
 class BtrfsStep(Step):
     """The btrfs filesystem for projects: data disk or sparse loop image, mounted
-    from a tagged fstab line, with the data subvolume, quota, tmp and btrfs-grow."""
+    from a tagged fstab line, with the data subvolume (tmp, secrets), quota,
+    /usr/local/sbin/cocalc-grow-btrfs and its boot-time unit."""
 
     name = "btrfs"
     deps = ("apt",)  # btrfs-progs
@@ -58,11 +70,14 @@ class BtrfsStep(Step):
         return Path(self.config.btrfs.mount_point)
 
     def helper_path(self) -> Path:
-        return Path(self.config.bootstrap_root) / "bin" / "btrfs-grow"
+        return GROW_HELPER
 
     def helper_text(self) -> str:
         b = self.config.btrfs
-        return render_grow_helper(b.mount_point, None if b.data_disk else b.image_path)
+        return render_grow_helper(b.mount_point, None if b.data_disk else b.image_path, str(ENV_FILE))
+
+    def grow_unit_path(self) -> Path:
+        return SYSTEMD_UNIT_DIR / f"{GROW_UNIT}.service"
 
     def inputs(self) -> Mapping[str, Any]:
         return {"btrfs": dataclasses.asdict(self.config.btrfs), "user": self.config.bootstrap_user}
@@ -82,9 +97,16 @@ class BtrfsStep(Step):
             problems.append(f"no btrfs filesystem mounted at {self.mount_point}")
         else:
             problems += self.mounted_problems(mounted[0])
-        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755):
+        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755, uid=0):
             problems.append(f"{self.helper_path()} is missing or differs")
-        return StepState(not problems, "; ".join(problems) or f"btrfs at {self.mount_point} with data, quota and tmp")
+        if not file_matches(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644):
+            problems.append(f"{self.grow_unit_path()} is missing or differs")
+        elif systemctl_state("is-enabled", f"{GROW_UNIT}.service") != "enabled":
+            problems.append(f"{GROW_UNIT}.service is not enabled")
+        return StepState(
+            not problems,
+            "; ".join(problems) or f"btrfs at {self.mount_point} with data (tmp, secrets), quota, grow helper",
+        )
 
     def mounted_problems(self, source: str) -> list[str]:
         uid = user_ids(self.config.bootstrap_user)[0]
@@ -123,20 +145,27 @@ class BtrfsStep(Step):
             )  # through the fstab line: proves it works
             self.log.info(f"mounted {mp}")
         self.prepare_tree()
-        if write_user_file(self.helper_path(), self.helper_text(), 0o755):
+        self.install_grow_helper()
+
+    def install_grow_helper(self) -> None:
+        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755, uid=0):
+            write_root_file(self.helper_path(), self.helper_text(), mode=0o755)
             self.log.info(f"wrote {self.helper_path()}")
+        unit = f"{GROW_UNIT}.service"
+        if not file_matches(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644):
+            write_root_file(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644)
+            run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+            self.log.info(f"wrote {self.grow_unit_path()}")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
 
     def prepare_filesystem(self) -> str:
         """Make (or find) the filesystem; returns its fstab line."""
         b = self.config.btrfs
         if b.data_disk is not None:
-            device = wait_for_block_device(b.data_disk.candidates, b.data_disk.wait_s, self.log)
-            size = int(run_command(["blockdev", "--getsize64", device], sudo=True, timeout_s=30).output.split()[0])
-            if size < b.data_disk.min_size_gb * 10**9:
-                raise BootstrapError(
-                    f"{device} has {size / 10**9:.1f} GB; btrfs.data_disk.min_size_gb is {b.data_disk.min_size_gb}",
-                    hint="Attach a bigger disk or lower min_size_gb.",
-                )
+            device = wait_for_block_device(
+                b.data_disk.candidates, b.data_disk.wait_s, b.data_disk.min_size_gb * MIN_DATA_DISK_UNIT, self.log
+            )
             self.make_btrfs(device)
             uuid = block_device_probe(device).get("UUID")
             if not uuid:
@@ -190,7 +219,9 @@ class BtrfsStep(Step):
         fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
         if fs is None or not (fs / "qgroups").is_dir():
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
-        make_root_dirs(mp / "tmp")
+        for name in BTRFS_DIR_MODES:
+            if not (mp / name).exists():
+                make_root_dirs(mp / name)
         for name, mode in BTRFS_DIR_MODES.items():
             path = mp / name
             if not owned_dir(path, uid):
@@ -204,7 +235,16 @@ class ServiceStep(Step):
     when its unit, env file or bundle changed since the last (re)start."""
 
     name = "service"
-    deps = ("install_project_host", "install_project", "install_tools", "node", "btrfs", "files", "secrets")
+    deps = (
+        "install_project_host",
+        "install_project",
+        "install_tools",
+        "node",
+        "btrfs",
+        "containers",
+        "files",
+        "secrets",
+    )
     weight_s = 10.0
     phase = "starting services"
     hint = "See the daemon's log: sudo journalctl -u <unit> -n 100 --no-pager (the unit is service.unit in the config)."
@@ -297,10 +337,11 @@ class ServiceStep(Step):
 
 
 class FinalizeStep(Step):
-    """`.bootstrap_done` with a summary of what this host runs."""
+    """`.bootstrap_done` with a summary of what this host runs: ours, and where
+    upstream looks (/btrfs/data/.bootstrap_done, /var/lib/cocalc/.bootstrap_done)."""
 
     name = "finalize"
-    deps = ("service",)
+    deps = ("service", "chrony")
     weight_s = 0.2
     phase = "finishing"
     hint = "The bootstrap directory must be writable."
@@ -320,6 +361,9 @@ class FinalizeStep(Step):
     def inputs(self) -> Mapping[str, Any]:
         return self.summary()
 
+    def upstream_markers(self) -> tuple[Path, Path]:
+        return data_dir(self.config) / done_marker(self.config).name, SYSTEM_DONE_MARKER
+
     def check(self) -> StepState:
         try:
             done = json.loads(done_marker(self.config).read_text(encoding="utf-8"))
@@ -327,10 +371,18 @@ class FinalizeStep(Step):
             return StepState(False, f"{done_marker(self.config)} is missing")
         summary = self.summary()
         same = isinstance(done, dict) and {k: done.get(k) for k in summary} == summary
-        return StepState(
-            same, f"done since {done.get('finished_at')}" if same else "the host changed since the last bootstrap"
-        )
+        if not same:
+            return StepState(False, "the host changed since the last bootstrap")
+        ours = done_marker(self.config).read_text(encoding="utf-8")
+        missing = [str(p) for p in self.upstream_markers() if read_text_or(p) != ours]
+        if missing:
+            return StepState(False, f"{', '.join(missing)} missing or stale")
+        return StepState(True, f"done since {done.get('finished_at')}")
 
     def apply(self) -> None:
         record = {**self.summary(), "finished_at": utc_timestamp()}
-        atomic_write_text(done_marker(self.config), json.dumps(record, indent=2) + "\n", 0o644)
+        text = json.dumps(record, indent=2) + "\n"
+        atomic_write_text(done_marker(self.config), text, 0o644)
+        in_data, system = self.upstream_markers()
+        atomic_write_text(in_data, text, 0o644)  # /btrfs/data is the user's
+        write_root_file(system, text, mode=0o644)
