@@ -27,6 +27,7 @@ import {
   type BootstrapConfigInput,
   type ConfigIssue,
   CONFIG_FILE_NAME,
+  type DaemonSchema,
   type DataDiskSchema,
   formatPath,
   type HostSchema,
@@ -104,6 +105,8 @@ export interface HostFacts {
     data_disk?: z.input<typeof DataDiskSchema> | null;
   };
   tunnel?: z.input<typeof TunnelSchema> | null;
+  /** What the daemon's env file needs (region, URLs, public IP, ssh server, TLS, port). */
+  daemon?: z.input<typeof DaemonSchema>;
   env?: Record<string, string>;
   parallel?: boolean;
 }
@@ -193,6 +196,7 @@ function assemble(facts: HostFacts): BootstrapConfigInput {
   // Optional facts are copied only when present, so the schema's defaults apply.
   if (facts.secrets !== undefined) config.secrets = facts.secrets;
   if (facts.tunnel !== undefined) config.tunnel = facts.tunnel;
+  if (facts.daemon !== undefined) config.daemon = facts.daemon;
   if (facts.env !== undefined) config.env = facts.env;
   if (facts.parallel !== undefined) config.parallel = facts.parallel;
   return config;

@@ -26,6 +26,7 @@ import { z } from "zod";
 import type { Db } from "./db.js";
 import { badRequest, errorHandler, HttpError } from "./http-errors.js";
 import { HostChangeFeed } from "./live.js";
+import { withCallerAddress } from "./hosts.js";
 import { progressPageHtml, progressPageScript } from "./page.js";
 import { DEFAULT_STALE_AFTER_S, hostStatus, statusFingerprint } from "./status.js";
 import { getHost, getSecret, insertEvents, listRuns } from "./store.js";
@@ -116,7 +117,7 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     await requireToken(req, hostId);
     const host = await getHost(db, hostId);
     if (!host) throw new HttpError(404, "no config for this host");
-    res.set("Cache-Control", "no-store").json(host.config);
+    res.set("Cache-Control", "no-store").json(withCallerAddress(host.config, req.ip ?? req.socket.remoteAddress));
   });
 
   router.get("/hosts/:id/secrets/:name", async (req, res) => {
