@@ -1,7 +1,7 @@
 /**
  * What the machine that runs the testbed needs: root, the tools
  * (debootstrap, systemd-nspawn, nsenter, zstd, xz) and loop devices
- * /dev/loop0..7 to bind into the hosts.
+ * /dev/loop0..15 to bind into the hosts.
  */
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
@@ -18,7 +18,7 @@ export const MACHINE_PACKAGES: Record<string, string> = {
   tar: "tar",
 };
 
-export const LOOP_DEVICES = 8;
+export const LOOP_DEVICES = 16;
 
 export function isRoot(): boolean {
   return typeof process.getuid === "function" && process.getuid() === 0;
@@ -54,7 +54,7 @@ export interface LoopDevice {
   backingFile: string | null;
 }
 
-/** Make /dev/loop-control and /dev/loop0..7 exist (block major 7). */
+/** Make /dev/loop-control and /dev/loop0..15 exist (block major 7). */
 export async function ensureLoopDeviceNodes(): Promise<void> {
   if (!existsSync("/dev/loop-control")) await run(["modprobe", "loop"], { allowFailure: true });
   if (!existsSync("/dev/loop-control")) await run(["mknod", "-m", "0660", "/dev/loop-control", "c", "10", "237"]);
