@@ -219,11 +219,10 @@ class BtrfsStep(Step):
         fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
         if fs is None or not (fs / "qgroups").is_dir():
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
-        for name in BTRFS_DIR_MODES:
-            if not (mp / name).exists():
-                make_root_dirs(mp / name)
-        for name, mode in BTRFS_DIR_MODES.items():
+        for name, mode in BTRFS_DIR_MODES.items():  # parents first: each is the user's before we look inside
             path = mp / name
+            if not path.exists():
+                make_root_dirs(path)
             if not owned_dir(path, uid):
                 run_command(["chown", f"{user}:{group}", str(path)], sudo=True, timeout_s=30)
             if stat.S_IMODE(path.stat().st_mode) != mode:  # explicit: the umask is the stub's 077
