@@ -248,6 +248,23 @@ export const DaemonSchema = z
   })
   .describe("Values for the daemon's environment file (/etc/cocalc/project-host.env).");
 
+/** cloudflared for a host reached through a Cloudflare tunnel (UPSTREAM 16), pinned and verified. */
+export const CloudflaredSchema = z
+  .strictObject({
+    deb: z
+      .strictObject({
+        url: HttpUrl.describe("The cloudflared .deb for this host's arch (a fourth artifact, from its manifest)."),
+        sha256: Sha256.describe("Its sha256 (required: never an unverified 'latest')."),
+        version: z.string().regex(VERSION_RE).describe("The package version dpkg reports once installed."),
+        size_bytes: NonNegInt(Number.MAX_SAFE_INTEGER).nullable().default(null).describe("Expected size, when known."),
+      })
+      .describe("The cloudflared package."),
+    hostname: z.string().min(1).max(253).regex(DNS_NAME_RE).describe("The tunnel's public host name (PROJECT_HOST_PUBLIC_URL https://<it>)."),
+    port: PosInt(65535).default(9002).describe("The daemon's port behind the tunnel (ingress http://localhost:<port>)."),
+    token_secret: z.string().regex(SECRET_NAME_RE).default("cloudflared-token").describe("Name of the hub secret holding the tunnel token."),
+  })
+  .describe("A Cloudflare tunnel to the daemon; null for none.");
+
 /** The daemon section when the config leaves it out (zod 4 takes an object default as is). */
 export const DEFAULT_DAEMON = Object.freeze({
   region: "",
@@ -297,6 +314,7 @@ export const BootstrapConfigSchema = z
     service: ServiceSchema,
     tunnel: TunnelSchema.nullable().default(null).describe("Optional reverse SSH tunnel (managed by the connector); null for none."),
     daemon: DaemonSchema.default({ ...DEFAULT_DAEMON }),
+    cloudflared: CloudflaredSchema.nullable().default(null).describe("A Cloudflare tunnel to the daemon; null for none."),
     env: EnvVars,
   })
   .superRefine((c, ctx) => {

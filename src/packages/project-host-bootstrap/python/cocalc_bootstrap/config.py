@@ -192,6 +192,24 @@ class DaemonSpec(ConfigSpec):
 
 
 @dataclass(frozen=True)
+class CloudflaredDebSpec(ConfigSpec):
+    url: str
+    sha256: str
+    version: str
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class CloudflaredSpec(ConfigSpec):
+    """A Cloudflare tunnel to the daemon (UPSTREAM 16), pinned and verified."""
+
+    deb: CloudflaredDebSpec
+    hostname: str
+    port: int = 9002
+    token_secret: str = "cloudflared-token"
+
+
+@dataclass(frozen=True)
 class TunnelSpec(ConfigSpec):
     host: str
     port: int
@@ -221,6 +239,7 @@ class Config(ConfigSpec):
     service: ServiceSpec
     tunnel: TunnelSpec | None
     daemon: DaemonSpec = DaemonSpec()
+    cloudflared: CloudflaredSpec | None = None
     env: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -657,6 +676,23 @@ _SCHEMAS: dict[type[ConfigSpec], Validator] = {
         },
     ),
     TunnelSpec: _TUNNEL,
+    CloudflaredSpec: _object(
+        CloudflaredSpec,
+        {
+            "deb": _object(
+                CloudflaredDebSpec,
+                {
+                    "url": _URL,
+                    "sha256": _SHA256,
+                    "version": _VERSION,
+                    "size_bytes": _default(None, _nullable(_int(0, MAX_SAFE_INTEGER))),
+                },
+            ),
+            "hostname": _string(_min_len(1), _max_len(253), _matches(DNS_NAME_RE)),
+            "port": _default(9002, _int(1, 65535)),
+            "token_secret": _default("cloudflared-token", _string(_matches(SECRET_NAME_RE))),
+        },
+    ),
     DaemonSpec: _object(
         DaemonSpec,
         {
@@ -707,6 +743,7 @@ _CONFIG_FIELDS = _object(
         "service": _SCHEMAS[ServiceSpec],
         "tunnel": _default(None, _nullable(_TUNNEL)),
         "daemon": _default(DaemonSpec(), _SCHEMAS[DaemonSpec]),
+        "cloudflared": _default(None, _nullable(_SCHEMAS[CloudflaredSpec])),
         "env": _default(
             MappingProxyType({}),
             _record(
