@@ -779,7 +779,7 @@ class CloudflaredSpec(ConfigSpec):
     deb: CloudflaredDebSpec
     hostname: str
     port: int = 9002
-    token_secret: str = "cloudflared-token"
+    token_secret: str = "cloudflared-token"  # noqa: S105 (a secret's name, not a secret)
 
 
 @dataclass(frozen=True)
@@ -2637,7 +2637,8 @@ def daemon_urls(config: Config) -> tuple[str | None, str | None, str | None]:
     d = config.daemon
     ip = d.public_ip
     host = None if ip is None else (f"[{ip}]" if ":" in ip else ip)
-    public = d.public_url or (f"https://{host}" if host else None)
+    tunnel = f"https://{config.cloudflared.hostname}" if config.cloudflared else None
+    public = tunnel or d.public_url or (f"https://{host}" if host else None)
     internal = d.internal_url or public
     ssh = d.ssh_server or (f"{host}:{SSH_PORT}" if host else None)
     return public, internal, ssh
@@ -2649,6 +2650,8 @@ def daemon_env(config: Config) -> dict[str, str]:
     mp = config.btrfs.mount_point
     d = config.daemon
     public, internal, ssh = daemon_urls(config)
+    # behind a tunnel: cloudflared's port, and no TLS (cloudflared terminates it)
+    port, https = (config.cloudflared.port, False) if config.cloudflared else (d.port, d.https)
     tools = str(bundles_dir(config) / "tools" / "current")
     values = {
         "MASTER_CONAT_SERVER": config.conat_urls[0],
@@ -2674,9 +2677,9 @@ def daemon_env(config: Config) -> dict[str, str]:
         "TMP": str(data_tmp_dir(config)),
         "TEMP": str(data_tmp_dir(config)),
         "HOST": "0.0.0.0",  # noqa: S104 (the daemon serves the world, as upstream)
-        "PORT": str(d.port),
-        "COCALC_PROJECT_HOST_HTTPS": "1" if d.https else "0",
-        "COCALC_PROJECT_HOST_HTTPS_HOSTNAME": d.https_hostname if d.https else None,
+        "PORT": str(port),
+        "COCALC_PROJECT_HOST_HTTPS": "1" if https else "0",
+        "COCALC_PROJECT_HOST_HTTPS_HOSTNAME": d.https_hostname if https else None,
         "DEBUG": "cocalc:*",
         "DEBUG_CONSOLE": "yes",
         # ours: where the bootstrap keeps things, and node on PATH
@@ -2704,7 +2707,8 @@ def render_unit(config: Config, group: str) -> str:
     service = config.service
     exec_path = f"{bundles_dir(config)}/project_host/current/{service.exec}"
     argv = " ".join(systemd_quote(a) for a in (exec_path, *service.args))
-    caps = ["AmbientCapabilities=CAP_NET_BIND_SERVICE"] if config.daemon.port < 1024 else []
+    port = config.cloudflared.port if config.cloudflared else config.daemon.port
+    caps = ["AmbientCapabilities=CAP_NET_BIND_SERVICE"] if port < 1024 else []
     return "\n".join(
         [
             "# Written by bootstrap.py from the host's config; edits are overwritten.",
@@ -2724,6 +2728,52 @@ def render_unit(config: Config, group: str) -> str:
             *caps,
             "Restart=on-failure",
             "RestartSec=2",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+CLOUDFLARED_DIR = Path("/etc/cloudflared")
+CLOUDFLARED_TOKEN_ENV = CLOUDFLARED_DIR / "token.env"
+CLOUDFLARED_CONFIG = CLOUDFLARED_DIR / "config.yml"
+CLOUDFLARED_UNIT = "cocalc-cloudflared"
+TUNNEL_TOKEN_RE = re.compile(r"[A-Za-z0-9+/=_.-]{16,4096}")
+
+
+def render_cloudflared_config(hostname: str, port: int) -> str:
+    """Ingress to the daemon's port, everything else 404 (upstream's config.yml)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "ingress:",
+            f"  - hostname: {hostname}",
+            f"    service: http://localhost:{port}",
+            "  - service: http_status:404",
+            "",
+        ]
+    )
+
+
+def render_cloudflared_unit() -> str:
+    """cloudflared reads the token from TUNNEL_TOKEN (the 0600 env file): never on
+    its command line, where `ps` would show it (the old unit's mistake)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Cloudflare tunnel to the CoCalc project host",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            "",
+            "[Service]",
+            "Type=simple",
+            f"EnvironmentFile={CLOUDFLARED_TOKEN_ENV}",
+            f"ExecStart=/usr/bin/cloudflared --no-autoupdate --config {CLOUDFLARED_CONFIG} tunnel run",
+            "Restart=always",
+            "RestartSec=5",
             "",
             "[Install]",
             "WantedBy=multi-user.target",
@@ -3683,7 +3733,7 @@ class FinalizeStep(Step):
     upstream looks (/btrfs/data/.bootstrap_done, /var/lib/cocalc/.bootstrap_done)."""
 
     name = "finalize"
-    deps = ("service", "chrony")
+    deps = ("service", "chrony", "tunnel")
     weight_s = 0.2
     phase = "finishing"
     hint = "The bootstrap directory must be writable."
@@ -3975,6 +4025,117 @@ class ChronyStep(Step):
             self.log.warn(f"{CHRONY_UNIT} is {state} ({done.output.strip() or 'its conditions are not met here'})")
 
 
+# -- the tunnel -------------------------------------------------------------------------
+
+
+def installed_version(package: str) -> str | None:
+    found = run_command(["dpkg-query", "-W", "-f", "${Version}", package], check=False, timeout_s=30)
+    return found.output.strip() if found.returncode == 0 and found.output.strip() else None
+
+
+class TunnelStep(Step):
+    """cloudflared for a host reached through a Cloudflare tunnel: the pinned .deb
+    (sha256 verified), the token in a root 0600 env file (TUNNEL_TOKEN, never an
+    argument), config.yml ingress to the daemon, and cocalc-cloudflared.service."""
+
+    name = "tunnel"
+    deps = ("apt",)  # dpkg: one at a time
+    weight_s = 3.0
+    phase = "setting up the tunnel"
+    hint = "See sudo journalctl -u cocalc-cloudflared -n 100 --no-pager; the token comes from the hub's secrets."
+
+    def unit_path(self) -> Path:
+        return Path("/etc/systemd/system") / f"{CLOUDFLARED_UNIT}.service"
+
+    def inputs(self) -> Mapping[str, Any]:
+        cf = self.config.cloudflared
+        return {"cloudflared": None if cf is None else cf.to_dict()}
+
+    def problems(self) -> list[str]:
+        cf = self.config.cloudflared
+        if cf is None:
+            return []
+        unit = f"{CLOUDFLARED_UNIT}.service"
+        problems = []
+        if installed_version("cloudflared") != cf.deb.version:
+            problems.append(f"cloudflared {cf.deb.version} is not installed")
+        try:
+            st = CLOUDFLARED_TOKEN_ENV.stat()
+            if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o600:
+                problems.append(f"{CLOUDFLARED_TOKEN_ENV} is not root's 0600")
+        except OSError:
+            problems.append(f"{CLOUDFLARED_TOKEN_ENV} is missing")
+        if not file_matches(CLOUDFLARED_CONFIG, render_cloudflared_config(cf.hostname, cf.port), mode=0o644):
+            problems.append(f"{CLOUDFLARED_CONFIG} is missing or differs")
+        if not file_matches(self.unit_path(), render_cloudflared_unit(), mode=0o644):
+            problems.append(f"{self.unit_path()} is missing or differs")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            problems.append(f"{unit} is not enabled")
+        if systemctl_state("is-active", unit) != "active":
+            problems.append(f"{unit} is not active")
+        return problems
+
+    def check(self) -> StepState:
+        if self.config.cloudflared is None:
+            return StepState(True, "no tunnel configured")
+        problems = self.problems()
+        return StepState(not problems, "; ".join(problems) or "cloudflared runs the tunnel")
+
+    def apply(self) -> None:
+        cf = self.config.cloudflared
+        if cf is None:
+            return
+        changed = False
+        if installed_version("cloudflared") != cf.deb.version:
+            deb = downloads_dir(self.config) / f"cloudflared_{cf.deb.version}.deb"
+            download_verified(cf.deb.url, deb, cf.deb.sha256, log=self.log, size_bytes=cf.deb.size_bytes)
+            spec = self.config.apt
+            wait_for_locks(DPKG_LOCKS, time.monotonic() + spec.lock_timeout_s, self.log)
+            run_command(
+                apt_get_argv(["install", "--no-install-recommends", str(deb)], spec.lock_timeout_s),
+                sudo=True,
+                env=APT_ENV,
+                timeout_s=spec.lock_timeout_s + 600,
+                hint=self.hint,
+            )
+            self.log.info(f"installed cloudflared {cf.deb.version} (sha256 verified)")
+            changed = True
+        if not CLOUDFLARED_TOKEN_ENV.exists():
+            changed |= self.fetch_token(cf.token_secret)
+        for path, content in (
+            (CLOUDFLARED_CONFIG, render_cloudflared_config(cf.hostname, cf.port)),
+            (self.unit_path(), render_cloudflared_unit()),
+        ):
+            if not file_matches(path, content, mode=0o644):
+                write_root_file(path, content, mode=0o644)
+                self.log.info(f"wrote {path}")
+                changed = True
+        unit = f"{CLOUDFLARED_UNIT}.service"
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
+        verb = "restart" if changed else "start"
+        run_command(["systemctl", verb, unit], sudo=True, timeout_s=120, hint=self.hint)
+        self.log.info(f"{verb}ed {unit}")
+
+    def fetch_token(self, name: str) -> bool:
+        token = read_token(self.config.token_file)
+        if token is None:
+            raise BootstrapError(
+                f"no bootstrap token at {self.config.token_file}", hint="Re-run the stub from the hub."
+            )
+        value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token).strip()
+        add_secret(value)
+        if not TUNNEL_TOKEN_RE.fullmatch(value):
+            raise BootstrapError(
+                f"the hub's secret {name} does not look like a tunnel token",
+                hint="Store the tunnel token (base64) as that secret on the hub.",
+            )
+        write_root_file(CLOUDFLARED_TOKEN_ENV, f"TUNNEL_TOKEN={value}\n", mode=0o600)
+        self.log.info(f"wrote {CLOUDFLARED_TOKEN_ENV} (0600, root)")
+        return True
+
+
 # ============================================================================
 # engine: The plan (steps as a dependency graph), state, the lock and the runner.
 # ============================================================================
@@ -3996,6 +4157,7 @@ STEPS: tuple[type[Step], ...] = (
     BtrfsStep,
     ContainersStep,
     ChronyStep,
+    TunnelStep,
     ServiceStep,
     FinalizeStep,
 )

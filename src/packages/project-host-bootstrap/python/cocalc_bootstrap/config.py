@@ -206,7 +206,7 @@ class CloudflaredSpec(ConfigSpec):
     deb: CloudflaredDebSpec
     hostname: str
     port: int = 9002
-    token_secret: str = "cloudflared-token"
+    token_secret: str = "cloudflared-token"  # noqa: S105 (a secret's name, not a secret)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from .steps_install import (
     InstallToolsStep,
     NodeStep,
 )
-from .steps_platform import ChronyStep, ContainersStep
+from .steps_platform import ChronyStep, ContainersStep, TunnelStep
 from .steps_system import BtrfsStep, FinalizeStep, ServiceStep
 
 STEPS: tuple[type[Step], ...] = (
@@ -56,6 +56,7 @@ STEPS: tuple[type[Step], ...] = (
     BtrfsStep,
     ContainersStep,
     ChronyStep,
+    TunnelStep,
     ServiceStep,
     FinalizeStep,
 )

@@ -116,7 +116,8 @@ def daemon_urls(config: Config) -> tuple[str | None, str | None, str | None]:
     d = config.daemon
     ip = d.public_ip
     host = None if ip is None else (f"[{ip}]" if ":" in ip else ip)
-    public = d.public_url or (f"https://{host}" if host else None)
+    tunnel = f"https://{config.cloudflared.hostname}" if config.cloudflared else None
+    public = tunnel or d.public_url or (f"https://{host}" if host else None)
     internal = d.internal_url or public
     ssh = d.ssh_server or (f"{host}:{SSH_PORT}" if host else None)
     return public, internal, ssh
@@ -128,6 +129,8 @@ def daemon_env(config: Config) -> dict[str, str]:
     mp = config.btrfs.mount_point
     d = config.daemon
     public, internal, ssh = daemon_urls(config)
+    # behind a tunnel: cloudflared's port, and no TLS (cloudflared terminates it)
+    port, https = (config.cloudflared.port, False) if config.cloudflared else (d.port, d.https)
     tools = str(bundles_dir(config) / "tools" / "current")
     values = {
         "MASTER_CONAT_SERVER": config.conat_urls[0],
@@ -153,9 +156,9 @@ def daemon_env(config: Config) -> dict[str, str]:
         "TMP": str(data_tmp_dir(config)),
         "TEMP": str(data_tmp_dir(config)),
         "HOST": "0.0.0.0",  # noqa: S104 (the daemon serves the world, as upstream)
-        "PORT": str(d.port),
-        "COCALC_PROJECT_HOST_HTTPS": "1" if d.https else "0",
-        "COCALC_PROJECT_HOST_HTTPS_HOSTNAME": d.https_hostname if d.https else None,
+        "PORT": str(port),
+        "COCALC_PROJECT_HOST_HTTPS": "1" if https else "0",
+        "COCALC_PROJECT_HOST_HTTPS_HOSTNAME": d.https_hostname if https else None,
         "DEBUG": "cocalc:*",
         "DEBUG_CONSOLE": "yes",
         # ours: where the bootstrap keeps things, and node on PATH
@@ -183,7 +186,8 @@ def render_unit(config: Config, group: str) -> str:
     service = config.service
     exec_path = f"{bundles_dir(config)}/project_host/current/{service.exec}"
     argv = " ".join(systemd_quote(a) for a in (exec_path, *service.args))
-    caps = ["AmbientCapabilities=CAP_NET_BIND_SERVICE"] if config.daemon.port < 1024 else []
+    port = config.cloudflared.port if config.cloudflared else config.daemon.port
+    caps = ["AmbientCapabilities=CAP_NET_BIND_SERVICE"] if port < 1024 else []
     return "\n".join(
         [
             "# Written by bootstrap.py from the host's config; edits are overwritten.",
@@ -203,6 +207,52 @@ def render_unit(config: Config, group: str) -> str:
             *caps,
             "Restart=on-failure",
             "RestartSec=2",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+CLOUDFLARED_DIR = Path("/etc/cloudflared")
+CLOUDFLARED_TOKEN_ENV = CLOUDFLARED_DIR / "token.env"
+CLOUDFLARED_CONFIG = CLOUDFLARED_DIR / "config.yml"
+CLOUDFLARED_UNIT = "cocalc-cloudflared"
+TUNNEL_TOKEN_RE = re.compile(r"[A-Za-z0-9+/=_.-]{16,4096}")
+
+
+def render_cloudflared_config(hostname: str, port: int) -> str:
+    """Ingress to the daemon's port, everything else 404 (upstream's config.yml)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "ingress:",
+            f"  - hostname: {hostname}",
+            f"    service: http://localhost:{port}",
+            "  - service: http_status:404",
+            "",
+        ]
+    )
+
+
+def render_cloudflared_unit() -> str:
+    """cloudflared reads the token from TUNNEL_TOKEN (the 0600 env file): never on
+    its command line, where `ps` would show it (the old unit's mistake)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Cloudflare tunnel to the CoCalc project host",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            "",
+            "[Service]",
+            "Type=simple",
+            f"EnvironmentFile={CLOUDFLARED_TOKEN_ENV}",
+            f"ExecStart=/usr/bin/cloudflared --no-autoupdate --config {CLOUDFLARED_CONFIG} tunnel run",
+            "Restart=always",
+            "RestartSec=5",
             "",
             "[Install]",
             "WantedBy=multi-user.target",

@@ -5,14 +5,30 @@ time sync (chrony)."""
 from __future__ import annotations
 
 import stat
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .apt import APT_ENV, apt_get_argv, wait_for_locks
 from .commands import run_command
 from .config import Config
-from .facts import read_text_or, systemctl_state, user_ids
+from .errors import BootstrapError
+from .facts import DPKG_LOCKS, read_text_or, systemctl_state, user_ids
+from .fetch import download_verified
+from .layout import (
+    CLOUDFLARED_CONFIG,
+    CLOUDFLARED_TOKEN_ENV,
+    CLOUDFLARED_UNIT,
+    TUNNEL_TOKEN_RE,
+    downloads_dir,
+    read_token,
+    render_cloudflared_config,
+    render_cloudflared_unit,
+)
+from .log import add_secret
 from .step import Step, StepState, file_matches, make_root_dirs, write_root_file, write_user_file
+from .steps_host import fetch_secret
 
 # -- rootless podman ------------------------------------------------------------------
 
@@ -253,3 +269,114 @@ class ChronyStep(Step):
         state = systemctl_state("is-active", CHRONY_UNIT)
         if done.returncode != 0 or state != "active":
             self.log.warn(f"{CHRONY_UNIT} is {state} ({done.output.strip() or 'its conditions are not met here'})")
+
+
+# -- the tunnel -------------------------------------------------------------------------
+
+
+def installed_version(package: str) -> str | None:
+    found = run_command(["dpkg-query", "-W", "-f", "${Version}", package], check=False, timeout_s=30)
+    return found.output.strip() if found.returncode == 0 and found.output.strip() else None
+
+
+class TunnelStep(Step):
+    """cloudflared for a host reached through a Cloudflare tunnel: the pinned .deb
+    (sha256 verified), the token in a root 0600 env file (TUNNEL_TOKEN, never an
+    argument), config.yml ingress to the daemon, and cocalc-cloudflared.service."""
+
+    name = "tunnel"
+    deps = ("apt",)  # dpkg: one at a time
+    weight_s = 3.0
+    phase = "setting up the tunnel"
+    hint = "See sudo journalctl -u cocalc-cloudflared -n 100 --no-pager; the token comes from the hub's secrets."
+
+    def unit_path(self) -> Path:
+        return Path("/etc/systemd/system") / f"{CLOUDFLARED_UNIT}.service"
+
+    def inputs(self) -> Mapping[str, Any]:
+        cf = self.config.cloudflared
+        return {"cloudflared": None if cf is None else cf.to_dict()}
+
+    def problems(self) -> list[str]:
+        cf = self.config.cloudflared
+        if cf is None:
+            return []
+        unit = f"{CLOUDFLARED_UNIT}.service"
+        problems = []
+        if installed_version("cloudflared") != cf.deb.version:
+            problems.append(f"cloudflared {cf.deb.version} is not installed")
+        try:
+            st = CLOUDFLARED_TOKEN_ENV.stat()
+            if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o600:
+                problems.append(f"{CLOUDFLARED_TOKEN_ENV} is not root's 0600")
+        except OSError:
+            problems.append(f"{CLOUDFLARED_TOKEN_ENV} is missing")
+        if not file_matches(CLOUDFLARED_CONFIG, render_cloudflared_config(cf.hostname, cf.port), mode=0o644):
+            problems.append(f"{CLOUDFLARED_CONFIG} is missing or differs")
+        if not file_matches(self.unit_path(), render_cloudflared_unit(), mode=0o644):
+            problems.append(f"{self.unit_path()} is missing or differs")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            problems.append(f"{unit} is not enabled")
+        if systemctl_state("is-active", unit) != "active":
+            problems.append(f"{unit} is not active")
+        return problems
+
+    def check(self) -> StepState:
+        if self.config.cloudflared is None:
+            return StepState(True, "no tunnel configured")
+        problems = self.problems()
+        return StepState(not problems, "; ".join(problems) or "cloudflared runs the tunnel")
+
+    def apply(self) -> None:
+        cf = self.config.cloudflared
+        if cf is None:
+            return
+        changed = False
+        if installed_version("cloudflared") != cf.deb.version:
+            deb = downloads_dir(self.config) / f"cloudflared_{cf.deb.version}.deb"
+            download_verified(cf.deb.url, deb, cf.deb.sha256, log=self.log, size_bytes=cf.deb.size_bytes)
+            spec = self.config.apt
+            wait_for_locks(DPKG_LOCKS, time.monotonic() + spec.lock_timeout_s, self.log)
+            run_command(
+                apt_get_argv(["install", "--no-install-recommends", str(deb)], spec.lock_timeout_s),
+                sudo=True,
+                env=APT_ENV,
+                timeout_s=spec.lock_timeout_s + 600,
+                hint=self.hint,
+            )
+            self.log.info(f"installed cloudflared {cf.deb.version} (sha256 verified)")
+            changed = True
+        if not CLOUDFLARED_TOKEN_ENV.exists():
+            changed |= self.fetch_token(cf.token_secret)
+        for path, content in (
+            (CLOUDFLARED_CONFIG, render_cloudflared_config(cf.hostname, cf.port)),
+            (self.unit_path(), render_cloudflared_unit()),
+        ):
+            if not file_matches(path, content, mode=0o644):
+                write_root_file(path, content, mode=0o644)
+                self.log.info(f"wrote {path}")
+                changed = True
+        unit = f"{CLOUDFLARED_UNIT}.service"
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
+        verb = "restart" if changed else "start"
+        run_command(["systemctl", verb, unit], sudo=True, timeout_s=120, hint=self.hint)
+        self.log.info(f"{verb}ed {unit}")
+
+    def fetch_token(self, name: str) -> bool:
+        token = read_token(self.config.token_file)
+        if token is None:
+            raise BootstrapError(
+                f"no bootstrap token at {self.config.token_file}", hint="Re-run the stub from the hub."
+            )
+        value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token).strip()
+        add_secret(value)
+        if not TUNNEL_TOKEN_RE.fullmatch(value):
+            raise BootstrapError(
+                f"the hub's secret {name} does not look like a tunnel token",
+                hint="Store the tunnel token (base64) as that secret on the hub.",
+            )
+        write_root_file(CLOUDFLARED_TOKEN_ENV, f"TUNNEL_TOKEN={value}\n", mode=0o600)
+        self.log.info(f"wrote {CLOUDFLARED_TOKEN_ENV} (0600, root)")
+        return True

@@ -340,7 +340,7 @@ class FinalizeStep(Step):
     upstream looks (/btrfs/data/.bootstrap_done, /var/lib/cocalc/.bootstrap_done)."""
 
     name = "finalize"
-    deps = ("service", "chrony")
+    deps = ("service", "chrony", "tunnel")
     weight_s = 0.2
     phase = "finishing"
     hint = "The bootstrap directory must be writable."

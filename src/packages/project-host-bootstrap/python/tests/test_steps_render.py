@@ -242,3 +242,50 @@ def test_os_release_and_versions(tmp_path: Path) -> None:
     assert bootstrap.version_tuple("24.10") > bootstrap.version_tuple("24.4")  # numeric, not text
     assert bootstrap.version_tuple("12") >= bootstrap.version_tuple("12")
     assert bootstrap.version_tuple("11") < bootstrap.version_tuple("12")
+
+
+CLOUDFLARED = {
+    "deb": {
+        "url": "http://127.0.0.1:9/cloudflared/2025.1.0/cloudflared-linux-amd64.deb",
+        "sha256": "a" * 64,
+        "version": "2025.1.0",
+    },
+    "hostname": "h1.tunnel.example.org",
+}
+
+
+def test_tunnel_switches_the_daemon_to_cloudflareds_port_without_tls(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, cloudflared=CLOUDFLARED, daemon={"port": 443, "https": True, "https_hostname": "x.example.org"}
+    )
+    env = upstream_parse(bootstrap.render_env_file(config))
+    assert (env["PORT"], env["COCALC_PROJECT_HOST_HTTPS"]) == ("9002", "0")
+    assert "COCALC_PROJECT_HOST_HTTPS_HOSTNAME" not in env
+    assert env["PROJECT_HOST_PUBLIC_URL"] == "https://h1.tunnel.example.org"
+    assert not any(
+        line.startswith("AmbientCapabilities") for line in bootstrap.render_unit(config, "staff").splitlines()
+    )
+
+
+def test_cloudflared_config_and_unit() -> None:
+    conf = bootstrap.render_cloudflared_config("h1.tunnel.example.org", 9002)
+    assert conf.splitlines()[1:] == [
+        "ingress:",
+        "  - hostname: h1.tunnel.example.org",
+        "    service: http://localhost:9002",
+        "  - service: http_status:404",
+    ]
+    unit = bootstrap.render_cloudflared_unit().splitlines()
+    assert "Restart=always" in unit and "RestartSec=5" in unit
+    assert "EnvironmentFile=/etc/cloudflared/token.env" in unit
+    exec_line = next(line for line in unit if line.startswith("ExecStart="))
+    assert "token" not in exec_line.replace("token.env", "")  # the token is never an argument
+    assert bootstrap.TUNNEL_TOKEN_RE.fullmatch("eyJhIjoiYWJjIn0=" + "x" * 20)
+    assert not bootstrap.TUNNEL_TOKEN_RE.fullmatch("a b c d e f g h i j k")
+
+
+def test_tunnel_step_without_a_tunnel_is_satisfied(tmp_path: Path) -> None:
+    from test_steps_support import context
+
+    state = bootstrap.TunnelStep(context(make_config(tmp_path))).check()
+    assert state.satisfied and "no tunnel" in state.detail
