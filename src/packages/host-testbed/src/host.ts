@@ -37,7 +37,7 @@ import { run, sleep, type RunOptions, type RunResult } from "./proc.js";
 import { defaultRootfsSpec, ensureRootfsTarball, unpackRootfs, type RootfsSpec } from "./rootfs.js";
 
 /**
- * Device nodes a rootless container run needs, made in each host's own /dev
+ * Device nodes a rootless container run needs, in each host's own /dev
  * (nspawn's device policy allows both) with the modes a normal boot gives
  * them: slirp4netns opens /dev/net/tun as the user, fuse-overlayfs /dev/fuse.
  * Binding this machine's nodes would not do: they may be 0600 here.
@@ -286,7 +286,10 @@ export class ThrowawayHost extends CommandHost {
     this.state.nspawnPid = child.pid;
     this.saveState();
     await this.waitForSystemd(timeoutMs, consolePath);
-    const mknod = ROOTLESS_DEVICES.map((d) => `[ -e ${d.path} ] || { mkdir -p ${dirname(d.path)} && mknod -m 666 ${d.path} c ${d.major} ${d.minor}; }`);
+    // nspawn copies /dev/net/tun into the host's own /dev (a tmpfs) with this machine's mode, which may be 0600
+    const mknod = ROOTLESS_DEVICES.map(
+      (d) => `if [ -e ${d.path} ]; then mountpoint -q ${d.path} || chmod 666 ${d.path}; else mkdir -p ${dirname(d.path)} && mknod -m 666 ${d.path} c ${d.major} ${d.minor}; fi`,
+    );
     await this.exec(["sh", "-c", mknod.join("; ")], { timeoutMs: 10_000 });
     this.timings.bootMs = Date.now() - t0;
     this.log(`${this.name}: up in ${((Date.now() - t0) / 1000).toFixed(1)} s (rootfs ${this.rootfs})`);

@@ -8,7 +8,7 @@
  * Variants (serial mode, a wrong checksum) are more hubs on the same
  * database, each with its own site settings or artifact site.
  */
-import { randomUUID } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { mkdirSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
@@ -17,12 +17,14 @@ import type { Arch, BootstrapConfig } from "@cocalc/project-host-bootstrap";
 import { startArtifactServer, type ArtifactServer } from "./artifact-server.js";
 import {
   buildBundle,
+  buildCloudflaredDeb,
   buildNodeMirror,
   DEFAULT_NODE,
   nodeArchOf,
   publishSite,
   testBundleSpecs,
   type BuiltBundle,
+  type BuiltDeb,
   type BuiltNode,
   type BundleName,
   type BundleSpec,
@@ -34,7 +36,26 @@ import { cacheDir } from "./paths.js";
 import type { RunResult } from "./proc.js";
 
 /** A small apt set for tests; the benchmark passes the real list. */
-export const TEST_APT_PACKAGES = ["btrfs-progs", "xz-utils"];
+/**
+ * What the bootstrap installs on a throwaway host: btrfs, xz, and what a
+ * rootless container run and time sync need (the parity with upstream's list;
+ * curl, rsync, vim and cron are left out: nothing here uses them).
+ */
+export const TEST_APT_PACKAGES = ["btrfs-progs", "xz-utils", "podman", "crun", "uidmap", "slirp4netns", "fuse-overlayfs", "chrony"];
+
+/**
+ * Extra env entries the hub adds for every test host: values that systemd's
+ * EnvironmentFile= and the daemon's own parser must read the same (the
+ * stand-in daemon refuses to start when they do not).
+ */
+export const TEST_EXTRA_ENV: Record<string, string> = {
+  COCALC_TEST_BRACKETS: "/btrfs/project-[project_id]/.local/share/cocalc/persist",
+  COCALC_TEST_SPACES: "  two  spaces  inside and around ",
+  COCALC_TEST_EQUALS: "a=b==c",
+  COCALC_TEST_DOUBLE_QUOTES: 'say "hi" to $HOME and `date` with a back\\slash',
+  COCALC_TEST_SINGLE_QUOTE: "it's here",
+  COCALC_TEST_HASH: "#not a comment",
+};
 /** The throwaway hosts are Debian 12, not the default Ubuntu 24.04. */
 export const TESTBED_OS = { id: "debian", min_version: "12" } as const;
 /** Root disk size the hub is told: the btrfs loop image comes out at 2 GB. */
@@ -80,6 +101,8 @@ export interface ProvisionedTestHost {
   pageUrl: string;
   statusUrl: string;
   healthUrl: string;
+  /** The tunnel token the hub holds for this host (secret `cloudflared-token`). */
+  tunnelToken: string;
 }
 
 export interface BootstrapRun extends RunResult {
@@ -95,6 +118,7 @@ export class Testbed {
     readonly artifactServer: ArtifactServer,
     readonly bundles: BuiltBundle[],
     readonly node: BuiltNode,
+    readonly cloudflared: BuiltDeb,
     private readonly siteRoot: string,
     readonly hub: RunningHub,
   ) {
@@ -111,6 +135,7 @@ export class Testbed {
     const bundles: BuiltBundle[] = [];
     for (const spec of opts.bundles ?? testBundleSpecs()) bundles.push(await buildBundle(spec, log));
     const node = await buildNodeMirror({ ...DEFAULT_NODE, ...opts.node, arch: nodeArchOf(opts.arch ?? "amd64") }, log);
+    const cloudflared = await buildCloudflaredDeb(undefined, log);
     const siteRoot = opts.workDir ?? join(cacheDir(), "sites", `${process.pid}-${Date.now()}`);
     rmSync(siteRoot, { recursive: true, force: true });
     mkdirSync(siteRoot, { recursive: true });
@@ -119,7 +144,7 @@ export class Testbed {
       bandwidthBytesPerSec: opts.bandwidthBytesPerSec,
       latencyMs: opts.latencyMs,
     });
-    const site = publishSite(join(siteRoot, "main"), `${artifactServer.url}/main`, bundles, node, { arch: opts.arch });
+    const site = publishSite(join(siteRoot, "main"), `${artifactServer.url}/main`, bundles, node, { arch: opts.arch, cloudflared });
     const hub = await startHub({
       port: opts.hubPort ?? 0,
       dataDir: opts.hubDataDir,
@@ -129,7 +154,7 @@ export class Testbed {
       manifestTtlMs: 0,
       enableAdmin: opts.enableAdmin ?? false,
     });
-    const bed = new Testbed(opts, artifactServer, bundles, node, siteRoot, hub);
+    const bed = new Testbed(opts, artifactServer, bundles, node, cloudflared, siteRoot, hub);
     bed.sites.set("main", site);
     log(`hub ${hub.url}, artifacts ${artifactServer.url}`);
     return bed;
@@ -157,6 +182,7 @@ export class Testbed {
       site = publishSite(join(this.siteRoot, name), `${this.artifactServer.url}/${name}`, this.bundles, this.node, {
         wrongChecksum: variant.wrongChecksum,
         arch: this.opts.arch,
+        cloudflared: this.cloudflared,
       });
       this.sites.set(name, site);
     }
@@ -174,7 +200,12 @@ export class Testbed {
     // The hosts share this machine's network namespace: every daemon needs its own port.
     const port = await freePort();
     const internalUrl = `http://127.0.0.1:${port}`;
-    const p = await hub.provisionHost(testHostRecord(host, internalUrl, this.opts.arch));
+    const tunnelToken = randomBytes(48).toString("base64");
+    const p = await hub.provisionHost(
+      { ...testHostRecord(host, internalUrl, this.opts.arch), daemon_port: port, daemon_https: false, env: TEST_EXTRA_ENV },
+      // every host gets a tunnel token too, so that a tunnel can be switched on for any of them
+      { secrets: { "conat-password": randomBytes(24).toString("base64url"), "cloudflared-token": tunnelToken } },
+    );
     return {
       hostId: p.hostId,
       hostName: host.name,
@@ -185,6 +216,7 @@ export class Testbed {
       pageUrl: `${p.baseUrl}/`,
       statusUrl: `${p.baseUrl}/status`,
       healthUrl: p.config.service.health_url,
+      tunnelToken,
     };
   }
 
@@ -239,6 +271,7 @@ export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, inter
   return {
     id: randomUUID(),
     name: host.name,
+    region: "testbed-1",
     runtime_user: host.user,
     arch,
     disk_size_gb: TEST_DISK_SIZE_GB,
@@ -266,6 +299,7 @@ function siteSettings(
     node_version: site.node.version,
     node_dist_url: site.node.dist_url,
     apt_packages: aptPackages,
+    secret_names: ["conat-password"],
     parallel: variant.parallel ?? true,
     os_release: { ...os },
     layouts: { project_host: layout("project_host"), project: layout("project"), tools: layout("tools") },

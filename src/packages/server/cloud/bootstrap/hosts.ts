@@ -55,6 +55,8 @@ export const HostRecordSchema = z.strictObject({
   /** The daemon's PORT (443; 9002 behind a tunnel) and whether it terminates TLS itself. */
   daemon_port: z.int().min(1).max(65535).default(443),
   daemon_https: z.boolean().default(true),
+  /** The host is reached through a Cloudflare tunnel at this name: cloudflared (the .deb from its manifest) is installed. */
+  tunnel_hostname: z.string().min(1).max(253).regex(DNS_NAME_RE).nullable().default(null),
   /** Extra entries for the daemon's env file (win over the derived ones). */
   env: z.record(z.string().regex(ENV_NAME_RE), z.string()).default({}),
 });
@@ -125,7 +127,12 @@ function artifactFacts(artifacts: Record<ArtifactName, ResolvedArtifact>, settin
 }
 
 /** The builder's facts for this host: pure, no I/O. */
-export function hostFacts(record: HostRecord, settings: SiteSettings, artifacts: Record<ArtifactName, ResolvedArtifact>): HostFacts {
+export function hostFacts(
+  record: HostRecord,
+  settings: SiteSettings,
+  artifacts: Record<ArtifactName, ResolvedArtifact>,
+  cloudflared: ResolvedArtifact | null = null,
+): HostFacts {
   const base = hostBaseUrl(settings, record.id);
   const env: Record<string, string> = { COCALC_HUB_URL: settings.hub_url, COCALC_HOST_INTERNAL_URL: record.internal_url, ...record.env };
   const facts: HostFacts = {
@@ -153,6 +160,10 @@ export function hostFacts(record: HostRecord, settings: SiteSettings, artifacts:
     env,
     parallel: settings.parallel,
   };
+  if (record.tunnel_hostname && cloudflared) {
+    const { url, sha256, version, size_bytes } = cloudflared;
+    facts.cloudflared = { deb: { url, sha256, version, size_bytes }, hostname: record.tunnel_hostname };
+  }
   if (settings.apt_packages) facts.apt = { packages: settings.apt_packages };
   if (settings.os_release) facts.os = settings.os_release;
   if (record.data_disk_candidates.length > 0) {
@@ -183,7 +194,8 @@ export async function assembleHostConfig(
   const record = HostRecordSchema.parse(recordInput);
   const settings = SiteSettingsSchema.parse(settingsInput);
   const artifacts = await resolveArtifacts(fetcher, settings, record.arch);
-  return { record, config: buildBootstrapConfig(hostFacts(record, settings, artifacts)), artifacts };
+  const cloudflared = record.tunnel_hostname ? await fetcher.artifact(settings.software_base_url, "cloudflared", settings.os, record.arch) : null;
+  return { record, config: buildBootstrapConfig(hostFacts(record, settings, artifacts, cloudflared)), artifacts };
 }
 
 export interface ProvisionedHost {
