@@ -27,6 +27,7 @@ import {
   type BootstrapConfigInput,
   type ConfigIssue,
   CONFIG_FILE_NAME,
+  type CloudflaredSchema,
   type DaemonSchema,
   type DataDiskSchema,
   formatPath,
@@ -107,6 +108,8 @@ export interface HostFacts {
   tunnel?: z.input<typeof TunnelSchema> | null;
   /** What the daemon's env file needs (region, URLs, public IP, ssh server, TLS, port). */
   daemon?: z.input<typeof DaemonSchema>;
+  /** A Cloudflare tunnel: the pinned .deb and the tunnel's host name. */
+  cloudflared?: z.input<typeof CloudflaredSchema> | null;
   env?: Record<string, string>;
   parallel?: boolean;
 }
@@ -197,6 +200,7 @@ function assemble(facts: HostFacts): BootstrapConfigInput {
   if (facts.secrets !== undefined) config.secrets = facts.secrets;
   if (facts.tunnel !== undefined) config.tunnel = facts.tunnel;
   if (facts.daemon !== undefined) config.daemon = facts.daemon;
+  if (facts.cloudflared !== undefined) config.cloudflared = facts.cloudflared;
   if (facts.env !== undefined) config.env = facts.env;
   if (facts.parallel !== undefined) config.parallel = facts.parallel;
   return config;
