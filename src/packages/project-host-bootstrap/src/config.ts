@@ -265,6 +265,17 @@ export const CloudflaredSchema = z
   })
   .describe("A Cloudflare tunnel to the daemon; null for none.");
 
+/** NVIDIA's container toolkit for GPU hosts (UPSTREAM 4): an apt repository with a pinned keyring. */
+export const GpuSchema = z
+  .strictObject({
+    repo_url: HttpUrl.describe("The toolkit's apt repository (a flat repository: `deb [signed-by=…] <repo_url> /`)."),
+    keyring_url: HttpUrl.describe("Its signing key (binary .gpg keyring)."),
+    keyring_sha256: Sha256.describe("The keyring's sha256 (pinned)."),
+    packages: z.array(z.string().regex(DEB_PACKAGE_RE)).min(1).max(16).default(["nvidia-container-toolkit"]).describe("Packages from that repository."),
+    cdi_interval_s: PosInt(86400).default(300).describe("How often a systemd timer regenerates the CDI spec (it goes stale after driver changes)."),
+  })
+  .describe("GPU support; null for none. Skipped, with a message, on a host without an NVIDIA GPU.");
+
 /** The daemon section when the config leaves it out (zod 4 takes an object default as is). */
 export const DEFAULT_DAEMON = Object.freeze({
   region: "",
@@ -315,6 +326,7 @@ export const BootstrapConfigSchema = z
     tunnel: TunnelSchema.nullable().default(null).describe("Optional reverse SSH tunnel (managed by the connector); null for none."),
     daemon: DaemonSchema.default({ ...DEFAULT_DAEMON }),
     cloudflared: CloudflaredSchema.nullable().default(null).describe("A Cloudflare tunnel to the daemon; null for none."),
+    gpu: GpuSchema.nullable().default(null).describe("NVIDIA container toolkit for GPU hosts; null for none."),
     env: EnvVars,
   })
   .superRefine((c, ctx) => {

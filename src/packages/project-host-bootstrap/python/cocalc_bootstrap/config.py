@@ -376,6 +376,19 @@ class CloudflaredSpec(ConfigSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
+class GpuSpec(ConfigSpec):
+    """NVIDIA's container toolkit for GPU hosts (UPSTREAM 4)."""
+
+    repo_url: Url
+    keyring_url: Url
+    keyring_sha256: Sha256
+    packages: Annotated[tuple[Annotated[str, Matches(DEB_PACKAGE_RE)], ...], Items(16, low=1)] = (
+        "nvidia-container-toolkit",
+    )
+    cdi_interval_s: Annotated[int, Range(1, 86400)] = 300
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config(ConfigSpec):
     schema_version: Literal[1]
     host: HostSpec
@@ -401,6 +414,7 @@ class Config(ConfigSpec):
     tunnel: TunnelSpec | None = None
     daemon: DaemonSpec = DaemonSpec()
     cloudflared: CloudflaredSpec | None = None
+    gpu: GpuSpec | None = None
     env: Mapping[EnvName, EnvValue] = field(default_factory=lambda: MappingProxyType({}))
 
     def cross_field_issues(self) -> Iterator[tuple[str, str]]:
