@@ -52,6 +52,7 @@ import typing
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1563,14 +1564,33 @@ def mount_at(mount_point: str) -> tuple[str, str] | None:
     return found
 
 
-def btrfs_sysfs_dir(source: str) -> Path | None:
-    """/sys/fs/btrfs/<fsid> of the filesystem on block device `source`."""
-    device = os.path.basename(os.path.realpath(source))
-    with contextlib.suppress(OSError):
-        for fs in Path("/sys/fs/btrfs").iterdir():
-            if (fs / "devices" / device).exists():
-                return fs
-    return None
+BTRFS_IOC_FS_INFO = 0x8400941F  # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args): 1024 bytes, fsid at 16
+
+
+def btrfs_fsid(mount_point: str) -> str | None:
+    """The fsid (UUID) of the btrfs filesystem mounted at `mount_point`, asked
+    of the filesystem itself (no root needed); None when it is not btrfs."""
+    try:
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        info = bytearray(1024)
+        fcntl.ioctl(fd, BTRFS_IOC_FS_INFO, info)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return str(uuid.UUID(bytes=bytes(info[16:32])))
+
+
+def btrfs_sysfs_dir(mount_point: str) -> Path | None:
+    """/sys/fs/btrfs/<fsid> of the filesystem mounted at `mount_point`. By fsid, not by
+    device name: a lazily unmounted filesystem whose loop device was detached and
+    reused still lists that device's name in /sys/fs/btrfs/<its fsid>/devices."""
+    fsid = btrfs_fsid(mount_point)
+    path = Path("/sys/fs/btrfs") / fsid if fsid else None
+    return path if path is not None and path.is_dir() else None
 
 
 def is_btrfs_subvolume(path: Path) -> bool:
@@ -3498,8 +3518,8 @@ class BtrfsStep(Step):
         b = self.config.btrfs
         if b.data_disk is None:
             return fstab_entry(b.image_path, b.mount_point, loop=True)
-        fs = btrfs_sysfs_dir(source)
-        return fstab_entry(f"UUID={fs.name}", b.mount_point, loop=False) if fs else None
+        fsid = btrfs_fsid(b.mount_point)
+        return fstab_entry(f"UUID={fsid}", b.mount_point, loop=False) if fsid else None
 
     def check(self) -> StepState:
         problems = []
@@ -3526,7 +3546,7 @@ class BtrfsStep(Step):
         fstab = read_text_or(FSTAB)
         if entry is None or fstab_with_entry(fstab, entry) != fstab:
             problems.append("the tagged fstab line is missing or differs")
-        fs = btrfs_sysfs_dir(source)
+        fs = btrfs_sysfs_dir(str(self.mount_point))
         if fs is None or not (fs / "qgroups").is_dir():
             problems.append("quota is not enabled")
         if not is_btrfs_subvolume(self.mount_point / "data"):
@@ -3627,7 +3647,7 @@ class BtrfsStep(Step):
                     hint=f"Move it away; bootstrap.py creates {data} as a subvolume.",
                 )
             run_command(["btrfs", "subvolume", "create", str(data)], sudo=True, timeout_s=60)
-        fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
+        fs = btrfs_sysfs_dir(str(mp))
         if fs is None or not (fs / "qgroups").is_dir():
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
         for name, mode in BTRFS_DIR_MODES.items():  # parents first: each is the user's before we look inside

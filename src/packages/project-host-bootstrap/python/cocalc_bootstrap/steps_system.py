@@ -18,6 +18,7 @@ from .facts import (
     ENV_FILE,
     FSTAB,
     SYSTEMD_UNIT_DIR,
+    btrfs_fsid,
     btrfs_sysfs_dir,
     is_btrfs_subvolume,
     mount_at,
@@ -87,8 +88,8 @@ class BtrfsStep(Step):
         b = self.config.btrfs
         if b.data_disk is None:
             return fstab_entry(b.image_path, b.mount_point, loop=True)
-        fs = btrfs_sysfs_dir(source)
-        return fstab_entry(f"UUID={fs.name}", b.mount_point, loop=False) if fs else None
+        fsid = btrfs_fsid(b.mount_point)
+        return fstab_entry(f"UUID={fsid}", b.mount_point, loop=False) if fsid else None
 
     def check(self) -> StepState:
         problems = []
@@ -115,7 +116,7 @@ class BtrfsStep(Step):
         fstab = read_text_or(FSTAB)
         if entry is None or fstab_with_entry(fstab, entry) != fstab:
             problems.append("the tagged fstab line is missing or differs")
-        fs = btrfs_sysfs_dir(source)
+        fs = btrfs_sysfs_dir(str(self.mount_point))
         if fs is None or not (fs / "qgroups").is_dir():
             problems.append("quota is not enabled")
         if not is_btrfs_subvolume(self.mount_point / "data"):
@@ -216,7 +217,7 @@ class BtrfsStep(Step):
                     hint=f"Move it away; bootstrap.py creates {data} as a subvolume.",
                 )
             run_command(["btrfs", "subvolume", "create", str(data)], sudo=True, timeout_s=60)
-        fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
+        fs = btrfs_sysfs_dir(str(mp))
         if fs is None or not (fs / "qgroups").is_dir():
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
         for name, mode in BTRFS_DIR_MODES.items():  # parents first: each is the user's before we look inside

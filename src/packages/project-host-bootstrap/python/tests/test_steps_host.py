@@ -219,3 +219,24 @@ def test_finalize_step_writes_ours_and_upstreams_markers(tmp_path: Path, monkeyp
     assert "missing or stale" in step.check().detail
     changed = make_config(tmp_path, node={"version": "22.0.0"})
     assert not bootstrap.FinalizeStep(context(changed)).check().satisfied
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None,
+    reason="needs root and btrfs-progs to mount a btrfs loop image",
+)
+def test_btrfs_sysfs_dir_is_found_by_fsid_not_by_device_name(tmp_path: Path) -> None:
+    image, mount = tmp_path / "fs.img", tmp_path / "m"
+    mount.mkdir()
+    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        uuid = subprocess.run(
+            ["blkid", "-o", "value", "-s", "UUID", str(image)], capture_output=True, text=True
+        ).stdout.strip()
+        assert bootstrap.btrfs_fsid(str(mount)) == uuid
+        assert bootstrap.btrfs_sysfs_dir(str(mount)) == Path("/sys/fs/btrfs") / uuid
+        assert bootstrap.btrfs_fsid(str(tmp_path)) is None  # not btrfs
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
