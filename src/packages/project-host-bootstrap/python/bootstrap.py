@@ -3771,7 +3771,7 @@ class FinalizeStep(Step):
     upstream looks (/btrfs/data/.bootstrap_done, /var/lib/cocalc/.bootstrap_done)."""
 
     name = "finalize"
-    deps = ("service", "chrony", "tunnel")
+    deps = ("service", "chrony", "tunnel", "gpu")
     weight_s = 0.2
     phase = "finishing"
     hint = "The bootstrap directory must be writable."
@@ -4174,6 +4174,163 @@ class TunnelStep(Step):
         return True
 
 
+# -- GPU hosts -------------------------------------------------------------------------
+
+NVIDIA_KEYRING = Path("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg")
+NVIDIA_SOURCES = Path("/etc/apt/sources.list.d/nvidia-container-toolkit.list")
+NVIDIA_DEVICE = Path("/dev/nvidiactl")  # there when an NVIDIA driver is loaded
+CDI_HELPER = Path("/usr/local/sbin/cocalc-nvidia-cdi")
+CDI_SPEC = "/etc/cdi/nvidia.yaml"
+CDI_UNIT = "cocalc-nvidia-cdi"
+GPU_GROUPS = ("video", "render")
+
+
+def render_nvidia_sources(repo_url: str) -> str:
+    return f"# Written by bootstrap.py; edits are overwritten.\ndeb [signed-by={NVIDIA_KEYRING}] {repo_url} /\n"
+
+
+def render_cdi_helper(output: str = CDI_SPEC) -> str:
+    """Regenerates the CDI spec (it goes stale after driver changes)."""
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            "# Written by bootstrap.py; edits are overwritten. Run by cocalc-nvidia-cdi.timer.",
+            "set -eu",
+            f'mkdir -p "$(dirname {shlex.quote(output)})"',
+            f"exec nvidia-ctk cdi generate --output={shlex.quote(output)}",
+            "",
+        ]
+    )
+
+
+def render_cdi_units(interval_s: int) -> dict[str, str]:
+    """The oneshot service and its timer (upstream used cron every 5 minutes)."""
+    service = "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Regenerate the NVIDIA CDI spec for containers",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            f"ExecStart={CDI_HELPER}",
+            "",
+        ]
+    )
+    timer = "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Regenerate the NVIDIA CDI spec regularly",
+            "",
+            "[Timer]",
+            "OnBootSec=30s",
+            f"OnUnitActiveSec={interval_s}s",
+            "",
+            "[Install]",
+            "WantedBy=timers.target",
+            "",
+        ]
+    )
+    return {f"{CDI_UNIT}.service": service, f"{CDI_UNIT}.timer": timer}
+
+
+def user_groups(user: str) -> set[str]:
+    found = run_command(["id", "-nG", user], check=False, timeout_s=30)
+    return set(found.output.split()) if found.returncode == 0 else set()
+
+
+class GpuStep(Step):
+    """NVIDIA's container toolkit on GPU hosts: its apt repository with a pinned
+    keyring, the packages, the user in video and render, and the CDI spec kept
+    fresh by a systemd timer. A host without an NVIDIA GPU skips it, and says so."""
+
+    name = "gpu"
+    deps = ("apt",)  # apt/dpkg one at a time
+    weight_s = 20.0
+    phase = "setting up the GPU"
+    hint = "Check the NVIDIA driver (nvidia-smi) and gpu.repo_url / gpu.keyring_sha256 in the config."
+
+    def inputs(self) -> Mapping[str, Any]:
+        gpu = self.config.gpu
+        return {"gpu": None if gpu is None else gpu.to_dict(), "gpu_present": NVIDIA_DEVICE.exists()}
+
+    def skip_reason(self) -> str | None:
+        if self.config.gpu is None:
+            return "no GPU configured"
+        if not NVIDIA_DEVICE.exists():
+            return f"no NVIDIA GPU on this host ({NVIDIA_DEVICE} is missing): the container toolkit is not installed"
+        return None
+
+    def files(self) -> dict[Path, tuple[str, int]]:
+        gpu = self.config.gpu
+        assert gpu is not None
+        out = {NVIDIA_SOURCES: (render_nvidia_sources(gpu.repo_url), 0o644), CDI_HELPER: (render_cdi_helper(), 0o755)}
+        out |= {SYSTEMD_UNIT_DIR / n: (t, 0o644) for n, t in render_cdi_units(gpu.cdi_interval_s).items()}
+        return out
+
+    def problems(self) -> list[str]:
+        gpu = self.config.gpu
+        assert gpu is not None
+        problems = []
+        try:
+            if file_sha256(NVIDIA_KEYRING) != gpu.keyring_sha256:
+                problems.append(f"{NVIDIA_KEYRING} differs from the pinned keyring")
+        except OSError:
+            problems.append(f"{NVIDIA_KEYRING} is missing")
+        problems += [
+            f"{p} is missing or differs" for p, (c, m) in self.files().items() if not file_matches(p, c, mode=m)
+        ]
+        missing = missing_packages(gpu.packages)
+        if missing:
+            problems.append(f"not installed: {' '.join(missing)}")
+        absent = [g for g in GPU_GROUPS if g not in user_groups(self.config.bootstrap_user)]
+        if absent:
+            problems.append(f"{self.config.bootstrap_user} is not in {', '.join(absent)}")
+        if systemctl_state("is-enabled", f"{CDI_UNIT}.timer") != "enabled":
+            problems.append(f"{CDI_UNIT}.timer is not enabled")
+        if not Path(CDI_SPEC).exists():
+            problems.append(f"{CDI_SPEC} is missing")
+        return problems
+
+    def check(self) -> StepState:
+        why = self.skip_reason()
+        if why is not None:
+            return StepState(True, why)
+        problems = self.problems()
+        return StepState(not problems, "; ".join(problems) or "NVIDIA container toolkit, CDI spec and timer in place")
+
+    def apply(self) -> None:
+        why = self.skip_reason()
+        gpu = self.config.gpu
+        if why is not None or gpu is None:
+            self.log.info(why or "no GPU configured")
+            return
+        keyring = downloads_dir(self.config) / "nvidia-container-toolkit-keyring.gpg"
+        download_verified(gpu.keyring_url, keyring, gpu.keyring_sha256, log=self.log)
+        make_root_dirs(NVIDIA_KEYRING.parent)
+        run_command(
+            ["install", "-m", "0644", "-o", "root", "-g", "root", str(keyring), str(NVIDIA_KEYRING)],
+            sudo=True,
+            timeout_s=30,
+        )
+        for path, (content, mode) in self.files().items():
+            if not file_matches(path, content, mode=mode):
+                write_root_file(path, content, mode=mode)
+                self.log.info(f"wrote {path}")
+        spec = self.config.apt
+        apt_update(spec.lock_timeout_s, self.log)  # the new repository's lists
+        apt_install(gpu.packages, spec.lock_timeout_s, self.log)
+        for group in GPU_GROUPS:
+            if run_command(["getent", "group", group], check=False, timeout_s=30).returncode != 0:
+                run_command(["groupadd", "--system", group], sudo=True, timeout_s=30)
+        run_command(["usermod", "-aG", ",".join(GPU_GROUPS), self.config.bootstrap_user], sudo=True, timeout_s=30)
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+        run_command(["systemctl", "enable", "--now", f"{CDI_UNIT}.timer"], sudo=True, timeout_s=120)
+        run_command(["systemctl", "start", f"{CDI_UNIT}.service"], sudo=True, timeout_s=300, hint=self.hint)
+        self.log.info(f"generated {CDI_SPEC}; {CDI_UNIT}.timer regenerates it every {gpu.cdi_interval_s}s")
+
+
 # ============================================================================
 # engine: The plan (steps as a dependency graph), state, the lock and the runner.
 # ============================================================================
@@ -4196,6 +4353,7 @@ STEPS: tuple[type[Step], ...] = (
     ContainersStep,
     ChronyStep,
     TunnelStep,
+    GpuStep,
     ServiceStep,
     FinalizeStep,
 )

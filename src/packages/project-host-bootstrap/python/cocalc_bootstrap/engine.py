@@ -37,7 +37,7 @@ from .steps_install import (
     InstallToolsStep,
     NodeStep,
 )
-from .steps_platform import ChronyStep, ContainersStep, TunnelStep
+from .steps_platform import ChronyStep, ContainersStep, GpuStep, TunnelStep
 from .steps_system import BtrfsStep, FinalizeStep, ServiceStep
 
 STEPS: tuple[type[Step], ...] = (
@@ -57,6 +57,7 @@ STEPS: tuple[type[Step], ...] = (
     ContainersStep,
     ChronyStep,
     TunnelStep,
+    GpuStep,
     ServiceStep,
     FinalizeStep,
 )

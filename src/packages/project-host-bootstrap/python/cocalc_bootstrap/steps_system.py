@@ -341,7 +341,7 @@ class FinalizeStep(Step):
     upstream looks (/btrfs/data/.bootstrap_done, /var/lib/cocalc/.bootstrap_done)."""
 
     name = "finalize"
-    deps = ("service", "chrony", "tunnel")
+    deps = ("service", "chrony", "tunnel", "gpu")
     weight_s = 0.2
     phase = "finishing"
     hint = "The bootstrap directory must be writable."

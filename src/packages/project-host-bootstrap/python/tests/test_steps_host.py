@@ -148,7 +148,7 @@ def test_step_graph_starts_apt_downloads_and_node_at_once() -> None:
     for name in ("apt", "download_project_host", "download_project", "download_tools", "node"):
         assert set(by_name[name].deps) <= {"preflight", "directories"}
     assert "btrfs" in by_name["service"].deps and "apt" in by_name["btrfs"].deps
-    assert by_name["finalize"].deps == ("service", "chrony", "tunnel")
+    assert by_name["finalize"].deps == ("service", "chrony", "tunnel", "gpu")
     # what upstream's daemon needs exists before it starts
     assert {"containers", "btrfs", "secrets", "files"} <= set(by_name["service"].deps)
     assert {"apt", "btrfs"} <= set(by_name["containers"].deps) and "btrfs" in by_name["secrets"].deps

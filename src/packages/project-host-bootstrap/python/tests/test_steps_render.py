@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import bootstrap
+import pytest
 from test_steps_support import make_config
 
 ENTRY = bootstrap.fstab_entry("/var/lib/cocalc/btrfs.img", "/btrfs", loop=True)
@@ -289,3 +290,62 @@ def test_tunnel_step_without_a_tunnel_is_satisfied(tmp_path: Path) -> None:
 
     state = bootstrap.TunnelStep(context(make_config(tmp_path))).check()
     assert state.satisfied and "no tunnel" in state.detail
+
+
+GPU = {
+    "repo_url": "https://nvidia.example.org/libnvidia-container/stable/deb/amd64",
+    "keyring_url": "https://nvidia.example.org/libnvidia-container/gpgkey.gpg",
+    "keyring_sha256": "b" * 64,
+    "cdi_interval_s": 120,
+}
+
+
+def test_gpu_step_skips_a_host_without_an_nvidia_gpu_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_steps_support import context
+
+    assert bootstrap.GpuStep(context(make_config(tmp_path))).check().detail == "no GPU configured"
+    monkeypatch.setattr(bootstrap, "NVIDIA_DEVICE", tmp_path / "nvidiactl")  # not there, as on this machine
+    step = bootstrap.GpuStep(context(make_config(tmp_path, gpu=GPU)))
+    state = step.check()
+    assert state.satisfied and "no NVIDIA GPU on this host" in state.detail and "nvidiactl is missing" in state.detail
+    step.apply()  # changes nothing, says why
+    (tmp_path / "nvidiactl").touch()  # a GPU: now there is work to do
+    assert not bootstrap.GpuStep(context(make_config(tmp_path, gpu=GPU))).check().satisfied
+
+
+def test_gpu_files_render_the_repository_keyring_unit_and_timer(tmp_path: Path) -> None:
+    from test_steps_support import context
+
+    files = bootstrap.GpuStep(context(make_config(tmp_path, gpu=GPU))).files()
+    by_name = {p.name: content for p, (content, _) in files.items()}
+    assert by_name["nvidia-container-toolkit.list"].splitlines()[-1] == (
+        "deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] "
+        "https://nvidia.example.org/libnvidia-container/stable/deb/amd64 /"
+    )
+    service, timer = by_name["cocalc-nvidia-cdi.service"].splitlines(), by_name["cocalc-nvidia-cdi.timer"].splitlines()
+    assert "Type=oneshot" in service and "ExecStart=/usr/local/sbin/cocalc-nvidia-cdi" in service
+    assert "OnUnitActiveSec=120s" in timer and "WantedBy=timers.target" in timer
+    assert {p: m for p, (_, m) in files.items()}[Path("/usr/local/sbin/cocalc-nvidia-cdi")] == 0o755
+
+
+def test_cdi_helper_runs_nvidia_ctk_as_upstream_did(tmp_path: Path) -> None:
+    """Against a stand-in nvidia-ctk that records its arguments and writes the spec."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "args"
+    (bin_dir / "nvidia-ctk").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\nout=${{3#--output=}}\necho "cdiVersion: 0.5.0" > "$out"\n'
+    )
+    (bin_dir / "nvidia-ctk").chmod(0o755)
+    spec = tmp_path / "cdi dir" / "nvidia.yaml"
+    helper = tmp_path / "cocalc-nvidia-cdi"
+    helper.write_text(bootstrap.render_cdi_helper(str(spec)))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["sh", str(helper)], check=True, env=env)
+    assert record.read_text().splitlines() == ["cdi", "generate", f"--output={spec}"]
+    assert spec.read_text() == "cdiVersion: 0.5.0\n"
+    assert (
+        bootstrap.render_cdi_helper().splitlines()[-1] == "exec nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
+    )
