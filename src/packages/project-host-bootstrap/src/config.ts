@@ -196,7 +196,7 @@ export const DataDiskSchema = z
   .strictObject({
     candidates: z.array(AbsPath).min(1).max(16).describe("Block devices to use, in order of preference (e.g. /dev/disk/by-id/...)."),
     min_size_gb: PosInt(1 << 20).describe("Refuse a disk smaller than this."),
-    wait_s: NonNegInt(3600).default(300).describe("How long to wait for a candidate to appear."),
+    wait_s: NonNegInt(3600).default(600).describe("How long to wait for a usable candidate (upstream: 600 s)."),
   })
   .describe("A dedicated data disk for /btrfs. Never reformats a disk that holds another filesystem.");
 

@@ -299,7 +299,7 @@ class AptSpec(ConfigSpec):
 class DataDiskSpec(ConfigSpec):
     candidates: Annotated[tuple[AbsPath, ...], Items(16, low=1)]
     min_size_gb: SizeGb
-    wait_s: Annotated[int, Range(0, 3600)] = 300
+    wait_s: Annotated[int, Range(0, 3600)] = 600
 
 
 @dataclass(frozen=True, kw_only=True)
