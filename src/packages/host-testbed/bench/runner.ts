@@ -15,7 +15,7 @@ import { chmodSync, copyFileSync, mkdirSync } from "node:fs";
 import { ThrowawayHost } from "../src/host.js";
 import { publishSite, type BundleName } from "../src/artifacts.js";
 import { hostsDir } from "../src/paths.js";
-import { TEST_APT_PACKAGES, Testbed, testHostRecord, type BootstrapRun, type ProvisionedTestHost } from "../src/testbed.js";
+import { TEST_APT_PACKAGES, Testbed, testHostRecord, testSecrets, type BootstrapRun, type ProvisionedTestHost } from "../src/testbed.js";
 import {
   aptCommands,
   changedSteps,
@@ -200,7 +200,7 @@ async function parallelHostRuns(ctx: RunContext, iteration: number): Promise<Run
     if (ctx.opts.kinds.includes("version_change")) {
       publish(ctx, `1.0.${iteration}`);
       // Re-register the same host: the hub assembles its config from the new manifests.
-      const again = await p.hub.provisionHost({ ...testHostRecord(host, new URL(p.healthUrl).origin), id: p.hostId });
+      const again = await p.hub.provisionHost({ ...testHostRecord(host, new URL(p.healthUrl).origin), id: p.hostId }, { secrets: testSecrets() });
       out.push(await measure(ctx, "version_change", iteration, host, { ...p, token: again.token, stub: again.stub, config: again.config }));
     }
     return out;

@@ -21,6 +21,7 @@ export {
   Testbed,
   freePort,
   testHostRecord,
+  testSecrets,
   STUB_PATH,
   TEST_APT_PACKAGES,
   TESTBED_OS,

@@ -200,12 +200,9 @@ export class Testbed {
     // The hosts share this machine's network namespace: every daemon needs its own port.
     const port = await freePort();
     const internalUrl = `http://127.0.0.1:${port}`;
-    const tunnelToken = randomBytes(48).toString("base64");
-    const p = await hub.provisionHost(
-      { ...testHostRecord(host, internalUrl, this.opts.arch), daemon_port: port, daemon_https: false, env: TEST_EXTRA_ENV },
-      // every host gets a tunnel token too, so that a tunnel can be switched on for any of them
-      { secrets: { "conat-password": randomBytes(24).toString("base64url"), "cloudflared-token": tunnelToken } },
-    );
+    const secrets = testSecrets();
+    const p = await hub.provisionHost(testHostRecord(host, internalUrl, this.opts.arch), { secrets });
+    const tunnelToken = secrets["cloudflared-token"]!;
     return {
       hostId: p.hostId,
       hostName: host.name,
@@ -266,12 +263,29 @@ export class Testbed {
   }
 }
 
-/** The hub's record of a throwaway host (what a cloud provider's API would have told it). */
+/**
+ * The secrets the hub stores for a test host: the conat password (a secret
+ * every host fetches) and a tunnel token, so that a tunnel can be switched on
+ * for any of them.
+ */
+export function testSecrets(): Record<string, string> {
+  return { "conat-password": randomBytes(24).toString("base64url"), "cloudflared-token": randomBytes(48).toString("base64") };
+}
+
+/**
+ * The hub's record of a throwaway host (what a cloud provider's API would have
+ * told it): the daemon listens, without TLS, on the port of `internalUrl` (the
+ * hosts share this machine's network, so each has its own), and the hub adds
+ * the env entries both parsers must read the same.
+ */
 export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, internalUrl: string, arch: Arch = "amd64") {
   return {
     id: randomUUID(),
     name: host.name,
     region: "testbed-1",
+    daemon_port: Number(new URL(internalUrl).port),
+    daemon_https: false,
+    env: TEST_EXTRA_ENV,
     runtime_user: host.user,
     arch,
     disk_size_gb: TEST_DISK_SIZE_GB,
