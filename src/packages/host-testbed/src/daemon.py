@@ -57,7 +57,7 @@ REQUIRED = (
 MAY_BE_EMPTY = {"PROJECT_HOST_REGION"}  # present, but a host may have no region
 
 
-def parse_env_file(text: str) -> dict:
+def parse_env_file(text: str) -> dict[str, str]:
     """The real daemon's reading of its env file."""
     out = {}
     for raw in text.splitlines():
@@ -76,11 +76,12 @@ def writable_dir(path: str) -> bool:
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
-def contract_problems(env: dict, from_file: dict) -> list:
+def contract_problems(env: dict[str, str], from_file: dict[str, str]) -> list[str]:
     problems = []
     for key, value in from_file.items():
         if os.environ.get(key) != value:
-            problems.append(f"{key}: the env file says {value!r} to the daemon's parser, systemd gave {os.environ.get(key)!r}")
+            seen = os.environ.get(key)
+            problems.append(f"{key}: the env file says {value!r} to the daemon's parser, systemd gave {seen!r}")
     missing = [k for k in REQUIRED if not env.get(k) and not (k in MAY_BE_EMPTY and k in env)]
     problems += [f"{k} is missing or empty" for k in missing]
     if missing:
@@ -105,8 +106,9 @@ def contract_problems(env: dict, from_file: dict) -> list:
     for key in ("COCALC_PROJECT_TOOLS", "COCALC_BIN_PATH"):
         if not os.path.isdir(os.path.join(env[key], "bin")):
             problems.append(f"{key} {env[key]} has no bin/")
-    if "[project_id]" not in env["COCALC_SYNC_PROJECTS"] or not env["COCALC_SYNC_PROJECTS"].startswith(mount + "/"):
-        problems.append(f"COCALC_SYNC_PROJECTS {env['COCALC_SYNC_PROJECTS']} is not a {mount}/...[project_id]... template")
+    sync = env["COCALC_SYNC_PROJECTS"]
+    if "[project_id]" not in sync or not sync.startswith(mount + "/"):
+        problems.append(f"COCALC_SYNC_PROJECTS {sync} is not a {mount}/...[project_id]... template")
     if env["COCALC_PROJECT_HOST_HTTPS"] not in ("0", "1"):
         problems.append("COCALC_PROJECT_HOST_HTTPS is not 0 or 1")
     elif env["COCALC_PROJECT_HOST_HTTPS"] == "1" and not env.get("COCALC_PROJECT_HOST_HTTPS_HOSTNAME"):
@@ -116,7 +118,9 @@ def contract_problems(env: dict, from_file: dict) -> list:
     password = os.path.join(data, "secrets", "conat-password")
     try:
         st = os.stat(password)
-        if stat.S_IMODE(st.st_mode) != 0o600 or st.st_uid != os.getuid() or not open(password).read().strip():
+        with open(password, encoding="utf-8") as f:
+            empty = not f.read().strip()
+        if stat.S_IMODE(st.st_mode) != 0o600 or st.st_uid != os.getuid() or empty:
             problems.append(f"{password} is not a non-empty 0600 file of this user")
     except OSError as e:
         problems.append(f"{password}: {e.strerror}")
@@ -141,7 +145,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 def main() -> int:
     try:
-        text = open(ENV_FILE, encoding="utf-8").read()
+        with open(ENV_FILE, encoding="utf-8") as f:
+            text = f.read()
     except OSError as e:
         print(f"project-host: cannot read {ENV_FILE} ({e.strerror}); refusing to start", file=sys.stderr)
         return 78  # EX_CONFIG
@@ -153,7 +158,11 @@ def main() -> int:
         return 78
     port = int(env["PORT"])
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    print(f"project-host {VERSION} listening on 127.0.0.1:{port} ({len(from_file)} keys from {ENV_FILE})", file=sys.stderr, flush=True)
+    print(
+        f"project-host {VERSION} listening on 127.0.0.1:{port} ({len(from_file)} keys from {ENV_FILE})",
+        file=sys.stderr,
+        flush=True,
+    )
     server.serve_forever()
     return 0
 
