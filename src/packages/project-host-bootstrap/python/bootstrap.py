@@ -1593,6 +1593,16 @@ def btrfs_sysfs_dir(mount_point: str) -> Path | None:
     return path if path is not None and path.is_dir() else None
 
 
+def btrfs_quota_enabled(mount_point: str) -> bool:
+    """Quota (qgroups) on for the btrfs at `mount_point`: from sysfs when it is
+    visible, else (in a container /sys/fs/btrfs is hidden) from btrfs itself."""
+    fs = btrfs_sysfs_dir(mount_point)
+    if fs is not None:
+        return (fs / "qgroups").is_dir()
+    found = run_command(["btrfs", "qgroup", "show", mount_point], sudo=True, check=False, timeout_s=60)
+    return found.returncode == 0
+
+
 def is_btrfs_subvolume(path: Path) -> bool:
     try:
         return path.stat().st_ino == BTRFS_SUBVOLUME_INO and not path.is_symlink()
@@ -3546,8 +3556,7 @@ class BtrfsStep(Step):
         fstab = read_text_or(FSTAB)
         if entry is None or fstab_with_entry(fstab, entry) != fstab:
             problems.append("the tagged fstab line is missing or differs")
-        fs = btrfs_sysfs_dir(str(self.mount_point))
-        if fs is None or not (fs / "qgroups").is_dir():
+        if not btrfs_quota_enabled(str(self.mount_point)):
             problems.append("quota is not enabled")
         if not is_btrfs_subvolume(self.mount_point / "data"):
             problems.append(f"{self.mount_point / 'data'} is not a subvolume")
@@ -3647,8 +3656,7 @@ class BtrfsStep(Step):
                     hint=f"Move it away; bootstrap.py creates {data} as a subvolume.",
                 )
             run_command(["btrfs", "subvolume", "create", str(data)], sudo=True, timeout_s=60)
-        fs = btrfs_sysfs_dir(str(mp))
-        if fs is None or not (fs / "qgroups").is_dir():
+        if not btrfs_quota_enabled(str(mp)):
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
         for name, mode in BTRFS_DIR_MODES.items():  # parents first: each is the user's before we look inside
             path = mp / name

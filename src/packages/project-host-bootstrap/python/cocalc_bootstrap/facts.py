@@ -227,6 +227,16 @@ def btrfs_sysfs_dir(mount_point: str) -> Path | None:
     return path if path is not None and path.is_dir() else None
 
 
+def btrfs_quota_enabled(mount_point: str) -> bool:
+    """Quota (qgroups) on for the btrfs at `mount_point`: from sysfs when it is
+    visible, else (in a container /sys/fs/btrfs is hidden) from btrfs itself."""
+    fs = btrfs_sysfs_dir(mount_point)
+    if fs is not None:
+        return (fs / "qgroups").is_dir()
+    found = run_command(["btrfs", "qgroup", "show", mount_point], sudo=True, check=False, timeout_s=60)
+    return found.returncode == 0
+
+
 def is_btrfs_subvolume(path: Path) -> bool:
     try:
         return path.stat().st_ino == BTRFS_SUBVOLUME_INO and not path.is_symlink()

@@ -19,7 +19,7 @@ from .facts import (
     FSTAB,
     SYSTEMD_UNIT_DIR,
     btrfs_fsid,
-    btrfs_sysfs_dir,
+    btrfs_quota_enabled,
     is_btrfs_subvolume,
     mount_at,
     read_text_or,
@@ -116,8 +116,7 @@ class BtrfsStep(Step):
         fstab = read_text_or(FSTAB)
         if entry is None or fstab_with_entry(fstab, entry) != fstab:
             problems.append("the tagged fstab line is missing or differs")
-        fs = btrfs_sysfs_dir(str(self.mount_point))
-        if fs is None or not (fs / "qgroups").is_dir():
+        if not btrfs_quota_enabled(str(self.mount_point)):
             problems.append("quota is not enabled")
         if not is_btrfs_subvolume(self.mount_point / "data"):
             problems.append(f"{self.mount_point / 'data'} is not a subvolume")
@@ -217,8 +216,7 @@ class BtrfsStep(Step):
                     hint=f"Move it away; bootstrap.py creates {data} as a subvolume.",
                 )
             run_command(["btrfs", "subvolume", "create", str(data)], sudo=True, timeout_s=60)
-        fs = btrfs_sysfs_dir(str(mp))
-        if fs is None or not (fs / "qgroups").is_dir():
+        if not btrfs_quota_enabled(str(mp)):
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
         for name, mode in BTRFS_DIR_MODES.items():  # parents first: each is the user's before we look inside
             path = mp / name
