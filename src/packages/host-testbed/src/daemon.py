@@ -97,7 +97,8 @@ def contract_problems(env: dict[str, str], from_file: dict[str, str]) -> list[st
     mount = env["COCALC_FILE_SERVER_MOUNTPOINT"]
     if not os.path.ismount(mount):
         problems.append(f"COCALC_FILE_SERVER_MOUNTPOINT {mount} is not a mount point")
-    if not data.startswith(mount + "/"):
+    under = mount.rstrip("/") + "/"
+    if not data.startswith(under):
         problems.append(f"DATA {data} is not on {mount}")
     if not os.path.isdir(os.path.dirname(env["COCALC_LITE_SQLITE_FILENAME"])):
         problems.append(f"COCALC_LITE_SQLITE_FILENAME {env['COCALC_LITE_SQLITE_FILENAME']}: no such directory")
@@ -107,7 +108,7 @@ def contract_problems(env: dict[str, str], from_file: dict[str, str]) -> list[st
         if not os.path.isdir(os.path.join(env[key], "bin")):
             problems.append(f"{key} {env[key]} has no bin/")
     sync = env["COCALC_SYNC_PROJECTS"]
-    if "[project_id]" not in sync or not sync.startswith(mount + "/"):
+    if "[project_id]" not in sync or not sync.startswith(under):
         problems.append(f"COCALC_SYNC_PROJECTS {sync} is not a {mount}/...[project_id]... template")
     if env["COCALC_PROJECT_HOST_HTTPS"] not in ("0", "1"):
         problems.append("COCALC_PROJECT_HOST_HTTPS is not 0 or 1")
