@@ -16,7 +16,7 @@ import { type BundleName, publishSite } from "../src/artifacts.js";
 import { newestRunEvents } from "../src/end-state.js";
 import { ThrowawayHost } from "../src/host.js";
 import { hostsDir } from "../src/paths.js";
-import { type BootstrapRun, type ProvisionedTestHost, TEST_APT_PACKAGES, Testbed, testHostRecord } from "../src/testbed.js";
+import { type BootstrapRun, type ProvisionedTestHost, TEST_APT_PACKAGES, Testbed, testHostRecord, testSecrets } from "../src/testbed.js";
 import {
   aptCommands,
   type ByteSample,
@@ -214,7 +214,7 @@ async function parallelHostRuns(ctx: RunContext, iteration: number): Promise<Run
     if (ctx.opts.kinds.includes("version_change")) {
       publish(ctx, `1.0.${iteration}`);
       // Re-register the same host: the hub assembles its config from the new manifests.
-      const again = await p.hub.provisionHost({ ...testHostRecord(host, new URL(p.healthUrl).origin), id: p.hostId });
+      const again = await p.hub.provisionHost({ ...testHostRecord(host, new URL(p.healthUrl).origin), id: p.hostId }, { secrets: testSecrets() });
       out.push(await measure(ctx, "version_change", iteration, host, { ...p, token: again.token, stub: again.stub, config: again.config }));
     }
     return out;

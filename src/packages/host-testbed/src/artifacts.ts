@@ -323,11 +323,62 @@ export interface PublishedSite {
   baseUrl: string;
   bundles: Record<BundleName, PublishedBundle>;
   node: { version: string; dist_url: string; sha256: string };
+  /** cloudflared's .deb, the fourth artifact, when it was published. */
+  cloudflared?: { version: string; url: string; sha256: string; size_bytes: number; manifestUrl: string };
+}
+
+// --- cloudflared (stand-in) ------------------------------------------------------
+
+const CLOUDFLARED_SOURCE = fileURLToPath(new URL("../src/cloudflared.py", import.meta.url));
+export const CLOUDFLARED_VERSION = "2025.1.0";
+
+export interface BuiltDeb extends BuiltFile {
+  version: string;
+}
+
+/**
+ * A stand-in cloudflared package (`/usr/bin/cloudflared`, python3, Architecture
+ * all) built with dpkg-deb: it records its arguments and the sha256 of
+ * TUNNEL_TOKEN, then waits. Cached by its inputs.
+ */
+export async function buildCloudflaredDeb(version = CLOUDFLARED_VERSION, log: (line: string) => void = () => {}): Promise<BuiltDeb> {
+  const program = readFileSync(CLOUDFLARED_SOURCE, "utf8").replace("@VERSION@", version);
+  const dir = join(cacheDir(), "artifacts", "cloudflared", `${version}-${keyOf({ version, program })}`);
+  const path = join(dir, `cloudflared_${version}_all.deb`);
+  if (!existsSync(path)) {
+    log(`building the stand-in cloudflared ${version} .deb`);
+    const staging = join(dir, `staging-${process.pid}`);
+    rmSync(staging, { recursive: true, force: true });
+    mkdirSync(join(staging, "DEBIAN"), { recursive: true });
+    mkdirSync(join(staging, "usr", "bin"), { recursive: true });
+    writeFileSync(
+      join(staging, "DEBIAN", "control"),
+      [
+        "Package: cloudflared",
+        `Version: ${version}`,
+        "Architecture: all",
+        "Maintainer: host-testbed <testbed@example.org>",
+        "Depends: python3",
+        "Description: stand-in cloudflared for the bootstrap tests",
+        " Records its arguments and a hash of TUNNEL_TOKEN, then waits.",
+        "",
+      ].join("\n"),
+    );
+    writeFileSync(join(staging, "usr", "bin", "cloudflared"), program);
+    chmodSync(join(staging, "usr", "bin", "cloudflared"), 0o755);
+    const part = `${path}.${process.pid}.part`;
+    await run(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", staging, part]);
+    renameSync(part, path);
+    rmSync(staging, { recursive: true, force: true });
+  }
+  return { ...(await builtFile(path)), version };
 }
 
 export interface PublishOptions {
   /** The manifest and .sha256 of this bundle carry a wrong checksum. */
   wrongChecksum?: BundleName;
+  /** Also publish cloudflared's .deb as the fourth artifact (manifest and .sha256). */
+  cloudflared?: BuiltDeb;
   /**
    * Arch the manifests are published for (default amd64). The bundles hold
    * only python3 and shell, so one build serves every arch.
@@ -397,7 +448,32 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
   }
   mkdirSync(join(dir, "node"), { recursive: true });
   symlinkSync(join(node.mirrorDir, `v${node.spec.version}`), join(dir, "node", `v${node.spec.version}`));
-  return { dir, baseUrl: base, bundles: out, node: { version: node.spec.version, dist_url: `${base}/node`, sha256: node.sha256 } };
+  const site: PublishedSite = { dir, baseUrl: base, bundles: out, node: { version: node.spec.version, dist_url: `${base}/node`, sha256: node.sha256 } };
+  const deb = opts.cloudflared;
+  if (deb) {
+    const fileName = `cloudflared-linux-${arch}.deb`;
+    const rel = `cloudflared/${deb.version}/${fileName}`;
+    mkdirSync(join(dir, "cloudflared", deb.version), { recursive: true });
+    symlinkSync(deb.path, join(dir, rel));
+    writeFileSync(join(dir, `${rel}.sha256`), `${deb.sha256}  ${fileName}\n`);
+    const manifest = {
+      url: `${base}/${rel}`,
+      sha256: deb.sha256,
+      size_bytes: deb.size_bytes,
+      built_at: new Date(statSync(deb.path).mtimeMs).toISOString(),
+      os: "linux",
+      arch,
+    };
+    writeFileSync(join(dir, "cloudflared", `latest-linux-${arch}.json`), `${JSON.stringify(manifest, null, 2)}\n`);
+    site.cloudflared = {
+      version: deb.version,
+      url: manifest.url,
+      sha256: deb.sha256,
+      size_bytes: deb.size_bytes,
+      manifestUrl: `${base}/cloudflared/latest-linux-${arch}.json`,
+    };
+  }
+  return site;
 }
 
 /** Default small bundles for the tests; the benchmark passes its own sizes. */

@@ -1,20 +1,131 @@
 #!/usr/bin/env python3
-"""Stand-in project-host daemon for the tests: a real server on the port
-from its environment that answers GET /healthz with 200.
+"""Stand-in project-host daemon for the tests: a real server on PORT that
+answers GET /healthz with 200, and that holds the host to the contract the
+real daemon relies on (UPSTREAM.md 13) before it starts:
 
-It refuses to start without its env file, like the real daemon, so a unit
-that starts before the bootstrap wrote the file fails loudly."""
+- it reads /etc/cocalc/project-host.env itself, as the real daemon does
+  (KEY=VALUE lines, # lines skipped, one pair of surrounding quotes
+  stripped), and refuses to start unless every key of the file has the same
+  value in its process environment, which systemd set from the same file
+  with EnvironmentFile=: so both readings agree on the real values;
+- it refuses to start unless every key it depends on is present and points
+  at something that exists (DATA writable, TMPDIR writable, the tools bin/,
+  the project bundles, the mounted file server, the conat password 0600...).
+
+Exit 78 (EX_CONFIG) with every problem listed on stderr when it refuses.
+It listens on 127.0.0.1 (the hosts share this machine's network), not HOST.
+"""
 
 import http.server
 import json
 import os
+import stat
 import sys
 import time
-import urllib.parse
 
 VERSION = "@VERSION@"
 ENV_FILE = os.environ.get("COCALC_PROJECT_HOST_ENV_FILE", "/etc/cocalc/project-host.env")
 STARTED = time.time()
+
+# Keys of UPSTREAM.md 13 this stand-in depends on (as the real daemon does).
+REQUIRED = (
+    "MASTER_CONAT_SERVER",
+    "PROJECT_HOST_ID",
+    "PROJECT_HOST_NAME",
+    "PROJECT_HOST_REGION",
+    "COCALC_SSH_SERVER",
+    "PROJECT_RUNNER_NAME",
+    "COCALC_FILE_SERVER_MOUNTPOINT",
+    "DATA",
+    "COCALC_DATA",
+    "COCALC_LITE_SQLITE_FILENAME",
+    "COCALC_PROJECT_BUNDLES",
+    "COCALC_PROJECT_TOOLS",
+    "COCALC_BIN_PATH",
+    "COCALC_SYNC_PROJECTS",
+    "TMPDIR",
+    "TMP",
+    "TEMP",
+    "HOST",
+    "PORT",
+    "COCALC_PROJECT_HOST_HTTPS",
+    "DEBUG",
+    "DEBUG_CONSOLE",
+)
+
+
+MAY_BE_EMPTY = {"PROJECT_HOST_REGION"}  # present, but a host may have no region
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """The real daemon's reading of its env file."""
+    out = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def writable_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def contract_problems(env: dict[str, str], from_file: dict[str, str]) -> list[str]:
+    problems = []
+    for key, value in from_file.items():
+        if os.environ.get(key) != value:
+            seen = os.environ.get(key)
+            problems.append(f"{key}: the env file says {value!r} to the daemon's parser, systemd gave {seen!r}")
+    missing = [k for k in REQUIRED if not env.get(k) and not (k in MAY_BE_EMPTY and k in env)]
+    problems += [f"{k} is missing or empty" for k in missing]
+    if missing:
+        return problems
+    data = env["DATA"]
+    if env["COCALC_DATA"] != data:
+        problems.append("COCALC_DATA differs from DATA")
+    if not writable_dir(data):
+        problems.append(f"DATA {data} is not a writable directory")
+    for key in ("TMPDIR", "TMP", "TEMP"):
+        if not writable_dir(env[key]) or not stat.S_IMODE(os.stat(env[key]).st_mode) & stat.S_ISVTX:
+            problems.append(f"{key} {env[key]} is not a writable sticky directory")
+    mount = env["COCALC_FILE_SERVER_MOUNTPOINT"]
+    if not os.path.ismount(mount):
+        problems.append(f"COCALC_FILE_SERVER_MOUNTPOINT {mount} is not a mount point")
+    under = mount.rstrip("/") + "/"
+    if not data.startswith(under):
+        problems.append(f"DATA {data} is not on {mount}")
+    if not os.path.isdir(os.path.dirname(env["COCALC_LITE_SQLITE_FILENAME"])):
+        problems.append(f"COCALC_LITE_SQLITE_FILENAME {env['COCALC_LITE_SQLITE_FILENAME']}: no such directory")
+    if not os.path.isdir(os.path.join(env["COCALC_PROJECT_BUNDLES"], "current")):
+        problems.append(f"COCALC_PROJECT_BUNDLES {env['COCALC_PROJECT_BUNDLES']} has no current bundle")
+    for key in ("COCALC_PROJECT_TOOLS", "COCALC_BIN_PATH"):
+        if not os.path.isdir(os.path.join(env[key], "bin")):
+            problems.append(f"{key} {env[key]} has no bin/")
+    sync = env["COCALC_SYNC_PROJECTS"]
+    if "[project_id]" not in sync or not sync.startswith(under):
+        problems.append(f"COCALC_SYNC_PROJECTS {sync} is not a {mount}/...[project_id]... template")
+    if env["COCALC_PROJECT_HOST_HTTPS"] not in ("0", "1"):
+        problems.append("COCALC_PROJECT_HOST_HTTPS is not 0 or 1")
+    elif env["COCALC_PROJECT_HOST_HTTPS"] == "1" and not env.get("COCALC_PROJECT_HOST_HTTPS_HOSTNAME"):
+        problems.append("COCALC_PROJECT_HOST_HTTPS is 1 but COCALC_PROJECT_HOST_HTTPS_HOSTNAME is missing")
+    if not env["PORT"].isdigit():
+        problems.append(f"PORT {env['PORT']!r} is not a port")
+    password = os.path.join(data, "secrets", "conat-password")
+    try:
+        st = os.stat(password)
+        with open(password, encoding="utf-8") as f:
+            empty = not f.read().strip()
+        if stat.S_IMODE(st.st_mode) != 0o600 or st.st_uid != os.getuid() or empty:
+            problems.append(f"{password} is not a non-empty 0600 file of this user")
+    except OSError as e:
+        problems.append(f"{password}: {e.strerror}")
+    return problems
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -33,23 +144,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sys.stderr.write("project-host: " + (format % args) + "\n")
 
 
-def listen_port() -> int:
-    """The port of the host's internal URL (what the hub health-checks), else PORT."""
-    internal = os.environ.get("COCALC_HOST_INTERNAL_URL", "")
-    if internal:
-        parsed = urllib.parse.urlsplit(internal)
-        if parsed.port:
-            return parsed.port
-    return int(os.environ.get("PORT") or "9001")
-
-
 def main() -> int:
-    if not os.path.isfile(ENV_FILE):
-        print(f"project-host: {ENV_FILE} is missing; refusing to start", file=sys.stderr)
+    try:
+        with open(ENV_FILE, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        print(f"project-host: cannot read {ENV_FILE} ({e.strerror}); refusing to start", file=sys.stderr)
         return 78  # EX_CONFIG
-    port = listen_port()
+    from_file = parse_env_file(text)
+    env = {**from_file, **os.environ}  # the process environment overrides the file, as upstream
+    problems = contract_problems(env, from_file)
+    if problems:
+        print("project-host: refusing to start:\n  " + "\n  ".join(problems), file=sys.stderr, flush=True)
+        return 78
+    port = int(env["PORT"])
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    print(f"project-host {VERSION} listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    print(
+        f"project-host {VERSION} listening on 127.0.0.1:{port} ({len(from_file)} keys from {ENV_FILE})",
+        file=sys.stderr,
+        flush=True,
+    )
     server.serve_forever()
     return 0
 

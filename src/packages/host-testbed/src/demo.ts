@@ -21,7 +21,7 @@ import type { DemoServices } from "./demo-services.js";
 import { ThrowawayHost } from "./host.js";
 import { whyNotSupported } from "./machine.js";
 import { sleep } from "./proc.js";
-import { freePort, STUB_PATH, testHostRecord } from "./testbed.js";
+import { freePort, STUB_PATH, testHostRecord, testSecrets } from "./testbed.js";
 
 const DEMO_DIR = process.env.DEMO_DIR ?? "/var/tmp/cocalc-host-testbed/demo";
 const HOST_NAME = process.env.DEMO_HOST ?? "cocalc-demo-host";
@@ -92,7 +92,7 @@ async function provisionDemoHost(
   const r = await fetch(`${services.hubUrl}/admin/hosts`, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ record }),
+    body: JSON.stringify({ record, secrets: testSecrets() }),
   });
   const body = (await r.json()) as { host_id: string; page_url: string; stub: string; config: BootstrapConfig; error?: string };
   if (r.status !== 201) throw new Error(`provisioning failed: ${r.status} ${JSON.stringify(body)}`);

@@ -42,12 +42,19 @@ export function outputOf(o: Observed): string {
   return `exit ${o.run.code}\n--- stdout (tail)\n${o.run.stdout.slice(-4000)}\n--- stderr (tail)\n${o.run.stderr.slice(-4000)}`;
 }
 
-/** KEY=value lines of an env file (values unquoted). */
+/**
+ * An env file read as upstream's daemon reads it (UPSTREAM.md 13): KEY=VALUE
+ * lines, `#` lines skipped, one pair of surrounding quotes stripped.
+ */
 export function parseEnvFile(text: string): Record<string, string> {
   const out: Record<string, string> = {};
-  for (const line of text.split("\n")) {
-    const m = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(line.trim());
-    if (m) out[m[1]!] = m[2]!.replace(/^"(.*)"$/, "$1").replace(/^'(.*)'$/, "$1");
+  for (const raw of text.split("\n")) {
+    const line = raw.trim();
+    if (!line || line.startsWith("#") || !line.includes("=")) continue;
+    const at = line.indexOf("=");
+    let value = line.slice(at + 1).trim();
+    if (value.length >= 2 && value[0] === value[value.length - 1] && (value[0] === '"' || value[0] === "'")) value = value.slice(1, -1);
+    out[line.slice(0, at).trim()] = value;
   }
   return out;
 }
@@ -55,6 +62,17 @@ export function parseEnvFile(text: string): Record<string, string> {
 /** `btrfs ARGS... <mountpoint>` on the host, through the host's own route when it has one (emulated hosts). */
 export function btrfsOn(host: HostView, args: readonly string[], mountpoint: string, opts: ExecOptions = {}): Promise<RunResult> {
   return host.btrfs ? host.btrfs(args, mountpoint, opts) : host.exec(["btrfs", ...args, mountpoint], opts);
+}
+
+/** The environment systemd gives a unit with `EnvironmentFile=<path>` (a transient unit that prints it). */
+export async function systemdEnvironment(host: HostView, path: string): Promise<Record<string, string>> {
+  const out = await host.exec(["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "-p", `EnvironmentFile=${path}`, "env", "-0"]);
+  const env: Record<string, string> = {};
+  for (const entry of out.stdout.split("\0")) {
+    const at = entry.indexOf("=");
+    if (at > 0) env[entry.slice(0, at)] = entry.slice(at + 1);
+  }
+  return env;
 }
 
 /** Everything the issue lists for a finished bootstrap; shared by the parallel and serial runs. */
@@ -66,13 +84,34 @@ export async function expectBootstrappedHost(o: Observed): Promise<void> {
   // exit 0
   expect(o.run.code, outputOf(o)).toBe(0);
 
-  // /btrfs: btrfs, the data subvolume, quota, tmp 1777 owned by the user
+  // /btrfs: btrfs, the data subvolume (the user's) with tmp 1777 and secrets 0700, quota
   expect((await host.sh("findmnt -n -o FSTYPE /btrfs")).trim()).toBe("btrfs");
   expect((await btrfsOn(host, ["subvolume", "list"], "/btrfs")).stdout).toMatch(/ path data$/m);
   const qgroups = await btrfsOn(host, ["qgroup", "show"], "/btrfs", { allowFailure: true });
   expect(qgroups.code, `quota not enabled: ${qgroups.stderr}`).toBe(0);
-  expect((await host.sh("stat -c '%a %U' /btrfs/tmp")).trim()).toBe(`1777 ${c.bootstrap_user}`);
-  expect((await host.sh("stat -c '%U' /btrfs/data")).trim()).toBe(c.bootstrap_user);
+  expect((await host.sh("stat -c '%a %U' /btrfs/data /btrfs/data/tmp /btrfs/data/secrets")).trim().split("\n")).toEqual(
+    ["755", "1777", "700"].map((m) => `${m} ${c.bootstrap_user}`),
+  );
+  // the conat password where upstream's daemon reads it, 0600
+  expect((await host.sh("stat -c '%a %U' /btrfs/data/secrets/conat-password")).trim()).toBe(`600 ${c.bootstrap_user}`);
+  // the grow helper where the connector and the daemon call it, run at boot before the daemon
+  expect((await host.sh("stat -c '%a %U' /usr/local/sbin/cocalc-grow-btrfs")).trim()).toBe("755 root");
+  expect((await host.sh("systemctl is-enabled cocalc-grow-btrfs.service")).trim()).toBe("enabled");
+  expect((await host.sh("systemctl show -p After --value cocalc-project-host")).split(/\s+/)).toContain("cocalc-grow-btrfs.service");
+  // upstream's done markers, beside ours
+  // (through the host: /btrfs is mounted in its mount namespace, not visible in its rootfs from here)
+  for (const marker of ["/btrfs/data/.bootstrap_done", "/var/lib/cocalc/.bootstrap_done"]) {
+    expect(await host.sh(`cat ${marker}`), marker).toBe(host.readFile(`${c.bootstrap_dir}/.bootstrap_done`));
+  }
+  // rootless podman: subordinate ids, storage on /btrfs for root and the user
+  for (const f of ["/etc/subuid", "/etc/subgid"]) expect(host.readFile(f)).toMatch(new RegExp(`^${c.bootstrap_user}:\\d+:65536$`, "m"));
+  expect(host.readFile("/etc/containers/storage.conf")).toContain('graphroot = "/btrfs/data/containers/root/storage"');
+  expect(host.readFile(`${c.home}/.config/containers/storage.conf`)).toContain(`graphroot = "/btrfs/data/containers/rootless/${c.bootstrap_user}/storage"`);
+  expect(host.readFile("/etc/sysctl.d/60-cocalc-userns.conf")).toBe("kernel.unprivileged_userns_clone = 1\n");
+  // time: chrony enabled with upstream's settings, timesyncd not running
+  expect(host.readFile("/etc/chrony/chrony.conf")).toMatch(/^makestep 1\.0 -1$/m);
+  expect((await host.sh("systemctl is-enabled chrony.service")).trim()).toBe("enabled");
+  expect((await host.exec(["systemctl", "is-active", "systemd-timesyncd.service"], { allowFailure: true })).stdout.trim()).not.toBe("active");
 
   // exactly one tagged, nofail fstab line for the loop image
   const fstab = host
@@ -91,8 +130,23 @@ export async function expectBootstrappedHost(o: Observed): Promise<void> {
   expect([st.uid, st.gid]).toEqual([0, user.gid]);
   const envText = readFileSync(envPath, "utf8");
   const env = parseEnvFile(envText);
-  expect(env).toMatchObject({ COCALC_HOST_ID: c.host.id, COCALC_HOST_NAME: c.host.name, COCALC_HUB_URL: c.hub.url, ...c.env });
+  expect(env).toMatchObject({
+    MASTER_CONAT_SERVER: c.conat_urls[0],
+    PROJECT_HOST_ID: c.host.id,
+    PROJECT_HOST_NAME: c.host.name,
+    DATA: "/btrfs/data",
+    COCALC_DATA: "/btrfs/data",
+    TMPDIR: "/btrfs/data/tmp",
+    COCALC_SYNC_PROJECTS: "/btrfs/project-[project_id]/.local/share/cocalc/persist",
+    COCALC_PROJECT_TOOLS: `${c.bootstrap_root}/bundles/tools/current`,
+    PORT: String(c.daemon.port),
+    ...c.env,
+  });
   expect(envText).not.toContain(prov.token);
+  // systemd reads every value exactly as the daemon's own parser does (the stand-in daemon checks
+  // this too, and refuses to start otherwise)
+  const systemd = await systemdEnvironment(host, "/etc/cocalc/project-host.env");
+  for (const [key, value] of Object.entries(env)) expect(systemd[key], key).toBe(value);
 
   // the bundles: bundles/<artifact>/<version> with the expected files, current -> version
   for (const a of ARTIFACTS) {

@@ -27,6 +27,17 @@ import { hostsDir } from "./paths.js";
 import { type RunOptions, type RunResult, run, sleep } from "./proc.js";
 import { defaultRootfsSpec, ensureRootfsTarball, type RootfsSpec, unpackRootfs } from "./rootfs.js";
 
+/**
+ * Device nodes a rootless container run needs, in each host's own /dev
+ * (nspawn's device policy allows both) with the modes a normal boot gives
+ * them: slirp4netns opens /dev/net/tun as the user, fuse-overlayfs /dev/fuse.
+ * Binding this machine's nodes would not do: they may be 0600 here.
+ */
+export const ROOTLESS_DEVICES = [
+  { path: "/dev/net/tun", major: 10, minor: 200 },
+  { path: "/dev/fuse", major: 10, minor: 229 },
+] as const;
+
 const CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 export interface HostUpOptions {
@@ -281,18 +292,33 @@ export class ThrowawayHost extends CommandHost {
       `--machine=${this.name}`,
       `--hostname=${this.name}`,
       "--capability=all",
+      // The host shares this machine's clock: chrony inside must not set it
+      // (chrony.service has ConditionCapability=CAP_SYS_TIME, so it stays inactive).
+      "--drop-capability=CAP_SYS_TIME",
       "--resolv-conf=copy-host",
       "--timezone=off",
       "--bind=/dev/loop-control",
       ...loops,
     ];
-    const child = spawn("systemd-nspawn", argv, { detached: true, stdio: ["ignore", consoleFd, consoleFd] });
+    const child = spawn("systemd-nspawn", argv, {
+      detached: true,
+      stdio: ["ignore", consoleFd, consoleFd],
+      // /proc/sys/net writable: crun sets net.ipv4.ping_group_range in each rootless container's own
+      // network namespace, and a user namespace cannot mount a fresh /proc over nspawn's read-only one.
+      env: { ...process.env, SYSTEMD_NSPAWN_API_VFS_WRITABLE: "network" },
+    });
     closeSync(consoleFd);
     child.unref();
     if (!child.pid) throw new Error("systemd-nspawn did not start");
     this.state.nspawnPid = child.pid;
     this.saveState();
     await this.waitForSystemd(timeoutMs, consolePath);
+    // nspawn copies /dev/net/tun into the host's own /dev (a tmpfs) with this machine's mode, which may be 0600
+    const mknod = ROOTLESS_DEVICES.map(
+      (d) =>
+        `if [ -e ${d.path} ]; then mountpoint -q ${d.path} || chmod 666 ${d.path}; else mkdir -p ${dirname(d.path)} && mknod -m 666 ${d.path} c ${d.major} ${d.minor}; fi`,
+    );
+    await this.exec(["sh", "-c", mknod.join("; ")], { timeoutMs: 10_000 });
     this.timings.bootMs = Date.now() - t0;
     this.log(`${this.name}: up in ${((Date.now() - t0) / 1000).toFixed(1)} s (rootfs ${this.rootfs})`);
   }

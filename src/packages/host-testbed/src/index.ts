@@ -29,4 +29,5 @@ export {
   Testbed,
   type TestbedOptions,
   testHostRecord,
+  testSecrets,
 } from "./testbed.js";

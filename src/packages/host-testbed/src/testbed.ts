@@ -8,7 +8,7 @@
  * Variants (serial mode, a wrong checksum) are more hubs on the same
  * database, each with its own site settings or artifact site.
  */
-import { randomUUID } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { mkdirSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
@@ -17,12 +17,14 @@ import { type HostStatus, type RunningHub, startHub } from "@cocalc/server";
 import { type ArtifactServer, startArtifactServer } from "./artifact-server.js";
 import {
   type BuiltBundle,
+  type BuiltDeb,
   type BuiltFile,
   type BuiltNode,
   type BundleName,
   type BundleSpec,
   buildBundle,
   buildBundleImage,
+  buildCloudflaredDeb,
   buildNodeMirror,
   DEFAULT_NODE,
   type NodeMirrorSpec,
@@ -36,7 +38,26 @@ import { cacheDir } from "./paths.js";
 import type { RunResult } from "./proc.js";
 
 /** A small apt set for tests; the benchmark passes the real list. */
-export const TEST_APT_PACKAGES = ["btrfs-progs", "xz-utils"];
+/**
+ * What the bootstrap installs on a throwaway host: btrfs, xz, and what a
+ * rootless container run and time sync need (the parity with upstream's list;
+ * curl, rsync, vim and cron are left out: nothing here uses them).
+ */
+export const TEST_APT_PACKAGES = ["btrfs-progs", "xz-utils", "podman", "crun", "uidmap", "slirp4netns", "fuse-overlayfs", "chrony"];
+
+/**
+ * Extra env entries the hub adds for every test host: values that systemd's
+ * EnvironmentFile= and the daemon's own parser must read the same (the
+ * stand-in daemon refuses to start when they do not).
+ */
+export const TEST_EXTRA_ENV: Record<string, string> = {
+  COCALC_TEST_BRACKETS: "/btrfs/project-[project_id]/.local/share/cocalc/persist",
+  COCALC_TEST_SPACES: "  two  spaces  inside and around ",
+  COCALC_TEST_EQUALS: "a=b==c",
+  COCALC_TEST_DOUBLE_QUOTES: 'say "hi" to $HOME and `date` with a back\\slash',
+  COCALC_TEST_SINGLE_QUOTE: "it's here",
+  COCALC_TEST_HASH: "#not a comment",
+};
 /** The throwaway hosts are Debian 12, not the default Ubuntu 24.04. */
 export const TESTBED_OS = { id: "debian", min_version: "12" } as const;
 /** Root disk size the hub is told: the btrfs loop image comes out at 2 GB. */
@@ -88,6 +109,8 @@ export interface ProvisionedTestHost {
   pageUrl: string;
   statusUrl: string;
   healthUrl: string;
+  /** The tunnel token the hub holds for this host (secret `cloudflared-token`). */
+  tunnelToken: string;
 }
 
 export interface BootstrapRun extends RunResult {
@@ -103,6 +126,7 @@ export class Testbed {
     readonly artifactServer: ArtifactServer,
     readonly bundles: BuiltBundle[],
     readonly node: BuiltNode,
+    readonly cloudflared: BuiltDeb,
     private readonly siteRoot: string,
     readonly hub: RunningHub,
   ) {
@@ -119,6 +143,7 @@ export class Testbed {
     const bundles: BuiltBundle[] = [];
     for (const spec of opts.bundles ?? testBundleSpecs()) bundles.push(await buildBundle(spec, log));
     const node = await buildNodeMirror({ ...DEFAULT_NODE, ...opts.node, arch: nodeArchOf(opts.arch ?? "amd64") }, log);
+    const cloudflared = await buildCloudflaredDeb(undefined, log);
     const siteRoot = opts.workDir ?? join(cacheDir(), "sites", `${process.pid}-${Date.now()}`);
     rmSync(siteRoot, { recursive: true, force: true });
     mkdirSync(siteRoot, { recursive: true });
@@ -127,7 +152,7 @@ export class Testbed {
       bandwidthBytesPerSec: opts.bandwidthBytesPerSec,
       latencyMs: opts.latencyMs,
     });
-    const site = publishSite(join(siteRoot, "main"), `${artifactServer.url}/main`, bundles, node, { arch: opts.arch });
+    const site = publishSite(join(siteRoot, "main"), `${artifactServer.url}/main`, bundles, node, { arch: opts.arch, cloudflared });
     const hub = await startHub({
       port: opts.hubPort ?? 0,
       dataDir: opts.hubDataDir,
@@ -137,7 +162,7 @@ export class Testbed {
       manifestTtlMs: 0,
       enableAdmin: opts.enableAdmin ?? false,
     });
-    const bed = new Testbed(opts, artifactServer, bundles, node, siteRoot, hub);
+    const bed = new Testbed(opts, artifactServer, bundles, node, cloudflared, siteRoot, hub);
     bed.sites.set("main", site);
     log(`hub ${hub.url}, artifacts ${artifactServer.url}`);
     return bed;
@@ -176,6 +201,7 @@ export class Testbed {
         arch: this.opts.arch,
         images,
         corruptImage: variant.corruptImage,
+        cloudflared: this.cloudflared,
       });
       this.sites.set(name, site);
     }
@@ -193,7 +219,9 @@ export class Testbed {
     // The hosts share this machine's network namespace: every daemon needs its own port.
     const port = await freePort();
     const internalUrl = `http://127.0.0.1:${port}`;
-    const p = await hub.provisionHost(testHostRecord(host, internalUrl, this.opts.arch));
+    const secrets = testSecrets();
+    const p = await hub.provisionHost(testHostRecord(host, internalUrl, this.opts.arch), { secrets });
+    const tunnelToken = secrets["cloudflared-token"]!;
     return {
       hostId: p.hostId,
       hostName: host.name,
@@ -204,6 +232,7 @@ export class Testbed {
       pageUrl: `${p.baseUrl}/`,
       statusUrl: `${p.baseUrl}/status`,
       healthUrl: p.config.service.health_url,
+      tunnelToken,
     };
   }
 
@@ -266,11 +295,29 @@ export class Testbed {
   }
 }
 
-/** The hub's record of a throwaway host (what a cloud provider's API would have told it). */
+/**
+ * The secrets the hub stores for a test host: the conat password (a secret
+ * every host fetches) and a tunnel token, so that a tunnel can be switched on
+ * for any of them.
+ */
+export function testSecrets(): Record<string, string> {
+  return { "conat-password": randomBytes(24).toString("base64url"), "cloudflared-token": randomBytes(48).toString("base64") };
+}
+
+/**
+ * The hub's record of a throwaway host (what a cloud provider's API would have
+ * told it): the daemon listens, without TLS, on the port of `internalUrl` (the
+ * hosts share this machine's network, so each has its own), and the hub adds
+ * the env entries both parsers must read the same.
+ */
 export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, internalUrl: string, arch: Arch = "amd64") {
   return {
     id: randomUUID(),
     name: host.name,
+    region: "testbed-1",
+    daemon_port: Number(new URL(internalUrl).port),
+    daemon_https: false,
+    env: TEST_EXTRA_ENV,
     runtime_user: host.user,
     arch,
     disk_size_gb: TEST_DISK_SIZE_GB,
@@ -303,6 +350,7 @@ function siteSettings(
     node_version: site.node.version,
     node_dist_url: site.node.dist_url,
     apt_packages: aptPackages,
+    secret_names: ["conat-password"],
     parallel: variant.parallel ?? true,
     os_release: { ...os },
     layouts: { project_host: layout("project_host"), project: layout("project"), tools: layout("tools") },

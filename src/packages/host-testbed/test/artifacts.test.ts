@@ -3,7 +3,7 @@
  * stand-in daemon really serving its health URL. Runs without root.
  */
 import { spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -107,14 +107,57 @@ function freePort(): Promise<number> {
 describe("stand-in project-host daemon", () => {
   const daemonSource = () => readFileSync(new URL("../src/daemon.py", import.meta.url), "utf8").replace("@VERSION@", "9.9.9");
 
-  it("answers GET /healthz on the port of COCALC_HOST_INTERNAL_URL", async () => {
+  /** A directory laid out as the daemon expects, and the env file that describes it (mount point: /). */
+  function contractLayout(port: number): { dir: string; envFile: string; env: Record<string, string> } {
     const dir = mkdtempSync(join(scratch, "daemon-"));
+    chmodSync(dir, 0o755);
+    const data = join(dir, "data");
+    for (const d of ["data/tmp", "data/secrets", "bundles/project/current", "bundles/tools/current/bin"]) mkdirSync(join(dir, d), { recursive: true });
+    chmodSync(join(data, "tmp"), 0o1777);
+    writeFileSync(join(data, "secrets", "conat-password"), "pw\n", { mode: 0o600 });
+    const tools = join(dir, "bundles/tools/current");
+    const env: Record<string, string> = {
+      MASTER_CONAT_SERVER: "http://127.0.0.1:9",
+      PROJECT_HOST_ID: "00000000-0000-4000-8000-000000000000",
+      PROJECT_HOST_NAME: "h1",
+      PROJECT_HOST_REGION: "",
+      COCALC_SSH_SERVER: "0.0.0.0:2222",
+      PROJECT_RUNNER_NAME: "0",
+      COCALC_FILE_SERVER_MOUNTPOINT: "/",
+      DATA: data,
+      COCALC_DATA: data,
+      COCALC_LITE_SQLITE_FILENAME: join(data, "sqlite.db"),
+      COCALC_PROJECT_BUNDLES: join(dir, "bundles/project"),
+      COCALC_PROJECT_TOOLS: tools,
+      COCALC_BIN_PATH: tools,
+      COCALC_SYNC_PROJECTS: "/project-[project_id]/.local/share/cocalc/persist",
+      TMPDIR: join(data, "tmp"),
+      TMP: join(data, "tmp"),
+      TEMP: join(data, "tmp"),
+      HOST: "0.0.0.0",
+      PORT: String(port),
+      COCALC_PROJECT_HOST_HTTPS: "0",
+      DEBUG: "cocalc:*",
+      DEBUG_CONSOLE: "yes",
+      SPACED: "a b",
+    };
     const envFile = join(dir, "project-host.env");
-    writeFileSync(envFile, "X=1\n");
-    writeFileSync(join(dir, "daemon.py"), daemonSource());
+    writeFileSync(
+      envFile,
+      `${Object.entries(env)
+        .map(([k, v]) => (k === "SPACED" ? `${k}='${v}'` : `${k}=${v}`))
+        .join("\n")}\n`,
+    );
+    return { dir, envFile, env };
+  }
+
+  it("answers GET /healthz on PORT when every key it depends on is there and real", async () => {
     const port = await freePort();
+    const { dir, envFile, env } = contractLayout(port);
+    writeFileSync(join(dir, "daemon.py"), daemonSource());
+    // as systemd would start it: the file's values in its environment
     const child = spawn("python3", [join(dir, "daemon.py")], {
-      env: { PATH: process.env.PATH, COCALC_PROJECT_HOST_ENV_FILE: envFile, COCALC_HOST_INTERNAL_URL: `http://127.0.0.1:${port}` },
+      env: { PATH: process.env.PATH, COCALC_PROJECT_HOST_ENV_FILE: envFile, ...env },
       stdio: "ignore",
     });
     try {
@@ -134,6 +177,29 @@ describe("stand-in project-host daemon", () => {
     }
   });
 
+  it("refuses to start when a key is missing, points at nothing, or systemd read the file differently", async () => {
+    const { dir, envFile, env } = contractLayout(await freePort());
+    writeFileSync(join(dir, "daemon.py"), daemonSource());
+    rmSync(join(dir, "bundles/tools/current/bin"), { recursive: true });
+    chmodSync(join(dir, "data/tmp"), 0o755);
+    const start = (extra: Record<string, string>) =>
+      run(["python3", join(dir, "daemon.py")], {
+        env: { PATH: process.env.PATH!, COCALC_PROJECT_HOST_ENV_FILE: envFile, ...extra },
+        allowFailure: true,
+        timeoutMs: 10_000,
+      });
+    const wrong = await start({ ...env, SPACED: "'a b'" });
+    expect(wrong.code).toBe(78);
+    expect(wrong.stderr).toMatch(/COCALC_BIN_PATH .* has no bin\//);
+    expect(wrong.stderr).toMatch(/TMPDIR .* is not a writable sticky directory/);
+    expect(wrong.stderr).toContain(`SPACED: the env file says 'a b' to the daemon's parser, systemd gave "'a b'"`);
+    const { DEBUG: _dropped, ...withoutDebug } = env;
+    writeFileSync(envFile, readFileSync(envFile, "utf8").replace(/^DEBUG=.*\n/m, ""));
+    const missing = await start(withoutDebug);
+    expect(missing.code).toBe(78);
+    expect(missing.stderr).toContain("DEBUG is missing or empty");
+  });
+
   it("fails fast when its env file is missing", async () => {
     const dir = mkdtempSync(join(scratch, "daemon-"));
     writeFileSync(join(dir, "daemon.py"), daemonSource());
@@ -143,6 +209,6 @@ describe("stand-in project-host daemon", () => {
       timeoutMs: 10_000,
     });
     expect(r.code).toBe(78);
-    expect(r.stderr).toContain("nope.env is missing");
+    expect(r.stderr).toMatch(/cannot read .*nope\.env/);
   });
 });

@@ -56,6 +56,7 @@ import typing
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1293,6 +1294,9 @@ SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 OS_ID_RE = re.compile(r"[a-z0-9._-]+")
 OS_VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 SYSTEMD_UNIT_RE = re.compile(r"cocalc-[A-Za-z0-9_.-]{1,200}")  # our own namespace
+IP_RE = re.compile(r"([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*)")
+HOST_PORT_RE = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+REGION_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 # --- path, text and URL rules (twins of config.ts's) ------------------------------
 
@@ -1570,7 +1574,7 @@ class AptSpec(ConfigSpec):
 class DataDiskSpec(ConfigSpec):
     candidates: Annotated[tuple[AbsPath, ...], Items(16, low=1)]
     min_size_gb: SizeGb
-    wait_s: Annotated[int, Range(0, 3600)] = 300
+    wait_s: Annotated[int, Range(0, 3600)] = 600
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1592,6 +1596,18 @@ class ServiceSpec(ConfigSpec):
     exec: RelPath
     health_url: Url
     health_timeout_s: Annotated[int, Range(1, 3600)] = 120
+    args: Annotated[
+        tuple[
+            Annotated[
+                str,
+                MinLen(1),
+                MaxLen(4096),
+                Holds(lambda v: "\n" not in v and "\0" not in v, "must not contain newlines or NUL"),
+            ],
+            ...,
+        ],
+        Items(32),
+    ] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1604,6 +1620,55 @@ class TunnelSpec(ConfigSpec):
     user: UserName
     remote_port: Port
     local_port: Port
+
+
+DnsName = Annotated[str, MinLen(1), MaxLen(253), Matches(DNS_NAME_RE)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonSpec(ConfigSpec):
+    """What the daemon's environment (UPSTREAM 13) needs beyond the rest of the config."""
+
+    region: Annotated[str, Matches(REGION_RE)] = ""
+    public_url: Url | None = None
+    internal_url: Url | None = None
+    public_ip: Annotated[str, Matches(IP_RE)] | None = None
+    ssh_server: Annotated[str, Matches(HOST_PORT_RE)] | None = None
+    https_hostname: DnsName | None = None
+    software_base_url: Url | None = None
+    port: Port = 443
+    https: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudflaredDebSpec(ConfigSpec):
+    url: Url
+    sha256: Sha256
+    version: Version
+    size_bytes: Annotated[int, Range(0, MAX_SAFE_INTEGER)] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudflaredSpec(ConfigSpec):
+    """A Cloudflare tunnel to the daemon (UPSTREAM 16), pinned and verified."""
+
+    deb: CloudflaredDebSpec
+    hostname: DnsName
+    port: Port = 9002
+    token_secret: Annotated[str, Matches(SECRET_NAME_RE)] = "cloudflared-token"  # noqa: S105 (a name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuSpec(ConfigSpec):
+    """NVIDIA's container toolkit for GPU hosts (UPSTREAM 4)."""
+
+    repo_url: Url
+    keyring_url: Url
+    keyring_sha256: Sha256
+    packages: Annotated[tuple[Annotated[str, Matches(DEB_PACKAGE_RE)], ...], Items(16, low=1)] = (
+        "nvidia-container-toolkit",
+    )
+    cdi_interval_s: Annotated[int, Range(1, 86400)] = 300
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1636,6 +1701,9 @@ class Config(ConfigSpec):
     btrfs: BtrfsSpec
     service: ServiceSpec
     tunnel: TunnelSpec | None = None
+    daemon: DaemonSpec = DaemonSpec()
+    cloudflared: CloudflaredSpec | None = None
+    gpu: GpuSpec | None = None
     env: Mapping[EnvName, EnvValue] = field(default_factory=lambda: MappingProxyType({}))
 
     def cross_field_issues(self) -> Iterator[tuple[JsonPath, str, Any]]:
@@ -1905,14 +1973,43 @@ def mount_at(mount_point: str) -> tuple[str, str] | None:
     return found
 
 
-def btrfs_sysfs_dir(source: str) -> Path | None:
-    """/sys/fs/btrfs/<fsid> of the filesystem on block device `source`."""
-    device = os.path.basename(os.path.realpath(source))
-    with contextlib.suppress(OSError):
-        for fs in Path("/sys/fs/btrfs").iterdir():
-            if (fs / "devices" / device).exists():
-                return fs
-    return None
+BTRFS_IOC_FS_INFO = 0x8400941F  # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args): 1024 bytes, fsid at 16
+
+
+def btrfs_fsid(mount_point: str) -> str | None:
+    """The fsid (UUID) of the btrfs filesystem mounted at `mount_point`, asked
+    of the filesystem itself (no root needed); None when it is not btrfs."""
+    try:
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        info = bytearray(1024)
+        fcntl.ioctl(fd, BTRFS_IOC_FS_INFO, info)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return str(uuid.UUID(bytes=bytes(info[16:32])))
+
+
+def btrfs_sysfs_dir(mount_point: str) -> Path | None:
+    """/sys/fs/btrfs/<fsid> of the filesystem mounted at `mount_point`. By fsid, not by
+    device name: a lazily unmounted filesystem whose loop device was detached and
+    reused still lists that device's name in /sys/fs/btrfs/<its fsid>/devices."""
+    fsid = btrfs_fsid(mount_point)
+    path = Path("/sys/fs/btrfs") / fsid if fsid else None
+    return path if path is not None and path.is_dir() else None
+
+
+def btrfs_quota_enabled(mount_point: str) -> bool:
+    """Quota (qgroups) on for the btrfs at `mount_point`: from sysfs when it is
+    visible, else (in a container /sys/fs/btrfs is hidden) from btrfs itself."""
+    fs = btrfs_sysfs_dir(mount_point)
+    if fs is not None:
+        return (fs / "qgroups").is_dir()
+    found = run_command(["btrfs", "qgroup", "show", mount_point], sudo=True, check=False, timeout_s=60)
+    return found.returncode == 0
 
 
 def is_btrfs_subvolume(path: Path) -> bool:
@@ -2991,7 +3088,9 @@ def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
 FSTAB_TAG = "x-cocalc-bootstrap"  # a userspace mount option (ignored by mount): the tag lives in the line
 FSTAB_MARKER = "# cocalc-bootstrap: the next line is managed by bootstrap.py"
 BTRFS_LABEL = "cocalc-btrfs"
-BTRFS_DIR_MODES = {"data": 0o755, "tmp": 0o1777}  # under the mount point, owned by the user
+# under the mount point, owned by the user: what upstream's daemon expects
+BTRFS_DIR_MODES = {"data": 0o755, "data/tmp": 0o1777, "data/secrets": 0o700}
+MIN_DATA_DISK_UNIT = 2**30  # min_size_gb counts GiB: upstream's 10 GiB is 10737418240 bytes
 
 
 def fstab_escape(field: str) -> str:
@@ -3027,19 +3126,62 @@ def block_device_probe(device: str) -> dict[str, str]:
     return {key: value for key, sep, value in pairs if sep}
 
 
-def wait_for_block_device(candidates: Sequence[str], wait_s: int, log: Log) -> str:
+def block_device_size(device: str) -> int | None:
+    """Size in bytes from sysfs (no root needed); None when unknown."""
+    name = os.path.basename(os.path.realpath(device))
+    try:
+        with open(f"/sys/class/block/{name}/size", encoding="ascii") as f:
+            return int(f.read().strip()) * 512
+    except (OSError, ValueError):
+        return None
+
+
+def mounted_sources() -> dict[str, str]:
+    """Real path of every mounted block device -> where it is mounted."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/self/mounts", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0].startswith("/dev/"):
+                out.setdefault(os.path.realpath(fields[0]), fields[1])
+    return out
+
+
+def data_disk_verdict(candidate: str, min_bytes: int) -> str | None:
+    """None when `candidate` is a usable data disk, else why not."""
+    try:
+        if not stat.S_ISBLK(os.stat(candidate).st_mode):
+            return "not a block device"
+    except OSError:
+        return "not there"
+    where = mounted_sources().get(os.path.realpath(candidate))
+    if where is not None:
+        return f"mounted at {where}"
+    size = block_device_size(candidate)
+    if size is None:
+        return "size unknown"
+    if size < min_bytes:
+        return f"{size / 2**30:.1f} GiB, less than the minimum {min_bytes / 2**30:g} GiB"
+    return None
+
+
+def wait_for_block_device(candidates: Sequence[str], wait_s: int, min_bytes: int, log: Log) -> str:
+    """The first candidate that is a block device, not mounted and at least
+    min_bytes big (the boot disk was once taken for the data disk), waiting up
+    to wait_s for one to appear."""
     deadline = time.monotonic() + wait_s
     said = 0.0
     while True:
-        for candidate in candidates:
-            with contextlib.suppress(OSError):
-                if stat.S_ISBLK(os.stat(candidate).st_mode):
-                    return candidate
+        why = {candidate: data_disk_verdict(candidate, min_bytes) for candidate in candidates}
+        for candidate, verdict in why.items():
+            if verdict is None:
+                return candidate
         if time.monotonic() >= deadline:
             raise BootstrapError(
-                f"no data disk appeared within {wait_s}s (looked for {', '.join(candidates)})",
-                hint="Attach the data disk, or fix btrfs.data_disk.candidates. With a data disk configured the "
-                "bootstrap never falls back to a loop image.",
+                f"no usable data disk within {wait_s}s: " + "; ".join(f"{c}: {w}" for c, w in why.items()),
+                hint="Attach the data disk (unmounted, at least btrfs.data_disk.min_size_gb GiB), or fix "
+                "btrfs.data_disk.candidates. With a data disk configured the bootstrap never falls back "
+                "to a loop image.",
             )
         if time.monotonic() - said >= 15:
             log.info(f"waiting for a data disk: {', '.join(candidates)}", event="disk_wait")
@@ -3047,24 +3189,49 @@ def wait_for_block_device(candidates: Sequence[str], wait_s: int, log: Log) -> s
         time.sleep(1)
 
 
-def render_grow_helper(mount_point: str, image_path: str | None) -> str:
-    """`btrfs-grow`: grow the filesystem after its disk (or loop image) grew."""
+def render_grow_helper(mount_point: str, image_path: str | None, env_file: str) -> str:
+    """/usr/local/sbin/cocalc-grow-btrfs [GB], root only, the command line upstream's
+    self-host connector and project-host call through sudo: for a loop image,
+    grow the file to GB (never shrinks), `losetup -c`, resize, record the size
+    (COCALC_BTRFS_IMAGE_GB in the env file); for a device, only the resize.
+    Without GB it just fills the device (what the boot-time unit runs)."""
     q = shlex.quote
     lines = [
         "#!/bin/sh",
-        "# Written by bootstrap.py. Grows the btrfs filesystem at " + mount_point + " to fill its device.",
+        "# Written by bootstrap.py; edits are overwritten.",
+        "# cocalc-grow-btrfs [GB]: grow the btrfs filesystem at " + mount_point + ".",
         "set -eu",
+        f"MP={q(mount_point)}",
+        f"ENV_FILE={q(env_file)}",
+        "usage() {",
+        '  echo "usage: cocalc-grow-btrfs [GB]   (as root; GB: new size of the loop image, never shrinks)" >&2',
+        "  exit 2",
+        "}",
+        "[ $# -le 1 ] || usage",
+        "GB=${1:-}",
+        'case $GB in *[!0-9]*) echo "cocalc-grow-btrfs: GB must be a whole number, got \\"$GB\\"" >&2; usage;; esac',
+        '[ "$(id -u)" -eq 0 ] || { echo "cocalc-grow-btrfs: run it as root (sudo)" >&2; exit 1; }',
+        'mountpoint -q "$MP" || { echo "cocalc-grow-btrfs: nothing is mounted at $MP" >&2; exit 1; }',
     ]
     if image_path is not None:
         lines += [
-            '[ $# -eq 1 ] || { echo "usage: btrfs-grow SIZE_GB   (grows the loop image; never shrinks)" >&2; exit 2; }',
-            'case $1 in ""|*[!0-9]*) echo "btrfs-grow: SIZE_GB must be a whole number" >&2; exit 2;; esac',
-            f'sudo -n truncate -s ">${{1}}G" {q(image_path)}',
-            f"dev=$(losetup -n -O NAME -j {q(image_path)} | head -n 1)",
-            '[ -n "$dev" ] || { echo "btrfs-grow: the image is not attached to a loop device" >&2; exit 1; }',
-            'sudo -n losetup -c "$dev"',
+            f"IMAGE={q(image_path)}",
+            'if [ -n "$GB" ]; then truncate -s ">${GB}G" "$IMAGE"; fi',
+            'dev=$(losetup -n -O NAME -j "$IMAGE" | head -n 1)',
+            '[ -n "$dev" ] || { echo "cocalc-grow-btrfs: $IMAGE is not attached to a loop device" >&2; exit 1; }',
+            'losetup -c "$dev"',
+            'btrfs filesystem resize max "$MP" >/dev/null',
+            'size=$(( $(stat -c %s "$IMAGE") / 1073741824 ))',
+            'if [ -f "$ENV_FILE" ] && ! grep -qx "COCALC_BTRFS_IMAGE_GB=$size" "$ENV_FILE"; then',
+            '  sed -i "s/^COCALC_BTRFS_IMAGE_GB=.*/COCALC_BTRFS_IMAGE_GB=$size/" "$ENV_FILE"',
+            "fi",
         ]
-    lines += [f"sudo -n btrfs filesystem resize max {q(mount_point)}", f"df -h {q(mount_point)}"]
+    else:
+        lines += [
+            '[ -z "$GB" ] || echo "cocalc-grow-btrfs: $MP is on a disk: grow the disk itself; resizing to fill it" >&2',
+            'btrfs filesystem resize max "$MP" >/dev/null',
+        ]
+    lines += ['df -h "$MP"']
     return "\n".join(lines) + "\n"
 
 
@@ -3079,9 +3246,28 @@ def systemd_quote(value: str) -> str:
     return value
 
 
-def env_quote(value: str) -> str:
-    """A value for an EnvironmentFile (and for sh): double quotes, escaped."""
-    return '"' + re.sub(r'(["\\`$])', r"\\\1", value) + '"'
+ENV_PLAIN_RE = re.compile(r"[A-Za-z0-9_@%+=:,./*\[\]-]*")
+
+
+def env_line(key: str, value: str) -> str:
+    """KEY=VALUE that systemd's EnvironmentFile= and the daemon's own parser
+    (plain KEY=VALUE, one pair of surrounding quotes stripped, no escapes)
+    read as the same value: plain when it is plain, else in single quotes
+    (literal for systemd), else in double quotes when nothing in it is an
+    escape for systemd; anything else cannot be written so both agree."""
+    if "\n" in value or "\0" in value or "\r" in value:
+        raise BootstrapError(f"env {key}: the value has a line break or NUL", hint="Fix env in the host's config.")
+    if ENV_PLAIN_RE.fullmatch(value):
+        return f"{key}={value}"
+    if "'" not in value:
+        return f"{key}='{value}'"
+    if not re.search(r'["\\`$]', value):
+        return f'{key}="{value}"'
+    raise BootstrapError(
+        f'env {key}: the value has a single quote and one of " \\ ` $, '
+        "which systemd and the daemon would read differently",
+        hint="Change the value in the host's config (env or the daemon section).",
+    )
 
 
 def http_status(url: str, timeout_s: float) -> tuple[int | None, str]:
@@ -3158,7 +3344,8 @@ def downloads_dir(config: Config) -> Path:
 
 
 def secrets_dir(config: Config) -> Path:
-    return Path(config.bootstrap_root) / "config" / "secrets"
+    """Where upstream's daemon reads its secrets (conat-password): /btrfs/data/secrets, 0700."""
+    return Path(config.btrfs.mount_point) / "data" / "secrets"
 
 
 def nvm_dir(config: Config) -> Path:
@@ -3192,49 +3379,117 @@ def bundle_installed(config: Config, artifact: str, spec: ArtifactSpec) -> bool:
 # -- rendered files ------------------------------------------------------------------
 
 
-def render_env_file(config: Config) -> str:
-    """/etc/cocalc/project-host.env: the daemon's environment (no secrets:
-    those are files in COCALC_SECRETS_DIR). config.env wins over ours."""
-    root = Path(config.bootstrap_root)
+# Where upstream (the daemon, the self-host connector, the hub) looks for things.
+GROW_HELPER = Path("/usr/local/sbin/cocalc-grow-btrfs")
+GROW_UNIT = "cocalc-grow-btrfs"
+SYSTEM_DONE_MARKER = Path("/var/lib/cocalc") / DONE_FILE_NAME
+SSH_PORT = 2222
+
+
+def data_dir(config: Config) -> Path:
+    """/btrfs/data: the daemon's DATA (a subvolume owned by the user)."""
+    return Path(config.btrfs.mount_point) / "data"
+
+
+def data_tmp_dir(config: Config) -> Path:
+    return data_dir(config) / "tmp"
+
+
+def image_size_gb(config: Config) -> int:
+    """The loop image's size as recorded: the configured size, or more once
+    cocalc-grow-btrfs grew the image (it never shrinks)."""
+    try:
+        actual = Path(config.btrfs.image_path).stat().st_size // 2**30
+    except OSError:
+        actual = 0
+    return max(config.btrfs.image_size_gb, actual)
+
+
+def daemon_urls(config: Config) -> tuple[str | None, str | None, str | None]:
+    """(public URL, internal URL, ssh server) as upstream derives them:
+    the host record's values, else from the public IP."""
+    d = config.daemon
+    ip = d.public_ip
+    host = None if ip is None else (f"[{ip}]" if ":" in ip else ip)
+    tunnel = f"https://{config.cloudflared.hostname}" if config.cloudflared else None
+    public = tunnel or d.public_url or (f"https://{host}" if host else None)
+    internal = d.internal_url or public
+    ssh = d.ssh_server or (f"{host}:{SSH_PORT}" if host else None)
+    return public, internal, ssh
+
+
+def daemon_env(config: Config) -> dict[str, str]:
+    """The keys the real daemon reads (UPSTREAM 13), from this project's layout;
+    then config.env (the hub's extra entries), which wins."""
+    mp = config.btrfs.mount_point
+    d = config.daemon
+    public, internal, ssh = daemon_urls(config)
+    # behind a tunnel: cloudflared's port, and no TLS (cloudflared terminates it)
+    port, https = (config.cloudflared.port, False) if config.cloudflared else (d.port, d.https)
+    tools = str(bundles_dir(config) / "tools" / "current")
     values = {
-        "COCALC_HOST_ID": config.host.id,
-        "COCALC_HOST_NAME": config.host.name,
-        "COCALC_HUB_URL": config.hub.url,
-        "COCALC_CONAT_URL": config.conat_urls[0],
-        "COCALC_CONAT_URLS": ",".join(config.conat_urls),
-        "COCALC_BOOTSTRAP_ROOT": str(root),
-        "COCALC_BUNDLES": str(bundles_dir(config)),
-        "COCALC_BTRFS": config.btrfs.mount_point,
-        "COCALC_SECRETS_DIR": str(secrets_dir(config)),
+        "MASTER_CONAT_SERVER": config.conat_urls[0],
+        "PROJECT_HOST_ID": config.host.id,
+        "PROJECT_HOST_NAME": config.host.name,
+        "PROJECT_HOST_REGION": d.region,
+        "PROJECT_HOST_PUBLIC_URL": public,
+        "PROJECT_HOST_INTERNAL_URL": internal,
+        "PROJECT_HOST_SSH_SERVER": ssh,
+        "COCALC_SSH_SERVER": f"0.0.0.0:{SSH_PORT}",
+        "PROJECT_RUNNER_NAME": "0",
+        "COCALC_FILE_SERVER_MOUNTPOINT": mp,
+        "DATA": str(data_dir(config)),
+        "COCALC_DATA": str(data_dir(config)),
+        "COCALC_LITE_SQLITE_FILENAME": str(data_dir(config) / "sqlite.db"),
+        "COCALC_PROJECT_BUNDLES": str(bundles_dir(config) / "project"),
+        "COCALC_PROJECT_TOOLS": tools,
+        "COCALC_BIN_PATH": tools,
+        "COCALC_SYNC_PROJECTS": f"{mp}/project-[project_id]/.local/share/cocalc/persist",
+        "COCALC_BTRFS_IMAGE_GB": None if config.btrfs.data_disk else str(image_size_gb(config)),
+        "COCALC_PROJECT_HOST_SOFTWARE_BASE_URL": d.software_base_url,
+        "TMPDIR": str(data_tmp_dir(config)),
+        "TMP": str(data_tmp_dir(config)),
+        "TEMP": str(data_tmp_dir(config)),
+        "HOST": "0.0.0.0",  # noqa: S104 (the daemon serves the world, as upstream)
+        "PORT": str(port),
+        "COCALC_PROJECT_HOST_HTTPS": "1" if https else "0",
+        "COCALC_PROJECT_HOST_HTTPS_HOSTNAME": d.https_hostname if https else None,
+        "DEBUG": "cocalc:*",
+        "DEBUG_CONSOLE": "yes",
+        # ours: where the bootstrap keeps things, and node on PATH
+        "COCALC_BOOTSTRAP_ROOT": config.bootstrap_root,
         "HOME": config.home,
         "NVM_DIR": str(nvm_dir(config)),
         "PATH": f"{node_dir(config) / 'bin'}:{BASE_PATH}",
     }
-    if config.tunnel is not None:
-        t = config.tunnel
-        values |= {
-            "COCALC_TUNNEL_HOST": t.host,
-            "COCALC_TUNNEL_PORT": str(t.port),
-            "COCALC_TUNNEL_USER": t.user,
-            "COCALC_TUNNEL_REMOTE_PORT": str(t.remote_port),
-            "COCALC_TUNNEL_LOCAL_PORT": str(t.local_port),
-        }
-    values |= dict(config.env)
+    out = {key: value for key, value in values.items() if value is not None}
+    out |= dict(config.env)
+    return out
+
+
+def render_env_file(config: Config) -> str:
+    """/etc/cocalc/project-host.env: the daemon's environment (no secrets:
+    those are files in /btrfs/data/secrets). Read the same by systemd's
+    EnvironmentFile= and by the daemon's own parser (see env_line)."""
     header = "# Written by bootstrap.py from the host's config; edits are overwritten.\n"
-    return header + "".join(f"{key}={env_quote(value)}\n" for key, value in values.items())
+    return header + "".join(env_line(key, value) + "\n" for key, value in daemon_env(config).items())
 
 
 def render_unit(config: Config, group: str) -> str:
-    """The project-host daemon's systemd unit."""
+    """The project-host daemon's systemd unit: in the foreground, as the user,
+    after /btrfs is mounted and cocalc-grow-btrfs has run."""
     service = config.service
     exec_path = f"{bundles_dir(config)}/project_host/current/{service.exec}"
+    argv = " ".join(systemd_quote(a) for a in (exec_path, *service.args))
+    port = config.cloudflared.port if config.cloudflared else config.daemon.port
+    caps = ["AmbientCapabilities=CAP_NET_BIND_SERVICE"] if port < 1024 else []
     return "\n".join(
         [
             "# Written by bootstrap.py from the host's config; edits are overwritten.",
             "[Unit]",
             "Description=CoCalc project host",
-            "Wants=network-online.target",
-            "After=network-online.target",
+            f"Wants=network-online.target {GROW_UNIT}.service",
+            f"After=network-online.target {GROW_UNIT}.service",
             f"RequiresMountsFor={systemd_quote(config.btrfs.mount_point)}",
             "",
             "[Service]",
@@ -3243,9 +3498,78 @@ def render_unit(config: Config, group: str) -> str:
             f"Group={group}",
             f"WorkingDirectory={systemd_quote(config.bootstrap_root)}",
             f"EnvironmentFile={ENV_FILE}",
-            f"ExecStart={systemd_quote(exec_path)}",
+            f"ExecStart={argv}",
+            *caps,
             "Restart=on-failure",
             "RestartSec=2",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+CLOUDFLARED_DIR = Path("/etc/cloudflared")
+CLOUDFLARED_TOKEN_ENV = CLOUDFLARED_DIR / "token.env"
+CLOUDFLARED_CONFIG = CLOUDFLARED_DIR / "config.yml"
+CLOUDFLARED_UNIT = "cocalc-cloudflared"
+TUNNEL_TOKEN_RE = re.compile(r"[A-Za-z0-9+/=_.-]{16,4096}")
+
+
+def render_cloudflared_config(hostname: str, port: int) -> str:
+    """Ingress to the daemon's port, everything else 404 (upstream's config.yml)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "ingress:",
+            f"  - hostname: {hostname}",
+            f"    service: http://localhost:{port}",
+            "  - service: http_status:404",
+            "",
+        ]
+    )
+
+
+def render_cloudflared_unit() -> str:
+    """cloudflared reads the token from TUNNEL_TOKEN (the 0600 env file): never on
+    its command line, where `ps` would show it (the old unit's mistake)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Cloudflare tunnel to the CoCalc project host",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            "",
+            "[Service]",
+            "Type=simple",
+            f"EnvironmentFile={CLOUDFLARED_TOKEN_ENV}",
+            f"ExecStart=/usr/bin/cloudflared --no-autoupdate --config {CLOUDFLARED_CONFIG} tunnel run",
+            "Restart=always",
+            "RestartSec=5",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+def render_grow_unit(config: Config) -> str:
+    """Runs cocalc-grow-btrfs at every boot, before the daemon (as the old start script did)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            f"Description=Grow the btrfs filesystem at {config.btrfs.mount_point} to fill its disk or image",
+            f"RequiresMountsFor={systemd_quote(config.btrfs.mount_point)}",
+            f"Before={config.service.unit}.service",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            "RemainAfterExit=yes",
+            f"ExecStart={GROW_HELPER}",
             "",
             "[Install]",
             "WantedBy=multi-user.target",
@@ -3259,14 +3583,14 @@ def render_readme(config: Config) -> str:
         f"""\
         This directory belongs to CoCalc's project-host bootstrap (bootstrap.py).
 
-          bin/        helpers: env.sh (source it for node on PATH), btrfs-grow
+          bin/        helpers: env.sh (source it for node on PATH)
           bootstrap/  the bootstrap itself: stub, config, token, state.json, logs of past runs
           bundles/    <artifact>/<version>, and <artifact>/current -> the version in use
-          config/     bootstrap.json (the config as applied) and secrets/ (0600 files)
+          config/     bootstrap.json (the config as applied); secrets are in /btrfs/data/secrets
           logs/       bootstrap.log (JSON lines)
 
         The daemon runs as the systemd unit {config.service.unit}.service with
-        /etc/cocalc/project-host.env; `python3 bootstrap/bootstrap.py --config
+        /etc/cocalc/project-host.env; sudo {GROW_HELPER} [GB] grows /btrfs; `python3 bootstrap/bootstrap.py --config
         bootstrap/bootstrap-config.json status` says how the last run went.
         Re-running the bootstrap is safe: it only changes what differs.
         """
@@ -3812,10 +4136,11 @@ class FilesStep(Step):
 
 
 class SecretsStep(Step):
-    """The secrets the config names, fetched with the bootstrap token into 0600 files."""
+    """The secrets the config names (upstream: conat-password), fetched once with
+    the bootstrap token into 0600 files in /btrfs/data/secrets (0700)."""
 
     name = "secrets"
-    deps = ("directories",)
+    deps = ("directories", "btrfs")
     weight_s = 1.0
     phase = "preparing"
     hint = (
@@ -4252,7 +4577,8 @@ def foreign_image_problem(image: Path) -> str | None:
 
 class BtrfsStep(Step):
     """The btrfs filesystem for projects: data disk or sparse loop image, mounted
-    from a tagged fstab line, with the data subvolume, quota, tmp and btrfs-grow."""
+    from a tagged fstab line, with the data subvolume (tmp, secrets), quota,
+    /usr/local/sbin/cocalc-grow-btrfs and its boot-time unit."""
 
     name = "btrfs"
     deps = ("apt",)  # btrfs-progs
@@ -4265,11 +4591,14 @@ class BtrfsStep(Step):
         return Path(self.config.btrfs.mount_point)
 
     def helper_path(self) -> Path:
-        return Path(self.config.bootstrap_root) / "bin" / "btrfs-grow"
+        return GROW_HELPER
 
     def helper_text(self) -> str:
         b = self.config.btrfs
-        return render_grow_helper(b.mount_point, None if b.data_disk else b.image_path)
+        return render_grow_helper(b.mount_point, None if b.data_disk else b.image_path, str(ENV_FILE))
+
+    def grow_unit_path(self) -> Path:
+        return SYSTEMD_UNIT_DIR / f"{GROW_UNIT}.service"
 
     def inputs(self) -> Mapping[str, Any]:
         return {"btrfs": dataclasses.asdict(self.config.btrfs), "user": self.config.bootstrap_user}
@@ -4279,8 +4608,8 @@ class BtrfsStep(Step):
         b = self.config.btrfs
         if b.data_disk is None:
             return fstab_entry(b.image_path, b.mount_point, loop=True)
-        fs = btrfs_sysfs_dir(source)
-        return fstab_entry(f"UUID={fs.name}", b.mount_point, loop=False) if fs else None
+        fsid = btrfs_fsid(b.mount_point)
+        return fstab_entry(f"UUID={fsid}", b.mount_point, loop=False) if fsid else None
 
     def check(self) -> StepState:
         problems = []
@@ -4289,9 +4618,16 @@ class BtrfsStep(Step):
             problems.append(f"no btrfs filesystem mounted at {self.mount_point}")
         else:
             problems += self.mounted_problems(mounted[0])
-        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755):
+        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755, uid=0):
             problems.append(f"{self.helper_path()} is missing or differs")
-        return StepState(not problems, "; ".join(problems) or f"btrfs at {self.mount_point} with data, quota and tmp")
+        if not file_matches(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644):
+            problems.append(f"{self.grow_unit_path()} is missing or differs")
+        elif systemctl_state("is-enabled", f"{GROW_UNIT}.service") != "enabled":
+            problems.append(f"{GROW_UNIT}.service is not enabled")
+        return StepState(
+            not problems,
+            "; ".join(problems) or f"btrfs at {self.mount_point} with data (tmp, secrets), quota, grow helper",
+        )
 
     def mounted_problems(self, source: str) -> list[str]:
         uid = user_ids(self.config.bootstrap_user)[0]
@@ -4300,8 +4636,7 @@ class BtrfsStep(Step):
         fstab = read_text_or(FSTAB)
         if entry is None or fstab_with_entry(fstab, entry) != fstab:
             problems.append("the tagged fstab line is missing or differs")
-        fs = btrfs_sysfs_dir(source)
-        if fs is None or not (fs / "qgroups").is_dir():
+        if not btrfs_quota_enabled(str(self.mount_point)):
             problems.append("quota is not enabled")
         if not is_btrfs_subvolume(self.mount_point / "data"):
             problems.append(f"{self.mount_point / 'data'} is not a subvolume")
@@ -4330,20 +4665,27 @@ class BtrfsStep(Step):
             )  # through the fstab line: proves it works
             self.log.info(f"mounted {mp}")
         self.prepare_tree()
-        if write_user_file(self.helper_path(), self.helper_text(), 0o755):
+        self.install_grow_helper()
+
+    def install_grow_helper(self) -> None:
+        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755, uid=0):
+            write_root_file(self.helper_path(), self.helper_text(), mode=0o755)
             self.log.info(f"wrote {self.helper_path()}")
+        unit = f"{GROW_UNIT}.service"
+        if not file_matches(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644):
+            write_root_file(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644)
+            run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+            self.log.info(f"wrote {self.grow_unit_path()}")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
 
     def prepare_filesystem(self) -> str:
         """Make (or find) the filesystem; returns its fstab line."""
         b = self.config.btrfs
         if b.data_disk is not None:
-            device = wait_for_block_device(b.data_disk.candidates, b.data_disk.wait_s, self.log)
-            size = int(run_command(["blockdev", "--getsize64", device], sudo=True, timeout_s=30).output.split()[0])
-            if size < b.data_disk.min_size_gb * 10**9:
-                raise BootstrapError(
-                    f"{device} has {size / 10**9:.1f} GB; btrfs.data_disk.min_size_gb is {b.data_disk.min_size_gb}",
-                    hint="Attach a bigger disk or lower min_size_gb.",
-                )
+            device = wait_for_block_device(
+                b.data_disk.candidates, b.data_disk.wait_s, b.data_disk.min_size_gb * MIN_DATA_DISK_UNIT, self.log
+            )
             self.make_btrfs(device)
             uuid = block_device_probe(device).get("UUID")
             if not uuid:
@@ -4401,12 +4743,12 @@ class BtrfsStep(Step):
                     hint=f"Move it away; bootstrap.py creates {data} as a subvolume.",
                 )
             run_command(["btrfs", "subvolume", "create", str(data)], sudo=True, timeout_s=60)
-        fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
-        if fs is None or not (fs / "qgroups").is_dir():
+        if not btrfs_quota_enabled(str(mp)):
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
-        make_root_dirs(mp / "tmp")
-        for name, mode in BTRFS_DIR_MODES.items():
+        for name, mode in BTRFS_DIR_MODES.items():  # parents first: each is the user's before we look inside
             path = mp / name
+            if not path.exists():
+                make_root_dirs(path)
             if not owned_dir(path, uid):
                 run_command(["chown", f"{user}:{group}", str(path)], sudo=True, timeout_s=30)
             if stat.S_IMODE(path.stat().st_mode) != mode:  # explicit: the umask is the stub's 077
@@ -4418,7 +4760,16 @@ class ServiceStep(Step):
     when its unit, env file or bundle changed since the last (re)start."""
 
     name = "service"
-    deps = ("install_project_host", "install_project", "install_tools", "node", "btrfs", "files", "secrets")
+    deps = (
+        "install_project_host",
+        "install_project",
+        "install_tools",
+        "node",
+        "btrfs",
+        "containers",
+        "files",
+        "secrets",
+    )
     weight_s = 10.0
     phase = "starting services"
     hint = "See the daemon's log: sudo journalctl -u <unit> -n 100 --no-pager (the unit is service.unit in the config)."
@@ -4511,10 +4862,11 @@ class ServiceStep(Step):
 
 
 class FinalizeStep(Step):
-    """`.bootstrap_done` with a summary of what this host runs."""
+    """`.bootstrap_done` with a summary of what this host runs: ours, and where
+    upstream looks (/btrfs/data/.bootstrap_done, /var/lib/cocalc/.bootstrap_done)."""
 
     name = "finalize"
-    deps = ("service",)
+    deps = ("service", "chrony", "tunnel", "gpu")
     weight_s = 0.2
     phase = "finishing"
     hint = "The bootstrap directory must be writable."
@@ -4534,6 +4886,9 @@ class FinalizeStep(Step):
     def inputs(self) -> Mapping[str, Any]:
         return self.summary()
 
+    def upstream_markers(self) -> tuple[Path, Path]:
+        return data_dir(self.config) / done_marker(self.config).name, SYSTEM_DONE_MARKER
+
     def check(self) -> StepState:
         try:
             done = json.loads(done_marker(self.config).read_text(encoding="utf-8"))
@@ -4541,13 +4896,534 @@ class FinalizeStep(Step):
             return StepState(False, f"{done_marker(self.config)} is missing")
         summary = self.summary()
         same = isinstance(done, dict) and {k: done.get(k) for k in summary} == summary
-        return StepState(
-            same, f"done since {done.get('finished_at')}" if same else "the host changed since the last bootstrap"
-        )
+        if not same:
+            return StepState(False, "the host changed since the last bootstrap")
+        ours = done_marker(self.config).read_text(encoding="utf-8")
+        missing = [str(p) for p in self.upstream_markers() if read_text_or(p) != ours]
+        if missing:
+            return StepState(False, f"{', '.join(missing)} missing or stale")
+        return StepState(True, f"done since {done.get('finished_at')}")
 
     def apply(self) -> None:
         record = {**self.summary(), "finished_at": utc_timestamp()}
-        atomic_write_text(done_marker(self.config), json.dumps(record, indent=2) + "\n", 0o644)
+        text = json.dumps(record, indent=2) + "\n"
+        atomic_write_text(done_marker(self.config), text, 0o644)
+        in_data, system = self.upstream_markers()
+        atomic_write_text(in_data, text, 0o644)  # /btrfs/data is the user's
+        write_root_file(system, text, mode=0o644)
+
+
+# ============================================================================
+# steps_platform: Steps for what upstream's daemon needs from the OS: rootless containers
+# ============================================================================
+
+# -- rootless podman ------------------------------------------------------------------
+
+SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+SUBID_START = 100000  # the old bootstrap's range: 100000-165535
+SUBID_COUNT = 65536
+USERNS_SYSCTL_FILE = Path("/etc/sysctl.d/60-cocalc-userns.conf")
+USERNS_SYSCTL = "kernel.unprivileged_userns_clone"
+USERNS_PROC = Path("/proc/sys/kernel/unprivileged_userns_clone")  # Debian and Ubuntu kernels only
+ROOT_STORAGE_CONF = Path("/etc/containers/storage.conf")
+
+
+def subid_ranges(text: str) -> list[tuple[str, int, int]]:
+    """(owner, first id, count) of every well-formed line of /etc/subuid or /etc/subgid."""
+    ranges = []
+    for line in text.splitlines():
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit() and not line.lstrip().startswith("#"):
+            ranges.append((fields[0], int(fields[1]), int(fields[2])))
+    return ranges
+
+
+def subid_entry(text: str, user: str, uid: int) -> str | None:
+    """The line to add for `user`: the old range (100000, 65536 ids), moved up
+    past every range it would overlap; None when the user already has one."""
+    ranges = subid_ranges(text)
+    if any(owner in (user, str(uid)) for owner, _, _ in ranges):
+        return None
+    start = SUBID_START
+    while True:
+        clash = [s + c for _, s, c in ranges if s < start + SUBID_COUNT and start < s + c]
+        if not clash:
+            return f"{user}:{start}:{SUBID_COUNT}"
+        start = -(-max(clash) // SUBID_COUNT) * SUBID_COUNT  # the next multiple of 65536 past them
+
+
+def with_subid_entry(text: str, entry: str) -> str:
+    return text + ("" if text == "" or text.endswith("\n") else "\n") + entry + "\n"
+
+
+def containers_dir(config: Config) -> Path:
+    return Path(config.btrfs.mount_point) / "data" / "containers"
+
+
+def storage_roots(config: Config, rootless_user: str | None) -> tuple[Path, Path]:
+    """(runroot, graphroot): /btrfs/data/containers/root/{run,storage}, or
+    /btrfs/data/containers/rootless/<user>/{run,storage}."""
+    base = containers_dir(config) / ("root" if rootless_user is None else f"rootless/{rootless_user}")
+    return base / "run", base / "storage"
+
+
+def render_storage_conf(runroot: Path, graphroot: Path) -> str:
+    return (
+        "# Written by bootstrap.py; edits are overwritten. Container storage lives on /btrfs,\n"
+        "# not on the root disk (the root disk filled up once).\n"
+        "[storage]\n"
+        'driver = "overlay"\n'
+        f'runroot = "{runroot}"\n'
+        f'graphroot = "{graphroot}"\n'
+    )
+
+
+def user_storage_conf(config: Config) -> Path:
+    return Path(config.home) / ".config" / "containers" / "storage.conf"
+
+
+class ContainersStep(Step):
+    """Rootless podman for the user: subordinate ids, the user-namespace
+    sysctl, and storage.conf (root's and the user's) with storage on /btrfs."""
+
+    name = "containers"
+    deps = ("apt", "btrfs")  # podman, uidmap; /btrfs/data
+    weight_s = 1.0
+    phase = "setting up containers"
+    hint = "Check /etc/subuid, /etc/subgid and the storage.conf files; `podman info` as the user says what podman sees."
+
+    def root_files(self) -> dict[Path, str]:
+        run, graph = storage_roots(self.config, None)
+        return {ROOT_STORAGE_CONF: render_storage_conf(run, graph), USERNS_SYSCTL_FILE: f"{USERNS_SYSCTL} = 1\n"}
+
+    def user_conf(self) -> str:
+        return render_storage_conf(*storage_roots(self.config, self.config.bootstrap_user))
+
+    def dirs(self) -> dict[Path, tuple[str, int]]:
+        """Storage directories: owner ("root" or the user) and mode."""
+        user = self.config.bootstrap_user
+        out: dict[Path, tuple[str, int]] = {containers_dir(self.config): ("root", 0o755)}
+        out |= {p: ("root", 0o700) for p in storage_roots(self.config, None)}
+        rootless = storage_roots(self.config, user)
+        out[rootless[0].parent.parent] = ("root", 0o755)  # .../rootless
+        out[rootless[0].parent] = (user, 0o700)
+        out |= {p: (user, 0o700) for p in rootless}
+        return out
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {
+            "user": self.config.bootstrap_user,
+            "files": {str(p): c for p, c in self.root_files().items()},
+            "user_conf": self.user_conf(),
+        }
+
+    def problems(self) -> list[str]:
+        user = self.config.bootstrap_user
+        uid = user_ids(user)[0]
+        problems = [
+            f"{p} is missing or differs" for p, c in self.root_files().items() if not file_matches(p, c, mode=0o644)
+        ]
+        if not file_matches(user_storage_conf(self.config), self.user_conf(), mode=0o644):
+            problems.append(f"{user_storage_conf(self.config)} is missing or differs")
+        problems += [f"{f} has no range for {user}" for f in SUBID_FILES if subid_entry(read_text_or(f), user, uid)]
+        owners = {"root": 0, user: uid}
+        for path, (owner, mode) in self.dirs().items():
+            try:
+                st = path.stat()
+            except OSError:
+                problems.append(f"{path} is missing")
+                continue
+            if st.st_uid != owners[owner] or stat.S_IMODE(st.st_mode) != mode:
+                problems.append(f"{path} is not {owner}'s with mode {mode:o}")
+        return problems
+
+    def check(self) -> StepState:
+        problems = self.problems()
+        return StepState(not problems, "; ".join(problems) or "subordinate ids, sysctl and storage on /btrfs in place")
+
+    def apply(self) -> None:
+        user = self.config.bootstrap_user
+        uid, _, group = user_ids(user)
+        for path in SUBID_FILES:
+            text = read_text_or(path)
+            entry = subid_entry(text, user, uid)
+            if entry is not None:
+                write_root_file(path, with_subid_entry(text, entry), mode=0o644)
+                self.log.info(f"{path}: {entry}")
+        for path, content in self.root_files().items():
+            if not file_matches(path, content, mode=0o644):
+                write_root_file(path, content, mode=0o644)
+                self.log.info(f"wrote {path}")
+        self.apply_sysctl()
+        owners = {"root": 0, user: uid}
+        for path, (owner, mode) in self.dirs().items():
+            if not path.exists():
+                make_root_dirs(path)
+            st = path.stat()
+            if st.st_uid != owners[owner]:
+                run_command(
+                    ["chown", f"{owner}:{group if owner == user else 'root'}", str(path)], sudo=True, timeout_s=30
+                )
+            if stat.S_IMODE(st.st_mode) != mode:
+                run_command(["chmod", f"{mode:o}", str(path)], sudo=True, timeout_s=30)
+        if write_user_file(user_storage_conf(self.config), self.user_conf(), 0o644):
+            self.log.info(f"wrote {user_storage_conf(self.config)}")
+
+    def apply_sysctl(self) -> None:
+        """Best effort, as upstream: only Debian/Ubuntu kernels have the knob, and
+        inside a container /proc/sys may be read-only."""
+        if not USERNS_PROC.exists():
+            self.log.info(f"{USERNS_SYSCTL} does not exist on this kernel; user namespaces need no switch")
+            return
+        if read_text_or(USERNS_PROC).strip() == "1":
+            return
+        done = run_command(["sysctl", "-w", f"{USERNS_SYSCTL}=1"], sudo=True, check=False, timeout_s=30)
+        if done.returncode != 0:
+            self.log.warn(
+                f"could not set {USERNS_SYSCTL}=1 now ({done.output.strip()}); {USERNS_SYSCTL_FILE} sets it at boot"
+            )
+
+
+# -- time -------------------------------------------------------------------------------
+
+CHRONY_CONF = Path("/etc/chrony/chrony.conf")
+CHRONY_UNIT = "chrony.service"
+TIMESYNCD_UNIT = "systemd-timesyncd.service"
+
+
+def render_chrony_conf() -> str:
+    """Upstream's chrony.conf (pool, makestep 1.0 -1, rtcsync) plus the
+    distribution's file locations. Clock skew broke hosts once."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "pool pool.ntp.org iburst maxsources 4",
+            "keyfile /etc/chrony/chrony.keys",
+            "driftfile /var/lib/chrony/chrony.drift",
+            "logdir /var/log/chrony",
+            "maxupdateskew 100.0",
+            "makestep 1.0 -1",
+            "rtcsync",
+            "",
+        ]
+    )
+
+
+class ChronyStep(Step):
+    """chrony keeps the clock; systemd-timesyncd is off."""
+
+    name = "chrony"
+    deps = ("apt",)  # chrony
+    weight_s = 0.5
+    phase = "setting up time sync"
+    hint = "Check that chrony is in apt.packages; `systemctl status chrony` says why it does not run."
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not file_matches(CHRONY_CONF, render_chrony_conf(), mode=0o644):
+            problems.append(f"{CHRONY_CONF} is missing or differs")
+        if systemctl_state("is-enabled", CHRONY_UNIT) != "enabled":
+            problems.append(f"{CHRONY_UNIT} is not enabled")
+        if systemctl_state("is-enabled", TIMESYNCD_UNIT) == "enabled":
+            problems.append(f"{TIMESYNCD_UNIT} is enabled")
+        if systemctl_state("is-active", TIMESYNCD_UNIT) == "active":
+            problems.append(f"{TIMESYNCD_UNIT} is running")
+        return problems
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"conf": render_chrony_conf()}
+
+    def check(self) -> StepState:
+        problems = self.problems()
+        return StepState(not problems, "; ".join(problems) or f"{CHRONY_UNIT} enabled with our config, timesyncd off")
+
+    def apply(self) -> None:
+        if systemctl_state("is-enabled", TIMESYNCD_UNIT) in ("enabled", "enabled-runtime") or (
+            systemctl_state("is-active", TIMESYNCD_UNIT) == "active"
+        ):
+            run_command(["systemctl", "disable", "--now", TIMESYNCD_UNIT], sudo=True, timeout_s=120)
+            self.log.info(f"disabled {TIMESYNCD_UNIT}")
+        changed = not file_matches(CHRONY_CONF, render_chrony_conf(), mode=0o644)
+        if changed:
+            write_root_file(CHRONY_CONF, render_chrony_conf(), mode=0o644)
+            self.log.info(f"wrote {CHRONY_CONF}")
+        if systemctl_state("is-enabled", CHRONY_UNIT) != "enabled":
+            run_command(["systemctl", "enable", CHRONY_UNIT], sudo=True, timeout_s=120, hint=self.hint)
+        # restart to read the new file; a unit whose conditions fail (no CAP_SYS_TIME
+        # in a container) stays inactive, which is what the distribution wants there
+        verb = "restart" if changed else "start"
+        done = run_command(["systemctl", verb, CHRONY_UNIT], sudo=True, check=False, timeout_s=120)
+        state = systemctl_state("is-active", CHRONY_UNIT)
+        if done.returncode != 0 or state != "active":
+            self.log.warn(f"{CHRONY_UNIT} is {state} ({done.output.strip() or 'its conditions are not met here'})")
+
+
+# -- the tunnel -------------------------------------------------------------------------
+
+
+def installed_version(package: str) -> str | None:
+    found = run_command(["dpkg-query", "-W", "-f", "${Version}", package], check=False, timeout_s=30)
+    return found.output.strip() if found.returncode == 0 and found.output.strip() else None
+
+
+class TunnelStep(Step):
+    """cloudflared for a host reached through a Cloudflare tunnel: the pinned .deb
+    (sha256 verified), the token in a root 0600 env file (TUNNEL_TOKEN, never an
+    argument), config.yml ingress to the daemon, and cocalc-cloudflared.service."""
+
+    name = "tunnel"
+    deps = ("apt",)  # dpkg: one at a time
+    weight_s = 3.0
+    phase = "setting up the tunnel"
+    hint = "See sudo journalctl -u cocalc-cloudflared -n 100 --no-pager; the token comes from the hub's secrets."
+
+    def unit_path(self) -> Path:
+        return Path("/etc/systemd/system") / f"{CLOUDFLARED_UNIT}.service"
+
+    def inputs(self) -> Mapping[str, Any]:
+        cf = self.config.cloudflared
+        return {"cloudflared": None if cf is None else cf.to_dict()}
+
+    def problems(self) -> list[str]:
+        cf = self.config.cloudflared
+        if cf is None:
+            return []
+        unit = f"{CLOUDFLARED_UNIT}.service"
+        problems = []
+        if installed_version("cloudflared") != cf.deb.version:
+            problems.append(f"cloudflared {cf.deb.version} is not installed")
+        try:
+            st = CLOUDFLARED_TOKEN_ENV.stat()
+            if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o600:
+                problems.append(f"{CLOUDFLARED_TOKEN_ENV} is not root's 0600")
+        except OSError:
+            problems.append(f"{CLOUDFLARED_TOKEN_ENV} is missing")
+        if not file_matches(CLOUDFLARED_CONFIG, render_cloudflared_config(cf.hostname, cf.port), mode=0o644):
+            problems.append(f"{CLOUDFLARED_CONFIG} is missing or differs")
+        if not file_matches(self.unit_path(), render_cloudflared_unit(), mode=0o644):
+            problems.append(f"{self.unit_path()} is missing or differs")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            problems.append(f"{unit} is not enabled")
+        if systemctl_state("is-active", unit) != "active":
+            problems.append(f"{unit} is not active")
+        return problems
+
+    def check(self) -> StepState:
+        if self.config.cloudflared is None:
+            return StepState(True, "no tunnel configured")
+        problems = self.problems()
+        return StepState(not problems, "; ".join(problems) or "cloudflared runs the tunnel")
+
+    def apply(self) -> None:
+        cf = self.config.cloudflared
+        if cf is None:
+            return
+        changed = False
+        if installed_version("cloudflared") != cf.deb.version:
+            deb = downloads_dir(self.config) / f"cloudflared_{cf.deb.version}.deb"
+            download_verified(cf.deb.url, deb, cf.deb.sha256, log=self.log, size_bytes=cf.deb.size_bytes)
+            spec = self.config.apt
+            wait_for_locks(DPKG_LOCKS, time.monotonic() + spec.lock_timeout_s, self.log)
+            run_command(
+                apt_get_argv(["install", "--no-install-recommends", str(deb)], spec.lock_timeout_s),
+                sudo=True,
+                env=APT_ENV,
+                timeout_s=spec.lock_timeout_s + 600,
+                hint=self.hint,
+            )
+            self.log.info(f"installed cloudflared {cf.deb.version} (sha256 verified)")
+            changed = True
+        if not CLOUDFLARED_TOKEN_ENV.exists():
+            changed |= self.fetch_token(cf.token_secret)
+        for path, content in (
+            (CLOUDFLARED_CONFIG, render_cloudflared_config(cf.hostname, cf.port)),
+            (self.unit_path(), render_cloudflared_unit()),
+        ):
+            if not file_matches(path, content, mode=0o644):
+                write_root_file(path, content, mode=0o644)
+                self.log.info(f"wrote {path}")
+                changed = True
+        unit = f"{CLOUDFLARED_UNIT}.service"
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
+        verb = "restart" if changed else "start"
+        run_command(["systemctl", verb, unit], sudo=True, timeout_s=120, hint=self.hint)
+        self.log.info(f"{verb}ed {unit}")
+
+    def fetch_token(self, name: str) -> bool:
+        token = read_token(self.config.token_file)
+        if token is None:
+            raise BootstrapError(
+                f"no bootstrap token at {self.config.token_file}", hint="Re-run the stub from the hub."
+            )
+        value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token).strip()
+        add_secret(value)
+        if not TUNNEL_TOKEN_RE.fullmatch(value):
+            raise BootstrapError(
+                f"the hub's secret {name} does not look like a tunnel token",
+                hint="Store the tunnel token (base64) as that secret on the hub.",
+            )
+        write_root_file(CLOUDFLARED_TOKEN_ENV, f"TUNNEL_TOKEN={value}\n", mode=0o600)
+        self.log.info(f"wrote {CLOUDFLARED_TOKEN_ENV} (0600, root)")
+        return True
+
+
+# -- GPU hosts -------------------------------------------------------------------------
+
+NVIDIA_KEYRING = Path("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg")
+NVIDIA_SOURCES = Path("/etc/apt/sources.list.d/nvidia-container-toolkit.list")
+NVIDIA_DEVICE = Path("/dev/nvidiactl")  # there when an NVIDIA driver is loaded
+CDI_HELPER = Path("/usr/local/sbin/cocalc-nvidia-cdi")
+CDI_SPEC = "/etc/cdi/nvidia.yaml"
+CDI_UNIT = "cocalc-nvidia-cdi"
+GPU_GROUPS = ("video", "render")
+
+
+def render_nvidia_sources(repo_url: str) -> str:
+    return f"# Written by bootstrap.py; edits are overwritten.\ndeb [signed-by={NVIDIA_KEYRING}] {repo_url} /\n"
+
+
+def render_cdi_helper(output: str = CDI_SPEC) -> str:
+    """Regenerates the CDI spec (it goes stale after driver changes)."""
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            "# Written by bootstrap.py; edits are overwritten. Run by cocalc-nvidia-cdi.timer.",
+            "set -eu",
+            f'mkdir -p "$(dirname {shlex.quote(output)})"',
+            f"exec nvidia-ctk cdi generate --output={shlex.quote(output)}",
+            "",
+        ]
+    )
+
+
+def render_cdi_units(interval_s: int) -> dict[str, str]:
+    """The oneshot service and its timer (upstream used cron every 5 minutes)."""
+    service = "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Regenerate the NVIDIA CDI spec for containers",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            f"ExecStart={CDI_HELPER}",
+            "",
+        ]
+    )
+    timer = "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Regenerate the NVIDIA CDI spec regularly",
+            "",
+            "[Timer]",
+            "OnBootSec=30s",
+            f"OnUnitActiveSec={interval_s}s",
+            "",
+            "[Install]",
+            "WantedBy=timers.target",
+            "",
+        ]
+    )
+    return {f"{CDI_UNIT}.service": service, f"{CDI_UNIT}.timer": timer}
+
+
+def user_groups(user: str) -> set[str]:
+    found = run_command(["id", "-nG", user], check=False, timeout_s=30)
+    return set(found.output.split()) if found.returncode == 0 else set()
+
+
+class GpuStep(Step):
+    """NVIDIA's container toolkit on GPU hosts: its apt repository with a pinned
+    keyring, the packages, the user in video and render, and the CDI spec kept
+    fresh by a systemd timer. A host without an NVIDIA GPU skips it, and says so."""
+
+    name = "gpu"
+    deps = ("apt",)  # apt/dpkg one at a time
+    weight_s = 20.0
+    phase = "setting up the GPU"
+    hint = "Check the NVIDIA driver (nvidia-smi) and gpu.repo_url / gpu.keyring_sha256 in the config."
+
+    def inputs(self) -> Mapping[str, Any]:
+        gpu = self.config.gpu
+        return {"gpu": None if gpu is None else gpu.to_dict(), "gpu_present": NVIDIA_DEVICE.exists()}
+
+    def skip_reason(self) -> str | None:
+        if self.config.gpu is None:
+            return "no GPU configured"
+        if not NVIDIA_DEVICE.exists():
+            return f"no NVIDIA GPU on this host ({NVIDIA_DEVICE} is missing): the container toolkit is not installed"
+        return None
+
+    def files(self) -> dict[Path, tuple[str, int]]:
+        gpu = self.config.gpu
+        assert gpu is not None
+        out = {NVIDIA_SOURCES: (render_nvidia_sources(gpu.repo_url), 0o644), CDI_HELPER: (render_cdi_helper(), 0o755)}
+        out |= {SYSTEMD_UNIT_DIR / n: (t, 0o644) for n, t in render_cdi_units(gpu.cdi_interval_s).items()}
+        return out
+
+    def problems(self) -> list[str]:
+        gpu = self.config.gpu
+        assert gpu is not None
+        problems = []
+        try:
+            if file_sha256(NVIDIA_KEYRING) != gpu.keyring_sha256:
+                problems.append(f"{NVIDIA_KEYRING} differs from the pinned keyring")
+        except OSError:
+            problems.append(f"{NVIDIA_KEYRING} is missing")
+        problems += [
+            f"{p} is missing or differs" for p, (c, m) in self.files().items() if not file_matches(p, c, mode=m)
+        ]
+        missing = missing_packages(gpu.packages)
+        if missing:
+            problems.append(f"not installed: {' '.join(missing)}")
+        absent = [g for g in GPU_GROUPS if g not in user_groups(self.config.bootstrap_user)]
+        if absent:
+            problems.append(f"{self.config.bootstrap_user} is not in {', '.join(absent)}")
+        if systemctl_state("is-enabled", f"{CDI_UNIT}.timer") != "enabled":
+            problems.append(f"{CDI_UNIT}.timer is not enabled")
+        if not Path(CDI_SPEC).exists():
+            problems.append(f"{CDI_SPEC} is missing")
+        return problems
+
+    def check(self) -> StepState:
+        why = self.skip_reason()
+        if why is not None:
+            return StepState(True, why)
+        problems = self.problems()
+        return StepState(not problems, "; ".join(problems) or "NVIDIA container toolkit, CDI spec and timer in place")
+
+    def apply(self) -> None:
+        why = self.skip_reason()
+        gpu = self.config.gpu
+        if why is not None or gpu is None:
+            self.log.info(why or "no GPU configured")
+            return
+        keyring = downloads_dir(self.config) / "nvidia-container-toolkit-keyring.gpg"
+        download_verified(gpu.keyring_url, keyring, gpu.keyring_sha256, log=self.log)
+        make_root_dirs(NVIDIA_KEYRING.parent)
+        run_command(
+            ["install", "-m", "0644", "-o", "root", "-g", "root", str(keyring), str(NVIDIA_KEYRING)],
+            sudo=True,
+            timeout_s=30,
+        )
+        for path, (content, mode) in self.files().items():
+            if not file_matches(path, content, mode=mode):
+                write_root_file(path, content, mode=mode)
+                self.log.info(f"wrote {path}")
+        spec = self.config.apt
+        apt_update(spec.lock_timeout_s, self.log)  # the new repository's lists
+        apt_install(gpu.packages, spec.lock_timeout_s, self.log)
+        for group in GPU_GROUPS:
+            if run_command(["getent", "group", group], check=False, timeout_s=30).returncode != 0:
+                run_command(["groupadd", "--system", group], sudo=True, timeout_s=30)
+        run_command(["usermod", "-aG", ",".join(GPU_GROUPS), self.config.bootstrap_user], sudo=True, timeout_s=30)
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+        run_command(["systemctl", "enable", "--now", f"{CDI_UNIT}.timer"], sudo=True, timeout_s=120)
+        run_command(["systemctl", "start", f"{CDI_UNIT}.service"], sudo=True, timeout_s=300, hint=self.hint)
+        self.log.info(f"generated {CDI_SPEC}; {CDI_UNIT}.timer regenerates it every {gpu.cdi_interval_s}s")
 
 
 # ============================================================================
@@ -4569,6 +5445,10 @@ STEPS: tuple[type[Step], ...] = (
     InstallProjectStep,
     InstallToolsStep,
     BtrfsStep,
+    ContainersStep,
+    ChronyStep,
+    TunnelStep,
+    GpuStep,
     ServiceStep,
     FinalizeStep,
 )

@@ -51,6 +51,7 @@ MODULES = (
     "steps_host",
     "steps_install",
     "steps_system",
+    "steps_platform",
     "engine",
     "reporting",
     "cli",

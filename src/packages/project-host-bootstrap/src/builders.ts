@@ -25,8 +25,10 @@ import {
   type BootstrapConfig,
   type BootstrapConfigInput,
   BootstrapConfigSchema,
+  type CloudflaredSchema,
   CONFIG_FILE_NAME,
   type ConfigIssue,
+  type DaemonSchema,
   type DataDiskSchema,
   formatPath,
   type HostSchema,
@@ -104,6 +106,10 @@ export interface HostFacts {
     data_disk?: z.input<typeof DataDiskSchema> | null;
   };
   tunnel?: z.input<typeof TunnelSchema> | null;
+  /** What the daemon's env file needs (region, URLs, public IP, ssh server, TLS, port). */
+  daemon?: z.input<typeof DaemonSchema>;
+  /** A Cloudflare tunnel: the pinned .deb and the tunnel's host name. */
+  cloudflared?: z.input<typeof CloudflaredSchema> | null;
   env?: Record<string, string>;
   parallel?: boolean;
 }
@@ -193,6 +199,8 @@ function assemble(facts: HostFacts): BootstrapConfigInput {
   // Optional facts are copied only when present, so the schema's defaults apply.
   if (facts.secrets !== undefined) config.secrets = facts.secrets;
   if (facts.tunnel !== undefined) config.tunnel = facts.tunnel;
+  if (facts.daemon !== undefined) config.daemon = facts.daemon;
+  if (facts.cloudflared !== undefined) config.cloudflared = facts.cloudflared;
   if (facts.env !== undefined) config.env = facts.env;
   if (facts.parallel !== undefined) config.parallel = facts.parallel;
   return config;

@@ -59,6 +59,12 @@ export const SYSTEMD_UNIT_RE = /^cocalc-[A-Za-z0-9_.-]{1,200}$/;
 export const UNSAFE_CHAR_RE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\ud800-\udfff]/u;
 /** Deepest JSON nesting a config may have (it needs 5); deeper input is refused as a whole, at `$`. */
 export const MAX_JSON_DEPTH = 32;
+/** An IPv4 or IPv6 address, textually (the hub writes what it saw). */
+export const IP_RE = /^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*)$/;
+/** `host:port` or `[v6]:port`, as PROJECT_HOST_SSH_SERVER takes it. */
+export const HOST_PORT_RE = /^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$/;
+/** The old region names: letters, digits, `.`, `_`, `-` (may be empty). */
+export const REGION_RE = /^[A-Za-z0-9._-]{0,64}$/;
 export const MAX_PATH = 4096;
 
 function pathSegments(p: string): string[] {
@@ -322,7 +328,7 @@ export const DataDiskSchema = z
   .strictObject({
     candidates: BoundedArray(AbsPath, { min: 1, max: 16 }).describe("Block devices to use, in order of preference (e.g. /dev/disk/by-id/...)."),
     min_size_gb: PosInt(1 << 20).describe("Refuse a disk smaller than this."),
-    wait_s: NonNegInt(3600).default(300).describe("How long to wait for a candidate to appear."),
+    wait_s: NonNegInt(3600).default(600).describe("How long to wait for a usable candidate (upstream: 600 s)."),
   })
   .describe("A dedicated data disk for /btrfs. Never reformats a disk that holds another filesystem.");
 
@@ -347,6 +353,17 @@ export const ServiceSchema = z
     exec: RelPath.describe("Daemon executable, relative to the project_host bundle root."),
     health_url: HttpUrl.describe("URL polled until it answers 2xx."),
     health_timeout_s: PosInt(3600).default(120).describe("Deadline for the health check."),
+    args: z
+      .array(
+        z
+          .string()
+          .min(1)
+          .max(4096)
+          .refine((v) => !/[\n\0]/.test(v), { message: "must not contain newlines or NUL" }),
+      )
+      .max(32)
+      .default([])
+      .describe("Arguments after the executable (the real daemon runs in the foreground with none)."),
   })
   .describe("The project-host daemon.");
 
@@ -362,6 +379,67 @@ export const TunnelSchema = z
     local_port: PosInt(65535).describe("Local port exposed through the tunnel."),
   })
   .describe("Optional reverse SSH tunnel (managed by the connector).");
+
+/** What the daemon's environment (UPSTREAM §13) needs beyond the rest of the config. */
+export const DaemonSchema = z
+  .strictObject({
+    region: z.string().regex(REGION_RE).default("").describe("PROJECT_HOST_REGION."),
+    public_url: HttpUrl.nullable().default(null).describe("PROJECT_HOST_PUBLIC_URL; null: https://<public_ip>."),
+    internal_url: HttpUrl.nullable().default(null).describe("PROJECT_HOST_INTERNAL_URL; null: the public URL."),
+    public_ip: z
+      .string()
+      .regex(IP_RE)
+      .nullable()
+      .default(null)
+      .describe("The host's public IP; the hub fills it from the caller's address when it does not know it."),
+    ssh_server: z.string().regex(HOST_PORT_RE).nullable().default(null).describe("PROJECT_HOST_SSH_SERVER; null: <public_ip>:2222."),
+    https_hostname: z.string().min(1).max(253).regex(DNS_NAME_RE).nullable().default(null).describe("COCALC_PROJECT_HOST_HTTPS_HOSTNAME (when https)."),
+    software_base_url: HttpUrl.nullable().default(null).describe("COCALC_PROJECT_HOST_SOFTWARE_BASE_URL: where the daemon finds bundle upgrades."),
+    port: PosInt(65535).default(443).describe("PORT the daemon listens on (HOST=0.0.0.0)."),
+    https: z.boolean().default(true).describe("COCALC_PROJECT_HOST_HTTPS: the daemon terminates TLS itself."),
+  })
+  .describe("Values for the daemon's environment file (/etc/cocalc/project-host.env).");
+
+/** cloudflared for a host reached through a Cloudflare tunnel (UPSTREAM 16), pinned and verified. */
+export const CloudflaredSchema = z
+  .strictObject({
+    deb: z
+      .strictObject({
+        url: HttpUrl.describe("The cloudflared .deb for this host's arch (a fourth artifact, from its manifest)."),
+        sha256: Sha256.describe("Its sha256 (required: never an unverified 'latest')."),
+        version: z.string().regex(VERSION_RE).describe("The package version dpkg reports once installed."),
+        size_bytes: NonNegInt(Number.MAX_SAFE_INTEGER).nullable().default(null).describe("Expected size, when known."),
+      })
+      .describe("The cloudflared package."),
+    hostname: z.string().min(1).max(253).regex(DNS_NAME_RE).describe("The tunnel's public host name (PROJECT_HOST_PUBLIC_URL https://<it>)."),
+    port: PosInt(65535).default(9002).describe("The daemon's port behind the tunnel (ingress http://localhost:<port>)."),
+    token_secret: z.string().regex(SECRET_NAME_RE).default("cloudflared-token").describe("Name of the hub secret holding the tunnel token."),
+  })
+  .describe("A Cloudflare tunnel to the daemon; null for none.");
+
+/** NVIDIA's container toolkit for GPU hosts (UPSTREAM 4): an apt repository with a pinned keyring. */
+export const GpuSchema = z
+  .strictObject({
+    repo_url: HttpUrl.describe("The toolkit's apt repository (a flat repository: `deb [signed-by=…] <repo_url> /`)."),
+    keyring_url: HttpUrl.describe("Its signing key (binary .gpg keyring)."),
+    keyring_sha256: Sha256.describe("The keyring's sha256 (pinned)."),
+    packages: z.array(z.string().regex(DEB_PACKAGE_RE)).min(1).max(16).default(["nvidia-container-toolkit"]).describe("Packages from that repository."),
+    cdi_interval_s: PosInt(86400).default(300).describe("How often a systemd timer regenerates the CDI spec (it goes stale after driver changes)."),
+  })
+  .describe("GPU support; null for none. Skipped, with a message, on a host without an NVIDIA GPU.");
+
+/** The daemon section when the config leaves it out (zod 4 takes an object default as is). */
+export const DEFAULT_DAEMON = Object.freeze({
+  region: "",
+  public_url: null,
+  internal_url: null,
+  public_ip: null,
+  ssh_server: null,
+  https_hostname: null,
+  software_base_url: null,
+  port: 443,
+  https: true,
+});
 
 const EnvVars = z
   .record(z.string().regex(ENV_NAME_RE), z.string().max(4096).refine(isSafeText, { message: SAFE_TEXT_MESSAGE }))
@@ -408,6 +486,9 @@ export const BootstrapConfigSchema = z
     btrfs: BtrfsSchema,
     service: ServiceSchema,
     tunnel: TunnelSchema.nullable().default(null).describe("Optional reverse SSH tunnel (managed by the connector); null for none."),
+    daemon: DaemonSchema.default({ ...DEFAULT_DAEMON }),
+    cloudflared: CloudflaredSchema.nullable().default(null).describe("A Cloudflare tunnel to the daemon; null for none."),
+    gpu: GpuSchema.nullable().default(null).describe("NVIDIA container toolkit for GPU hosts; null for none."),
     env: EnvVars,
   })
   .refine((c) => isInside(c.bootstrap_dir, c.bootstrap_root), {

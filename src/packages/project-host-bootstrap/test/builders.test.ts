@@ -81,7 +81,7 @@ describe("buildBootstrapConfig", () => {
     expect(config.os).toEqual({ id: "debian", min_version: "12" });
     expect(config.apt).toEqual({ packages: ["curl"], lists_max_age_s: 3600, lock_timeout_s: 30 });
     expect(config.btrfs.image_size_gb).toBe(7);
-    expect(config.btrfs.data_disk).toEqual({ candidates: ["/dev/disk/by-id/nvme-data"], min_size_gb: 50, wait_s: 300 });
+    expect(config.btrfs.data_disk).toEqual({ candidates: ["/dev/disk/by-id/nvme-data"], min_size_gb: 50, wait_s: 600 });
     expect(config.tunnel).toEqual({ host: "connector.example.com", port: 22, user: "tunnel", remote_port: 20022, local_port: 22 });
     expect(config.parallel).toBe(false);
     expect(config.env).toEqual({ COCALC_EXTRA: "1" });

@@ -37,7 +37,9 @@ describe("host config assembly from manifests", () => {
     expect(config.service.health_url).toBe("http://127.0.0.1:9002/healthz");
     expect(config.btrfs.data_disk?.candidates).toEqual(["/dev/disk/by-id/data"]);
     expect(config.secrets).toEqual(["conat-password"]);
-    expect(config.env.COCALC_HOST_REGION).toBe("us-west1");
+    expect(config.daemon.region).toBe("us-west1"); // PROJECT_HOST_REGION in the env file
+    expect(config.daemon.software_base_url).not.toBeNull();
+    expect(config.cloudflared).toBeNull(); // no tunnel host name in the record
   });
 
   it("selects the manifests of the host's arch", async () => {

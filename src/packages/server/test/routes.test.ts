@@ -97,6 +97,15 @@ describe("GET config", () => {
     expect(config.hub.url).toBe(`${hub.bootstrapUrl}/hosts/${hostId}`);
   });
 
+  it("fills in the public IP the hub does not know from the caller's address (never a third-party service)", async () => {
+    const res = await fetch(url(`/hosts/${hostId}/config`), { headers: auth(token) });
+    const config = (await res.json()) as { daemon: { public_ip: string | null } };
+    expect(config.daemon.public_ip).toBe("127.0.0.1"); // the test calls from loopback
+    const known = await hub.provisionHost({ ...hostRecord(), public_ip: "203.0.113.8" }, { secrets: { "conat-password": "x" } });
+    const theirs = (await (await fetch(url(`/hosts/${known.hostId}/config`), { headers: auth(known.token) })).json()) as typeof config;
+    expect(theirs.daemon.public_ip).toBe("203.0.113.8"); // the record's value wins
+  });
+
   it("401 without a token, with a Bearer challenge", async () => {
     const res = await fetch(url(`/hosts/${hostId}/config`));
     expect(res.status).toBe(401);

@@ -52,6 +52,9 @@ SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 OS_ID_RE = re.compile(r"[a-z0-9._-]+")
 OS_VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 SYSTEMD_UNIT_RE = re.compile(r"cocalc-[A-Za-z0-9_.-]{1,200}")  # our own namespace
+IP_RE = re.compile(r"([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*)")
+HOST_PORT_RE = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+REGION_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 # --- path, text and URL rules (twins of config.ts's) ------------------------------
 
@@ -329,7 +332,7 @@ class AptSpec(ConfigSpec):
 class DataDiskSpec(ConfigSpec):
     candidates: Annotated[tuple[AbsPath, ...], Items(16, low=1)]
     min_size_gb: SizeGb
-    wait_s: Annotated[int, Range(0, 3600)] = 300
+    wait_s: Annotated[int, Range(0, 3600)] = 600
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,6 +354,18 @@ class ServiceSpec(ConfigSpec):
     exec: RelPath
     health_url: Url
     health_timeout_s: Annotated[int, Range(1, 3600)] = 120
+    args: Annotated[
+        tuple[
+            Annotated[
+                str,
+                MinLen(1),
+                MaxLen(4096),
+                Holds(lambda v: "\n" not in v and "\0" not in v, "must not contain newlines or NUL"),
+            ],
+            ...,
+        ],
+        Items(32),
+    ] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -363,6 +378,55 @@ class TunnelSpec(ConfigSpec):
     user: UserName
     remote_port: Port
     local_port: Port
+
+
+DnsName = Annotated[str, MinLen(1), MaxLen(253), Matches(DNS_NAME_RE)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonSpec(ConfigSpec):
+    """What the daemon's environment (UPSTREAM 13) needs beyond the rest of the config."""
+
+    region: Annotated[str, Matches(REGION_RE)] = ""
+    public_url: Url | None = None
+    internal_url: Url | None = None
+    public_ip: Annotated[str, Matches(IP_RE)] | None = None
+    ssh_server: Annotated[str, Matches(HOST_PORT_RE)] | None = None
+    https_hostname: DnsName | None = None
+    software_base_url: Url | None = None
+    port: Port = 443
+    https: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudflaredDebSpec(ConfigSpec):
+    url: Url
+    sha256: Sha256
+    version: Version
+    size_bytes: Annotated[int, Range(0, MAX_SAFE_INTEGER)] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudflaredSpec(ConfigSpec):
+    """A Cloudflare tunnel to the daemon (UPSTREAM 16), pinned and verified."""
+
+    deb: CloudflaredDebSpec
+    hostname: DnsName
+    port: Port = 9002
+    token_secret: Annotated[str, Matches(SECRET_NAME_RE)] = "cloudflared-token"  # noqa: S105 (a name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuSpec(ConfigSpec):
+    """NVIDIA's container toolkit for GPU hosts (UPSTREAM 4)."""
+
+    repo_url: Url
+    keyring_url: Url
+    keyring_sha256: Sha256
+    packages: Annotated[tuple[Annotated[str, Matches(DEB_PACKAGE_RE)], ...], Items(16, low=1)] = (
+        "nvidia-container-toolkit",
+    )
+    cdi_interval_s: Annotated[int, Range(1, 86400)] = 300
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -395,6 +459,9 @@ class Config(ConfigSpec):
     btrfs: BtrfsSpec
     service: ServiceSpec
     tunnel: TunnelSpec | None = None
+    daemon: DaemonSpec = DaemonSpec()
+    cloudflared: CloudflaredSpec | None = None
+    gpu: GpuSpec | None = None
     env: Mapping[EnvName, EnvValue] = field(default_factory=lambda: MappingProxyType({}))
 
     def cross_field_issues(self) -> Iterator[tuple[JsonPath, str, Any]]:

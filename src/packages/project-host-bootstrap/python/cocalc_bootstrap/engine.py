@@ -46,6 +46,7 @@ from .steps_install import (
     InstallToolsStep,
     NodeStep,
 )
+from .steps_platform import ChronyStep, ContainersStep, GpuStep, TunnelStep
 from .steps_system import BtrfsStep, FinalizeStep, ServiceStep
 
 STEPS: tuple[type[Step], ...] = (
@@ -62,6 +63,10 @@ STEPS: tuple[type[Step], ...] = (
     InstallProjectStep,
     InstallToolsStep,
     BtrfsStep,
+    ContainersStep,
+    ChronyStep,
+    TunnelStep,
+    GpuStep,
     ServiceStep,
     FinalizeStep,
 )

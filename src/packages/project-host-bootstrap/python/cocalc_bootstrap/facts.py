@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import hashlib
 import os
@@ -11,6 +12,7 @@ import pwd
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -196,14 +198,43 @@ def mount_at(mount_point: str) -> tuple[str, str] | None:
     return found
 
 
-def btrfs_sysfs_dir(source: str) -> Path | None:
-    """/sys/fs/btrfs/<fsid> of the filesystem on block device `source`."""
-    device = os.path.basename(os.path.realpath(source))
-    with contextlib.suppress(OSError):
-        for fs in Path("/sys/fs/btrfs").iterdir():
-            if (fs / "devices" / device).exists():
-                return fs
-    return None
+BTRFS_IOC_FS_INFO = 0x8400941F  # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args): 1024 bytes, fsid at 16
+
+
+def btrfs_fsid(mount_point: str) -> str | None:
+    """The fsid (UUID) of the btrfs filesystem mounted at `mount_point`, asked
+    of the filesystem itself (no root needed); None when it is not btrfs."""
+    try:
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        info = bytearray(1024)
+        fcntl.ioctl(fd, BTRFS_IOC_FS_INFO, info)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return str(uuid.UUID(bytes=bytes(info[16:32])))
+
+
+def btrfs_sysfs_dir(mount_point: str) -> Path | None:
+    """/sys/fs/btrfs/<fsid> of the filesystem mounted at `mount_point`. By fsid, not by
+    device name: a lazily unmounted filesystem whose loop device was detached and
+    reused still lists that device's name in /sys/fs/btrfs/<its fsid>/devices."""
+    fsid = btrfs_fsid(mount_point)
+    path = Path("/sys/fs/btrfs") / fsid if fsid else None
+    return path if path is not None and path.is_dir() else None
+
+
+def btrfs_quota_enabled(mount_point: str) -> bool:
+    """Quota (qgroups) on for the btrfs at `mount_point`: from sysfs when it is
+    visible, else (in a container /sys/fs/btrfs is hidden) from btrfs itself."""
+    fs = btrfs_sysfs_dir(mount_point)
+    if fs is not None:
+        return (fs / "qgroups").is_dir()
+    found = run_command(["btrfs", "qgroup", "show", mount_point], sudo=True, check=False, timeout_s=60)
+    return found.returncode == 0
 
 
 def is_btrfs_subvolume(path: Path) -> bool:

@@ -13,7 +13,7 @@ from .config import ArtifactSpec, Config
 from .facts import ENV_FILE
 from .fetch import url_basename
 from .log import REDACTOR
-from .system import env_quote, systemd_quote
+from .system import env_line, systemd_quote
 
 # -- where things go ---------------------------------------------------------------
 
@@ -49,7 +49,8 @@ def downloads_dir(config: Config) -> Path:
 
 
 def secrets_dir(config: Config) -> Path:
-    return Path(config.bootstrap_root) / "config" / "secrets"
+    """Where upstream's daemon reads its secrets (conat-password): /btrfs/data/secrets, 0700."""
+    return Path(config.btrfs.mount_point) / "data" / "secrets"
 
 
 def nvm_dir(config: Config) -> Path:
@@ -83,49 +84,117 @@ def bundle_installed(config: Config, artifact: str, spec: ArtifactSpec) -> bool:
 # -- rendered files ------------------------------------------------------------------
 
 
-def render_env_file(config: Config) -> str:
-    """/etc/cocalc/project-host.env: the daemon's environment (no secrets:
-    those are files in COCALC_SECRETS_DIR). config.env wins over ours."""
-    root = Path(config.bootstrap_root)
+# Where upstream (the daemon, the self-host connector, the hub) looks for things.
+GROW_HELPER = Path("/usr/local/sbin/cocalc-grow-btrfs")
+GROW_UNIT = "cocalc-grow-btrfs"
+SYSTEM_DONE_MARKER = Path("/var/lib/cocalc") / DONE_FILE_NAME
+SSH_PORT = 2222
+
+
+def data_dir(config: Config) -> Path:
+    """/btrfs/data: the daemon's DATA (a subvolume owned by the user)."""
+    return Path(config.btrfs.mount_point) / "data"
+
+
+def data_tmp_dir(config: Config) -> Path:
+    return data_dir(config) / "tmp"
+
+
+def image_size_gb(config: Config) -> int:
+    """The loop image's size as recorded: the configured size, or more once
+    cocalc-grow-btrfs grew the image (it never shrinks)."""
+    try:
+        actual = Path(config.btrfs.image_path).stat().st_size // 2**30
+    except OSError:
+        actual = 0
+    return max(config.btrfs.image_size_gb, actual)
+
+
+def daemon_urls(config: Config) -> tuple[str | None, str | None, str | None]:
+    """(public URL, internal URL, ssh server) as upstream derives them:
+    the host record's values, else from the public IP."""
+    d = config.daemon
+    ip = d.public_ip
+    host = None if ip is None else (f"[{ip}]" if ":" in ip else ip)
+    tunnel = f"https://{config.cloudflared.hostname}" if config.cloudflared else None
+    public = tunnel or d.public_url or (f"https://{host}" if host else None)
+    internal = d.internal_url or public
+    ssh = d.ssh_server or (f"{host}:{SSH_PORT}" if host else None)
+    return public, internal, ssh
+
+
+def daemon_env(config: Config) -> dict[str, str]:
+    """The keys the real daemon reads (UPSTREAM 13), from this project's layout;
+    then config.env (the hub's extra entries), which wins."""
+    mp = config.btrfs.mount_point
+    d = config.daemon
+    public, internal, ssh = daemon_urls(config)
+    # behind a tunnel: cloudflared's port, and no TLS (cloudflared terminates it)
+    port, https = (config.cloudflared.port, False) if config.cloudflared else (d.port, d.https)
+    tools = str(bundles_dir(config) / "tools" / "current")
     values = {
-        "COCALC_HOST_ID": config.host.id,
-        "COCALC_HOST_NAME": config.host.name,
-        "COCALC_HUB_URL": config.hub.url,
-        "COCALC_CONAT_URL": config.conat_urls[0],
-        "COCALC_CONAT_URLS": ",".join(config.conat_urls),
-        "COCALC_BOOTSTRAP_ROOT": str(root),
-        "COCALC_BUNDLES": str(bundles_dir(config)),
-        "COCALC_BTRFS": config.btrfs.mount_point,
-        "COCALC_SECRETS_DIR": str(secrets_dir(config)),
+        "MASTER_CONAT_SERVER": config.conat_urls[0],
+        "PROJECT_HOST_ID": config.host.id,
+        "PROJECT_HOST_NAME": config.host.name,
+        "PROJECT_HOST_REGION": d.region,
+        "PROJECT_HOST_PUBLIC_URL": public,
+        "PROJECT_HOST_INTERNAL_URL": internal,
+        "PROJECT_HOST_SSH_SERVER": ssh,
+        "COCALC_SSH_SERVER": f"0.0.0.0:{SSH_PORT}",
+        "PROJECT_RUNNER_NAME": "0",
+        "COCALC_FILE_SERVER_MOUNTPOINT": mp,
+        "DATA": str(data_dir(config)),
+        "COCALC_DATA": str(data_dir(config)),
+        "COCALC_LITE_SQLITE_FILENAME": str(data_dir(config) / "sqlite.db"),
+        "COCALC_PROJECT_BUNDLES": str(bundles_dir(config) / "project"),
+        "COCALC_PROJECT_TOOLS": tools,
+        "COCALC_BIN_PATH": tools,
+        "COCALC_SYNC_PROJECTS": f"{mp}/project-[project_id]/.local/share/cocalc/persist",
+        "COCALC_BTRFS_IMAGE_GB": None if config.btrfs.data_disk else str(image_size_gb(config)),
+        "COCALC_PROJECT_HOST_SOFTWARE_BASE_URL": d.software_base_url,
+        "TMPDIR": str(data_tmp_dir(config)),
+        "TMP": str(data_tmp_dir(config)),
+        "TEMP": str(data_tmp_dir(config)),
+        "HOST": "0.0.0.0",  # noqa: S104 (the daemon serves the world, as upstream)
+        "PORT": str(port),
+        "COCALC_PROJECT_HOST_HTTPS": "1" if https else "0",
+        "COCALC_PROJECT_HOST_HTTPS_HOSTNAME": d.https_hostname if https else None,
+        "DEBUG": "cocalc:*",
+        "DEBUG_CONSOLE": "yes",
+        # ours: where the bootstrap keeps things, and node on PATH
+        "COCALC_BOOTSTRAP_ROOT": config.bootstrap_root,
         "HOME": config.home,
         "NVM_DIR": str(nvm_dir(config)),
         "PATH": f"{node_dir(config) / 'bin'}:{BASE_PATH}",
     }
-    if config.tunnel is not None:
-        t = config.tunnel
-        values |= {
-            "COCALC_TUNNEL_HOST": t.host,
-            "COCALC_TUNNEL_PORT": str(t.port),
-            "COCALC_TUNNEL_USER": t.user,
-            "COCALC_TUNNEL_REMOTE_PORT": str(t.remote_port),
-            "COCALC_TUNNEL_LOCAL_PORT": str(t.local_port),
-        }
-    values |= dict(config.env)
+    out = {key: value for key, value in values.items() if value is not None}
+    out |= dict(config.env)
+    return out
+
+
+def render_env_file(config: Config) -> str:
+    """/etc/cocalc/project-host.env: the daemon's environment (no secrets:
+    those are files in /btrfs/data/secrets). Read the same by systemd's
+    EnvironmentFile= and by the daemon's own parser (see env_line)."""
     header = "# Written by bootstrap.py from the host's config; edits are overwritten.\n"
-    return header + "".join(f"{key}={env_quote(value)}\n" for key, value in values.items())
+    return header + "".join(env_line(key, value) + "\n" for key, value in daemon_env(config).items())
 
 
 def render_unit(config: Config, group: str) -> str:
-    """The project-host daemon's systemd unit."""
+    """The project-host daemon's systemd unit: in the foreground, as the user,
+    after /btrfs is mounted and cocalc-grow-btrfs has run."""
     service = config.service
     exec_path = f"{bundles_dir(config)}/project_host/current/{service.exec}"
+    argv = " ".join(systemd_quote(a) for a in (exec_path, *service.args))
+    port = config.cloudflared.port if config.cloudflared else config.daemon.port
+    caps = ["AmbientCapabilities=CAP_NET_BIND_SERVICE"] if port < 1024 else []
     return "\n".join(
         [
             "# Written by bootstrap.py from the host's config; edits are overwritten.",
             "[Unit]",
             "Description=CoCalc project host",
-            "Wants=network-online.target",
-            "After=network-online.target",
+            f"Wants=network-online.target {GROW_UNIT}.service",
+            f"After=network-online.target {GROW_UNIT}.service",
             f"RequiresMountsFor={systemd_quote(config.btrfs.mount_point)}",
             "",
             "[Service]",
@@ -134,9 +203,78 @@ def render_unit(config: Config, group: str) -> str:
             f"Group={group}",
             f"WorkingDirectory={systemd_quote(config.bootstrap_root)}",
             f"EnvironmentFile={ENV_FILE}",
-            f"ExecStart={systemd_quote(exec_path)}",
+            f"ExecStart={argv}",
+            *caps,
             "Restart=on-failure",
             "RestartSec=2",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+CLOUDFLARED_DIR = Path("/etc/cloudflared")
+CLOUDFLARED_TOKEN_ENV = CLOUDFLARED_DIR / "token.env"
+CLOUDFLARED_CONFIG = CLOUDFLARED_DIR / "config.yml"
+CLOUDFLARED_UNIT = "cocalc-cloudflared"
+TUNNEL_TOKEN_RE = re.compile(r"[A-Za-z0-9+/=_.-]{16,4096}")
+
+
+def render_cloudflared_config(hostname: str, port: int) -> str:
+    """Ingress to the daemon's port, everything else 404 (upstream's config.yml)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "ingress:",
+            f"  - hostname: {hostname}",
+            f"    service: http://localhost:{port}",
+            "  - service: http_status:404",
+            "",
+        ]
+    )
+
+
+def render_cloudflared_unit() -> str:
+    """cloudflared reads the token from TUNNEL_TOKEN (the 0600 env file): never on
+    its command line, where `ps` would show it (the old unit's mistake)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Cloudflare tunnel to the CoCalc project host",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            "",
+            "[Service]",
+            "Type=simple",
+            f"EnvironmentFile={CLOUDFLARED_TOKEN_ENV}",
+            f"ExecStart=/usr/bin/cloudflared --no-autoupdate --config {CLOUDFLARED_CONFIG} tunnel run",
+            "Restart=always",
+            "RestartSec=5",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+def render_grow_unit(config: Config) -> str:
+    """Runs cocalc-grow-btrfs at every boot, before the daemon (as the old start script did)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            f"Description=Grow the btrfs filesystem at {config.btrfs.mount_point} to fill its disk or image",
+            f"RequiresMountsFor={systemd_quote(config.btrfs.mount_point)}",
+            f"Before={config.service.unit}.service",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            "RemainAfterExit=yes",
+            f"ExecStart={GROW_HELPER}",
             "",
             "[Install]",
             "WantedBy=multi-user.target",
@@ -150,14 +288,14 @@ def render_readme(config: Config) -> str:
         f"""\
         This directory belongs to CoCalc's project-host bootstrap (bootstrap.py).
 
-          bin/        helpers: env.sh (source it for node on PATH), btrfs-grow
+          bin/        helpers: env.sh (source it for node on PATH)
           bootstrap/  the bootstrap itself: stub, config, token, state.json, logs of past runs
           bundles/    <artifact>/<version>, and <artifact>/current -> the version in use
-          config/     bootstrap.json (the config as applied) and secrets/ (0600 files)
+          config/     bootstrap.json (the config as applied); secrets are in /btrfs/data/secrets
           logs/       bootstrap.log (JSON lines)
 
         The daemon runs as the systemd unit {config.service.unit}.service with
-        /etc/cocalc/project-host.env; `python3 bootstrap/bootstrap.py --config
+        /etc/cocalc/project-host.env; sudo {GROW_HELPER} [GB] grows /btrfs; `python3 bootstrap/bootstrap.py --config
         bootstrap/bootstrap-config.json status` says how the last run went.
         Re-running the bootstrap is safe: it only changes what differs.
         """

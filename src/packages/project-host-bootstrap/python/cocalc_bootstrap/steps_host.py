@@ -231,10 +231,11 @@ class FilesStep(Step):
 
 
 class SecretsStep(Step):
-    """The secrets the config names, fetched with the bootstrap token into 0600 files."""
+    """The secrets the config names (upstream: conat-password), fetched once with
+    the bootstrap token into 0600 files in /btrfs/data/secrets (0700)."""
 
     name = "secrets"
-    deps = ("directories",)
+    deps = ("directories", "btrfs")
     weight_s = 1.0
     phase = "preparing"
     hint = (

@@ -18,20 +18,32 @@ from .facts import (
     ENV_FILE,
     FSTAB,
     SYSTEMD_UNIT_DIR,
-    btrfs_sysfs_dir,
+    btrfs_fsid,
+    btrfs_quota_enabled,
     is_btrfs_subvolume,
     mount_at,
     read_text_or,
     systemctl_state,
     user_ids,
 )
-from .layout import bundles_dir, done_marker, render_env_file, render_unit
+from .layout import (
+    GROW_HELPER,
+    GROW_UNIT,
+    SYSTEM_DONE_MARKER,
+    bundles_dir,
+    data_dir,
+    done_marker,
+    render_env_file,
+    render_grow_unit,
+    render_unit,
+)
 from .log import REDACTOR, output_tail, utc_timestamp
-from .step import Step, StepState, atomic_write_text, file_matches, make_root_dirs, write_root_file, write_user_file
+from .step import Step, StepState, atomic_write_text, file_matches, make_root_dirs, write_root_file
 from .steps_host import owned_dir
 from .system import (
     BTRFS_DIR_MODES,
     BTRFS_LABEL,
+    MIN_DATA_DISK_UNIT,
     block_device_probe,
     fstab_entry,
     fstab_with_entry,
@@ -66,7 +78,8 @@ def foreign_image_problem(image: Path) -> str | None:
 
 class BtrfsStep(Step):
     """The btrfs filesystem for projects: data disk or sparse loop image, mounted
-    from a tagged fstab line, with the data subvolume, quota, tmp and btrfs-grow."""
+    from a tagged fstab line, with the data subvolume (tmp, secrets), quota,
+    /usr/local/sbin/cocalc-grow-btrfs and its boot-time unit."""
 
     name = "btrfs"
     deps = ("apt",)  # btrfs-progs
@@ -79,11 +92,14 @@ class BtrfsStep(Step):
         return Path(self.config.btrfs.mount_point)
 
     def helper_path(self) -> Path:
-        return Path(self.config.bootstrap_root) / "bin" / "btrfs-grow"
+        return GROW_HELPER
 
     def helper_text(self) -> str:
         b = self.config.btrfs
-        return render_grow_helper(b.mount_point, None if b.data_disk else b.image_path)
+        return render_grow_helper(b.mount_point, None if b.data_disk else b.image_path, str(ENV_FILE))
+
+    def grow_unit_path(self) -> Path:
+        return SYSTEMD_UNIT_DIR / f"{GROW_UNIT}.service"
 
     def inputs(self) -> Mapping[str, Any]:
         return {"btrfs": dataclasses.asdict(self.config.btrfs), "user": self.config.bootstrap_user}
@@ -93,8 +109,8 @@ class BtrfsStep(Step):
         b = self.config.btrfs
         if b.data_disk is None:
             return fstab_entry(b.image_path, b.mount_point, loop=True)
-        fs = btrfs_sysfs_dir(source)
-        return fstab_entry(f"UUID={fs.name}", b.mount_point, loop=False) if fs else None
+        fsid = btrfs_fsid(b.mount_point)
+        return fstab_entry(f"UUID={fsid}", b.mount_point, loop=False) if fsid else None
 
     def check(self) -> StepState:
         problems = []
@@ -103,9 +119,16 @@ class BtrfsStep(Step):
             problems.append(f"no btrfs filesystem mounted at {self.mount_point}")
         else:
             problems += self.mounted_problems(mounted[0])
-        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755):
+        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755, uid=0):
             problems.append(f"{self.helper_path()} is missing or differs")
-        return StepState(not problems, "; ".join(problems) or f"btrfs at {self.mount_point} with data, quota and tmp")
+        if not file_matches(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644):
+            problems.append(f"{self.grow_unit_path()} is missing or differs")
+        elif systemctl_state("is-enabled", f"{GROW_UNIT}.service") != "enabled":
+            problems.append(f"{GROW_UNIT}.service is not enabled")
+        return StepState(
+            not problems,
+            "; ".join(problems) or f"btrfs at {self.mount_point} with data (tmp, secrets), quota, grow helper",
+        )
 
     def mounted_problems(self, source: str) -> list[str]:
         uid = user_ids(self.config.bootstrap_user)[0]
@@ -114,8 +137,7 @@ class BtrfsStep(Step):
         fstab = read_text_or(FSTAB)
         if entry is None or fstab_with_entry(fstab, entry) != fstab:
             problems.append("the tagged fstab line is missing or differs")
-        fs = btrfs_sysfs_dir(source)
-        if fs is None or not (fs / "qgroups").is_dir():
+        if not btrfs_quota_enabled(str(self.mount_point)):
             problems.append("quota is not enabled")
         if not is_btrfs_subvolume(self.mount_point / "data"):
             problems.append(f"{self.mount_point / 'data'} is not a subvolume")
@@ -144,20 +166,27 @@ class BtrfsStep(Step):
             )  # through the fstab line: proves it works
             self.log.info(f"mounted {mp}")
         self.prepare_tree()
-        if write_user_file(self.helper_path(), self.helper_text(), 0o755):
+        self.install_grow_helper()
+
+    def install_grow_helper(self) -> None:
+        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755, uid=0):
+            write_root_file(self.helper_path(), self.helper_text(), mode=0o755)
             self.log.info(f"wrote {self.helper_path()}")
+        unit = f"{GROW_UNIT}.service"
+        if not file_matches(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644):
+            write_root_file(self.grow_unit_path(), render_grow_unit(self.config), mode=0o644)
+            run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+            self.log.info(f"wrote {self.grow_unit_path()}")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
 
     def prepare_filesystem(self) -> str:
         """Make (or find) the filesystem; returns its fstab line."""
         b = self.config.btrfs
         if b.data_disk is not None:
-            device = wait_for_block_device(b.data_disk.candidates, b.data_disk.wait_s, self.log)
-            size = int(run_command(["blockdev", "--getsize64", device], sudo=True, timeout_s=30).output.split()[0])
-            if size < b.data_disk.min_size_gb * 10**9:
-                raise BootstrapError(
-                    f"{device} has {size / 10**9:.1f} GB; btrfs.data_disk.min_size_gb is {b.data_disk.min_size_gb}",
-                    hint="Attach a bigger disk or lower min_size_gb.",
-                )
+            device = wait_for_block_device(
+                b.data_disk.candidates, b.data_disk.wait_s, b.data_disk.min_size_gb * MIN_DATA_DISK_UNIT, self.log
+            )
             self.make_btrfs(device)
             uuid = block_device_probe(device).get("UUID")
             if not uuid:
@@ -215,12 +244,12 @@ class BtrfsStep(Step):
                     hint=f"Move it away; bootstrap.py creates {data} as a subvolume.",
                 )
             run_command(["btrfs", "subvolume", "create", str(data)], sudo=True, timeout_s=60)
-        fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
-        if fs is None or not (fs / "qgroups").is_dir():
+        if not btrfs_quota_enabled(str(mp)):
             run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
-        make_root_dirs(mp / "tmp")
-        for name, mode in BTRFS_DIR_MODES.items():
+        for name, mode in BTRFS_DIR_MODES.items():  # parents first: each is the user's before we look inside
             path = mp / name
+            if not path.exists():
+                make_root_dirs(path)
             if not owned_dir(path, uid):
                 run_command(["chown", f"{user}:{group}", str(path)], sudo=True, timeout_s=30)
             if stat.S_IMODE(path.stat().st_mode) != mode:  # explicit: the umask is the stub's 077
@@ -232,7 +261,16 @@ class ServiceStep(Step):
     when its unit, env file or bundle changed since the last (re)start."""
 
     name = "service"
-    deps = ("install_project_host", "install_project", "install_tools", "node", "btrfs", "files", "secrets")
+    deps = (
+        "install_project_host",
+        "install_project",
+        "install_tools",
+        "node",
+        "btrfs",
+        "containers",
+        "files",
+        "secrets",
+    )
     weight_s = 10.0
     phase = "starting services"
     hint = "See the daemon's log: sudo journalctl -u <unit> -n 100 --no-pager (the unit is service.unit in the config)."
@@ -325,10 +363,11 @@ class ServiceStep(Step):
 
 
 class FinalizeStep(Step):
-    """`.bootstrap_done` with a summary of what this host runs."""
+    """`.bootstrap_done` with a summary of what this host runs: ours, and where
+    upstream looks (/btrfs/data/.bootstrap_done, /var/lib/cocalc/.bootstrap_done)."""
 
     name = "finalize"
-    deps = ("service",)
+    deps = ("service", "chrony", "tunnel", "gpu")
     weight_s = 0.2
     phase = "finishing"
     hint = "The bootstrap directory must be writable."
@@ -348,6 +387,9 @@ class FinalizeStep(Step):
     def inputs(self) -> Mapping[str, Any]:
         return self.summary()
 
+    def upstream_markers(self) -> tuple[Path, Path]:
+        return data_dir(self.config) / done_marker(self.config).name, SYSTEM_DONE_MARKER
+
     def check(self) -> StepState:
         try:
             done = json.loads(done_marker(self.config).read_text(encoding="utf-8"))
@@ -355,10 +397,18 @@ class FinalizeStep(Step):
             return StepState(False, f"{done_marker(self.config)} is missing")
         summary = self.summary()
         same = isinstance(done, dict) and {k: done.get(k) for k in summary} == summary
-        return StepState(
-            same, f"done since {done.get('finished_at')}" if same else "the host changed since the last bootstrap"
-        )
+        if not same:
+            return StepState(False, "the host changed since the last bootstrap")
+        ours = done_marker(self.config).read_text(encoding="utf-8")
+        missing = [str(p) for p in self.upstream_markers() if read_text_or(p) != ours]
+        if missing:
+            return StepState(False, f"{', '.join(missing)} missing or stale")
+        return StepState(True, f"done since {done.get('finished_at')}")
 
     def apply(self) -> None:
         record = {**self.summary(), "finished_at": utc_timestamp()}
-        atomic_write_text(done_marker(self.config), json.dumps(record, indent=2) + "\n", 0o644)
+        text = json.dumps(record, indent=2) + "\n"
+        atomic_write_text(done_marker(self.config), text, 0o644)
+        in_data, system = self.upstream_markers()
+        atomic_write_text(in_data, text, 0o644)  # /btrfs/data is the user's
+        write_root_file(system, text, mode=0o644)

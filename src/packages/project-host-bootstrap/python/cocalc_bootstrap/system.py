@@ -25,7 +25,9 @@ from .log import Log
 FSTAB_TAG = "x-cocalc-bootstrap"  # a userspace mount option (ignored by mount): the tag lives in the line
 FSTAB_MARKER = "# cocalc-bootstrap: the next line is managed by bootstrap.py"
 BTRFS_LABEL = "cocalc-btrfs"
-BTRFS_DIR_MODES = {"data": 0o755, "tmp": 0o1777}  # under the mount point, owned by the user
+# under the mount point, owned by the user: what upstream's daemon expects
+BTRFS_DIR_MODES = {"data": 0o755, "data/tmp": 0o1777, "data/secrets": 0o700}
+MIN_DATA_DISK_UNIT = 2**30  # min_size_gb counts GiB: upstream's 10 GiB is 10737418240 bytes
 
 
 def fstab_escape(field: str) -> str:
@@ -61,19 +63,62 @@ def block_device_probe(device: str) -> dict[str, str]:
     return {key: value for key, sep, value in pairs if sep}
 
 
-def wait_for_block_device(candidates: Sequence[str], wait_s: int, log: Log) -> str:
+def block_device_size(device: str) -> int | None:
+    """Size in bytes from sysfs (no root needed); None when unknown."""
+    name = os.path.basename(os.path.realpath(device))
+    try:
+        with open(f"/sys/class/block/{name}/size", encoding="ascii") as f:
+            return int(f.read().strip()) * 512
+    except (OSError, ValueError):
+        return None
+
+
+def mounted_sources() -> dict[str, str]:
+    """Real path of every mounted block device -> where it is mounted."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/self/mounts", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0].startswith("/dev/"):
+                out.setdefault(os.path.realpath(fields[0]), fields[1])
+    return out
+
+
+def data_disk_verdict(candidate: str, min_bytes: int) -> str | None:
+    """None when `candidate` is a usable data disk, else why not."""
+    try:
+        if not stat.S_ISBLK(os.stat(candidate).st_mode):
+            return "not a block device"
+    except OSError:
+        return "not there"
+    where = mounted_sources().get(os.path.realpath(candidate))
+    if where is not None:
+        return f"mounted at {where}"
+    size = block_device_size(candidate)
+    if size is None:
+        return "size unknown"
+    if size < min_bytes:
+        return f"{size / 2**30:.1f} GiB, less than the minimum {min_bytes / 2**30:g} GiB"
+    return None
+
+
+def wait_for_block_device(candidates: Sequence[str], wait_s: int, min_bytes: int, log: Log) -> str:
+    """The first candidate that is a block device, not mounted and at least
+    min_bytes big (the boot disk was once taken for the data disk), waiting up
+    to wait_s for one to appear."""
     deadline = time.monotonic() + wait_s
     said = 0.0
     while True:
-        for candidate in candidates:
-            with contextlib.suppress(OSError):
-                if stat.S_ISBLK(os.stat(candidate).st_mode):
-                    return candidate
+        why = {candidate: data_disk_verdict(candidate, min_bytes) for candidate in candidates}
+        for candidate, verdict in why.items():
+            if verdict is None:
+                return candidate
         if time.monotonic() >= deadline:
             raise BootstrapError(
-                f"no data disk appeared within {wait_s}s (looked for {', '.join(candidates)})",
-                hint="Attach the data disk, or fix btrfs.data_disk.candidates. With a data disk configured the "
-                "bootstrap never falls back to a loop image.",
+                f"no usable data disk within {wait_s}s: " + "; ".join(f"{c}: {w}" for c, w in why.items()),
+                hint="Attach the data disk (unmounted, at least btrfs.data_disk.min_size_gb GiB), or fix "
+                "btrfs.data_disk.candidates. With a data disk configured the bootstrap never falls back "
+                "to a loop image.",
             )
         if time.monotonic() - said >= 15:
             log.info(f"waiting for a data disk: {', '.join(candidates)}", event="disk_wait")
@@ -81,24 +126,49 @@ def wait_for_block_device(candidates: Sequence[str], wait_s: int, log: Log) -> s
         time.sleep(1)
 
 
-def render_grow_helper(mount_point: str, image_path: str | None) -> str:
-    """`btrfs-grow`: grow the filesystem after its disk (or loop image) grew."""
+def render_grow_helper(mount_point: str, image_path: str | None, env_file: str) -> str:
+    """/usr/local/sbin/cocalc-grow-btrfs [GB], root only, the command line upstream's
+    self-host connector and project-host call through sudo: for a loop image,
+    grow the file to GB (never shrinks), `losetup -c`, resize, record the size
+    (COCALC_BTRFS_IMAGE_GB in the env file); for a device, only the resize.
+    Without GB it just fills the device (what the boot-time unit runs)."""
     q = shlex.quote
     lines = [
         "#!/bin/sh",
-        "# Written by bootstrap.py. Grows the btrfs filesystem at " + mount_point + " to fill its device.",
+        "# Written by bootstrap.py; edits are overwritten.",
+        "# cocalc-grow-btrfs [GB]: grow the btrfs filesystem at " + mount_point + ".",
         "set -eu",
+        f"MP={q(mount_point)}",
+        f"ENV_FILE={q(env_file)}",
+        "usage() {",
+        '  echo "usage: cocalc-grow-btrfs [GB]   (as root; GB: new size of the loop image, never shrinks)" >&2',
+        "  exit 2",
+        "}",
+        "[ $# -le 1 ] || usage",
+        "GB=${1:-}",
+        'case $GB in *[!0-9]*) echo "cocalc-grow-btrfs: GB must be a whole number, got \\"$GB\\"" >&2; usage;; esac',
+        '[ "$(id -u)" -eq 0 ] || { echo "cocalc-grow-btrfs: run it as root (sudo)" >&2; exit 1; }',
+        'mountpoint -q "$MP" || { echo "cocalc-grow-btrfs: nothing is mounted at $MP" >&2; exit 1; }',
     ]
     if image_path is not None:
         lines += [
-            '[ $# -eq 1 ] || { echo "usage: btrfs-grow SIZE_GB   (grows the loop image; never shrinks)" >&2; exit 2; }',
-            'case $1 in ""|*[!0-9]*) echo "btrfs-grow: SIZE_GB must be a whole number" >&2; exit 2;; esac',
-            f'sudo -n truncate -s ">${{1}}G" {q(image_path)}',
-            f"dev=$(losetup -n -O NAME -j {q(image_path)} | head -n 1)",
-            '[ -n "$dev" ] || { echo "btrfs-grow: the image is not attached to a loop device" >&2; exit 1; }',
-            'sudo -n losetup -c "$dev"',
+            f"IMAGE={q(image_path)}",
+            'if [ -n "$GB" ]; then truncate -s ">${GB}G" "$IMAGE"; fi',
+            'dev=$(losetup -n -O NAME -j "$IMAGE" | head -n 1)',
+            '[ -n "$dev" ] || { echo "cocalc-grow-btrfs: $IMAGE is not attached to a loop device" >&2; exit 1; }',
+            'losetup -c "$dev"',
+            'btrfs filesystem resize max "$MP" >/dev/null',
+            'size=$(( $(stat -c %s "$IMAGE") / 1073741824 ))',
+            'if [ -f "$ENV_FILE" ] && ! grep -qx "COCALC_BTRFS_IMAGE_GB=$size" "$ENV_FILE"; then',
+            '  sed -i "s/^COCALC_BTRFS_IMAGE_GB=.*/COCALC_BTRFS_IMAGE_GB=$size/" "$ENV_FILE"',
+            "fi",
         ]
-    lines += [f"sudo -n btrfs filesystem resize max {q(mount_point)}", f"df -h {q(mount_point)}"]
+    else:
+        lines += [
+            '[ -z "$GB" ] || echo "cocalc-grow-btrfs: $MP is on a disk: grow the disk itself; resizing to fill it" >&2',
+            'btrfs filesystem resize max "$MP" >/dev/null',
+        ]
+    lines += ['df -h "$MP"']
     return "\n".join(lines) + "\n"
 
 
@@ -113,9 +183,28 @@ def systemd_quote(value: str) -> str:
     return value
 
 
-def env_quote(value: str) -> str:
-    """A value for an EnvironmentFile (and for sh): double quotes, escaped."""
-    return '"' + re.sub(r'(["\\`$])', r"\\\1", value) + '"'
+ENV_PLAIN_RE = re.compile(r"[A-Za-z0-9_@%+=:,./*\[\]-]*")
+
+
+def env_line(key: str, value: str) -> str:
+    """KEY=VALUE that systemd's EnvironmentFile= and the daemon's own parser
+    (plain KEY=VALUE, one pair of surrounding quotes stripped, no escapes)
+    read as the same value: plain when it is plain, else in single quotes
+    (literal for systemd), else in double quotes when nothing in it is an
+    escape for systemd; anything else cannot be written so both agree."""
+    if "\n" in value or "\0" in value or "\r" in value:
+        raise BootstrapError(f"env {key}: the value has a line break or NUL", hint="Fix env in the host's config.")
+    if ENV_PLAIN_RE.fullmatch(value):
+        return f"{key}={value}"
+    if "'" not in value:
+        return f"{key}='{value}'"
+    if not re.search(r'["\\`$]', value):
+        return f'{key}="{value}"'
+    raise BootstrapError(
+        f'env {key}: the value has a single quote and one of " \\ ` $, '
+        "which systemd and the daemon would read differently",
+        hint="Change the value in the host's config (env or the daemon section).",
+    )
 
 
 def http_status(url: str, timeout_s: float) -> tuple[int | None, str]:

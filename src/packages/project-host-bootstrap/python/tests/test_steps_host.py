@@ -130,7 +130,7 @@ def test_secrets_step_fetches_with_the_token_into_0600_files(tmp_path: Path) -> 
         assert not step.check().satisfied
         step.apply()
         assert step.check().satisfied
-    path = Path(config.bootstrap_root) / "config" / "secrets" / "conat-password"
+    path = Path(config.btrfs.mount_point) / "data" / "secrets" / "conat-password"  # where upstream's daemon reads it
     assert path.read_text() == "hunter2-long-secret"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -142,24 +142,16 @@ def test_secrets_step_without_secrets_is_satisfied(tmp_path: Path) -> None:
     assert bootstrap.SecretsStep(context(make_config(tmp_path))).check().satisfied
 
 
-def test_finalize_step(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
-    Path(config.bootstrap_dir).mkdir(parents=True)
-    step = bootstrap.FinalizeStep(context(config))
-    assert not step.check().satisfied
-    step.apply()
-    assert step.check().satisfied
-    changed = make_config(tmp_path, node={"version": "22.0.0"})
-    assert not bootstrap.FinalizeStep(context(changed)).check().satisfied
-
-
 def test_step_graph_starts_apt_downloads_and_node_at_once() -> None:
     by_name = {s.name: s for s in bootstrap.STEPS}
     assert len(by_name) == len(bootstrap.STEPS)
     for name in ("apt", "download_project_host", "download_project", "download_tools", "node"):
         assert set(by_name[name].deps) <= {"preflight", "directories"}
     assert "btrfs" in by_name["service"].deps and "apt" in by_name["btrfs"].deps
-    assert by_name["finalize"].deps == ("service",)
+    assert by_name["finalize"].deps == ("service", "chrony", "tunnel", "gpu")
+    # what upstream's daemon needs exists before it starts
+    assert {"containers", "btrfs", "secrets", "files"} <= set(by_name["service"].deps)
+    assert {"apt", "btrfs"} <= set(by_name["containers"].deps) and "btrfs" in by_name["secrets"].deps
 
 
 needs_sudo = pytest.mark.skipif(
@@ -200,9 +192,51 @@ def test_files_step_writes_the_env_file_only_when_it_differs(tmp_path: Path, mon
     step.apply()
     assert step.check().satisfied
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
-    assert f"COCALC_HOST_ID={bootstrap.env_quote(config.host.id)}" in env_file.read_text()
+    assert f"PROJECT_HOST_ID={config.host.id}\n" in env_file.read_text()
     inode = env_file.stat().st_ino
     step.apply()  # unchanged content: not rewritten
     assert env_file.stat().st_ino == inode
     saved = json.loads((Path(config.bootstrap_root) / "config" / "bootstrap.json").read_text())
     assert saved["host"]["id"] == config.host.id
+
+
+@needs_sudo
+def test_finalize_step_writes_ours_and_upstreams_markers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system_marker = tmp_path / "var" / "lib" / "cocalc" / ".bootstrap_done"
+    monkeypatch.setattr(bootstrap, "SYSTEM_DONE_MARKER", system_marker)
+    config = make_config(tmp_path)
+    Path(config.bootstrap_dir).mkdir(parents=True)
+    data_marker = Path(config.btrfs.mount_point) / "data" / ".bootstrap_done"
+    data_marker.parent.mkdir(parents=True)
+    step = bootstrap.FinalizeStep(context(config))
+    assert not step.check().satisfied
+    step.apply()
+    assert step.check().satisfied
+    ours = (Path(config.bootstrap_dir) / ".bootstrap_done").read_text()
+    assert data_marker.read_text() == system_marker.read_text() == ours
+    assert system_marker.stat().st_uid == 0 and stat.S_IMODE(system_marker.stat().st_mode) == 0o644
+    data_marker.unlink()
+    assert "missing or stale" in step.check().detail
+    changed = make_config(tmp_path, node={"version": "22.0.0"})
+    assert not bootstrap.FinalizeStep(context(changed)).check().satisfied
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None,
+    reason="needs root and btrfs-progs to mount a btrfs loop image",
+)
+def test_btrfs_sysfs_dir_is_found_by_fsid_not_by_device_name(tmp_path: Path) -> None:
+    image, mount = tmp_path / "fs.img", tmp_path / "m"
+    mount.mkdir()
+    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        uuid = subprocess.run(
+            ["blkid", "-o", "value", "-s", "UUID", str(image)], capture_output=True, text=True
+        ).stdout.strip()
+        assert bootstrap.btrfs_fsid(str(mount)) == uuid
+        assert bootstrap.btrfs_sysfs_dir(str(mount)) == Path("/sys/fs/btrfs") / uuid
+        assert bootstrap.btrfs_fsid(str(tmp_path)) is None  # not btrfs
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -48,7 +48,7 @@ def config_dict(tmp: Path, base_url: str = "http://127.0.0.1:9") -> dict[str, An
         },
         "node": {"version": "20.1.2", "dist_url": f"{base_url}/dist"},
         "apt": {},
-        "btrfs": {"image_path": str(root / "btrfs.img"), "image_size_gb": 1},
+        "btrfs": {"mount_point": str(tmp / "btrfs"), "image_path": str(root / "btrfs.img"), "image_size_gb": 1},
         "service": {"exec": "bin/project-host", "health_url": f"{base_url}/health"},
     }
 

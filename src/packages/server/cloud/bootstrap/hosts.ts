@@ -17,7 +17,18 @@ import {
   OsSchema,
   renderStub,
 } from "@cocalc/project-host-bootstrap";
-import { HOST_NAME_RE, NODE_VERSION_RE, SECRET_NAME_RE, USER_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
+import {
+  DNS_NAME_RE,
+  ENV_NAME_RE,
+  HOST_NAME_RE,
+  HOST_PORT_RE,
+  IP_RE,
+  NODE_VERSION_RE,
+  REGION_RE,
+  SECRET_NAME_RE,
+  USER_RE,
+  UUID_RE,
+} from "@cocalc/project-host-bootstrap/contract";
 import { z } from "zod/v4";
 import type { Db } from "./db.js";
 import { ManifestError, type ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
@@ -42,7 +53,7 @@ function zodMessage(what: string, error: z.ZodError): string {
 export const HostRecordSchema = z.strictObject({
   id: z.string().regex(UUID_RE, { message: "must be a lowercase UUID" }),
   name: z.string().regex(HOST_NAME_RE, { message: "must be a lowercase RFC 1123 host label" }),
-  region: z.string().max(64).default(""),
+  region: z.string().regex(REGION_RE).default(""),
   runtime_user: z
     .string()
     .regex(USER_RE)
@@ -55,6 +66,19 @@ export const HostRecordSchema = z.strictObject({
   public_url: HttpUrl.nullable().default(null),
   /** Where the daemon listens on the host itself; its health endpoint is below it. */
   internal_url: HttpUrl,
+  /** The host's public IP when the provider said; null: the hub fills in the address the host's stub called from. */
+  public_ip: z.string().regex(IP_RE).nullable().default(null),
+  /** PROJECT_HOST_SSH_SERVER; null: <public ip>:2222. */
+  ssh_server: z.string().regex(HOST_PORT_RE).nullable().default(null),
+  /** TLS host name the daemon serves (COCALC_PROJECT_HOST_HTTPS_HOSTNAME). */
+  https_hostname: z.string().min(1).max(253).regex(DNS_NAME_RE).nullable().default(null),
+  /** The daemon's PORT (443; 9002 behind a tunnel) and whether it terminates TLS itself. */
+  daemon_port: z.int().min(1).max(65535).default(443),
+  daemon_https: z.boolean().default(true),
+  /** The host is reached through a Cloudflare tunnel at this name: cloudflared (the .deb from its manifest) is installed. */
+  tunnel_hostname: z.string().min(1).max(253).regex(DNS_NAME_RE).nullable().default(null),
+  /** Extra entries for the daemon's env file (win over the derived ones). */
+  env: z.record(z.string().regex(ENV_NAME_RE), z.string()).default({}),
 });
 export type HostRecord = z.output<typeof HostRecordSchema>;
 export type HostRecordInput = z.input<typeof HostRecordSchema>;
@@ -132,11 +156,14 @@ function artifactFacts(artifacts: Record<ArtifactName, ResolvedArtifact>, settin
 }
 
 /** The builder's facts for this host: pure, no I/O. */
-export function hostFacts(record: HostRecord, settings: SiteSettings, artifacts: Record<ArtifactName, ResolvedArtifact>): HostFacts {
+export function hostFacts(
+  record: HostRecord,
+  settings: SiteSettings,
+  artifacts: Record<ArtifactName, ResolvedArtifact>,
+  cloudflared: ResolvedArtifact | null = null,
+): HostFacts {
   const base = hostBaseUrl(settings, record.id);
-  const env: Record<string, string> = { COCALC_HUB_URL: settings.hub_url, COCALC_HOST_INTERNAL_URL: record.internal_url };
-  if (record.public_url) env.COCALC_HOST_PUBLIC_URL = record.public_url;
-  if (record.region) env.COCALC_HOST_REGION = record.region;
+  const env: Record<string, string> = { COCALC_HUB_URL: settings.hub_url, COCALC_HOST_INTERNAL_URL: record.internal_url, ...record.env };
   const facts: HostFacts = {
     host: { id: record.id, name: record.name },
     bootstrap_user: record.runtime_user,
@@ -148,15 +175,43 @@ export function hostFacts(record: HostRecord, settings: SiteSettings, artifacts:
     conat_urls: settings.conat_urls,
     secrets: settings.secret_names,
     service: { exec: settings.project_host_exec, health_url: `${record.internal_url.replace(/\/+$/, "")}${settings.health_path}` },
+    daemon: {
+      region: record.region,
+      public_url: record.public_url,
+      internal_url: record.internal_url,
+      public_ip: record.public_ip,
+      ssh_server: record.ssh_server,
+      https_hostname: record.https_hostname,
+      software_base_url: settings.software_base_url,
+      port: record.daemon_port,
+      https: record.daemon_https,
+    },
     env,
     parallel: settings.parallel,
   };
+  if (record.tunnel_hostname && cloudflared) {
+    const { url, sha256, version, size_bytes } = cloudflared;
+    facts.cloudflared = { deb: { url, sha256, version, size_bytes }, hostname: record.tunnel_hostname };
+  }
   if (settings.apt_packages) facts.apt = { packages: settings.apt_packages };
   if (settings.os_release) facts.os = settings.os_release;
   if (record.data_disk_candidates.length > 0) {
     facts.btrfs = { data_disk: { candidates: record.data_disk_candidates, min_size_gb: record.data_disk_min_size_gb } };
   }
   return facts;
+}
+
+/**
+ * The config as the host fetches it: when the hub knows no public IP for the
+ * host, the address its stub called from (Express's `req.ip`, which honours
+ * the app's "trust proxy" setting behind a proxy). Never a third-party
+ * "what is my IP" service.
+ */
+export function withCallerAddress<C>(config: C, address: string | undefined): C {
+  const daemon = (config as Partial<BootstrapConfig> | null)?.daemon; // configs stored before the daemon section have none
+  if (!daemon || daemon.public_ip !== null || !address) return config;
+  const ip = address.startsWith("::ffff:") ? address.slice("::ffff:".length) : address;
+  return IP_RE.test(ip) ? { ...config, daemon: { ...daemon, public_ip: ip } } : config;
 }
 
 /** Host record + site settings + manifests → validated config (throws with the reasons). */
@@ -170,8 +225,9 @@ export async function assembleHostConfig(
   const record = parsed.data;
   const settings = SiteSettingsSchema.parse(settingsInput);
   const artifacts = await resolveArtifacts(fetcher, settings, record.arch);
+  const cloudflared = record.tunnel_hostname ? await fetcher.artifact(settings.software_base_url, "cloudflared", settings.os, record.arch) : null;
   try {
-    return { record, config: buildBootstrapConfig(hostFacts(record, settings, artifacts)), artifacts };
+    return { record, config: buildBootstrapConfig(hostFacts(record, settings, artifacts, cloudflared)), artifacts };
   } catch (err) {
     if (err instanceof BootstrapConfigError) throw new ProvisionRefusedError(err.message);
     throw err;

@@ -23,10 +23,14 @@ import { SHA256_RE, VERSION_RE } from "@cocalc/project-host-bootstrap/contract";
 import { z } from "zod/v4";
 
 /** URL path segment of each bundle under the software base URL. */
-export const ARTIFACT_PATHS: Readonly<Record<ArtifactName, string>> = {
+/** The three bundles, and cloudflared's .deb (for hosts reached through a Cloudflare tunnel). */
+export type HubArtifactName = ArtifactName | "cloudflared";
+
+export const ARTIFACT_PATHS: Readonly<Record<HubArtifactName, string>> = {
   project_host: "project-host",
   project: "project",
   tools: "tools",
+  cloudflared: "cloudflared",
 };
 
 export const DEFAULT_MANIFEST_TIMEOUT_MS = 10_000;
@@ -77,12 +81,12 @@ export class ManifestError extends Error {
   }
 }
 
-export function manifestUrl(baseUrl: string, artifact: ArtifactName, os: string, arch: Arch): string {
+export function manifestUrl(baseUrl: string, artifact: HubArtifactName, os: string, arch: Arch): string {
   return `${baseUrl.replace(/\/+$/, "")}/${ARTIFACT_PATHS[artifact]}/latest-${os}-${arch}.json`;
 }
 
 /** The `<version>` in `…/<artifact>/<version>/…` of a bundle URL, if there is one. */
-export function versionFromUrl(url: string, artifact: ArtifactName): string | null {
+export function versionFromUrl(url: string, artifact: HubArtifactName): string | null {
   const segments = new URL(url).pathname.split("/").map(decodeURIComponent);
   const i = segments.lastIndexOf(ARTIFACT_PATHS[artifact]);
   const candidate = i >= 0 && i + 2 < segments.length ? segments[i + 1]! : null;
@@ -90,7 +94,7 @@ export function versionFromUrl(url: string, artifact: ArtifactName): string | nu
 }
 
 /** Check a parsed manifest body against what was asked for. */
-export function resolveManifest(body: unknown, want: { url: string; artifact: ArtifactName; os: string; arch: Arch }): ResolvedArtifact {
+export function resolveManifest(body: unknown, want: { url: string; artifact: HubArtifactName; os: string; arch: Arch }): ResolvedArtifact {
   const r = ManifestSchema.safeParse(body);
   if (!r.success) {
     throw new ManifestError(want.url, r.error.issues.map((i) => `${i.path.join(".") || "(body)"} ${i.message}`).join("; "));
@@ -163,7 +167,7 @@ export class ManifestFetcher {
     this.now = opts.now ?? Date.now;
   }
 
-  artifact(baseUrl: string, artifact: ArtifactName, os: string, arch: Arch): Promise<ResolvedArtifact> {
+  artifact(baseUrl: string, artifact: HubArtifactName, os: string, arch: Arch): Promise<ResolvedArtifact> {
     if (!(ARCHES as readonly string[]).includes(arch)) throw new Error(`unknown arch ${arch}`);
     const url = manifestUrl(baseUrl, artifact, os, arch);
     const hit = this.cache.get(url);

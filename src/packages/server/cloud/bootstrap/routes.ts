@@ -18,6 +18,7 @@ import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract
 import express, { type NextFunction, type Request, type Response, type Router } from "express";
 import { z } from "zod/v4";
 import type { Db } from "./db.js";
+import { withCallerAddress } from "./hosts.js";
 import { badRequest, errorHandler, HttpError, invalidContent, notFound } from "./http-errors.js";
 import { PageNotBuiltError, progressPageHtml, progressPageScript, progressPageStyle } from "./page.js";
 import { DEFAULT_STALE_AFTER_S, hostStatus } from "./status.js";
@@ -127,7 +128,7 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     await requireToken(req, hostId);
     const host = await getHost(db, hostId);
     if (!host) throw new HttpError(404, "no config for this host");
-    res.set("Cache-Control", "no-store").json(host.config);
+    res.set("Cache-Control", "no-store").json(withCallerAddress(host.config, req.ip ?? req.socket.remoteAddress));
   }
 
   async function sendSecret(req: Request, res: Response): Promise<void> {
