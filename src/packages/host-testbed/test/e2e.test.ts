@@ -162,7 +162,9 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     const user = a.prov.config.bootstrap_user;
     // A tiny image without a registry: Debian's static busybox in a tarball, imported by podman.
     await a.host.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >/dev/null", { timeoutMs: 300_000 });
-    await a.host.sh("rm -rf /tmp/tiny && mkdir -p /tmp/tiny/bin && cp /bin/busybox /tmp/tiny/bin/ && tar -C /tmp/tiny -cf /tmp/tiny.tar . && chmod 644 /tmp/tiny.tar");
+    await a.host.sh(
+      "rm -rf /tmp/tiny && mkdir -p /tmp/tiny/bin && cp /bin/busybox /tmp/tiny/bin/ && tar -C /tmp/tiny -cf /tmp/tiny.tar . && chmod 644 /tmp/tiny.tar",
+    );
     const t0 = Date.now();
     await a.host.sh("cd /tmp && podman import -q /tmp/tiny.tar localhost/tiny:1", { user, timeoutMs: 120_000 });
     const ran = await a.host.exec(["sh", "-c", "cd /tmp && podman run --rm localhost/tiny:1 /bin/busybox sh -c 'echo hello from $(id -u) in a container'"], {
@@ -229,7 +231,9 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     expect((await a.host.sh("dpkg-query -W -f '${Version}' cloudflared")).trim()).toBe(cf.version);
     expect((await a.host.sh("stat -c '%a %U' /etc/cloudflared/token.env")).trim()).toBe("600 root");
     expect(a.host.readFile("/etc/cloudflared/token.env")).toBe(`TUNNEL_TOKEN=${token}\n`);
-    expect(a.host.readFile("/etc/cloudflared/config.yml")).toContain(`  - hostname: ${config.cloudflared.hostname}\n    service: http://localhost:9002\n  - service: http_status:404\n`);
+    expect(a.host.readFile("/etc/cloudflared/config.yml")).toContain(
+      `  - hostname: ${config.cloudflared.hostname}\n    service: http://localhost:9002\n  - service: http_status:404\n`,
+    );
     const runs = () =>
       a.host
         .readFile("/var/lib/cloudflared-standin/runs.jsonl")
@@ -250,9 +254,12 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     expect(watch.stop().hits).toEqual([]);
     expect(await a.host.sh("ps -eo args")).not.toContain(token);
     expect(r.stdout + r.stderr).not.toContain(token);
-    const grep = await a.host.exec(["grep", "-rlF", "--exclude=token.env", "-e", token, c.bootstrap_root, "/etc", "/var/log", "/var/lib/cloudflared-standin", "/btrfs/data"], {
-      allowFailure: true,
-    });
+    const grep = await a.host.exec(
+      ["grep", "-rlF", "--exclude=token.env", "-e", token, c.bootstrap_root, "/etc", "/var/log", "/var/lib/cloudflared-standin", "/btrfs/data"],
+      {
+        allowFailure: true,
+      },
+    );
     expect(grep.code, `token found in: ${grep.stdout}`).toBe(1);
     expect((await a.host.exec(["journalctl", "--no-pager", "-o", "cat"])).stdout).not.toContain(token);
   });
@@ -305,7 +312,10 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     expect(formatted.code, formatted.out).toBe(0);
     const uuid = (await a.host.sh(`blkid -p -o value -s UUID ${blank}`)).trim();
     expect((await a.host.sh("findmnt -n -o FSTYPE,SOURCE /btrfs-disk")).trim().split(/\s+/)).toEqual(["btrfs", blank]);
-    const tagged = a.host.readFile("/etc/fstab").split("\n").filter((l) => l.includes("x-cocalc-bootstrap") && !l.startsWith("#"));
+    const tagged = a.host
+      .readFile("/etc/fstab")
+      .split("\n")
+      .filter((l) => l.includes("x-cocalc-bootstrap") && !l.startsWith("#"));
     expect(tagged).toHaveLength(1);
     expect(tagged[0]!.split(/\s+/).slice(0, 3)).toEqual([`UUID=${uuid}`, "/btrfs-disk", "btrfs"]);
     expect(tagged[0]).toMatch(/nofail/);
