@@ -245,7 +245,7 @@ export class Testbed {
     const hub = await this.hubFor(variant);
     const internalUrl = p.config.env.COCALC_HOST_INTERNAL_URL!;
     const record = { ...testHostRecord({ name: p.hostName, user: p.config.bootstrap_user }, internalUrl, this.opts.arch), id: p.hostId };
-    const n = await hub.provisionHost(record);
+    const n = await hub.provisionHost(record, { secrets: testSecrets() });
     return { ...p, token: n.token, stub: n.stub, config: n.config, hub, pageUrl: `${n.baseUrl}/`, statusUrl: `${n.baseUrl}/status` };
   }
 

@@ -26,6 +26,7 @@ import {
 import { type BenchSettings, buildResult, markdown, waterfallSvg, writeResults } from "../bench/report.js";
 import { type RunRecord, runRecord } from "../bench/runner.js";
 import { Prng, TarWriter } from "../bench/workload.js";
+import { TEST_APT_PACKAGES } from "../src/testbed.js";
 
 function step(name: string, deps: string[], start: number, end: number, outcome = "changed"): StepTiming {
   return { name, deps, start_s: start, end_s: end, duration_s: end - start, outcome };
@@ -231,7 +232,7 @@ describe("command line", () => {
     expect(d).toMatchObject({ runs: 3, scale: 1, bandwidth: 50, latency: 0, smoke: false, out: "/repo/results/bench-20260102T030405Z" });
     expect(d !== "help" && d.apt).toContain("podman");
     const s = parseCli(["--smoke"], "/repo", now);
-    expect(s).toMatchObject({ runs: 1, scale: 0.01, smoke: true, apt: ["btrfs-progs", "xz-utils"] });
+    expect(s).toMatchObject({ runs: 1, scale: 0.01, smoke: true, apt: TEST_APT_PACKAGES });
     expect(parseCli(["--smoke", "--runs", "2", "--kinds", "cold_parallel,warm"], "/repo", now)).toMatchObject({ runs: 2, kinds: ["cold_parallel", "warm"] });
   });
   it("refuses bad values", () => {
