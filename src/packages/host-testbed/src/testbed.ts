@@ -67,6 +67,10 @@ export interface HubVariant {
   parallel?: boolean;
   /** This bundle's manifest carries a wrong sha256. */
   wrongChecksum?: BundleName;
+  /** Publish the artifacts under this base URL instead of the artifact server's (a proxy in front of it). */
+  artifactUrl?: string;
+  /** The hub's public URL (a proxy in front of it): the config's hub and events URLs. */
+  publicUrl?: string;
 }
 
 export interface ProvisionedTestHost {
@@ -152,9 +156,10 @@ export class Testbed {
 
   private async startVariant(variant: HubVariant): Promise<RunningHub> {
     let site = this.site;
-    if (variant.wrongChecksum) {
-      const name = `wrong-${variant.wrongChecksum}`;
-      site = publishSite(join(this.siteRoot, name), `${this.artifactServer.url}/${name}`, this.bundles, this.node, {
+    if (variant.wrongChecksum || variant.artifactUrl) {
+      const via = variant.artifactUrl ? `via-${new URL(variant.artifactUrl).port}` : "";
+      const name = [variant.wrongChecksum ? `wrong-${variant.wrongChecksum}` : "", via].filter(Boolean).join("-");
+      site = publishSite(join(this.siteRoot, name), `${variant.artifactUrl ?? this.artifactServer.url}/${name}`, this.bundles, this.node, {
         wrongChecksum: variant.wrongChecksum,
         arch: this.opts.arch,
       });
@@ -162,6 +167,7 @@ export class Testbed {
     }
     return startHub({
       db: this.hub.db,
+      publicUrl: variant.publicUrl,
       artifactBaseUrl: site.baseUrl,
       settings: siteSettings(site, this.opts.aptPackages ?? TEST_APT_PACKAGES, variant, this.opts.os),
       manifestTtlMs: 0,
@@ -247,7 +253,11 @@ export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, inter
 }
 
 function variantKey(v: HubVariant): string {
-  return JSON.stringify({ parallel: v.parallel ?? true, wrong: v.wrongChecksum ?? null });
+  return JSON.stringify({
+    parallel: v.parallel ?? true,
+    wrong: v.wrongChecksum ?? null,
+    ...(v.artifactUrl || v.publicUrl ? { via: [v.artifactUrl ?? null, v.publicUrl ?? null] } : {}),
+  });
 }
 
 /** Site settings for the testbed's hub: our mirror, our manifests, Debian 12 unless told otherwise. */

@@ -143,6 +143,14 @@ describe("fault proxy", () => {
     expect([mid.ended, mid.body.equals(BODY)]).toEqual(["end", true]);
   });
 
+  it("rewrite: the upstream's answer with a new body and a matching Content-Length", async () => {
+    proxy.add({ kind: "rewrite", match: /^\/echo/, transform: (b) => b.toString().replace("hello", "bye, and more") });
+    const r = await get(`${proxy.url}/echo`, { method: "POST", body: "hello" });
+    expect(r.status).toBe(201);
+    expect(r.body.toString()).toBe(JSON.stringify({ got: "bye, and more" }));
+    expect(r.headers["content-length"]).toBe(String(r.body.length));
+  });
+
   it("drop: the connection closes without an answer", async () => {
     proxy.add({ kind: "drop", match: (r) => r.method === "POST" });
     await expect(get(`${proxy.url}/echo`, { method: "POST", body: "x" })).rejects.toThrow(/socket hang up|ECONNRESET/);

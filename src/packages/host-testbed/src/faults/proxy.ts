@@ -8,7 +8,9 @@
  * - `truncate`: forward the head (full Content-Length) and `afterBytes`, then close cleanly (FIN);
  * - `corrupt`:  forward everything, every body byte from `fromByte` on inverted (same length);
  * - `stall`:    forward the head and `afterBytes`, then send nothing for `ms` (and go on);
- * - `drop`:     close the connection without an answer (a dead hub, from the client's side).
+ * - `drop`:     close the connection without an answer (a dead hub, from the client's side);
+ * - `rewrite`:  forward the upstream's answer with its body replaced by `transform(body)`
+ *               (e.g. a host config with another apt lock timeout).
  *
  * A rule applies to the first `times` requests its `match` accepts (default
  * every one); the first rule that applies wins. `refuseFor(ms)` stops
@@ -19,7 +21,7 @@
 import { request as httpRequest, createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 
-export type FaultKind = "status" | "reset" | "truncate" | "corrupt" | "stall" | "drop";
+export type FaultKind = "status" | "reset" | "truncate" | "corrupt" | "stall" | "drop" | "rewrite";
 
 export interface FaultRule {
   kind: FaultKind;
@@ -35,6 +37,8 @@ export interface FaultRule {
   fromByte?: number;
   /** stall: how long, ms. */
   ms?: number;
+  /** rewrite: the new body from the upstream's. */
+  transform?: (body: Buffer) => Buffer | string;
   /** Free text for the log (default the kind). */
   label?: string;
 }
@@ -42,6 +46,8 @@ export interface FaultRule {
 export interface ProxyLogEntry {
   method: string;
   path: string;
+  /** The request's Range header, if any. */
+  range: string | null;
   /** Status sent (0: none, the connection was broken before a head). */
   status: number;
   /** Body bytes sent to the client. */
@@ -134,7 +140,7 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     const path = req.url ?? "/";
     const live = pick(method, path);
     const rule = live?.rule ?? null;
-    const entry: ProxyLogEntry = { method, path, status: 0, bytes: 0, fault: rule ? labelOf(rule) : null, at: Date.now() };
+    const entry: ProxyLogEntry = { method, path, range: req.headers.range ?? null, status: 0, bytes: 0, fault: rule ? labelOf(rule) : null, at: Date.now() };
     log.push(entry);
     const after = () => {
       if (refuseAfter && refuseAfter.match.test(path) && entry.status >= 200 && entry.status < 300) {
@@ -180,7 +186,19 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
       const hasBody = method !== "HEAD" && entry.status !== 204 && entry.status !== 304;
       // stall before the head when nothing of the body comes first
       if (rule?.kind === "stall" && afterBytes === 0) await stall(rule.ms ?? 0);
-      if (res.destroyed) return upRes.destroy();
+      if (res.destroyed) { upRes.destroy(); return; }
+      if (rule?.kind === "rewrite" && rule.transform) {
+        const parts: Buffer[] = [];
+        for await (const c of upRes) parts.push(c as Buffer);
+        const body = Buffer.from(rule.transform(Buffer.concat(parts)));
+        const headers = { ...upRes.headers, "content-length": String(body.length) };
+        delete headers["transfer-encoding"];
+        delete headers.etag;
+        res.writeHead(entry.status, upRes.statusMessage, headers);
+        entry.bytes = body.length;
+        res.end(body);
+        return;
+      }
       res.writeHead(entry.status, upRes.statusMessage, upRes.headers);
       if (!hasBody) {
         upRes.resume();
@@ -190,7 +208,7 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
       let sent = 0;
       let stalled = rule?.kind === "stall" && afterBytes === 0;
       for await (const raw of upRes) {
-        if (res.destroyed) return upRes.destroy();
+        if (res.destroyed) { upRes.destroy(); return; }
         let chunk = raw as Buffer;
         if (rule && (rule.kind === "reset" || rule.kind === "truncate" || (rule.kind === "stall" && !stalled))) {
           const room = afterBytes - sent;
@@ -201,17 +219,17 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
             entry.bytes = sent;
             if (rule.kind === "reset") {
               res.socket?.resetAndDestroy();
-              return upRes.destroy();
+              { upRes.destroy(); return; }
             }
             if (rule.kind === "truncate") {
               // FIN without the rest: the client sees the body end early
               res.socket?.end();
               res.socket?.destroySoon();
-              return upRes.destroy();
+              { upRes.destroy(); return; }
             }
             await stall(rule.ms ?? 0);
             stalled = true;
-            if (res.destroyed) return upRes.destroy();
+            if (res.destroyed) { upRes.destroy(); return; }
             chunk = chunk.subarray(head.length);
             if (!chunk.length) continue;
           }

@@ -1,0 +1,127 @@
+/**
+ * A hard power-off of a throwaway host, with the data loss a real one has.
+ *
+ * Killing systemd-nspawn alone is not a power cut: the host's files live in
+ * this machine's page cache, so every write the host made, synced or not,
+ * survives. Here the host's rootfs is an ext4 file system of its own (a
+ * sparse image on a loop device, mounted at the rootfs directory, journal
+ * commit every `commitS` seconds), and a power cut is:
+ *
+ *   1. every process of the host is stopped (SIGSTOP: nothing runs after the
+ *      cut, not even a sender that would tell the hub about errors);
+ *   2. the file system is shut down without flushing anything
+ *      (EXT4_IOC_SHUTDOWN with EXT4_GOING_FLAGS_NOLOGFLUSH, what fstests'
+ *      `godown` does): writes that were not synced (fsync, sync, or the
+ *      journal's own commit) are lost, exactly like a disk losing power;
+ *   3. the host's processes and nspawn are SIGKILLed, loop devices backed by
+ *      files inside it (the btrfs image) detached, the rootfs unmounted;
+ *   4. power-on: mount again (the journal is replayed: the state of the last
+ *      commit or sync) and boot.
+ *
+ * What it does not simulate: a disk that reorders or tears writes inside a
+ * sync, or a btrfs image's own unflushed state beyond what its loop device
+ * had written into the ext4 file (that is lost with the rest).
+ */
+import { mkdirSync, existsSync, readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import type { ThrowawayHost } from "../host.js";
+import { detachLoopsUnder } from "../machine.js";
+import { run, sleep } from "../proc.js";
+import { containerProcesses } from "./kill.js";
+
+export interface PowerCutDiskOptions {
+  sizeGb?: number;
+  /** ext4 journal commit interval: how much unsynced work a cut can lose (default 30 s). */
+  commitS?: number;
+}
+
+export class PowerCutDisk {
+  private rootfs: string | null = null;
+  readonly cuts: { at: number; stopped: number }[] = [];
+
+  constructor(private readonly opts: PowerCutDiskOptions = {}) {}
+
+  get image(): string {
+    if (!this.rootfs) throw new Error("PowerCutDisk: not prepared (pass disk.prepare as prepareRootfs to ThrowawayHost.up)");
+    return join(dirname(this.rootfs), "rootfs-disk.img");
+  }
+
+  /** For `ThrowawayHost.up({ prepareRootfs })`: make and mount the file system at the rootfs directory. */
+  readonly prepare = async (rootfs: string): Promise<void> => {
+    this.rootfs = rootfs;
+    mkdirSync(dirname(rootfs), { recursive: true });
+    await run(["truncate", "-s", `${this.opts.sizeGb ?? 6}G`, this.image]);
+    await run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", this.image]);
+    await this.mount();
+  };
+
+  private async mount(): Promise<void> {
+    await run(["mount", "-o", `loop,commit=${this.opts.commitS ?? 30}`, this.image, this.rootfs!]);
+  }
+
+  /** Cut the power: stop everything, lose unsynced writes, kill, unmount. */
+  async cut(host: ThrowawayHost): Promise<void> {
+    const rootfs = this.rootfs;
+    if (!rootfs) throw new Error("PowerCutDisk: not prepared");
+    const init = host.pid1();
+    const nspawn = Number(/^PPid:\s+(\d+)/m.exec(readFileSync(`/proc/${init}/status`, "utf8"))?.[1]);
+    // 1. freeze the host (until no new process appears)
+    const stopped = new Set<number>();
+    for (let pass = 0; pass < 20; pass++) {
+      const fresh = containerProcesses(init).filter((p) => !stopped.has(p.pid));
+      if (fresh.length === 0) break;
+      for (const p of fresh) {
+        signalQuietly(p.pid, "SIGSTOP");
+        stopped.add(p.pid);
+      }
+    }
+    // 2. the disk loses power: nothing more reaches it, unsynced data is gone
+    await run([
+      "python3",
+      "-c",
+      "import fcntl, os, struct, sys\n" +
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n" +
+        "fcntl.ioctl(fd, 0x8004587D, struct.pack('I', 2))  # EXT4_IOC_SHUTDOWN, EXT4_GOING_FLAGS_NOLOGFLUSH\n",
+      rootfs,
+    ]);
+    // 3. the processes die; nspawn follows its init
+    for (const pid of stopped) signalQuietly(pid, "SIGKILL");
+    signalQuietly(init, "SIGKILL");
+    if (nspawn) signalQuietly(nspawn, "SIGKILL");
+    const deadline = Date.now() + 20_000;
+    while (Date.now() < deadline && (existsSync(`/proc/${init}`) || (nspawn && isLive(nspawn)))) await sleep(50);
+    await detachLoopsUnder(rootfs);
+    // mounts nspawn made under the rootfs are gone with its mount namespace; ours is the rootfs itself
+    let r = await run(["umount", rootfs], { allowFailure: true });
+    for (let i = 0; r.code !== 0 && i < 50; i++) {
+      await sleep(100);
+      await detachLoopsUnder(rootfs);
+      r = await run(["umount", rootfs], { allowFailure: true });
+    }
+    if (r.code !== 0) throw new Error(`power cut: cannot unmount ${rootfs}: ${r.stderr.trim()}`);
+    this.cuts.push({ at: Date.now(), stopped: stopped.size });
+  }
+
+  /** Power on: mount (journal replay) and boot the host. */
+  async powerOn(host: ThrowawayHost, bootTimeoutMs?: number): Promise<void> {
+    await this.mount();
+    await host.reboot(bootTimeoutMs);
+  }
+}
+
+function signalQuietly(pid: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(pid, sig);
+  } catch {
+    // gone
+  }
+}
+
+function isLive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return !/ Z /.test(stat.slice(stat.lastIndexOf(")")));
+  } catch {
+    return false;
+  }
+}
