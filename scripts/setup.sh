@@ -8,7 +8,9 @@ set -u
 PNPM_VERSION=10.34.9
 # What the tests and the demo use from Debian: a real PostgreSQL server, a
 # real headless browser, the throwaway-host tools, and the archive tools.
-SYSTEM_PACKAGES="postgresql chromium debootstrap systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux"
+# cloud-init: its schema validator checks the rendered #cloud-config user-data
+# (installed disabled, see ensure_system_packages: it never acts on this machine).
+SYSTEM_PACKAGES="postgresql chromium debootstrap systemd-container btrfs-progs xz-utils zstd python3-venv curl ca-certificates sudo util-linux cloud-init"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 err() { say "error: $*"; exit 1; }
@@ -63,6 +65,11 @@ ensure_system_packages() {
   # shellcheck disable=SC2086 # word splitting of the package list is intended
   missing=$(available_packages $missing)
   [ -n "$missing" ] || return 0
+  # cloud-init is here only for `cloud-init schema`: disable it before it is
+  # installed, so it never configures this machine at its next boot.
+  case " $missing " in
+    *" cloud-init "*) mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled ;;
+  esac
   say "installing Debian packages: $missing"
   # shellcheck disable=SC2086 # word splitting of the package list is intended
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null \

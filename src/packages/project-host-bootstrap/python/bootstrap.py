@@ -7,6 +7,9 @@ dependency graph, in parallel unless the config says `"parallel": false`.
 
 Stdlib only; runs on the distribution's python3 (3.10 or newer). Importing
 this file does nothing, so tests import it.
+
+Built by python/build.py from the modules in python/cocalc_bootstrap/ (one
+section per module below, in dependency order); edit those, not this file.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TextIO, TypeVar
+
+# ============================================================================
+# errors: Constants, exit codes and the error types every other module raises.
+# ============================================================================
+
 
 __version__ = "0.1.0"
 
@@ -114,6 +122,10 @@ class ConfigError(BootstrapError):
         self.issues = tuple(issues)
 
 
+class UsageError(BootstrapError):
+    exit_code = EXIT_CONFIG
+
+
 def format_json_path(path: Sequence[str | int]) -> str:
     out = "$"
     for part in path:
@@ -137,7 +149,7 @@ MISSING: Any = _Missing()
 
 
 # ============================================================================
-# logging
+# log: The run's log: JSON lines plus a console, with secrets redacted.
 # ============================================================================
 
 # JSON lines at $BOOTSTRAP_ROOT/logs/bootstrap.log plus a console. Steps call
@@ -376,7 +388,7 @@ def set_active_log(log: Log) -> None:
 
 
 # ============================================================================
-# running commands
+# commands: Running commands: argv only, minimal environment, timeouts, retries.
 # ============================================================================
 
 # One way to run a command: argv only, a minimal explicit environment, stdin
@@ -573,8 +585,9 @@ def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
 
 
 # ============================================================================
-# config
+# config: The config: typed specs mirroring src/config.ts and their validation.
 # ============================================================================
+
 #
 # Frozen dataclasses mirroring src/config.ts field for field. `from_dict`
 # collects every issue with its JSON path; `to_dict` round-trips.
@@ -1265,7 +1278,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 # ============================================================================
-# facts
+# facts: Small read-only probes of the real system.
 # ============================================================================
 
 # Small read-only probes of the real system, used by the steps' check() and
@@ -1480,7 +1493,7 @@ def systemctl_state(verb: str, unit: str) -> str:
 
 
 # ============================================================================
-# steps
+# step: The Step base class and the file operations steps share.
 # ============================================================================
 
 # (steps) one class per step of the flow, each a subclass of Step; the
@@ -1531,6 +1544,32 @@ class Step:
 
 
 # -- files owned by root, written through sudo ---------------------------------
+
+
+def atomic_write_text(path: Path, text: str, mode: int = 0o600, *, durable: bool = True) -> None:
+    """temp file in the same directory + fsync + rename + fsync the directory:
+    a reader (or a crash) sees the old file or the new one, never half.
+    durable=False skips the fsyncs (still atomic for readers and for kills)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if not durable:
+        return
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_root_file(path: Path, content: str, *, mode: int, owner: str = "root", group: str = "root") -> None:
@@ -1584,6 +1623,10 @@ def write_user_file(path: Path, content: str, mode: int) -> bool:
     atomic_write_text(path, content, mode)
     return True
 
+
+# ============================================================================
+# fetch: HTTP from the host: verified, resumable downloads.
+# ============================================================================
 
 # -- downloads -------------------------------------------------------------------
 
@@ -1805,6 +1848,10 @@ def human_size(n: float) -> str:
         n /= 1024
     return f"{n:.1f} GiB"
 
+
+# ============================================================================
+# archive: Safe extraction of bundle archives and atomic installs.
+# ============================================================================
 
 # -- safe extraction and atomic installs -------------------------------------------
 
@@ -2047,6 +2094,10 @@ def point_symlink(link: Path, target: str) -> bool:
     return True
 
 
+# ============================================================================
+# apt: apt and dpkg: locks, quiescing the timers, update and install.
+# ============================================================================
+
 # -- apt -------------------------------------------------------------------------
 
 APT_ENV = {
@@ -2169,6 +2220,10 @@ def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
         hint=APT_HINT,
     )
 
+
+# ============================================================================
+# system: fstab, block devices, the grow helper, systemd quoting, health checks.
+# ============================================================================
 
 # -- btrfs -------------------------------------------------------------------------
 
@@ -2304,10 +2359,33 @@ def tcp_reachable(url: str, timeout_s: float = 5.0) -> str | None:
         return f"{parts.hostname}:{port}: {e.strerror or e}"
 
 
+# ============================================================================
+# layout: Where things live on the host, and the files rendered from the config.
+# ============================================================================
+
 # -- where things go ---------------------------------------------------------------
 
 BOOTSTRAP_SUBDIRS = ("bin", "bootstrap", "bundles", "config", "logs")
 ARCHIVE_SUFFIX_RE = re.compile(r"(\.tar\.(?:xz|gz|zst|zstd|bz2)|\.t[gx]z|\.tzst|\.tar)$")
+
+
+DONE_FILE_NAME = ".bootstrap_done"
+
+
+def done_marker(config: Config) -> Path:
+    """Written by the final step once the host is bootstrapped; read by `status`."""
+    return Path(config.bootstrap_dir) / DONE_FILE_NAME
+
+
+def read_token(path: Path) -> str | None:
+    """The bootstrap token (its own 0600 file); None when it is not there."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    if token:
+        REDACTOR.add(token)
+    return token or None
 
 
 def bundles_dir(config: Config) -> Path:
@@ -2445,6 +2523,10 @@ def render_env_helper(config: Config) -> str:
         """
     )
 
+
+# ============================================================================
+# steps_host: Steps that prepare the host: preflight, directories, files, secrets.
+# ============================================================================
 
 # -- the steps ------------------------------------------------------------------------
 
@@ -2726,6 +2808,11 @@ def fetch_secret(url: str, token: str) -> str:
     if not value.strip():
         raise BootstrapError(f"GET {url}: the hub answered with an empty secret")
     return value
+
+
+# ============================================================================
+# steps_install: Steps that install software: apt, bundle downloads and installs, Node.js.
+# ============================================================================
 
 
 class AptStep(Step):
@@ -3043,6 +3130,11 @@ class NodeStep(Step):
         self.log.info(f"installed nvm {nvm.version} (sha256 pinned)")
 
 
+# ============================================================================
+# steps_system: Steps that bring the host up: btrfs, the service, finalize.
+# ============================================================================
+
+
 class BtrfsStep(Step):
     """The btrfs filesystem for projects: data disk or sparse loop image, mounted
     from a tagged fstab line, with the data subvolume, quota, tmp and btrfs-grow."""
@@ -3336,6 +3428,11 @@ class FinalizeStep(Step):
         atomic_write_text(done_marker(self.config), json.dumps(record, indent=2) + "\n", 0o644)
 
 
+# ============================================================================
+# engine: The plan (steps as a dependency graph), state, the lock and the runner.
+# ============================================================================
+
+
 STEPS: tuple[type[Step], ...] = (
     PreflightStep,
     DirectoriesStep,
@@ -3374,7 +3471,6 @@ STEPS: tuple[type[Step], ...] = (
 
 STATE_FILE_NAME = "state.json"
 LOCK_FILE_NAME = "bootstrap.lock"
-DONE_FILE_NAME = ".bootstrap_done"
 EVENTS_DIR_NAME = "events"
 STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # as src/events.ts
 MAX_JOBS = 16
@@ -3394,11 +3490,6 @@ class StepFailed(BootstrapError):
     def __init__(self, step: str, message: str, *, hint: str | None, log_tail: str | None) -> None:
         super().__init__(f"step {step} failed: {message}", hint=hint, log_tail=log_tail)
         self.step = step
-
-
-def done_marker(config: Config) -> Path:
-    """Written by the final step once the host is bootstrapped; read by `status`."""
-    return Path(config.bootstrap_dir) / DONE_FILE_NAME
 
 
 def state_path(config: Config) -> Path:
@@ -3501,32 +3592,6 @@ def _canonical(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     raise TypeError(f"step inputs must be JSON-like, got {type(value).__name__}")
-
-
-def atomic_write_text(path: Path, text: str, mode: int = 0o600, *, durable: bool = True) -> None:
-    """temp file in the same directory + fsync + rename + fsync the directory:
-    a reader (or a crash) sees the old file or the new one, never half.
-    durable=False skips the fsyncs (still atomic for readers and for kills)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if not durable:
-        return
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class StateStore:
@@ -3946,7 +4011,7 @@ def _preview_step(step: Step, state: StateStore, changing: Sequence[str]) -> tup
 
 
 # ============================================================================
-# reporting
+# reporting: Progress events for the hub: the spool, the sender, status and timings.
 # ============================================================================
 
 # Progress events for the hub (src/events.ts): every event is appended to
@@ -3994,17 +4059,6 @@ class EventSpool(EventSink):
     def close(self) -> None:
         with self.changed:
             self._file.close()
-
-
-def read_token(path: Path) -> str | None:
-    """The bootstrap token (its own 0600 file); None when it is not there."""
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    if token:
-        REDACTOR.add(token)
-    return token or None
 
 
 class EventSender:
@@ -4265,7 +4319,7 @@ def format_timings(state: StateStore) -> str:
 
 
 # ============================================================================
-# CLI
+# cli: The command line: check-config, plan, run, status, timings.
 # ============================================================================
 
 
@@ -4375,10 +4429,6 @@ def require_config_path(args: argparse.Namespace) -> str:
             hint="Pass the config the hub generated, e.g. --config bootstrap/bootstrap-config.json",
         )
     return str(args.config)
-
-
-class UsageError(BootstrapError):
-    exit_code = EXIT_CONFIG
 
 
 def cmd_plan(args: argparse.Namespace, steps: Sequence[type[Step]] | None) -> int:

@@ -40,6 +40,33 @@ describe("asset.ts", () => {
   });
 });
 
+describe("the build of bootstrap.py from python/cocalc_bootstrap/ (python/build.py)", () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), "phb-build-"));
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const build = (out: string) =>
+    spawnSync("python3", [join(PACKAGE_DIR, "python", "build.py"), "--out", out], { encoding: "utf8" });
+
+  it("is reproducible: two builds give the same bytes, and they are the committed asset", () => {
+    const a = join(dir, "a.py");
+    const b = join(dir, "b.py");
+    expect(build(a).status).toBe(0);
+    expect(build(b).status).toBe(0);
+    expect(sha256(readFileSync(a))).toBe(sha256(readFileSync(b)));
+    expect(sha256(readFileSync(a))).toBe(bootstrapPySha256());
+  });
+
+  it("--check refuses a shipped file that differs from the modules, naming the file", () => {
+    const stale = join(dir, "stale.py");
+    writeFileSync(stale, `${readFileSync(BOOTSTRAP_PY_PATH, "utf8")}# edited by hand\n`);
+    const r = spawnSync("python3", [join(PACKAGE_DIR, "python", "build.py"), "--out", stale, "--check"], { encoding: "utf8" });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain("stale.py differs from a fresh build");
+  });
+});
+
 describe("the packed package (pnpm pack)", () => {
   let work: string;
   let project: string;
@@ -101,6 +128,12 @@ describe("the packed package (pnpm pack)", () => {
     expect(files.filter((f) => /\/(test|tests|src|scripts|fixtures)\//.test(f))).toEqual([]);
     const manifest = JSON.parse(readFileSync(join(packedPkg, "package.json"), "utf8")) as { dependencies: Record<string, string> };
     expect(manifest.dependencies["@cocalc/util"]).not.toMatch(/^workspace:/);
+  });
+
+  it("ships exactly the bootstrap.py that a fresh build of the modules gives", () => {
+    const fresh = join(work, "fresh-bootstrap.py");
+    execFileSync("python3", [join(PACKAGE_DIR, "python", "build.py"), "--out", fresh]);
+    expect(sha256(readFileSync(join(packedPkg, "python", "bootstrap.py")))).toBe(sha256(readFileSync(fresh)));
   });
 
   it("runs python3 <packed>/python/bootstrap.py --help", () => {

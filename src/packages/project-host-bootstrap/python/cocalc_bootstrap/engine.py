@@ -1,0 +1,616 @@
+"""The plan (steps as a dependency graph), state, the lock and the runner."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import copy
+import dataclasses
+import fcntl
+import graphlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .commands import terminate_running_commands
+from .config import Config
+from .errors import EXIT_LOCKED, BootstrapError, UsageError, __version__
+from .log import CURRENT_STEP, REDACTOR, utc_timestamp
+from .step import Context, Step, atomic_write_text
+from .steps_host import DirectoriesStep, FilesStep, PreflightStep, SecretsStep
+from .steps_install import (
+    AptStep,
+    DownloadProjectHostStep,
+    DownloadProjectStep,
+    DownloadToolsStep,
+    InstallProjectHostStep,
+    InstallProjectStep,
+    InstallToolsStep,
+    NodeStep,
+)
+from .steps_system import BtrfsStep, FinalizeStep, ServiceStep
+
+STEPS: tuple[type[Step], ...] = (
+    PreflightStep,
+    DirectoriesStep,
+    FilesStep,
+    SecretsStep,
+    AptStep,
+    DownloadProjectHostStep,
+    DownloadProjectStep,
+    DownloadToolsStep,
+    NodeStep,
+    InstallProjectHostStep,
+    InstallProjectStep,
+    InstallToolsStep,
+    BtrfsStep,
+    ServiceStep,
+    FinalizeStep,
+)
+
+
+# ============================================================================
+# plan
+# ============================================================================
+
+# The steps as a dependency graph (graphlib), run by a thread pool. Serial
+# mode (`parallel: false`, `--jobs 1`) walks the same graph, always taking
+# the ready step that comes first in the step list. A failed step blocks its
+# dependents, running steps finish, nothing new starts, and the run fails with
+# that step's error.
+#
+# Idempotency: after a step applies successfully its record (fingerprint of
+# inputs() and version, duration) goes to state.json. A step is skipped when
+# its record's fingerprint matches AND check() says satisfied; otherwise it
+# applies. Applying a step first erases the records of all its dependents
+# (transitively), so they re-apply too, in this run, or in the next one if
+# this one is killed in between: "a step whose dependency changed re-runs".
+
+STATE_FILE_NAME = "state.json"
+LOCK_FILE_NAME = "bootstrap.lock"
+EVENTS_DIR_NAME = "events"
+STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # as src/events.ts
+MAX_JOBS = 16
+
+
+class PlanError(BootstrapError):
+    """The step graph is broken (cycle, unknown dependency, bad name)."""
+
+
+class LockedError(BootstrapError):
+    exit_code = EXIT_LOCKED
+
+
+class StepFailed(BootstrapError):
+    """The run failed because this step did; carries the step's message and hint."""
+
+    def __init__(self, step: str, message: str, *, hint: str | None, log_tail: str | None) -> None:
+        super().__init__(f"step {step} failed: {message}", hint=hint, log_tail=log_tail)
+        self.step = step
+
+
+def state_path(config: Config) -> Path:
+    return Path(config.bootstrap_dir) / STATE_FILE_NAME
+
+
+def lock_path(config: Config) -> Path:
+    return Path(config.bootstrap_dir) / LOCK_FILE_NAME
+
+
+def log_path(config: Config) -> Path:
+    return Path(config.bootstrap_root) / "logs" / "bootstrap.log"
+
+
+class Plan:
+    """A validated step graph in stable order, built from a list of step
+    classes (STEPS by default; tests pass their own)."""
+
+    def __init__(self, step_classes: Sequence[type[Step]] | None = None) -> None:
+        self.classes: dict[str, type[Step]] = {}
+        for cls in STEPS if step_classes is None else step_classes:
+            name = getattr(cls, "name", None)
+            if not isinstance(name, str) or not STEP_NAME_RE.fullmatch(name):
+                raise PlanError(f"step {cls.__name__} has an invalid name {name!r}", hint=PLAN_HINT)
+            if name in self.classes:
+                raise PlanError(f"two steps are named {name!r}", hint=PLAN_HINT)
+            self.classes[name] = cls
+        for name, cls in self.classes.items():
+            unknown = [d for d in cls.deps if d not in self.classes]
+            if unknown:
+                raise PlanError(f"step {name} depends on unknown step(s) {', '.join(unknown)}", hint=PLAN_HINT)
+        self.index = {name: i for i, name in enumerate(self.classes)}
+        self.order = self._stable_order()
+        self.selected = frozenset(self.classes)
+
+    def _stable_order(self) -> tuple[str, ...]:
+        sorter = graphlib.TopologicalSorter({n: c.deps for n, c in self.classes.items()})
+        try:
+            sorter.prepare()
+        except graphlib.CycleError as e:
+            raise PlanError(f"the steps form a cycle: {' -> '.join(e.args[1])}", hint=PLAN_HINT) from None
+        order: list[str] = []
+        ready: list[str] = []
+        while sorter.is_active():
+            ready = sorted([*ready, *sorter.get_ready()], key=self.index.__getitem__)
+            order.append(ready.pop(0))
+            sorter.done(order[-1])
+        return tuple(order)
+
+    def select(self, only: Sequence[str] = (), skip: Sequence[str] = ()) -> Plan:
+        """--only runs exactly the named steps (their dependencies are NOT
+        added: they are assumed done by an earlier run); --skip leaves the
+        named steps out and their dependents run anyway."""
+        unknown = sorted({*only, *skip} - set(self.classes))
+        if unknown:
+            raise UsageError(
+                f"unknown step name(s): {', '.join(unknown)}",
+                hint=f"Known steps: {', '.join(self.order)} (`bootstrap.py plan` lists them).",
+            )
+        chosen = set(only) if only else set(self.classes)
+        selected = copy.copy(self)
+        selected.selected = frozenset(chosen - set(skip))
+        return selected
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.order if n in self.selected)
+
+    def deps(self, name: str) -> tuple[str, ...]:
+        """Dependencies inside the selection (the graph that is executed)."""
+        return tuple(d for d in self.classes[name].deps if d in self.selected)
+
+    def dependents(self, name: str) -> set[str]:
+        """Every step that depends on `name`, directly or not (whole plan)."""
+        found: set[str] = set()
+        frontier = [name]
+        while frontier:
+            current = frontier.pop()
+            for other, cls in self.classes.items():
+                if current in cls.deps and other not in found:
+                    found.add(other)
+                    frontier.append(other)
+        return found
+
+
+PLAN_HINT = "This is a bug in the step definitions of bootstrap.py; nothing was changed."
+
+
+def fingerprint(step: Step) -> str:
+    """sha256 of the canonical JSON of the step's inputs and version."""
+    doc = {"step": step.name, "version": step.version, "inputs": step.inputs()}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_canonical)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"step inputs must be JSON-like, got {type(value).__name__}")
+
+
+class StateStore:
+    """state.json: one record per step that last applied successfully, and
+    a summary of the last run (for status and timings). Read-only unless
+    writable (the `plan` command writes nothing)."""
+
+    VERSION = 1
+
+    def __init__(self, path: Path, *, writable: bool = True) -> None:
+        self.path = path
+        self.writable = writable
+        self._lock = threading.RLock()
+        self.data: dict[str, Any] = {"version": self.VERSION, "steps": {}, "last_run": None}
+        self.problem: str | None = None
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            # A broken state file only costs a full re-run; never a failure.
+            self.problem = f"ignoring unreadable {path}: {e}"
+            return
+        if isinstance(loaded, dict) and isinstance(loaded.get("steps"), dict):
+            self.data.update(loaded)
+        else:
+            self.problem = f"ignoring {path}: not a state file"
+
+    @property
+    def last_run(self) -> dict[str, Any] | None:
+        run = self.data.get("last_run")
+        return run if isinstance(run, dict) else None
+
+    def step_record(self, name: str) -> dict[str, Any] | None:
+        record = self.data["steps"].get(name)
+        return record if isinstance(record, dict) else None
+
+    def record_step(self, name: str, fp: str, duration_s: float, outcome: str) -> None:
+        """Saved with the step's end (update_run_step): a record lost to a
+        crash in between only costs a re-apply."""
+        with self._lock:
+            self.data["steps"][name] = {
+                "fingerprint": fp,
+                "finished_at": utc_timestamp(),
+                "duration_s": round(duration_s, 3),
+                "outcome": outcome,
+            }
+
+    def forget(self, names: Iterable[str]) -> None:
+        with self._lock:
+            gone = [n for n in names if self.data["steps"].pop(n, None) is not None]
+            if gone:
+                self.save(durable=True)  # before apply() changes anything
+
+    def update_run(self, *, durable: bool = False, **fields: Any) -> None:
+        with self._lock:
+            run = self.data["last_run"] = self.last_run or {}
+            run.update(fields)
+            self.save(durable=durable)
+
+    def update_run_step(self, name: str, *, running: Sequence[str], **fields: Any) -> None:
+        with self._lock:
+            run = self.data["last_run"] = self.last_run or {}
+            run["running"] = list(running)
+            run.setdefault("steps", {}).setdefault(name, {}).update(fields)
+            self.save()
+
+    def save(self, *, durable: bool = False) -> None:
+        """Always atomic (a kill never leaves half a file); fsync'd only when
+        durable, since every other write only saves work after a power loss."""
+        if not self.writable:
+            return
+        with self._lock:
+            text = json.dumps(self.data, indent=1, sort_keys=True) + "\n"
+            atomic_write_text(self.path, text, durable=durable)
+
+
+class RunLock:
+    """flock on bootstrap.lock, with the holder (PID, run id, start time)
+    written inside for the message a second run prints. The kernel drops
+    the lock when the holder dies, so a killed run never blocks the next."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, run_id: str) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # A few tries: `status` probes the lock with a shared flock for an instant.
+        for attempt in range(5):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = read_lock_holder(self.path)
+                if attempt == 4 or holder:
+                    os.close(fd)
+                    raise LockedError(
+                        f"another bootstrap run holds {self.path}: {describe_holder(holder)}",
+                        hint="Wait for it to finish (`bootstrap.py status --wait`); "
+                        "the lock is released as soon as that process exits.",
+                    ) from None
+                time.sleep(0.05)
+        holder_info = {"pid": os.getpid(), "run_id": run_id, "started_at": utc_timestamp()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder_info).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def read_lock_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8") or "null")
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def describe_holder(holder: Mapping[str, Any] | None) -> str:
+    if not holder:
+        return "holder unknown"
+    return f"PID {holder.get('pid')}, run {holder.get('run_id')}, started {holder.get('started_at')}"
+
+
+def lock_is_held(path: Path) -> bool:
+    """Read-only probe used by `status`: is some run holding the lock now?"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops our shared lock at once
+    return False
+
+
+def new_run_id() -> str:
+    """Sortable by start time (the sender replays older runs first)."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class StepRun:
+    """One step's fate in this run; times are seconds since the run started."""
+
+    name: str
+    outcome: str = "pending"  # then changed | unchanged | failed | blocked
+    start_s: float | None = None
+    end_s: float | None = None
+    message: str = ""
+    hint: str | None = None
+    log_tail: str | None = None
+    error: BaseException | None = None
+
+
+class Progress:
+    """Percent done, weighted by each step's expected duration: its weight_s,
+    or the duration it took when it last applied (from state.json)."""
+
+    def __init__(self, plan: Plan, state: StateStore) -> None:
+        self.weights: dict[str, float] = {}
+        for name in plan.names():
+            record = state.step_record(name)
+            last = record.get("duration_s") if record else None
+            weight = last if isinstance(last, (int, float)) and last > 0 else plan.classes[name].weight_s
+            self.weights[name] = max(float(weight), 0.001)
+        self.total = sum(self.weights.values()) or 1.0
+        self.done = 0.0
+        self._lock = threading.Lock()
+
+    def finish(self, name: str) -> None:
+        with self._lock:
+            self.done += self.weights.get(name, 0.0)
+
+    def percent(self) -> float:
+        return round(min(100.0, 100.0 * self.done / self.total), 1)
+
+
+class EventSink:
+    """Where progress events go; the base class drops them (tests, `plan`)."""
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        pass
+
+
+class Runner:
+    """Runs a plan once: the executor loop, per-step convergence, state,
+    events and console."""
+
+    def __init__(
+        self, plan: Plan, ctx: Context, *, state: StateStore, events: EventSink | None = None, jobs: int | None = None
+    ) -> None:
+        self.plan = plan
+        self.ctx = ctx
+        self.log = ctx.log
+        self.state = state
+        self.events = events or EventSink()
+        self.jobs = max(1, jobs if jobs is not None else default_jobs(plan, ctx.config))
+        self.progress = Progress(plan, state)
+        self.steps = {name: StepRun(name) for name in plan.names()}
+        self.t0 = time.monotonic()
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- the executor ------------------------------------------------------
+
+    def run(self) -> dict[str, StepRun]:
+        """Run every selected step; raise StepFailed for the first failure."""
+        self.t0 = time.monotonic()
+        names = self.plan.names()
+        self.events.emit(
+            "run_start",
+            version=__version__,
+            parallel=self.jobs > 1,
+            steps=[
+                {"name": n, "deps": list(self.plan.deps(n)), "weight": round(self.progress.weights[n], 3)}
+                for n in names
+            ],
+        )
+        self.events.emit("progress", phase="starting", percent=0.0)
+        failed = self._execute()
+        self._mark_blocked(failed)
+        if failed is not None:
+            step = self.steps[failed]
+            raise StepFailed(failed, step.message, hint=step.hint, log_tail=step.log_tail) from step.error
+        return self.steps
+
+    def _execute(self) -> str | None:
+        sorter = graphlib.TopologicalSorter({n: self.plan.deps(n) for n in self.plan.names()})
+        sorter.prepare()
+        ready: list[str] = []
+        running: dict[concurrent.futures.Future[bool], str] = {}
+        failed: str | None = None
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="step") as pool:
+            try:
+                while True:
+                    if failed is None:
+                        ready = sorted([*ready, *sorter.get_ready()], key=self.plan.index.__getitem__)
+                        while ready and len(running) < self.jobs:
+                            name = ready.pop(0)
+                            # each worker gets its own copy of the context: its CURRENT_STEP
+                            worker_ctx = contextvars.copy_context()
+                            running[pool.submit(worker_ctx.run, self._run_step, name)] = name
+                    if not running:
+                        return failed
+                    finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in sorted(finished, key=lambda f: self.plan.index[running[f]]):
+                        name = running.pop(future)
+                        if future.result():
+                            sorter.done(name)
+                        elif failed is None:
+                            failed = name
+            except BaseException:
+                # Interrupted: stop the commands of running steps so they end quickly.
+                terminate_running_commands()
+                raise
+
+    def _mark_blocked(self, failed: str | None) -> None:
+        for name in self.plan.names():
+            step = self.steps[name]
+            if step.outcome != "pending":
+                continue
+            blockers = [d for d in self._ancestors(name) if self.steps[d].outcome == "failed"]
+            step.outcome = "blocked"
+            step.message = (
+                f"blocked: {', '.join(sorted(blockers))} failed"
+                if blockers
+                else f"not started: the run stopped after {failed} failed"
+            )
+            step.start_s = step.end_s = self._now()
+            self.events.emit("step_end", step=name, outcome="blocked", duration_s=0.0, message=step.message)
+            self.log.step_finished(name, "blocked", 0.0, self.progress.percent(), step.message)
+
+    def _ancestors(self, name: str) -> set[str]:
+        found: set[str] = set()
+        frontier = list(self.plan.deps(name))
+        while frontier:
+            dep = frontier.pop()
+            if dep not in found:
+                found.add(dep)
+                frontier.extend(self.plan.deps(dep))
+        return found
+
+    def _now(self) -> float:
+        return round(time.monotonic() - self.t0, 3)
+
+    # -- one step (in a worker thread) ------------------------------------
+
+    def _run_step(self, name: str) -> bool:
+        CURRENT_STEP.set(name)
+        record = self.steps[name]
+        record.start_s = self._now()
+        cls = self.plan.classes[name]
+        with self._lock:
+            self._running.add(name)
+        self.state.update_run(running=sorted(self._running))
+        self.events.emit("step_start", step=name)
+        self.events.emit("progress", phase=cls.phase, percent=self.progress.percent())
+        self.log.step_started(name, self.progress.percent())
+        self.log.progress(self.progress.percent(), sorted(self._running))
+        try:
+            record.outcome, record.message = self._converge(cls(self.ctx))
+        except Exception as e:
+            record.outcome = "failed"
+            record.error = e
+            text = str(e) if isinstance(e, BootstrapError) else f"{type(e).__name__}: {e}"
+            record.message = REDACTOR(text)
+            record.hint = e.hint if isinstance(e, BootstrapError) and e.hint else cls.hint
+            record.log_tail = e.log_tail if isinstance(e, BootstrapError) else None
+            self.log.debug("step failed", event="traceback", traceback=traceback.format_exc())
+        record.end_s = self._now()
+        duration = record.end_s - record.start_s
+        if record.outcome != "failed":
+            self.progress.finish(name)
+        with self._lock:
+            self._running.discard(name)
+        self.state.update_run_step(
+            name,
+            running=sorted(self._running),
+            deps=list(self.plan.deps(name)),
+            start_s=record.start_s,
+            end_s=record.end_s,
+            duration_s=round(duration, 3),
+            outcome=record.outcome,
+        )
+        self.events.emit(
+            "step_end",
+            step=name,
+            outcome=record.outcome,
+            duration_s=round(duration, 3),
+            message=record.message,
+            hint=record.hint,
+            log_tail=record.log_tail,
+        )
+        self.events.emit("progress", phase=cls.phase, percent=self.progress.percent())
+        percent = self.progress.percent()
+        self.log.step_finished(
+            name, record.outcome, duration, percent, record.message, hint=record.hint, tail=record.log_tail
+        )
+        self.log.progress(self.progress.percent(), sorted(self._running))
+        return record.outcome != "failed"
+
+    def _converge(self, step: Step) -> tuple[str, str]:
+        """Skip, or apply; returns (outcome, why)."""
+        fp = fingerprint(step)
+        record = self.state.step_record(step.name)
+        found = step.check()
+        if record is not None and record.get("fingerprint") == fp and found.satisfied:
+            why = f"satisfied ({found.detail}); inputs unchanged since {record.get('finished_at')}"
+            self.log.info(f"skipped: {why}", event="skip")
+            return "unchanged", why
+        if not found.satisfied:
+            why = f"needs work: {found.detail}"
+        elif record is None:
+            why = f"no record of a successful run ({found.detail})"
+        else:
+            why = "its inputs or a dependency changed"
+        self.log.info(f"applying: {why}", event="apply")
+        # Dependents must re-apply after this step changes, even if we are killed now.
+        self.state.forget([step.name, *self.plan.dependents(step.name)])
+        start = time.monotonic()
+        step.apply()
+        self.state.record_step(step.name, fp, time.monotonic() - start, "changed")
+        return "changed", why
+
+
+def default_jobs(plan: Plan, config: Config) -> int:
+    """The steps mostly wait (network, apt, disks), so one thread per step."""
+    return min(MAX_JOBS, max(1, len(plan.names()))) if config.parallel else 1
+
+
+def preview(plan: Plan, ctx: Context, state: StateStore) -> list[tuple[str, str, str]]:
+    """The `plan` command: (step, verdict, why) from the real state, read-only.
+    A step whose dependency will change will change too; a step whose check()
+    fails, or whose dependency is blocked, is blocked."""
+    verdicts: dict[str, str] = {}
+    rows: list[tuple[str, str, str]] = []
+    for name in plan.names():
+        deps = plan.deps(name)
+        blocked = [d for d in deps if verdicts[d] == "blocked"]
+        changing = [d for d in deps if verdicts[d] == "will change"]
+        if blocked:
+            verdict, why = "blocked", f"{', '.join(blocked)} blocked"
+        else:
+            verdict, why = _preview_step(plan.classes[name](ctx), state, changing)
+        verdicts[name] = verdict
+        rows.append((name, verdict, why))
+    return rows
+
+
+def _preview_step(step: Step, state: StateStore, changing: Sequence[str]) -> tuple[str, str]:
+    if changing:
+        return "will change", f"after {', '.join(changing)}"
+    try:
+        found = step.check()
+        fp = fingerprint(step)
+    except Exception as e:
+        return "blocked", f"check failed: {REDACTOR(str(e))}"
+    record = state.step_record(step.name)
+    if not found.satisfied:
+        return "will change", found.detail
+    if record is None:
+        return "will change", f"no record of a successful run ({found.detail})"
+    if record.get("fingerprint") != fp:
+        return "will change", "inputs changed"
+    return "satisfied", found.detail

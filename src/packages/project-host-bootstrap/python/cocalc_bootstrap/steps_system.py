@@ -1,0 +1,336 @@
+"""Steps that bring the host up: btrfs, the service, finalize."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .commands import run_command
+from .errors import BootstrapError, __version__
+from .facts import (
+    ENV_FILE,
+    FSTAB,
+    SYSTEMD_UNIT_DIR,
+    btrfs_sysfs_dir,
+    is_btrfs_subvolume,
+    mount_at,
+    read_text_or,
+    systemctl_state,
+    user_ids,
+)
+from .layout import bundles_dir, done_marker, render_env_file, render_unit
+from .log import REDACTOR, output_tail, utc_timestamp
+from .step import Step, StepState, atomic_write_text, file_matches, make_root_dirs, write_root_file, write_user_file
+from .steps_host import owned_dir
+from .system import (
+    BTRFS_DIR_MODES,
+    BTRFS_LABEL,
+    block_device_probe,
+    fstab_entry,
+    fstab_with_entry,
+    http_status,
+    render_grow_helper,
+    tcp_reachable,
+    wait_for_block_device,
+    wait_until_healthy,
+)
+
+
+class BtrfsStep(Step):
+    """The btrfs filesystem for projects: data disk or sparse loop image, mounted
+    from a tagged fstab line, with the data subvolume, quota, tmp and btrfs-grow."""
+
+    name = "btrfs"
+    deps = ("apt",)  # btrfs-progs
+    weight_s = 5.0
+    phase = "setting up btrfs"
+    hint = "Check the disk or image, and that btrfs-progs is in apt.packages; `dmesg | tail` shows mount errors."
+
+    @property
+    def mount_point(self) -> Path:
+        return Path(self.config.btrfs.mount_point)
+
+    def helper_path(self) -> Path:
+        return Path(self.config.bootstrap_root) / "bin" / "btrfs-grow"
+
+    def helper_text(self) -> str:
+        b = self.config.btrfs
+        return render_grow_helper(b.mount_point, None if b.data_disk else b.image_path)
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"btrfs": dataclasses.asdict(self.config.btrfs), "user": self.config.bootstrap_user}
+
+    def entry_for(self, source: str) -> str | None:
+        """The fstab line for the filesystem mounted from `source`."""
+        b = self.config.btrfs
+        if b.data_disk is None:
+            return fstab_entry(b.image_path, b.mount_point, loop=True)
+        fs = btrfs_sysfs_dir(source)
+        return fstab_entry(f"UUID={fs.name}", b.mount_point, loop=False) if fs else None
+
+    def check(self) -> StepState:
+        problems = []
+        mounted = mount_at(str(self.mount_point))
+        if mounted is None or mounted[1] != "btrfs":
+            problems.append(f"no btrfs filesystem mounted at {self.mount_point}")
+        else:
+            problems += self.mounted_problems(mounted[0])
+        if not file_matches(self.helper_path(), self.helper_text(), mode=0o755):
+            problems.append(f"{self.helper_path()} is missing or differs")
+        return StepState(not problems, "; ".join(problems) or f"btrfs at {self.mount_point} with data, quota and tmp")
+
+    def mounted_problems(self, source: str) -> list[str]:
+        uid = user_ids(self.config.bootstrap_user)[0]
+        problems = []
+        entry = self.entry_for(source)
+        fstab = read_text_or(FSTAB)
+        if entry is None or fstab_with_entry(fstab, entry) != fstab:
+            problems.append("the tagged fstab line is missing or differs")
+        fs = btrfs_sysfs_dir(source)
+        if fs is None or not (fs / "qgroups").is_dir():
+            problems.append("quota is not enabled")
+        if not is_btrfs_subvolume(self.mount_point / "data"):
+            problems.append(f"{self.mount_point / 'data'} is not a subvolume")
+        for name, mode in BTRFS_DIR_MODES.items():
+            path = self.mount_point / name
+            if not owned_dir(path, uid) or stat.S_IMODE(path.stat().st_mode) != mode:
+                problems.append(f"{path} is not mode {mode:o} and owned by {self.config.bootstrap_user}")
+        return problems
+
+    def apply(self) -> None:
+        mp = str(self.mount_point)
+        mounted = mount_at(mp)
+        if mounted is not None and mounted[1] != "btrfs":
+            raise BootstrapError(
+                f"{mp} has a {mounted[1]} filesystem mounted from {mounted[0]}",
+                hint="Unmount it or choose another btrfs.mount_point; bootstrap.py will not mount over it.",
+            )
+        entry = self.entry_for(mounted[0]) if mounted else self.prepare_filesystem()
+        if entry is None:
+            raise BootstrapError(f"cannot tell which filesystem is mounted at {mp}", hint=self.hint)
+        self.write_fstab(entry)
+        if mounted is None:
+            make_root_dirs(self.mount_point)
+            run_command(
+                ["mount", mp], sudo=True, timeout_s=120, hint=self.hint
+            )  # through the fstab line: proves it works
+            self.log.info(f"mounted {mp}")
+        self.prepare_tree()
+        if write_user_file(self.helper_path(), self.helper_text(), 0o755):
+            self.log.info(f"wrote {self.helper_path()}")
+
+    def prepare_filesystem(self) -> str:
+        """Make (or find) the filesystem; returns its fstab line."""
+        b = self.config.btrfs
+        if b.data_disk is not None:
+            device = wait_for_block_device(b.data_disk.candidates, b.data_disk.wait_s, self.log)
+            size = int(run_command(["blockdev", "--getsize64", device], sudo=True, timeout_s=30).output.split()[0])
+            if size < b.data_disk.min_size_gb * 10**9:
+                raise BootstrapError(
+                    f"{device} has {size / 10**9:.1f} GB; btrfs.data_disk.min_size_gb is {b.data_disk.min_size_gb}",
+                    hint="Attach a bigger disk or lower min_size_gb.",
+                )
+            self.make_btrfs(device)
+            uuid = block_device_probe(device).get("UUID")
+            if not uuid:
+                raise BootstrapError(f"blkid shows no UUID on {device} after mkfs.btrfs", hint=self.hint)
+            return fstab_entry(f"UUID={uuid}", b.mount_point, loop=False)
+        image = Path(b.image_path)
+        if not image.exists():
+            make_root_dirs(image.parent)
+            run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)
+            run_command(["chmod", "0600", str(image)], sudo=True, timeout_s=30)
+            self.log.info(f"created sparse image {image} ({b.image_size_gb} GB)")
+        self.make_btrfs(str(image))
+        return fstab_entry(b.image_path, b.mount_point, loop=True)
+
+    def make_btrfs(self, device: str) -> None:
+        """mkfs.btrfs on an empty device; reuse btrfs; refuse anything else."""
+        found = block_device_probe(device)
+        if found.get("TYPE") == "btrfs":
+            self.log.info(f"{device} already holds btrfs; reusing it")
+            return
+        if found.get("TYPE") or found.get("PTTYPE"):
+            what = found.get("TYPE") or f"a {found.get('PTTYPE')} partition table"
+            raise BootstrapError(
+                f"{device} holds {what}; refusing to format it",
+                hint="bootstrap.py never reformats a disk that holds data. Wipe it yourself (wipefs -a) "
+                "if it is really unused, or use another disk.",
+            )
+        # no -f: mkfs.btrfs itself refuses to overwrite a filesystem blkid might have missed
+        run_command(["mkfs.btrfs", "-q", "-L", BTRFS_LABEL, device], sudo=True, timeout_s=300, hint=self.hint)
+        self.log.info(f"made a btrfs filesystem on {device}")
+
+    def write_fstab(self, entry: str) -> None:
+        current = read_text_or(FSTAB)
+        wanted = fstab_with_entry(current, entry)
+        if wanted != current:
+            write_root_file(FSTAB, wanted, mode=0o644)
+            run_command(["systemctl", "daemon-reload"], sudo=True, check=False, timeout_s=120)  # fstab generator
+            self.log.info(f"fstab: {entry}")
+
+    def prepare_tree(self) -> None:
+        mp = self.mount_point
+        user, (uid, _, group) = self.config.bootstrap_user, user_ids(self.config.bootstrap_user)
+        data = mp / "data"
+        if not is_btrfs_subvolume(data):
+            if os.path.lexists(data):
+                raise BootstrapError(
+                    f"{data} exists but is not a btrfs subvolume",
+                    hint=f"Move it away; bootstrap.py creates {data} as a subvolume.",
+                )
+            run_command(["btrfs", "subvolume", "create", str(data)], sudo=True, timeout_s=60)
+        fs = btrfs_sysfs_dir((mount_at(str(mp)) or ("", ""))[0])
+        if fs is None or not (fs / "qgroups").is_dir():
+            run_command(["btrfs", "quota", "enable", str(mp)], sudo=True, timeout_s=600)
+        make_root_dirs(mp / "tmp")
+        for name, mode in BTRFS_DIR_MODES.items():
+            path = mp / name
+            if not owned_dir(path, uid):
+                run_command(["chown", f"{user}:{group}", str(path)], sudo=True, timeout_s=30)
+            if stat.S_IMODE(path.stat().st_mode) != mode:  # explicit: the umask is the stub's 077
+                run_command(["chmod", f"{mode:o}", str(path)], sudo=True, timeout_s=30)
+
+
+class ServiceStep(Step):
+    """The daemon's systemd unit: enabled, running, healthy; restarted only
+    when its unit, env file or bundle changed since the last (re)start."""
+
+    name = "service"
+    deps = ("install_project_host", "install_project", "install_tools", "node", "btrfs", "files", "secrets")
+    weight_s = 10.0
+    phase = "starting services"
+    hint = "See the daemon's log: sudo journalctl -u <unit> -n 100 --no-pager (the unit is service.unit in the config)."
+
+    def unit_path(self) -> Path:
+        return SYSTEMD_UNIT_DIR / f"{self.config.service.unit}.service"
+
+    def unit_text(self) -> str:
+        return render_unit(self.config, user_ids(self.config.bootstrap_user)[2])
+
+    def stamp_path(self) -> Path:
+        return Path(self.config.bootstrap_dir) / "service.generation"
+
+    def generation(self) -> str:
+        """What the running daemon was started with: unit, env file, bundle."""
+        digest = hashlib.sha256(self.unit_text().encode())
+        digest.update(read_text_or(ENV_FILE).encode())
+        digest.update(os.path.realpath(bundles_dir(self.config) / "project_host" / "current").encode())
+        return digest.hexdigest()
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {
+            "unit": self.unit_text(),
+            "env": render_env_file(self.config),
+            "bundle": self.config.artifacts.project_host.version,
+        }
+
+    def check(self) -> StepState:
+        unit = f"{self.config.service.unit}.service"
+        problems = []
+        if not file_matches(self.unit_path(), self.unit_text(), mode=0o644):
+            problems.append(f"{self.unit_path()} is missing or differs")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            problems.append(f"{unit} is not enabled")
+        if systemctl_state("is-active", unit) != "active":
+            problems.append(f"{unit} is not active")
+        elif read_text_or(self.stamp_path()).strip() != self.generation():
+            problems.append("its unit, env file or bundle changed since it started")
+        else:
+            status, what = http_status(self.config.service.health_url, timeout_s=5)
+            if status is None or not 200 <= status < 300:
+                problems.append(f"{self.config.service.health_url} answers {what}")
+        return StepState(not problems, "; ".join(problems) or f"{unit} is active, current and healthy")
+
+    def apply(self) -> None:
+        service = self.config.service
+        unit = f"{service.unit}.service"
+        if not file_matches(self.unit_path(), self.unit_text(), mode=0o644):
+            write_root_file(self.unit_path(), self.unit_text(), mode=0o644)
+            run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+            self.log.info(f"wrote {self.unit_path()}")
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
+        generation = self.generation()
+        if read_text_or(self.stamp_path()).strip() != generation:
+            run_command(["systemctl", "restart", unit], sudo=True, timeout_s=120, hint=self.hint)
+            self.log.info(f"(re)started {unit}: its unit, env file or bundle changed")
+        elif systemctl_state("is-active", unit) != "active":
+            run_command(["systemctl", "start", unit], sudo=True, timeout_s=120, hint=self.hint)
+            self.log.info(f"started {unit}")
+        else:
+            self.log.info(f"{unit} already runs this unit, env file and bundle; not restarted")
+        self.wait_healthy(unit)
+        atomic_write_text(self.stamp_path(), generation + "\n", 0o644)
+        self.report_conat()
+
+    def wait_healthy(self, unit: str) -> None:
+        service = self.config.service
+        start = time.monotonic()
+        try:
+            what = wait_until_healthy(service.health_url, service.health_timeout_s)
+        except BootstrapError as e:
+            journal = run_command(
+                ["journalctl", "-u", unit, "-n", "40", "--no-pager"], sudo=True, check=False, timeout_s=60
+            )
+            raise BootstrapError(
+                e.message,
+                hint=f"The daemon started but is not healthy; see sudo journalctl -u {unit} -n 100 --no-pager.",
+                log_tail=output_tail(REDACTOR(journal.output)),
+            ) from None
+        self.log.info(f"{service.health_url} answered {what} after {time.monotonic() - start:.1f}s")
+
+    def report_conat(self) -> None:
+        for url in self.config.conat_urls:
+            why = tcp_reachable(url)
+            if why is None:
+                self.log.info(f"conat {url} is reachable")
+            else:
+                self.log.warn(f"conat {url} is not reachable from this host ({why}); the daemon will keep trying")
+
+
+class FinalizeStep(Step):
+    """`.bootstrap_done` with a summary of what this host runs."""
+
+    name = "finalize"
+    deps = ("service",)
+    weight_s = 0.2
+    phase = "finishing"
+    hint = "The bootstrap directory must be writable."
+
+    def summary(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "host_id": c.host.id,
+            "host_name": c.host.name,
+            "bootstrap_version": __version__,
+            "bundles": {name: spec.version for name, spec in c.artifacts.items()},
+            "node": c.node.version,
+            "btrfs": c.btrfs.mount_point,
+            "service": c.service.unit,
+        }
+
+    def inputs(self) -> Mapping[str, Any]:
+        return self.summary()
+
+    def check(self) -> StepState:
+        try:
+            done = json.loads(done_marker(self.config).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return StepState(False, f"{done_marker(self.config)} is missing")
+        summary = self.summary()
+        same = isinstance(done, dict) and {k: done.get(k) for k in summary} == summary
+        return StepState(
+            same, f"done since {done.get('finished_at')}" if same else "the host changed since the last bootstrap"
+        )
+
+    def apply(self) -> None:
+        record = {**self.summary(), "finished_at": utc_timestamp()}
+        atomic_write_text(done_marker(self.config), json.dumps(record, indent=2) + "\n", 0o644)
