@@ -45,6 +45,7 @@ MODULES = (
     "apt",
     "system",
     "layout",
+    "debris",
     "steps_host",
     "steps_install",
     "steps_system",
