@@ -17,7 +17,7 @@
  * as JSON) has every kill's recovery time: how long the next run took to get
  * past the killed step.
  */
-import { readdirSync, writeFileSync } from "node:fs";
+import { existsSync, readdirSync, writeFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { watchArgv } from "../src/argv-watch.js";
 import { expectBootstrappedHost, outputOf, readJsonLines, type Observed } from "../src/end-state.js";
@@ -118,6 +118,10 @@ interface PointSpec {
 }
 
 const STALL_AT = 256 * 1024;
+const NODE_TARBALL = /node-v[^/]+-linux-[^/]+\.tar\.xz$/;
+
+/** The artifact proxy is holding a download of `path` after STALL_AT bytes (set by the suite). */
+let stalledNow: (path: RegExp) => boolean = () => false;
 
 function startOf(step: string, how?: "sigkill" | "power"): PointSpec {
   return { name: `${step}:start`, step, how, trigger: () => ({ kind: "step-start", step }) };
@@ -126,24 +130,32 @@ function startOf(step: string, how?: "sigkill" | "power"): PointSpec {
 const P = {
   aptUpdate: { name: "apt:apt-get update", step: "apt", trigger: () => ({ kind: "process", pattern: /apt-get .*\bupdate\b/ }) } as PointSpec,
   aptDpkg: { name: "apt:dpkg", step: "apt", trigger: () => ({ kind: "process", pattern: /(^|\/)dpkg (?!-query)/ }) } as PointSpec,
-  midDownload: (artifact: "project" | "tools" | "project_host", how?: "sigkill" | "power"): PointSpec => ({
-    name: `download_${artifact}:mid-download`,
-    step: `download_${artifact}`,
-    how,
-    stall: new RegExp(`/${artifact.replace("_", "-")}/[^/]+/${artifact.replace("_", "-")}-[^/]+\\.tar\\.xz$`),
-    trigger: (c) => ({ kind: "file", describe: `${artifact}'s .part at ${STALL_AT} bytes`, test: (hp) => fileSize(hp(ARCHIVE(artifact)(c))) >= STALL_AT }),
-  }),
+  midDownload: (artifact: "project" | "tools" | "project_host", how?: "sigkill" | "power"): PointSpec => {
+    const dash = artifact.replace("_", "-");
+    const stall = new RegExp(`/${dash}/[^/]+/${dash}-[^/]+\\.tar\\.xz$`);
+    return {
+      name: `download_${artifact}:mid-download`,
+      step: `download_${artifact}`,
+      how,
+      stall,
+      trigger: (c) => ({
+        kind: "file",
+        describe: `${artifact}'s .part exists and the proxy holds its download at ${STALL_AT} bytes`,
+        test: (hp) => existsSync(hp(ARCHIVE(artifact)(c))) && stalledNow(stall),
+      }),
+    };
+  },
   nodeDownload: {
     name: "node:mid-download",
     step: "node",
-    stall: /node-v[^/]+-linux-[^/]+\.tar\.xz$/,
+    stall: NODE_TARBALL,
     trigger: (c) => ({
       kind: "file",
-      describe: `node's .part at ${STALL_AT} bytes`,
+      describe: `node's .part exists and the proxy holds its download at ${STALL_AT} bytes`,
       test: (hp) => {
         try {
           const dir = `${c.bootstrap_root}/bundles/.downloads`;
-          return readdirSync(hp(dir)).some((n) => n.startsWith("node-") && n.endsWith(".part") && fileSize(hp(`${dir}/${n}`)) >= STALL_AT);
+          return readdirSync(hp(dir)).some((n) => n.startsWith("node-") && n.endsWith(".part")) && stalledNow(NODE_TARBALL);
         } catch {
           return false;
         }
@@ -261,6 +273,7 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
     if (why) throw new Error(`${why}. Run the suite as root, or set FAULTS=off (or SKIP_E2E=1) to skip it (reported as skipped).`);
     const t0 = Date.now();
     fb = await FaultBed.start({ log });
+    stalledNow = (path) => fb.art.log.some((e) => e.fault?.startsWith("stall:") && path.test(e.path) && e.bytes >= STALL_AT);
     report.timings.testbed_start_s = (Date.now() - t0) / 1000;
   });
 

@@ -111,6 +111,9 @@ export function killTree(init: number, stubPath: string): ProcInfo[] {
     }
   }
   for (const p of stopped.values()) signal(p.pid, "SIGKILL");
+  // nsenter (outside the host) stops itself when its child stops, and waits
+  // for a SIGCONT that never comes: wake the parents of the tree's roots
+  for (const p of stopped.values()) if (!stopped.has(p.ppid) && p.ppid > 1) signal(p.ppid, "SIGCONT");
   return [...stopped.values()];
 }
 
