@@ -34,6 +34,7 @@ import {
   type FoundState,
 } from "../src/faults/leftovers.js";
 import { PowerCutDisk } from "../src/faults/power.js";
+import { testBundleSpecs } from "../src/artifacts.js";
 import { ThrowawayHost } from "../src/host.js";
 import { whyNotSupported } from "../src/machine.js";
 import { sleep } from "../src/proc.js";
@@ -272,7 +273,10 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
   beforeAll(async () => {
     if (why) throw new Error(`${why}. Run the suite as root, or set FAULTS=off (or SKIP_E2E=1) to skip it (reported as skipped).`);
     const t0 = Date.now();
-    fb = await FaultBed.start({ log });
+    // The project bundle is bigger than the other tests' (24 MB of text, ~1 s to extract): a
+    // kill "mid-extraction" needs an extraction that lasts long enough to be caught.
+    const bundles = testBundleSpecs().map((b) => (b.artifact === "project" ? { ...b, paddingBytes: 24_000_000 } : b));
+    fb = await FaultBed.start({ log, bundles });
     stalledNow = (path) => fb.art.log.some((e) => e.fault?.startsWith("stall:") && path.test(e.path) && e.bytes >= STALL_AT);
     report.timings.testbed_start_s = (Date.now() - t0) / 1000;
   });

@@ -210,7 +210,7 @@ export function describeTrigger(t: KillTrigger): string {
  * Wait until the trigger fires or `done` resolves (the run ended first).
  * Returns the ms from the call to the moment, or null when the run ended.
  */
-export async function waitForTrigger(poll: () => boolean, done: Promise<unknown>, pollMs = 5): Promise<number | null> {
+export async function waitForTrigger(poll: () => boolean, done: Promise<unknown>, pollMs = 2): Promise<number | null> {
   const t0 = Date.now();
   let finished = false;
   void done.then(
