@@ -20,10 +20,10 @@
 import { existsSync, readdirSync, writeFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { watchArgv } from "../src/argv-watch.js";
-import { expectBootstrappedHost, outputOf, readJsonLines, type Observed } from "../src/end-state.js";
+import { expectBootstrappedHost, outputOf, type Observed } from "../src/end-state.js";
 import { FaultBed, stepDoneAfterS, type FaultRun } from "../src/faults/bed.js";
 import { APT_LISTS_LOCK, DPKG_LOCKS, fullFs, holdLocks, LOCK_HOLDER } from "../src/faults/inside.js";
-import { fileSize, makeTriggerPoll, waitForTrigger, type KillPoint } from "../src/faults/kill.js";
+import { fileSize, makeTriggerPoll, newRecords, waitForTrigger, type KillPoint } from "../src/faults/kill.js";
 import {
   debrisOnHost,
   expectHubMatchesSpool,
@@ -309,7 +309,8 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
         // the events the hub got before the cut are all still on the host's disk, unchanged
         const cmp = await expectHubMatchesSpool(host, prov);
         log(`${chain.name}/${point.name}: after the power cut the hub's ${cmp.compared} events of ${cmp.runs} spooled runs match the host's spool`);
-        const records = readJsonLines(host, `${prov.config.bootstrap_root}/logs/bootstrap.log`);
+        // (its end may be zeros now: the size of the log reached the disk, its last writes did not)
+        const records = newRecords(host.path(`${prov.config.bootstrap_root}/logs/bootstrap.log`), 0) as Record<string, unknown>[];
         r.records = records.filter((x) => x.run_id && x.run_id === records.at(-1)?.run_id);
         r.runId = (r.records[0]?.run_id as string | undefined) ?? null;
       }
@@ -465,7 +466,8 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
       const text = `${s.failure?.message ?? ""}\n${s.failure?.hint ?? ""}`;
       expect(text, "the failure names the file system").toContain(full.mountPoint);
       expect(text, "the failure says how much space is needed").toMatch(/\d+(\.\d+)?\s*(bytes|[KMG]i?B)/);
-      expect(await debrisOnHost(host, c), "a failed run leaves no debris").toEqual([]);
+      // a failed run leaves no debris (a partial download is kept on purpose: the next run resumes it)
+      expect((await debrisOnHost(host, c)).filter((p) => !p.endsWith(".part")), "a failed run leaves no debris").toEqual([]);
       await full.free();
       const { r: again, hits } = await cleanRun(host, prov, "space freed");
       await expectConverged(host, prov, again, found, hits);

@@ -25,7 +25,6 @@
 import { mkdirSync, existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { ThrowawayHost } from "../host.js";
-import { detachLoopsUnder } from "../machine.js";
 import { run, sleep } from "../proc.js";
 import { containerProcesses } from "./kill.js";
 
@@ -67,12 +66,14 @@ export class PowerCutDisk {
     const nspawn = Number(/^PPid:\s+(\d+)/m.exec(readFileSync(`/proc/${init}/status`, "utf8"))?.[1]);
     // 1. freeze the host (until no new process appears)
     const stopped = new Set<number>();
+    const parents = new Set<number>();
     for (let pass = 0; pass < 20; pass++) {
       const fresh = containerProcesses(init).filter((p) => !stopped.has(p.pid));
       if (fresh.length === 0) break;
       for (const p of fresh) {
         signalQuietly(p.pid, "SIGSTOP");
         stopped.add(p.pid);
+        parents.add(p.ppid);
       }
     }
     // 2. the disk loses power: nothing more reaches it, unsynced data is gone
@@ -84,22 +85,45 @@ export class PowerCutDisk {
         "fcntl.ioctl(fd, 0x8004587D, struct.pack('I', 2))  # EXT4_IOC_SHUTDOWN, EXT4_GOING_FLAGS_NOLOGFLUSH\n",
       rootfs,
     ]);
-    // 3. the processes die; nspawn follows its init
+    // 3. the processes die; nspawn follows its init. nsenter (outside the host) stopped itself
+    // with its child: wake it, so it sees the child die and exits.
     for (const pid of stopped) signalQuietly(pid, "SIGKILL");
     signalQuietly(init, "SIGKILL");
     if (nspawn) signalQuietly(nspawn, "SIGKILL");
+    for (const p of parents) if (!stopped.has(p)) signalQuietly(p, "SIGCONT");
     const deadline = Date.now() + 20_000;
     while (Date.now() < deadline && (existsSync(`/proc/${init}`) || (nspawn && isLive(nspawn)))) await sleep(50);
-    await detachLoopsUnder(rootfs);
+    // loop devices the host attached to files on its disk (the btrfs image) keep the dead file
+    // system busy: detach them (found by their backing device: stat() of a shut-down fs fails)
+    const disk = await this.loopDevice();
+    for (let i = 0; i < 50; i++) {
+      const users = disk ? await loopsBackedBy(disk.majMin) : [];
+      if (users.length === 0) break;
+      for (const u of users) await run(["losetup", "-d", u], { allowFailure: true });
+      await sleep(100);
+    }
     // mounts nspawn made under the rootfs are gone with its mount namespace; ours is the rootfs itself
     let r = await run(["umount", rootfs], { allowFailure: true });
     for (let i = 0; r.code !== 0 && i < 50; i++) {
       await sleep(100);
-      await detachLoopsUnder(rootfs);
       r = await run(["umount", rootfs], { allowFailure: true });
     }
     if (r.code !== 0) throw new Error(`power cut: cannot unmount ${rootfs}: ${r.stderr.trim()}`);
+    // the image's own loop device goes with the file system (autoclear); make sure before a remount
+    for (let i = 0; i < 100 && (await this.loopDevice()); i++) {
+      if (i === 20 && disk) await run(["losetup", "-d", disk.name], { allowFailure: true });
+      await sleep(100);
+    }
     this.cuts.push({ at: Date.now(), stopped: stopped.size });
+  }
+
+  /** The loop device our image is attached to, if any. */
+  private async loopDevice(): Promise<{ name: string; majMin: string } | null> {
+    const r = await run(["losetup", "--json", "--list", "-O", "NAME,MAJ:MIN,BACK-FILE"], { allowFailure: true });
+    if (r.code !== 0 || !r.stdout.trim()) return null;
+    const devs = (JSON.parse(r.stdout) as { loopdevices?: Record<string, string>[] }).loopdevices ?? [];
+    const mine = devs.find((d) => String(d["back-file"] ?? "").replace(/ \(deleted\)$/, "") === this.image);
+    return mine ? { name: String(mine.name), majMin: String(mine["maj:min"]).trim() } : null;
   }
 
   /** Power on: mount (journal replay) and boot the host. */
@@ -107,6 +131,14 @@ export class PowerCutDisk {
     await this.mount();
     await host.reboot(bootTimeoutMs);
   }
+}
+
+/** Loop devices whose backing file lives on block device `majMin` (e.g. "7:0"). */
+async function loopsBackedBy(majMin: string): Promise<string[]> {
+  const r = await run(["losetup", "--json", "--list", "-O", "NAME,BACK-MAJ:MIN"], { allowFailure: true });
+  if (r.code !== 0 || !r.stdout.trim()) return [];
+  const devs = (JSON.parse(r.stdout) as { loopdevices?: Record<string, string>[] }).loopdevices ?? [];
+  return devs.filter((d) => String(d["back-maj:min"]).trim() === majMin).map((d) => String(d.name));
 }
 
 function signalQuietly(pid: number, sig: NodeJS.Signals): void {

@@ -5,6 +5,7 @@ never reopened, a hub's 409 logged as a conflict, a full disk named."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -161,3 +162,20 @@ def test_a_full_disk_names_the_file_system_and_the_space_needed(tmp_path: Path) 
     assert f"at {mount} " in error.message
     assert "5.0 MiB (5242880 bytes) more needed" in error.message
     assert error.hint is not None and f"df -h {mount}" in error.hint
+
+
+def test_a_log_whose_end_a_power_cut_zeroed_is_cut_back_to_its_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "bootstrap.log"
+    good = '{"event":"log","message":"one"}\n{"event":"log","message":"two"}\n'
+    touch(path, good)
+    with open(path, "ab") as f:
+        f.write(b"\0" * 5000)
+    log = bootstrap.Log(path, run_id="r2", echo=False)
+    log.info("three")
+    log.close()
+    lines = path.read_text().splitlines()
+    assert lines[:2] == good.splitlines()
+    records = [json.loads(line) for line in lines]  # JSON lines again
+    assert "removed a torn end" in records[2]["message"] and "5000 bytes" in records[2]["message"]
+    assert records[3]["message"] == "three"
+    assert bootstrap.cut_torn_tail(path) == 0  # whole lines: nothing to cut
