@@ -17,7 +17,8 @@
  * as JSON) has every kill's recovery time: how long the next run took to get
  * past the killed step.
  */
-import { existsSync, readdirSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, readdirSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { watchArgv } from "../src/argv-watch.js";
 import { expectBootstrappedHost, outputOf, type Observed } from "../src/end-state.js";
@@ -130,7 +131,7 @@ function startOf(step: string, how?: "sigkill" | "power"): PointSpec {
 
 const P = {
   aptUpdate: { name: "apt:apt-get update", step: "apt", trigger: () => ({ kind: "process", pattern: /apt-get .*\bupdate\b/ }) } as PointSpec,
-  aptDpkg: { name: "apt:dpkg", step: "apt", trigger: () => ({ kind: "process", pattern: /(^|\/)dpkg (?!-query)/ }) } as PointSpec,
+  aptDpkg: { name: "apt:dpkg", step: "apt", trigger: () => ({ kind: "process", pattern: /\bdpkg .*--(unpack|configure)\b/ }) } as PointSpec,
   midDownload: (artifact: "project" | "tools" | "project_host", how?: "sigkill" | "power"): PointSpec => {
     const dash = artifact.replace("_", "-");
     const stall = new RegExp(`/${dash}/[^/]+/${dash}-[^/]+\\.tar\\.xz$`);
@@ -282,7 +283,17 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
   });
 
   afterAll(async () => {
-    for (const h of hosts) await h.down().catch((e: unknown) => log(`down ${h.name}: ${String(e)}`));
+    // hosts still up are those of failed cases: keep their console logs for a look
+    for (const h of hosts) {
+      const keep = `${tmpdir()}/faults-console-${h.name}.log`;
+      try {
+        copyFileSync(`${h.dir}/console.log`, keep);
+        log(`${h.name}: console log kept at ${keep}`);
+      } catch {
+        // no console
+      }
+      await h.down().catch((e: unknown) => log(`down ${h.name}: ${String(e)}`));
+    }
     await fb?.close();
     printReport();
   });
@@ -379,20 +390,10 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
     });
   });
 
-  /** Once the stub has fetched its config, the hub proxy refuses connections (until accept()). */
+  /** Once the stub has its config, the hub proxy refuses connections (for an hour, or until accept()). */
   function armRefuseAfterConfig(prov: ProvisionedTestHost): { stop(): void } {
-    let stopped = false;
-    const seen = fb.hubProxy.log.length;
-    void (async () => {
-      while (!stopped) {
-        if (fb.hubProxy.log.slice(seen).some((e) => e.path.endsWith(`/hosts/${prov.hostId}/config`) && e.status === 200)) {
-          await fb.hubProxy.refuse();
-          return;
-        }
-        await sleep(5);
-      }
-    })();
-    return { stop: () => (stopped = true) };
+    fb.hubProxy.refuseAfter(new RegExp(`/hosts/${prov.hostId}/config$`), 3600_000);
+    return { stop: () => {} };
   }
 
   /** Seconds from the run's last step_end record to the stub's exit. */

@@ -70,6 +70,8 @@ export interface FaultProxy {
   setUpstream(url: string): void;
   /** Refuse connections (stop listening) for `ms`; resolves when listening again. */
   refuseFor(ms: number): Promise<void>;
+  /** Once a request whose path matches has been answered in full, refuse connections for `ms` (once). */
+  refuseAfter(match: RegExp, ms: number): void;
   /** Stop listening until `accept()`. */
   refuse(): Promise<void>;
   accept(): Promise<void>;
@@ -343,6 +345,9 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
       upstream = new URL(u);
     },
     refuseFor,
+    refuseAfter(match, ms) {
+      refuseAfter = { match, ms };
+    },
     refuse,
     accept,
     get refusing() {

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .archive import fsync_dir
 from .commands import backoff_delay
 from .config import Config
 from .engine import EventSink, StateStore, lock_is_held, lock_path, state_path
@@ -53,7 +54,7 @@ class EventSpool(EventSink):
         # O_EXCL: a run's spool is always new, so no (run, seq) is ever written twice
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
-        fsync_directory(directory)  # the spool file itself survives a power cut
+        fsync_dir(directory)  # the spool file itself survives a power cut
         self._seq = 0
         self._synced = -1  # the last seq known to be on disk
         self.changed = threading.Condition()  # the sender waits on it
@@ -84,14 +85,6 @@ class EventSpool(EventSink):
         self.sync()  # the run's last events (run_end) survive a power cut right after the run
         with self.changed:
             self._file.close()
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path: Path) -> None:
