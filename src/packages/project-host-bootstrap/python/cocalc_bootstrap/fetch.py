@@ -197,7 +197,7 @@ def stream_into(
             if time.monotonic() > deadline:
                 raise BootstrapError(f"GET {url}: still downloading at the deadline", hint=DOWNLOAD_HINT)
             try:
-                chunk = response.read(DOWNLOAD_CHUNK)
+                chunk = response.read1(DOWNLOAD_CHUNK)  # what has arrived: a reset loses nothing written
             except (OSError, http.client.HTTPException) as e:
                 raise TransientError(f"GET {url}: {e!r} after {received} bytes; resuming") from None
             if not chunk:
