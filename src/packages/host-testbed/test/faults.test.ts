@@ -461,7 +461,7 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
       expect(s.failure?.message ?? "").toMatch(/sha256|verification/i);
       expect(s.failure?.hint ?? "").toMatch(/Nothing was installed/);
       expect(r.run.stdout + r.run.stderr).toContain("hint:");
-      const leftovers = await host.sh(`find ${c.bootstrap_root}/bundles -path '*/project/*' -o -name 'project-*' -print`);
+      const leftovers = await host.sh(`find ${c.bootstrap_root}/bundles \\( -path '*/bundles/project' -o -path '*/bundles/project/*' -o -name 'project-[0-9]*' \\) -print`);
       expect(leftovers.trim(), "nothing of the project bundle").toBe("");
     });
     await counted("disk full", async () => {
@@ -546,7 +546,7 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
     const host = await freshHost();
     const prov = await fb.provision(host);
     const probeRun = "20000101T000000000000Z-00000000";
-    const ev = (msg: string) => ({ run_id: probeRun, seq: 0, ts: 946684800, type: "log", level: "info", message: msg });
+    const ev = (phase: string) => ({ run_id: probeRun, seq: 0, ts: 946684800, type: "progress", phase, percent: 1 });
     const post = (msg: string) =>
       fetch(prov.config.hub.events_url.replace(fb.hubProxy.url, prov.hub.url), {
         method: "POST",
@@ -568,8 +568,8 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
       await fb.hubProxy.clear();
       expect(killed.runId).not.toBeNull();
       await prov.hub.db.query(
-        `INSERT INTO bootstrap_events (host_id, run_id, seq, type, ts, body, received_at) VALUES ($1, $2, 0, 'log', 0, $3::jsonb, now())`,
-        [prov.hostId, killed.runId, JSON.stringify({ run_id: killed.runId, seq: 0, ts: 0, type: "log", level: "info", message: "not the host's" })],
+        `INSERT INTO bootstrap_events (host_id, run_id, seq, type, ts, body, received_at) VALUES ($1, $2, 0, 'progress', 0, $3::jsonb, now())`,
+        [prov.hostId, killed.runId, JSON.stringify({ run_id: killed.runId, seq: 0, ts: 0, type: "progress", phase: "not the host's", percent: 1 })],
       );
       const { r } = await cleanRun(host, prov, "conflict");
       expect(r.run.code).toBe(0);
