@@ -246,14 +246,18 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
   let fb: FaultBed;
   const hosts: ThrowawayHost[] = [];
 
+  const disks = new Map<ThrowawayHost, PowerCutDisk>();
+
   async function freshHost(disk?: PowerCutDisk): Promise<ThrowawayHost> {
     const host = await ThrowawayHost.up({ log, prepareRootfs: disk?.prepare });
     hosts.push(host);
+    if (disk) disks.set(host, disk);
     return host;
   }
 
   async function takeDown(host: ThrowawayHost): Promise<void> {
     await host.down();
+    await disks.get(host)?.detach();
     hosts.splice(hosts.indexOf(host), 1);
   }
 
@@ -298,6 +302,7 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
         // no console
       }
       await h.down().catch((e: unknown) => log(`down ${h.name}: ${String(e)}`));
+      await disks.get(h)?.detach();
     }
     await fb?.close();
     printReport();

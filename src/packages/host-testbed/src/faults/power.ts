@@ -25,6 +25,7 @@
 import { mkdirSync, existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { ThrowawayHost } from "../host.js";
+import { LOOP_DEVICES } from "../machine.js";
 import { run, sleep } from "../proc.js";
 import { containerProcesses } from "./kill.js";
 
@@ -54,8 +55,35 @@ export class PowerCutDisk {
     await this.mount();
   };
 
+  /**
+   * Attach the image to a loop device above the 8 the hosts get bound in
+   * (/dev/loop8 and up), so the host's own disk never takes one of theirs.
+   */
+  private async attach(): Promise<string> {
+    for (let n = LOOP_DEVICES; n < 64; n++) {
+      const dev = `/dev/loop${n}`;
+      if (existsSync(`/sys/block/loop${n}/loop/backing_file`)) continue;
+      if (!existsSync(dev)) await run(["mknod", "-m", "0660", dev, "b", "7", String(n)], { allowFailure: true });
+      const r = await run(["losetup", dev, this.image], { allowFailure: true });
+      if (r.code === 0) return dev;
+    }
+    throw new Error("power-cut disk: no free loop device among /dev/loop8..63");
+  }
+
   private async mount(): Promise<void> {
-    await run(["mount", "-o", `loop,commit=${this.opts.commitS ?? 30}`, this.image, this.rootfs!]);
+    const dev = await this.attach();
+    const r = await run(["mount", "-o", `commit=${this.opts.commitS ?? 30}`, dev, this.rootfs!], { allowFailure: true });
+    if (r.code !== 0) {
+      await run(["losetup", "-d", dev], { allowFailure: true });
+      throw new Error(`power-cut disk: mount ${dev} on ${this.rootfs}: ${r.stderr.trim()}`);
+    }
+  }
+
+  /** After the host is down (its rootfs unmounted): free the image's loop device. */
+  async detach(): Promise<void> {
+    if (!this.rootfs) return;
+    const mine = await this.loopDevice();
+    if (mine) await run(["losetup", "-d", mine.name], { allowFailure: true });
   }
 
   /** Cut the power: stop everything, lose unsynced writes, kill, unmount. */
@@ -109,9 +137,9 @@ export class PowerCutDisk {
       r = await run(["umount", rootfs], { allowFailure: true });
     }
     if (r.code !== 0) throw new Error(`power cut: cannot unmount ${rootfs}: ${r.stderr.trim()}`);
-    // the image's own loop device goes with the file system (autoclear); make sure before a remount
+    // the image's own loop device: detached, so the next mount starts from what the disk holds
     for (let i = 0; i < 100 && (await this.loopDevice()); i++) {
-      if (i === 20 && disk) await run(["losetup", "-d", disk.name], { allowFailure: true });
+      if (disk) await run(["losetup", "-d", disk.name], { allowFailure: true });
       await sleep(100);
     }
     this.cuts.push({ at: Date.now(), stopped: stopped.size });
