@@ -483,7 +483,6 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
       await full.free();
       const { r: again, hits } = await cleanRun(host, prov, "space freed");
       await expectConverged(host, prov, again, found, hits);
-      await full.remove();
     });
     await takeDown(host);
   });

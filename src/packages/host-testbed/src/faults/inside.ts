@@ -3,8 +3,10 @@
  * process (fcntl write locks on the whole file, as apt and dpkg take them),
  * and a full file system where the bootstrap writes.
  */
+import { chownSync, mkdirSync, rmSync, statfsSync } from "node:fs";
+import { join } from "node:path";
 import type { ThrowawayHost } from "../host.js";
-import { sleep } from "../proc.js";
+import { run, sleep } from "../proc.js";
 import { containerProcesses } from "./kill.js";
 
 /** The holder's file inside the host: its name is what the bootstrap's message names. */
@@ -77,36 +79,34 @@ export interface FullFs {
   freeBytes: number;
   /** Make room again: remove the filler. */
   free(): Promise<void>;
-  /** Unmount (anything on it is lost). */
-  remove(): Promise<void>;
 }
 
 /**
- * A small file system of its own (tmpfs of `sizeBytes`) mounted at `dir`
- * inside the host (owned by `owner`, mode 0755 like the directory it
- * replaces), then filled with one file until only `leaveBytes` are free.
- * The bootstrap sees a real ENOSPC there and nowhere else. It lives in the
- * host's mount namespace: gone at the host's next boot.
+ * A small file system of its own (a tmpfs of `sizeBytes`) at `dir` inside
+ * the host, filled with one file until only `leaveBytes` are free: the
+ * bootstrap gets a real ENOSPC there and nowhere else. It is mounted from
+ * this machine at the host's path and the host is rebooted to see it (a
+ * mount made inside the host would be invisible to the checks that read
+ * the host's files from here); `down` unmounts it with the host.
  */
 export async function fullFs(host: ThrowawayHost, dir: string, opts: { sizeBytes: number; leaveBytes: number; owner: string }): Promise<FullFs> {
   const { uid, gid } = host.lookupUser(opts.owner);
-  await host.exec(["mkdir", "-p", dir]);
-  await host.exec(["chown", `${uid}:${gid}`, dir]);
-  await host.exec(["mount", "-t", "tmpfs", "-o", `size=${opts.sizeBytes},mode=0755,uid=${uid},gid=${gid}`, "fault-full-fs", dir]);
-  const filler = `${dir}/.fault-filler`;
-  const avail = Number((await host.sh(`df --output=avail -B1 ${dir} | tail -1`)).trim());
-  const fill = Math.max(0, avail - opts.leaveBytes);
-  await host.exec(["fallocate", "-l", String(fill), filler]);
-  const freeBytes = Number((await host.sh(`df --output=avail -B1 ${dir} | tail -1`)).trim());
+  const at = host.path(dir);
+  mkdirSync(at, { recursive: true });
+  chownSync(at, uid, gid);
+  await run(["mount", "-t", "tmpfs", "-o", `size=${opts.sizeBytes},mode=0755,uid=${uid},gid=${gid}`, "fault-full-fs", at]);
+  const filler = join(at, ".fault-filler");
+  const avail = () => statfsSync(at).bavail * statfsSync(at).bsize;
+  await run(["fallocate", "-l", String(Math.max(0, avail() - opts.leaveBytes)), filler]);
+  await host.reboot();
+  const seen = (await host.sh(`findmnt -n -o FSTYPE ${dir}`)).trim();
+  if (seen !== "tmpfs") throw new Error(`the host does not see the full file system at ${dir} (found ${seen || "nothing"})`);
   return {
     mountPoint: dir,
     sizeBytes: opts.sizeBytes,
-    freeBytes,
+    freeBytes: avail(),
     async free() {
-      await host.exec(["rm", "-f", filler]);
-    },
-    async remove() {
-      await host.exec(["umount", dir], { allowFailure: true });
+      rmSync(filler, { force: true });
     },
   };
 }

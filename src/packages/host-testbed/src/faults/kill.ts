@@ -12,7 +12,7 @@
  * restart), a file inside the host (a `.part` of some size, a staging
  * directory), or a fixed delay.
  */
-import { readdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import { sleep } from "../proc.js";
 
 export type KillTrigger =
@@ -67,6 +67,58 @@ export function containerProcesses(init: number): ProcInfo[] {
     out.push({ pid, ppid, cmdline });
   }
   return out;
+}
+
+function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  let tasks: string[] = [];
+  try {
+    tasks = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out;
+  }
+  for (const t of tasks) {
+    const text = readProc(pid, `task/${t}/children`) ?? "";
+    for (const c of text.split(" ")) if (c.trim()) out.push(Number(c));
+  }
+  return out;
+}
+
+function procInfo(pid: number): ProcInfo | null {
+  const status = readProc(pid, "status");
+  if (!status) return null;
+  const ppid = Number(/^PPid:\s+(\d+)/m.exec(status)?.[1] ?? 0);
+  const cmdline = (readProc(pid, "cmdline") ?? "").replace(/\0+$/, "").replace(/\0/g, " ");
+  return { pid, ppid, cmdline };
+}
+
+/**
+ * The same tree, fast enough to poll every few milliseconds: the roots are
+ * found once by a scan of /proc (cached while they live), the descendants
+ * through /proc/<pid>/task/<tid>/children.
+ */
+export function treeWatcher(init: () => number, stubPath: string): () => ProcInfo[] {
+  let roots: number[] = [];
+  return () => {
+    if (roots.length === 0 || !roots.every((r) => existsSync(`/proc/${r}`))) {
+      roots = containerProcesses(init())
+        .filter((p) => p.cmdline.includes(stubPath))
+        .map((p) => p.pid);
+    }
+    const out: ProcInfo[] = [];
+    const queue = [...roots];
+    const seen = new Set<number>();
+    while (queue.length) {
+      const pid = queue.shift()!;
+      if (seen.has(pid)) continue;
+      seen.add(pid);
+      const info = procInfo(pid);
+      if (!info) continue;
+      out.push(info);
+      queue.push(...childrenOf(pid));
+    }
+    return out;
+  };
 }
 
 /** The stub's root shell (its command line names the stub file) and all its descendants. */
@@ -168,6 +220,7 @@ export interface TriggerContext {
 /** True once the trigger's moment has come (polled). */
 export function makeTriggerPoll(trigger: KillTrigger, ctx: TriggerContext): () => boolean {
   const t0 = Date.now();
+  const tree = treeWatcher(ctx.init, ctx.stubPath);
   let stepStartedAt: number | null = null;
   return () => {
     switch (trigger.kind) {
@@ -184,7 +237,7 @@ export function makeTriggerPoll(trigger: KillTrigger, ctx: TriggerContext): () =
         return Date.now() - stepStartedAt >= trigger.fraction * trigger.expectedMs;
       }
       case "process":
-        return bootstrapTree(ctx.init(), ctx.stubPath).some((p) => trigger.pattern.test(p.cmdline));
+        return tree().some((p) => trigger.pattern.test(p.cmdline));
       case "file":
         return trigger.test(ctx.hostPath);
     }
