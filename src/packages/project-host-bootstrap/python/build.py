@@ -37,6 +37,7 @@ MODULES = (
     "errors",
     "log",
     "commands",
+    "config_rules",
     "config",
     "facts",
     "step",

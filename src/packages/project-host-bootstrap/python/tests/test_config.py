@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +308,52 @@ def test_unreadable_config_exits_2(tmp_path: Path, content: str | None, problem:
     result = run_cli("--config", str(config_path), "check-config", home=tmp_path)
     assert result.returncode == 2
     assert problem in result.stderr
+
+
+# --- one declaration per field: the validator is derived from it ---------------
+
+
+def test_schema_version_literal_is_the_shipped_schema_version() -> None:
+    hints = typing.get_type_hints(Config, include_extras=True)
+    assert typing.get_args(hints["schema_version"]) == (bootstrap.SCHEMA_VERSION,)
+
+
+def test_defaults_of_the_dataclasses_are_the_schema_defaults() -> None:
+    """A field's dataclass default is what a missing key becomes (one declaration, not two)."""
+    artifact = ArtifactSpec(url="https://example.com/a.tar.xz", version="1")
+    assert artifact == ArtifactSpec.from_dict({"url": "https://example.com/a.tar.xz", "version": "1"})
+    assert artifact.strip_components == 0 and artifact.expected_files == ()
+
+
+def test_a_declaration_the_rules_cannot_read_is_refused() -> None:
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class NoRange(bootstrap.ConfigSpec):
+        n: int  # an int must declare its Range
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class NoItems(bootstrap.ConfigSpec):
+        xs: tuple[str, ...]  # an array must declare its Items
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Unknown(bootstrap.ConfigSpec):
+        f: float  # no zod twin
+
+    for spec, problem in ((NoRange, "exactly one Range"), (NoItems, "exactly one Items"), (Unknown, "no validator")):
+        with pytest.raises(TypeError, match=problem):
+            spec.from_dict({})
+
+
+def test_checks_run_in_declaration_order_with_their_messages() -> None:
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Two(bootstrap.ConfigSpec):
+        a: typing.Annotated[str, bootstrap.MaxLen(2), bootstrap.Holds(lambda s: s.isdigit(), "must be digits")]
+        b: typing.Annotated[int, bootstrap.Range(1, 5)] = 3
+
+    assert Two.from_dict({"a": "12"}) == Two(a="12", b=3)
+    with pytest.raises(ConfigError) as caught:
+        Two.from_dict({"a": "abc", "b": 9})
+    assert [(i.json_path(), i.message) for i in caught.value.issues] == [
+        ("$.a", "must be at most 2 characters long"),
+        ("$.a", "must be digits"),
+        ("$.b", "must be <= 5"),
+    ]
