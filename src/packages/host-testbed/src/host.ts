@@ -46,6 +46,12 @@ export interface HostUpOptions {
   rootfs?: Partial<RootfsSpec>;
   log?: (line: string) => void;
   bootTimeoutMs?: number;
+  /**
+   * Called with the (empty) rootfs directory before the rootfs is unpacked,
+   * e.g. to mount a file system there (the fault suite's power-cut disk).
+   * Whatever it mounts under the host's directory, `down` unmounts.
+   */
+  prepareRootfs?: (rootfs: string) => Promise<void>;
 }
 
 export interface HostTimings {
@@ -150,6 +156,10 @@ export class ThrowawayHost extends CommandHost {
     if (existsSync(dir)) throw new Error(`host ${name} already exists at ${dir}; take it down first (host-testbed down ${name})`);
     const rootfs = join(dir, "rootfs");
     const t0 = Date.now();
+    if (opts.prepareRootfs) {
+      mkdirSync(rootfs, { recursive: true, mode: 0o755 });
+      await opts.prepareRootfs(rootfs);
+    }
     await unpackRootfs(built.tarball, rootfs);
     const unpackMs = Date.now() - t0;
     writeIdentity(rootfs, name);

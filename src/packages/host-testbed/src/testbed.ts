@@ -96,6 +96,10 @@ export interface HubVariant {
   corruptImage?: BundleName;
   /** These bundles are published at these versions instead (an upgrade). */
   upgrade?: Partial<Record<BundleName, string>>;
+  /** Publish the artifacts under this base URL instead of the artifact server's (a proxy in front of it). */
+  artifactUrl?: string;
+  /** The hub's public URL (a proxy in front of it): the config's hub and events URLs. */
+  publicUrl?: string;
 }
 
 export interface ProvisionedTestHost {
@@ -185,7 +189,7 @@ export class Testbed {
 
   private async startVariant(variant: HubVariant): Promise<RunningHub> {
     let site = this.site;
-    if (variant.wrongChecksum || variant.images || variant.upgrade) {
+    if (variant.wrongChecksum || variant.images || variant.upgrade || variant.artifactUrl) {
       const name = variantKey(variant)
         .replace(/[^a-z0-9]+/gi, "-")
         .replace(/^-|-$/g, "");
@@ -196,7 +200,7 @@ export class Testbed {
       }
       const images: Partial<Record<BundleName, BuiltFile>> = {};
       if (variant.images) for (const b of bundles) images[b.spec.artifact] = await buildBundleImage(b, this.log);
-      site = publishSite(join(this.siteRoot, name), `${this.artifactServer.url}/${name}`, bundles, this.node, {
+      site = publishSite(join(this.siteRoot, name), `${variant.artifactUrl ?? this.artifactServer.url}/${name}`, bundles, this.node, {
         wrongChecksum: variant.wrongChecksum,
         arch: this.opts.arch,
         images,
@@ -207,6 +211,7 @@ export class Testbed {
     }
     return startHub({
       db: this.hub.db,
+      publicUrl: variant.publicUrl,
       artifactBaseUrl: site.baseUrl,
       settings: siteSettings(site, this.opts.aptPackages ?? TEST_APT_PACKAGES, variant, this.opts.os),
       manifestTtlMs: 0,
@@ -331,6 +336,7 @@ function variantKey(v: HubVariant): string {
     wrong: v.wrongChecksum ?? null,
     ...(v.images ? { images: true, corrupt: v.corruptImage ?? null } : {}),
     ...(v.upgrade ? { upgrade: v.upgrade } : {}),
+    ...(v.artifactUrl || v.publicUrl ? { via: [v.artifactUrl ?? null, v.publicUrl ?? null] } : {}),
   });
 }
 

@@ -23,6 +23,7 @@ import contextvars
 import copy
 import dataclasses
 import enum
+import errno
 import fcntl
 import graphlib
 import grp
@@ -236,6 +237,26 @@ def utc_timestamp(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+def cut_torn_tail(path: Path, window: int = 1 << 20) -> int:
+    """A JSON-lines file whose end was lost to a power cut ends in a partial
+    line, often zeros (its size reached the disk, its data did not): cut it
+    back to the last complete line, so what is appended next stays JSON
+    lines. Returns the bytes removed (0: nothing torn, or no file)."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - window)
+            f.seek(start)
+            tail = f.read()
+            keep = tail.rfind(b"\n") + 1
+            if keep == len(tail) or (keep == 0 and start > 0):
+                return 0
+            f.truncate(start + keep)
+            return len(tail) - keep
+    except OSError:
+        return 0
+
+
 class Log:
     """The JSON-lines log file (optional) and the console (optional).
 
@@ -263,10 +284,14 @@ class Log:
         self._lock = threading.RLock()
         self._file: TextIO | None = None
         self._status = ""  # the progress line currently shown on a terminal
+        torn = 0
         if path is not None:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            torn = cut_torn_tail(path)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
+        if torn:
+            self.record("warning", f"removed a torn end of {path} ({torn} bytes, lost to a crash or power cut)")
 
     # -- the steps' interface --------------------------------------------
 
@@ -2374,10 +2399,45 @@ def fetch_to_part(url: str, part: Path, *, deadline: float, timeout_s: float) ->
         else:
             digest, append, offset = hashlib.sha256(), False, 0
         length = response.getheader("Content-Length")
-        received = stream_into(response, part, append, digest, deadline=deadline, url=url)
+        try:
+            received = stream_into(response, part, append, digest, deadline=deadline, url=url)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            have = part.stat().st_size if part.exists() else 0
+            total = offset + int(length) if length is not None and length.isdigit() else None
+            needed = None if total is None else total - have
+            raise no_space_error(part, needed, what=f"downloading {url_basename(url)}") from None
     if length is not None and length.isdigit() and received != int(length):
         raise TransientError(f"GET {url}: connection closed after {offset + received} bytes; resuming")
     return digest.hexdigest()
+
+
+def mount_point_of(path: Path) -> Path:
+    """The mount point of the file system holding `path` (or its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    dev = p.stat().st_dev
+    while p != p.parent and p.parent.stat().st_dev == dev:
+        p = p.parent
+    return p
+
+
+def no_space_error(path: Path, needed_bytes: int | None, *, what: str) -> BootstrapError:
+    """ENOSPC as a failure that names the file system, what is free and what is needed."""
+    mount = mount_point_of(path)
+    try:
+        st = os.statvfs(mount)
+        free = f"{human_size(st.f_bavail * st.f_frsize)} free of {human_size(st.f_blocks * st.f_frsize)}"
+    except OSError:
+        free = "free space unknown"
+    need = f"{human_size(needed_bytes)} ({needed_bytes} bytes) more needed" if needed_bytes else "more space needed"
+    return BootstrapError(
+        f"no space left on the file system at {mount} while {what} into {path}: {free}, {need}",
+        hint=f"Free at least {human_size(needed_bytes) if needed_bytes else 'some'} on {mount} (df -h {mount}) "
+        "or give the host a bigger disk, then run the bootstrap again; the partial download is kept and resumed.",
+    )
 
 
 def content_range_start(response: http.client.HTTPResponse) -> int | None:
@@ -2394,7 +2454,7 @@ def stream_into(
             if time.monotonic() > deadline:
                 raise BootstrapError(f"GET {url}: still downloading at the deadline", hint=DOWNLOAD_HINT)
             try:
-                chunk = response.read(DOWNLOAD_CHUNK)
+                chunk = response.read1(DOWNLOAD_CHUNK)  # what has arrived: a reset loses nothing written
             except (OSError, http.client.HTTPException) as e:
                 raise TransientError(f"GET {url}: {e!r} after {received} bytes; resuming") from None
             if not chunk:
@@ -2919,14 +2979,27 @@ def install_archive(
             )
         if verify is not None:
             verify(staging)
+        # The extracted files reach the disk before the marker that says they are complete: after
+        # a power cut a marker never vouches for files that came back empty (the daemon would not
+        # start, and no check would see why). One sync(2) for the whole tree.
+        os.sync()
         atomic_write_text(staging / INSTALLED_MARKER, json.dumps(dict(marker), indent=2, sort_keys=True) + "\n", 0o644)
         if os.path.lexists(final):  # an older attempt not made by us, or without a marker: set it aside
             final.rename(parent / f"{STAGING_PREFIX}{final.name}-old-{secrets.token_hex(4)}")
         staging.rename(final)
+        fsync_dir(parent)  # the rename too: else a power cut brings back staging (removed) and costs a re-install
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     remove_staging_dirs(parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_staging_dirs(parent: Path) -> None:
@@ -3610,6 +3683,101 @@ def render_env_helper(config: Config) -> str:
 
 
 # ============================================================================
+# debris: What a killed run of ours leaves behind, removed by the next run (and only that).
+# ============================================================================
+
+# A run killed (SIGKILL, power cut) between creating a temporary and renaming
+# it leaves the temporary. The names are ours alone, so they are recognised
+# exactly and removed at the start of the next run, under the run lock (no
+# other run of ours is writing them):
+# - atomic_write_text: `.<name>.<8 mkstemp chars>.tmp` beside the file, in our
+#   own directories;
+# - write_root_file: `.<name>.<8 hex>.tmp` beside a root file we replace
+#   (fstab, the env file, the unit), and its source `cocalc-bootstrap-<8>` in
+#   the temp directory;
+# - point_symlink: `.<link>-<8 hex>` beside the link;
+# - install_archive: `.staging-*` directories beside the version directories
+#   (also removed before every install; here too, so a run whose install is
+#   already done cleans them as well).
+# Partial downloads (`.part`) are not debris: the next download resumes them.
+
+ATOMIC_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+ROOT_TMP_RE = r"^\.{name}\.[0-9a-f]{{8}}\.tmp$"
+ROOT_SOURCE_RE = re.compile(r"^cocalc-bootstrap-[a-z0-9_]{8}$")
+LINK_TMP_RE = re.compile(r"^\..+-[0-9a-f]{8}$")
+EVENTS_SUBDIR = "events"
+
+
+def our_dirs(config: Config) -> list[Path]:
+    """Every directory of ours that atomic_write_text writes into."""
+    root = Path(config.bootstrap_root)
+    dirs = [root, *(root / d for d in BOOTSTRAP_SUBDIRS)]
+    dirs += [Path(config.bootstrap_dir), Path(config.bootstrap_dir) / EVENTS_SUBDIR, secrets_dir(config)]
+    dirs += [downloads_dir(config), nvm_dir(config), nvm_dir(config) / "alias"]
+    return dirs
+
+
+def bundle_dirs(config: Config) -> list[Path]:
+    """bundles/<artifact> and Node's versions directory: where staging and link temporaries appear."""
+    found: list[Path] = [nvm_dir(config) / "versions" / "node"]
+    with contextlib.suppress(OSError):
+        found += [p for p in bundles_dir(config).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return found
+
+
+def _entries(directory: Path) -> Iterable[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            yield from list(it)
+    except OSError:
+        return
+
+
+def remove_debris(config: Config, log: Log) -> list[str]:
+    """Remove what a killed run of ours left; returns the paths removed (logged)."""
+    removed: list[str] = []
+    uid = os.getuid()
+
+    def gone(path: str) -> None:
+        removed.append(path)
+
+    for directory in our_dirs(config):
+        for entry in _entries(directory):
+            if ATOMIC_TMP_RE.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    gone(entry.path)
+    for directory in bundle_dirs(config):
+        for entry in _entries(directory):
+            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                gone(entry.path)
+            elif LINK_TMP_RE.match(entry.name) and entry.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    gone(entry.path)
+    # write_root_file's sources: ours (our uid), in the temp directory
+    for directory in {Path(tempfile.gettempdir()), Path("/tmp")}:  # noqa: S108 - only our own, by name and owner
+        for entry in _entries(directory):
+            if ROOT_SOURCE_RE.match(entry.name):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_uid == uid and entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
+                        gone(entry.path)
+    # write_root_file's staged copies beside the root files we replace (root-owned: removed with sudo)
+    root_debris: list[str] = []
+    for target in (FSTAB, ENV_FILE, SYSTEMD_UNIT_DIR / f"{config.service.unit}.service"):
+        pattern = re.compile(ROOT_TMP_RE.format(name=re.escape(target.name)))
+        root_debris += [e.path for e in _entries(target.parent) if pattern.match(e.name)]
+    if root_debris:
+        run_command(["rm", "-f", "--", *root_debris], sudo=True, check=False, timeout_s=30)
+        removed += root_debris
+    if removed:
+        log.info(f"removed {len(removed)} leftover(s) of an earlier killed run: {' '.join(sorted(removed))[:1000]}")
+    return removed
+
+
+# ============================================================================
 # images: Bundle images: a read-only squashfs (zstd) mounted instead of an extracted archive.
 # ============================================================================
 
@@ -4269,7 +4437,8 @@ class AptStep(Step):
 
     def update_lists(self) -> None:
         apt_update(self.config.apt.lock_timeout_s, self.log)
-        self.update_stamp().touch()
+        # synced: a stamp lost to a power cut would cost the next run another apt-get update
+        atomic_write_text(self.update_stamp(), f"{time.time():.0f}\n", 0o644)
 
     def install(self, packages: list[str]) -> None:
         self.log.info(f"installing {len(packages)} package(s): {' '.join(packages)}")
@@ -6046,9 +6215,12 @@ class EventSpool(EventSink):
         self.directory = directory
         self.run_id = run_id
         self.path = directory / f"{run_id}.jsonl"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_EXCL: a run's spool is always new, so no (run, seq) is ever written twice
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
+        fsync_dir(directory)  # the spool file itself survives a power cut
         self._seq = 0
+        self._synced = -1  # the last seq known to be on disk
         self.changed = threading.Condition()  # the sender waits on it
 
     def emit(self, event: Event) -> None:
@@ -6062,9 +6234,30 @@ class EventSpool(EventSink):
             self._seq += 1
             self.changed.notify_all()
 
+    def sync(self) -> None:
+        """fsync every event emitted so far. The sender calls it before it
+        posts any of them: the hub never holds an event that a power cut
+        could take from the host (whose next run would then not know it)."""
+        with self.changed:
+            if self._file.closed or self._synced >= self._seq - 1:
+                return
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._synced = self._seq - 1
+
     def close(self) -> None:
+        self.sync()  # the run's last events (run_end) survive a power cut right after the run
         with self.changed:
             self._file.close()
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file we only read (an earlier run's spool, maybe never synced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class EventSender:
@@ -6079,6 +6272,7 @@ class EventSender:
         self.deadline: float | None = None  # set by close(): flush until then
         self.failures = 0
         self.sent = 0
+        self._synced_files: set[Path] = set()  # earlier runs' spools, fsync'd once before sending
         self._thread = threading.Thread(target=self._loop, name="event-sender", daemon=True)
 
     def start(self) -> bool:
@@ -6117,6 +6311,7 @@ class EventSender:
                         self.spool.changed.wait(1.0)
                     continue
                 path, events = batch
+                self._make_durable(path)
                 verdict = self._post(events)
                 if verdict == "retry":
                     self.failures += 1
@@ -6131,6 +6326,14 @@ class EventSender:
                 atomic_write_text(acked_path(path), f"{events[-1]['seq']}\n", durable=False)
         except Exception as e:  # the sender must never take the run down
             self.log.debug(f"event sender stopped: {e}", event="events", traceback=traceback.format_exc())
+
+    def _make_durable(self, path: Path) -> None:
+        """Events go to the hub only once they are on the host's disk."""
+        if path == self.spool.path:
+            self.spool.sync()
+        elif path not in self._synced_files:
+            fsync_file(path)
+            self._synced_files.add(path)
 
     def _sleep(self, delay: float) -> bool:
         """Back off; False when the flush deadline has passed."""
@@ -6178,6 +6381,16 @@ class EventSender:
                 self.log.warn(f"cannot send progress events: {problem}; spooled, retrying", event="events")
                 return "retry"
         except urllib.error.HTTPError as e:
+            if e.code == 409:
+                run_ids = sorted({str(ev.get("run_id")) for ev in events})
+                self.log.warn(
+                    f"the hub refused {len(events)} progress events of run {', '.join(run_ids)} "
+                    f"(HTTP 409: {read_error_body(e)}): it already holds other content for the same run and "
+                    "sequence numbers; this host's events were dropped, the hub keeps its own. "
+                    "Compare the spool in <bootstrap_dir>/events with the hub's progress page.",
+                    event="events",
+                )
+                return "drop"
             if 400 <= e.code < 500 and e.code not in (408, 429):
                 self.log.warn(
                     f"the hub refused {len(events)} progress events (HTTP {e.code}: {read_error_body(e)}); dropped",
@@ -6586,6 +6799,7 @@ def cmd_run(args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_
         log = Log(log_path(config), run_id=run_id)
         set_active_log(log)
         try:
+            remove_debris(config, log)  # under the lock: no other run of ours is writing them
             return run_with_reporting(plan, config, log, run_id=run_id, token=token, jobs=args.jobs, flush_s=flush_s)
         finally:
             set_active_log(Log())

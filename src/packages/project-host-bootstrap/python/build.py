@@ -47,6 +47,7 @@ MODULES = (
     "apt",
     "system",
     "layout",
+    "debris",
     "images",
     "steps_host",
     "steps_install",

@@ -465,14 +465,27 @@ def install_archive(
             )
         if verify is not None:
             verify(staging)
+        # The extracted files reach the disk before the marker that says they are complete: after
+        # a power cut a marker never vouches for files that came back empty (the daemon would not
+        # start, and no check would see why). One sync(2) for the whole tree.
+        os.sync()
         atomic_write_text(staging / INSTALLED_MARKER, json.dumps(dict(marker), indent=2, sort_keys=True) + "\n", 0o644)
         if os.path.lexists(final):  # an older attempt not made by us, or without a marker: set it aside
             final.rename(parent / f"{STAGING_PREFIX}{final.name}-old-{secrets.token_hex(4)}")
         staging.rename(final)
+        fsync_dir(parent)  # the rename too: else a power cut brings back staging (removed) and costs a re-install
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     remove_staging_dirs(parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_staging_dirs(parent: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
+from .debris import remove_debris
 from .engine import (
     EVENTS_DIR_NAME,
     Plan,
@@ -212,6 +213,7 @@ def cmd_run(args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_
         log = Log(log_path(config), run_id=run_id)
         set_active_log(log)
         try:
+            remove_debris(config, log)  # under the lock: no other run of ours is writing them
             return run_with_reporting(plan, config, log, run_id=run_id, token=token, jobs=args.jobs, flush_s=flush_s)
         finally:
             set_active_log(Log())

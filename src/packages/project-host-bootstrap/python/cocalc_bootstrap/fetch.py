@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -221,10 +222,45 @@ def fetch_to_part(url: str, part: Path, *, deadline: float, timeout_s: float) ->
         else:
             digest, append, offset = hashlib.sha256(), False, 0
         length = response.getheader("Content-Length")
-        received = stream_into(response, part, append, digest, deadline=deadline, url=url)
+        try:
+            received = stream_into(response, part, append, digest, deadline=deadline, url=url)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            have = part.stat().st_size if part.exists() else 0
+            total = offset + int(length) if length is not None and length.isdigit() else None
+            needed = None if total is None else total - have
+            raise no_space_error(part, needed, what=f"downloading {url_basename(url)}") from None
     if length is not None and length.isdigit() and received != int(length):
         raise TransientError(f"GET {url}: connection closed after {offset + received} bytes; resuming")
     return digest.hexdigest()
+
+
+def mount_point_of(path: Path) -> Path:
+    """The mount point of the file system holding `path` (or its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    dev = p.stat().st_dev
+    while p != p.parent and p.parent.stat().st_dev == dev:
+        p = p.parent
+    return p
+
+
+def no_space_error(path: Path, needed_bytes: int | None, *, what: str) -> BootstrapError:
+    """ENOSPC as a failure that names the file system, what is free and what is needed."""
+    mount = mount_point_of(path)
+    try:
+        st = os.statvfs(mount)
+        free = f"{human_size(st.f_bavail * st.f_frsize)} free of {human_size(st.f_blocks * st.f_frsize)}"
+    except OSError:
+        free = "free space unknown"
+    need = f"{human_size(needed_bytes)} ({needed_bytes} bytes) more needed" if needed_bytes else "more space needed"
+    return BootstrapError(
+        f"no space left on the file system at {mount} while {what} into {path}: {free}, {need}",
+        hint=f"Free at least {human_size(needed_bytes) if needed_bytes else 'some'} on {mount} (df -h {mount}) "
+        "or give the host a bigger disk, then run the bootstrap again; the partial download is kept and resumed.",
+    )
 
 
 def content_range_start(response: http.client.HTTPResponse) -> int | None:
@@ -241,7 +277,7 @@ def stream_into(
             if time.monotonic() > deadline:
                 raise BootstrapError(f"GET {url}: still downloading at the deadline", hint=DOWNLOAD_HINT)
             try:
-                chunk = response.read(DOWNLOAD_CHUNK)
+                chunk = response.read1(DOWNLOAD_CHUNK)  # what has arrived: a reset loses nothing written
             except (OSError, http.client.HTTPException) as e:
                 raise TransientError(f"GET {url}: {e!r} after {received} bytes; resuming") from None
             if not chunk:

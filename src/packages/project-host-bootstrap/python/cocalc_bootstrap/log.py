@@ -78,6 +78,26 @@ def utc_timestamp(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+def cut_torn_tail(path: Path, window: int = 1 << 20) -> int:
+    """A JSON-lines file whose end was lost to a power cut ends in a partial
+    line, often zeros (its size reached the disk, its data did not): cut it
+    back to the last complete line, so what is appended next stays JSON
+    lines. Returns the bytes removed (0: nothing torn, or no file)."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - window)
+            f.seek(start)
+            tail = f.read()
+            keep = tail.rfind(b"\n") + 1
+            if keep == len(tail) or (keep == 0 and start > 0):
+                return 0
+            f.truncate(start + keep)
+            return len(tail) - keep
+    except OSError:
+        return 0
+
+
 class Log:
     """The JSON-lines log file (optional) and the console (optional).
 
@@ -105,10 +125,14 @@ class Log:
         self._lock = threading.RLock()
         self._file: TextIO | None = None
         self._status = ""  # the progress line currently shown on a terminal
+        torn = 0
         if path is not None:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            torn = cut_torn_tail(path)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
+        if torn:
+            self.record("warning", f"removed a torn end of {path} ({torn} bytes, lost to a crash or power cut)")
 
     # -- the steps' interface --------------------------------------------
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .archive import fsync_dir
 from .commands import backoff_delay
 from .config import Config
 from .engine import EVENTS_DIR_NAME, EventSink, lock_is_held, lock_path
@@ -53,9 +54,12 @@ class EventSpool(EventSink):
         self.directory = directory
         self.run_id = run_id
         self.path = directory / f"{run_id}.jsonl"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_EXCL: a run's spool is always new, so no (run, seq) is ever written twice
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
+        fsync_dir(directory)  # the spool file itself survives a power cut
         self._seq = 0
+        self._synced = -1  # the last seq known to be on disk
         self.changed = threading.Condition()  # the sender waits on it
 
     def emit(self, event: Event) -> None:
@@ -69,9 +73,30 @@ class EventSpool(EventSink):
             self._seq += 1
             self.changed.notify_all()
 
+    def sync(self) -> None:
+        """fsync every event emitted so far. The sender calls it before it
+        posts any of them: the hub never holds an event that a power cut
+        could take from the host (whose next run would then not know it)."""
+        with self.changed:
+            if self._file.closed or self._synced >= self._seq - 1:
+                return
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._synced = self._seq - 1
+
     def close(self) -> None:
+        self.sync()  # the run's last events (run_end) survive a power cut right after the run
         with self.changed:
             self._file.close()
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file we only read (an earlier run's spool, maybe never synced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class EventSender:
@@ -86,6 +111,7 @@ class EventSender:
         self.deadline: float | None = None  # set by close(): flush until then
         self.failures = 0
         self.sent = 0
+        self._synced_files: set[Path] = set()  # earlier runs' spools, fsync'd once before sending
         self._thread = threading.Thread(target=self._loop, name="event-sender", daemon=True)
 
     def start(self) -> bool:
@@ -124,6 +150,7 @@ class EventSender:
                         self.spool.changed.wait(1.0)
                     continue
                 path, events = batch
+                self._make_durable(path)
                 verdict = self._post(events)
                 if verdict == "retry":
                     self.failures += 1
@@ -138,6 +165,14 @@ class EventSender:
                 atomic_write_text(acked_path(path), f"{events[-1]['seq']}\n", durable=False)
         except Exception as e:  # the sender must never take the run down
             self.log.debug(f"event sender stopped: {e}", event="events", traceback=traceback.format_exc())
+
+    def _make_durable(self, path: Path) -> None:
+        """Events go to the hub only once they are on the host's disk."""
+        if path == self.spool.path:
+            self.spool.sync()
+        elif path not in self._synced_files:
+            fsync_file(path)
+            self._synced_files.add(path)
 
     def _sleep(self, delay: float) -> bool:
         """Back off; False when the flush deadline has passed."""
@@ -185,6 +220,16 @@ class EventSender:
                 self.log.warn(f"cannot send progress events: {problem}; spooled, retrying", event="events")
                 return "retry"
         except urllib.error.HTTPError as e:
+            if e.code == 409:
+                run_ids = sorted({str(ev.get("run_id")) for ev in events})
+                self.log.warn(
+                    f"the hub refused {len(events)} progress events of run {', '.join(run_ids)} "
+                    f"(HTTP 409: {read_error_body(e)}): it already holds other content for the same run and "
+                    "sequence numbers; this host's events were dropped, the hub keeps its own. "
+                    "Compare the spool in <bootstrap_dir>/events with the hub's progress page.",
+                    event="events",
+                )
+                return "drop"
             if 400 <= e.code < 500 and e.code not in (408, 429):
                 self.log.warn(
                     f"the hub refused {len(events)} progress events (HTTP {e.code}: {read_error_body(e)}); dropped",

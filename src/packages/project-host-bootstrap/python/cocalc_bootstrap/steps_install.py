@@ -99,7 +99,8 @@ class AptStep(Step):
 
     def update_lists(self) -> None:
         apt_update(self.config.apt.lock_timeout_s, self.log)
-        self.update_stamp().touch()
+        # synced: a stamp lost to a power cut would cost the next run another apt-get update
+        atomic_write_text(self.update_stamp(), f"{time.time():.0f}\n", 0o644)
 
     def install(self, packages: list[str]) -> None:
         self.log.info(f"installing {len(packages)} package(s): {' '.join(packages)}")
