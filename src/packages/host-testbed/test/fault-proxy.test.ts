@@ -3,10 +3,10 @@
  * and a real client (node:http), each fault seen the way a downloader sees it.
  */
 import { createHash } from "node:crypto";
-import { createServer, request, type IncomingHttpHeaders, type Server } from "node:http";
+import { createServer, type IncomingHttpHeaders, request, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { startFaultProxy, type FaultProxy } from "../src/faults/proxy.js";
+import { type FaultProxy, startFaultProxy } from "../src/faults/proxy.js";
 
 const BODY = Buffer.alloc(1 << 20);
 for (let i = 0; i < BODY.length; i++) BODY[i] = (i * 31 + 7) & 0xff;
@@ -82,7 +82,11 @@ describe("fault proxy", () => {
   });
 
   it("forwards method, path, headers and body unchanged when no rule applies", async () => {
-    const r = await get(`${proxy.url}/echo?x=1`, { method: "POST", body: '{"a":1}', headers: { Authorization: "Bearer t0k", "Content-Type": "application/json" } });
+    const r = await get(`${proxy.url}/echo?x=1`, {
+      method: "POST",
+      body: '{"a":1}',
+      headers: { Authorization: "Bearer t0k", "Content-Type": "application/json" },
+    });
     expect(r.status).toBe(201);
     expect(JSON.parse(r.body.toString())).toEqual({ got: '{"a":1}' });
     expect(seen.at(-1)).toEqual({ method: "POST", url: "/echo?x=1", auth: "Bearer t0k", body: '{"a":1}' });

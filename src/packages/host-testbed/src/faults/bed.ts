@@ -8,10 +8,10 @@
 import type { HostStatus } from "@cocalc/server";
 import type { ThrowawayHost } from "../host.js";
 import type { RunResult } from "../proc.js";
-import { STUB_PATH, Testbed, type ProvisionedTestHost, type TestbedOptions } from "../testbed.js";
-import { describeTrigger, fileSize, killTree, makeTriggerPoll, newRecords, waitForTrigger, type KillPoint } from "./kill.js";
+import { type ProvisionedTestHost, STUB_PATH, Testbed, type TestbedOptions } from "../testbed.js";
+import { describeTrigger, fileSize, type KillPoint, killTree, makeTriggerPoll, newRecords, waitForTrigger } from "./kill.js";
 import type { PowerCutDisk } from "./power.js";
-import { startFaultProxy, type FaultProxy } from "./proxy.js";
+import { type FaultProxy, startFaultProxy } from "./proxy.js";
 
 export interface FaultRun {
   run: RunResult & { wallMs: number };
@@ -65,13 +65,23 @@ export class FaultBed {
    * (SIGKILL of the tree, or a power cut through `disk`). A trigger that
    * never fires before the run ends leaves `killed` null.
    */
-  async run(host: ThrowawayHost, p: ProvisionedTestHost, opts: { kill?: KillPoint; disk?: PowerCutDisk; log?: (l: string) => void; timeoutMs?: number } = {}): Promise<FaultRun> {
+  async run(
+    host: ThrowawayHost,
+    p: ProvisionedTestHost,
+    opts: { kill?: KillPoint; disk?: PowerCutDisk; log?: (l: string) => void; timeoutMs?: number } = {},
+  ): Promise<FaultRun> {
     const logFile = `${p.config.bootstrap_root}/logs/bootstrap.log`;
     const offset = fileSize(host.path(logFile));
     const running = this.bed.bootstrap(host, p, { onOutput: opts.log, timeoutMs: opts.timeoutMs });
     let killed: FaultRun["killed"] = null;
     if (opts.kill) {
-      const poll = makeTriggerPoll(opts.kill.trigger, { hostPath: (i) => host.path(i), logFile, logOffset: offset, init: () => host.pid1(), stubPath: STUB_PATH });
+      const poll = makeTriggerPoll(opts.kill.trigger, {
+        hostPath: (i) => host.path(i),
+        logFile,
+        logOffset: offset,
+        init: () => host.pid1(),
+        stubPath: STUB_PATH,
+      });
       const at = await waitForTrigger(poll, running);
       if (at !== null) {
         const how = opts.kill.how ?? "sigkill";
@@ -83,7 +93,9 @@ export class FaultBed {
           processes = killTree(host.pid1(), STUB_PATH).map((x) => x.cmdline.slice(0, 120));
         }
         killed = { afterMs: at, how, processes };
-        opts.log?.(`[fault] ${opts.kill.name}: ${how} ${describeTrigger(opts.kill.trigger)} after ${(at / 1000).toFixed(1)} s (${processes.length} processes)\n`);
+        opts.log?.(
+          `[fault] ${opts.kill.name}: ${how} ${describeTrigger(opts.kill.trigger)} after ${(at / 1000).toFixed(1)} s (${processes.length} processes)\n`,
+        );
       }
     }
     const run = await running;

@@ -71,11 +71,14 @@ export async function expectNothingLeftOver(host: ThrowawayHost, prov: Provision
   expect((await host.sh("ls -A /var/lib/dpkg/updates")).trim(), "/var/lib/dpkg/updates").toBe("");
 
   // apt's timers, unattended-upgrades and man-db's trigger as found
-  expect((await foundState(host)), "apt timers / unattended-upgrades / man-db as found").toEqual(found);
+  expect(await foundState(host), "apt timers / unattended-upgrades / man-db as found").toEqual(found);
 
   // exactly one tagged fstab line (and one marker comment)
   const fstab = host.readFile("/etc/fstab").split("\n");
-  expect(fstab.filter((l) => l.includes("x-cocalc-bootstrap") && !l.trimStart().startsWith("#")), "tagged fstab lines").toHaveLength(1);
+  expect(
+    fstab.filter((l) => l.includes("x-cocalc-bootstrap") && !l.trimStart().startsWith("#")),
+    "tagged fstab lines",
+  ).toHaveLength(1);
   expect(fstab.filter((l) => l.startsWith("# cocalc-bootstrap:")).length, "fstab marker comments").toBeLessThanOrEqual(1);
 }
 
@@ -108,7 +111,10 @@ export async function hubEvents(prov: ProvisionedTestHost): Promise<Map<string, 
 export async function expectHubRecordComplete(prov: ProvisionedTestHost, lastRunId: string): Promise<void> {
   const runs = await hubEvents(prov);
   for (const [run, events] of runs) {
-    expect(events.map((e) => e.seq), `run ${run}: sequence numbers`).toEqual(events.map((_, i) => i));
+    expect(
+      events.map((e) => e.seq),
+      `run ${run}: sequence numbers`,
+    ).toEqual(events.map((_, i) => i));
   }
   const last = runs.get(lastRunId) ?? [];
   expect(last.length, `the hub has no events of the last run ${lastRunId}`).toBeGreaterThan(0);

@@ -22,7 +22,7 @@
  * sync, or a btrfs image's own unflushed state beyond what its loop device
  * had written into the ext4 file (that is lost with the rest).
  */
-import { mkdirSync, existsSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { ThrowawayHost } from "../host.js";
 import { LOOP_DEVICES } from "../machine.js";

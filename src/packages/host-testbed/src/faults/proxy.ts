@@ -18,7 +18,7 @@
  * listens again on the same port; a rule `refuseAfter` does that right after
  * a matching request was answered (e.g. once the stub has its config).
  */
-import { request as httpRequest, createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { createServer, request as httpRequest, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 
 export type FaultKind = "status" | "reset" | "truncate" | "corrupt" | "stall" | "drop" | "rewrite";
@@ -87,7 +87,6 @@ interface LiveRule {
   left: number;
   fired: number;
 }
-
 
 export interface FaultProxyOptions {
   upstream?: string;
@@ -188,7 +187,10 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
       const hasBody = method !== "HEAD" && entry.status !== 204 && entry.status !== 304;
       // stall before the head when nothing of the body comes first
       if (rule?.kind === "stall" && afterBytes === 0) await stall(rule.ms ?? 0);
-      if (res.destroyed) { upRes.destroy(); return; }
+      if (res.destroyed) {
+        upRes.destroy();
+        return;
+      }
       if (rule?.kind === "rewrite" && rule.transform) {
         const parts: Buffer[] = [];
         for await (const c of upRes) parts.push(c as Buffer);
@@ -210,7 +212,10 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
       let sent = 0;
       let stalled = rule?.kind === "stall" && afterBytes === 0;
       for await (const raw of upRes) {
-        if (res.destroyed) { upRes.destroy(); return; }
+        if (res.destroyed) {
+          upRes.destroy();
+          return;
+        }
         let chunk = raw as Buffer;
         if (rule && (rule.kind === "reset" || rule.kind === "truncate" || (rule.kind === "stall" && !stalled))) {
           const room = afterBytes - sent;
@@ -221,17 +226,22 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
             entry.bytes = sent;
             if (rule.kind === "reset") {
               res.socket?.resetAndDestroy();
-              { upRes.destroy(); return; }
+              upRes.destroy();
+              return;
             }
             if (rule.kind === "truncate") {
               // FIN without the rest: the client sees the body end early
               res.socket?.end();
               res.socket?.destroySoon();
-              { upRes.destroy(); return; }
+              upRes.destroy();
+              return;
             }
             await stall(rule.ms ?? 0);
             stalled = true;
-            if (res.destroyed) { upRes.destroy(); return; }
+            if (res.destroyed) {
+              upRes.destroy();
+              return;
+            }
             chunk = chunk.subarray(head.length);
             if (!chunk.length) continue;
           }
