@@ -110,7 +110,7 @@ describe("GET config", () => {
     const res = await fetch(url(`/hosts/${hostId}/config`));
     expect(res.status).toBe(401);
     expect(res.headers.get("www-authenticate")).toMatch(/^Bearer/);
-    expect(await res.json()).toEqual({ error: "bootstrap token missing" });
+    expect(await res.json()).toEqual({ error: "no credential: send Authorization: Bearer <host credential>", code: "missing" });
   });
 
   it("401 with an unknown token", async () => {
@@ -121,7 +121,7 @@ describe("GET config", () => {
   it("403 with another host's token", async () => {
     const res = await fetch(url(`/hosts/${hostId}/config`), { headers: auth(otherToken) });
     expect(res.status).toBe(403);
-    expect(await res.json()).toEqual({ error: "token belongs to another host" });
+    expect(await res.json()).toEqual({ error: "token belongs to another host", code: "foreign_host" });
   });
 
   it("400 for a bad host id", async () => {

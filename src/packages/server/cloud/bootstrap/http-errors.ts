@@ -13,6 +13,8 @@ export class HttpError extends Error {
     readonly status: number,
     message: string,
     readonly headers: Record<string, string> = {},
+    /** A stable machine-readable reason, sent as `code` beside `error` (e.g. "token_already_exchanged"). */
+    readonly code?: string,
   ) {
     super(message);
   }
@@ -74,7 +76,7 @@ export function errorHandler(opts: { maxBodyBytes: number; logError: ErrorLogger
       res
         .status(known.status)
         .set(known instanceof HttpError ? known.headers : {})
-        .json({ error: known.message });
+        .json(known instanceof HttpError && known.code ? { error: known.message, code: known.code } : { error: known.message });
       return;
     }
     // Unknown: log it for the operator (method and path only, never bodies or

@@ -5,6 +5,7 @@
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { createApp, DEFAULT_PREFIX, type HubApp } from "./app.js";
+import type { CredentialPolicy } from "./credentials.js";
 import { type Db, openDb } from "./db.js";
 import type { HostRecordInput, ProvisionedHost, SiteSettingsInput } from "./hosts.js";
 import { ManifestFetcher } from "./manifests.js";
@@ -33,6 +34,8 @@ export interface StartHubOptions {
   manifestTtlMs?: number;
   streamRecheckMs?: number;
   enableAdmin?: boolean;
+  /** When host credentials are due for rotation, and a rotated one's grace (credentials.ts). */
+  credentialPolicy?: CredentialPolicy;
   logError?: (message: string, error: unknown) => void;
 }
 
@@ -85,6 +88,7 @@ export async function startHub(opts: StartHubOptions): Promise<RunningHub> {
     staleAfterS: opts.staleAfterS,
     streamRecheckMs: opts.streamRecheckMs,
     enableAdmin: opts.enableAdmin,
+    credentialPolicy: opts.credentialPolicy,
     logError: opts.logError,
   });
   server.on("request", hub.app);

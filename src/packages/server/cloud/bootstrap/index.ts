@@ -5,6 +5,19 @@
  * the page) is internal.
  */
 export { type CreateAppOptions, createApp, DEFAULT_PREFIX, type HubApp } from "./app.js";
+export {
+  authorizeHost,
+  CREDENTIAL_RE,
+  type CredentialGrant,
+  type CredentialPolicy,
+  DEFAULT_ROTATE_AFTER_MS,
+  DEFAULT_ROTATION_GRACE_MS,
+  exchangeOrRotate,
+  type HostAuthVerdict,
+  type HostCredentialRecord,
+  hostCredentialRecord,
+  revokeHostCredentials,
+} from "./credentials.js";
 export { type Db, openDb, openPglite, pgDb, pgDbFromUrl, pgliteDb, type Queryable } from "./db.js";
 export {
   assembleHostConfig,

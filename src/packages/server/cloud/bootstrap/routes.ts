@@ -3,13 +3,18 @@
  *
  *   GET  P/bootstrap.py                  bootstrap.py, byte for byte (X-Bootstrap-Sha256)
  *   GET  P/hosts/:id/bootstrap.py        the same bytes (the stub's baseUrl is P/hosts/:id)
- *   GET  P/hosts/:id/config              the host's config                 (Bearer token)
- *   GET  P/hosts/:id/secrets/:name       one secret, text/plain            (Bearer token)
- *   POST P/hosts/:id/events              a batch of progress events        (Bearer token)
+ *   POST P/hosts/:id/credential          token → host credential; credential → rotated one (credentials.ts)
+ *   GET  P/hosts/:id/bootstrap.py.sha256 the sha256 of bootstrap.py as served    (Bearer credential)
+ *   GET  P/hosts/:id/config              the host's config                 (Bearer credential)
+ *   GET  P/hosts/:id/secrets/:name       one secret, text/plain            (Bearer credential)
+ *   POST P/hosts/:id/events              a batch of progress events        (Bearer credential)
  *   GET  P/hosts/:id/status              the status model (JSON)
+ *   GET  P/hosts/:id/credentials         the host's tokens, credentials and their log (JSON, no secrets)
  *   GET  P/hosts/:id/stream              server-sent events: `status` on every change (stream.ts)
  *   GET  P/hosts/:id/                    the progress page (+ progress-page.js, progress-page.css)
  *
+ * "Bearer credential": the host's credential, or its bootstrap token until
+ * that is exchanged (refused everywhere after; see credentials.ts).
  * Status, stream and page carry no token: the hub mounts them behind its own
  * login, or passes `authorizeViewer`.
  */
@@ -17,6 +22,7 @@ import { bootstrapPyBytes, bootstrapPySha256, EventBatchSchema, MAX_BATCH_BYTES 
 import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import express, { type NextFunction, type Request, type Response, type Router } from "express";
 import { z } from "zod/v4";
+import { authorizeHost, type CredentialPolicy, exchangeOrRotate, type HostAuthVerdict, hostCredentialRecord } from "./credentials.js";
 import type { Db } from "./db.js";
 import { withCallerAddress } from "./hosts.js";
 import { badRequest, errorHandler, HttpError, invalidContent, notFound } from "./http-errors.js";
@@ -24,7 +30,7 @@ import { PageNotBuiltError, progressPageHtml, progressPageScript, progressPageSt
 import { DEFAULT_STALE_AFTER_S, hostStatus } from "./status.js";
 import { EventConflictError, getHost, getSecret, hasEvents, insertEvents } from "./store.js";
 import { StatusStreams } from "./stream.js";
-import { bearerToken, verifyToken } from "./tokens.js";
+import { bearerToken } from "./tokens.js";
 
 export interface BootstrapRouterDeps {
   db: Db;
@@ -38,6 +44,8 @@ export interface BootstrapRouterDeps {
   now?: () => Date;
   /** Who may see status, stream and page (default: anyone who reaches the router). */
   authorizeViewer?: (req: Request, hostId: string) => boolean | Promise<boolean>;
+  /** When host credentials are due for rotation, and the grace of a rotated one. */
+  credentialPolicy?: CredentialPolicy;
   /** bootstrap.py as served (default: the packaged asset). */
   bootstrapPy?: { bytes: Buffer; sha256: string };
   logError?: (message: string, error: unknown) => void;
@@ -89,15 +97,17 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
   });
   let bootstrapPy = deps.bootstrapPy;
 
-  async function requireToken(req: Request, hostId: string): Promise<void> {
-    const verdict = await verifyToken(db, hostId, bearerToken(req.get("authorization")), now());
-    if (verdict.ok) return;
+  const callerAddress = (req: Request) => req.ip ?? req.socket.remoteAddress ?? null;
+
+  function refused(verdict: HostAuthVerdict & { ok: false }): HttpError {
     const challenge = { "WWW-Authenticate": 'Bearer realm="cocalc-bootstrap"' };
-    throw new HttpError(
-      verdict.status,
-      verdict.status === 403 ? "token belongs to another host" : `bootstrap token ${verdict.reason}`,
-      verdict.status === 401 ? challenge : {},
-    );
+    return new HttpError(verdict.status, verdict.message, verdict.status === 401 ? challenge : {}, verdict.code);
+  }
+
+  /** The host's credential (or its never-exchanged bootstrap token). */
+  async function requireHost(req: Request, hostId: string): Promise<void> {
+    const verdict = await authorizeHost(db, hostId, bearerToken(req.get("authorization")), { now: now(), address: callerAddress(req) });
+    if (!verdict.ok) throw refused(verdict);
   }
 
   async function requireViewer(req: Request, hostId: string): Promise<void> {
@@ -123,9 +133,44 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     sendBootstrapPy(req, res);
   }
 
+  /**
+   * Exchange (token) or rotate (credential). 201 `{credential, rotate_after}`
+   * with a new credential; 200 with `credential: null` when the presented
+   * credential is not due; 401/403 `{error, code}` otherwise (a replayed
+   * token: `token_already_exchanged`, recorded for the operator).
+   */
+  async function exchangeCredential(req: Request, res: Response): Promise<void> {
+    const hostId = hostIdOf(req);
+    const r = await exchangeOrRotate(db, hostId, bearerToken(req.get("authorization")), {
+      now: now(),
+      address: callerAddress(req),
+      ...deps.credentialPolicy,
+    });
+    if (!r.ok) throw refused(r);
+    res
+      .status(r.grant.credential ? 201 : 200)
+      .set("Cache-Control", "no-store")
+      .json({ credential: r.grant.credential, rotate_after: r.grant.rotateAfter.toISOString() });
+  }
+
+  /** bootstrap.py's sha256 over the host's authenticated channel: the stub takes a newer bootstrap.py only with it. */
+  async function sendBootstrapPySha(req: Request, res: Response): Promise<void> {
+    const hostId = hostIdOf(req);
+    await requireHost(req, hostId);
+    bootstrapPy ??= { bytes: bootstrapPyBytes(), sha256: bootstrapPySha256() };
+    res.status(200).set({ "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" }).send(`${bootstrapPy.sha256}\n`);
+  }
+
+  async function sendCredentialRecord(req: Request, res: Response): Promise<void> {
+    const hostId = hostIdOf(req);
+    await requireViewer(req, hostId);
+    await requireKnownHost(hostId);
+    res.set("Cache-Control", "no-store").json(await hostCredentialRecord(db, hostId));
+  }
+
   async function sendConfig(req: Request, res: Response): Promise<void> {
     const hostId = hostIdOf(req);
-    await requireToken(req, hostId);
+    await requireHost(req, hostId);
     const host = await getHost(db, hostId);
     if (!host) throw new HttpError(404, "no config for this host");
     res.set("Cache-Control", "no-store").json(withCallerAddress(host.config, req.ip ?? req.socket.remoteAddress));
@@ -135,7 +180,7 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     const hostId = hostIdOf(req);
     const name = SecretNameSchema.safeParse(param(req, "name"));
     if (!name.success) throw badRequest("secret name", name.error);
-    await requireToken(req, hostId);
+    await requireHost(req, hostId);
     const value = await getSecret(db, hostId, name.data);
     if (value === null) throw new HttpError(404, `no secret ${name.data} for this host`);
     res.status(200).set({ "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" }).send(value);
@@ -143,7 +188,7 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
 
   // The token is checked before the body is read: strangers cannot make us parse a megabyte.
   async function authorizeEvents(req: Request, _res: Response, next: NextFunction): Promise<void> {
-    await requireToken(req, hostIdOf(req));
+    await requireHost(req, hostIdOf(req));
     next();
   }
 
@@ -220,6 +265,9 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
   const router = express.Router();
   router.get("/bootstrap.py", sendBootstrapPy);
   router.get("/hosts/:id/bootstrap.py", sendHostBootstrapPy);
+  router.post("/hosts/:id/credential", exchangeCredential);
+  router.get("/hosts/:id/bootstrap.py.sha256", sendBootstrapPySha);
+  router.get("/hosts/:id/credentials", sendCredentialRecord);
   router.get("/hosts/:id/config", sendConfig);
   router.get("/hosts/:id/secrets/:name", sendSecret);
   router.post("/hosts/:id/events", authorizeEvents, express.json({ limit: maxBatchBytes, strict: true, type: () => true }), storeEvents);

@@ -46,6 +46,9 @@ export interface StoredToken {
   createdAt: Date;
   expiresAt: Date;
   revokedAt: Date | null;
+  /** When the token was exchanged for a host credential (single use), and from where. */
+  exchangedAt?: Date | null;
+  exchangedFrom?: string | null;
 }
 
 interface TokenRow {
@@ -54,10 +57,22 @@ interface TokenRow {
   created_at: Date;
   expires_at: Date;
   revoked_at: Date | null;
+  exchanged_at: Date | null;
+  exchanged_from: string | null;
 }
 
+const TOKEN_COLUMNS = "token_hash, host_id, created_at, expires_at, revoked_at, exchanged_at, exchanged_from";
+
 function tokenFromRow(r: TokenRow): StoredToken {
-  return { tokenHash: r.token_hash, hostId: r.host_id, createdAt: r.created_at, expiresAt: r.expires_at, revokedAt: r.revoked_at };
+  return {
+    tokenHash: r.token_hash,
+    hostId: r.host_id,
+    createdAt: r.created_at,
+    expiresAt: r.expires_at,
+    revokedAt: r.revoked_at,
+    exchangedAt: r.exchanged_at,
+    exchangedFrom: r.exchanged_from,
+  };
 }
 
 /** Revoke every live token of the host; returns how many were revoked. */
@@ -69,7 +84,7 @@ export async function revokeHostTokens(db: Queryable, hostId: string, now: Date)
   return rows.length;
 }
 
-export async function insertToken(db: Queryable, t: Omit<StoredToken, "revokedAt">): Promise<void> {
+export async function insertToken(db: Queryable, t: Omit<StoredToken, "revokedAt" | "exchangedAt" | "exchangedFrom">): Promise<void> {
   await db.query("INSERT INTO bootstrap_tokens (token_hash, host_id, created_at, expires_at) VALUES ($1, $2, $3, $4)", [
     t.tokenHash,
     t.hostId,
@@ -79,18 +94,177 @@ export async function insertToken(db: Queryable, t: Omit<StoredToken, "revokedAt
 }
 
 export async function findToken(db: Queryable, tokenHash: string): Promise<StoredToken | null> {
-  const rows = await db.query<TokenRow>("SELECT token_hash, host_id, created_at, expires_at, revoked_at FROM bootstrap_tokens WHERE token_hash = $1", [
-    tokenHash,
-  ]);
+  const rows = await db.query<TokenRow>(`SELECT ${TOKEN_COLUMNS} FROM bootstrap_tokens WHERE token_hash = $1`, [tokenHash]);
   return rows[0] ? tokenFromRow(rows[0]) : null;
 }
 
 export async function listHostTokens(db: Queryable, hostId: string): Promise<StoredToken[]> {
-  const rows = await db.query<TokenRow>(
-    "SELECT token_hash, host_id, created_at, expires_at, revoked_at FROM bootstrap_tokens WHERE host_id = $1 ORDER BY created_at",
+  const rows = await db.query<TokenRow>(`SELECT ${TOKEN_COLUMNS} FROM bootstrap_tokens WHERE host_id = $1 ORDER BY created_at`, [hostId]);
+  return rows.map(tokenFromRow);
+}
+
+// --- host credentials (migrations/003) ---------------------------------------------
+
+export interface StoredCredential {
+  credentialHash: string;
+  hostId: string;
+  createdAt: Date;
+  rotateAfter: Date;
+  supersededAt: Date | null;
+  graceUntil: Date | null;
+  firstUsedAt: Date | null;
+  lastUsedAt: Date | null;
+  revokedAt: Date | null;
+  revokedWhy: string | null;
+}
+
+interface CredentialRow {
+  credential_hash: string;
+  host_id: string;
+  created_at: Date;
+  rotate_after: Date;
+  superseded_at: Date | null;
+  grace_until: Date | null;
+  first_used_at: Date | null;
+  last_used_at: Date | null;
+  revoked_at: Date | null;
+  revoked_why: string | null;
+}
+
+const CREDENTIAL_COLUMNS =
+  "credential_hash, host_id, created_at, rotate_after, superseded_at, grace_until, first_used_at, last_used_at, revoked_at, revoked_why";
+
+function credentialFromRow(r: CredentialRow): StoredCredential {
+  return {
+    credentialHash: r.credential_hash,
+    hostId: r.host_id,
+    createdAt: r.created_at,
+    rotateAfter: r.rotate_after,
+    supersededAt: r.superseded_at,
+    graceUntil: r.grace_until,
+    firstUsedAt: r.first_used_at,
+    lastUsedAt: r.last_used_at,
+    revokedAt: r.revoked_at,
+    revokedWhy: r.revoked_why,
+  };
+}
+
+export async function insertCredential(db: Queryable, c: { credentialHash: string; hostId: string; createdAt: Date; rotateAfter: Date }): Promise<void> {
+  await db.query("INSERT INTO bootstrap_credentials (credential_hash, host_id, created_at, rotate_after) VALUES ($1, $2, $3, $4)", [
+    c.credentialHash,
+    c.hostId,
+    c.createdAt,
+    c.rotateAfter,
+  ]);
+}
+
+export async function findCredential(db: Queryable, credentialHash: string): Promise<StoredCredential | null> {
+  const rows = await db.query<CredentialRow>(`SELECT ${CREDENTIAL_COLUMNS} FROM bootstrap_credentials WHERE credential_hash = $1`, [credentialHash]);
+  return rows[0] ? credentialFromRow(rows[0]) : null;
+}
+
+export async function listHostCredentials(db: Queryable, hostId: string): Promise<StoredCredential[]> {
+  const rows = await db.query<CredentialRow>(
+    `SELECT ${CREDENTIAL_COLUMNS} FROM bootstrap_credentials WHERE host_id = $1 ORDER BY created_at, credential_hash`,
     [hostId],
   );
-  return rows.map(tokenFromRow);
+  return rows.map(credentialFromRow);
+}
+
+/**
+ * Mark a token exchanged, once: true for the one caller that flips it (a
+ * concurrent second exchange of the same token gets false).
+ */
+export async function markTokenExchanged(db: Queryable, tokenHash: string, now: Date, address: string | null): Promise<boolean> {
+  const rows = await db.query<{ token_hash: string }>(
+    `UPDATE bootstrap_tokens SET exchanged_at = $2, exchanged_from = $3
+      WHERE token_hash = $1 AND exchanged_at IS NULL AND revoked_at IS NULL RETURNING token_hash`,
+    [tokenHash, now, address],
+  );
+  return rows.length === 1;
+}
+
+/** Revoke the host's live credentials, except `keepHash`; returns how many. */
+export async function revokeCredentials(db: Queryable, hostId: string, now: Date, why: string, keepHash: string | null = null): Promise<number> {
+  const rows = await db.query<{ credential_hash: string }>(
+    `UPDATE bootstrap_credentials SET revoked_at = $2, revoked_why = $3
+      WHERE host_id = $1 AND revoked_at IS NULL AND ($4::text IS NULL OR credential_hash <> $4::text) RETURNING credential_hash`,
+    [hostId, now, why, keepHash],
+  );
+  return rows.length;
+}
+
+/** The credential was replaced by a rotation: valid until `graceUntil` (an earlier grace is kept). */
+export async function supersedeCredential(db: Queryable, credentialHash: string, now: Date, graceUntil: Date): Promise<void> {
+  await db.query(
+    `UPDATE bootstrap_credentials SET superseded_at = coalesce(superseded_at, $2), grace_until = least(coalesce(grace_until, $3), $3)
+      WHERE credential_hash = $1`,
+    [credentialHash, now, graceUntil],
+  );
+}
+
+/**
+ * Record a use of a credential (at most one write a minute per credential).
+ * The first use of a credential that was not superseded ends its
+ * predecessors' grace: they are revoked. Returns how many were revoked.
+ */
+export async function recordCredentialUse(db: Queryable, c: StoredCredential, now: Date): Promise<number> {
+  if (c.lastUsedAt && now.getTime() - c.lastUsedAt.getTime() < 60_000 && c.firstUsedAt) return 0;
+  const first = c.firstUsedAt === null;
+  await db.query(
+    "UPDATE bootstrap_credentials SET first_used_at = coalesce(first_used_at, $2), last_used_at = greatest(coalesce(last_used_at, $2), $2) WHERE credential_hash = $1",
+    [c.credentialHash, now],
+  );
+  if (!first || c.supersededAt !== null) return 0;
+  const rows = await db.query<{ credential_hash: string }>(
+    `UPDATE bootstrap_credentials SET revoked_at = $3, revoked_why = 'its successor is in use'
+      WHERE host_id = $1 AND credential_hash <> $2 AND superseded_at IS NOT NULL AND revoked_at IS NULL RETURNING credential_hash`,
+    [c.hostId, c.credentialHash, now],
+  );
+  return rows.length;
+}
+
+export type CredentialLogKind = "exchange" | "replay" | "rotate" | "revoke" | "refused";
+
+export interface CredentialLogEntry {
+  at: Date;
+  kind: CredentialLogKind;
+  address: string | null;
+  detail: string;
+}
+
+/**
+ * Add an entry to the host's credential log. A `replay` or `refused` entry
+ * that repeats one from the same address within a minute is not written
+ * again (someone hammering with a leaked token cannot fill the table).
+ */
+export async function logCredentialEvent(db: Queryable, hostId: string, e: CredentialLogEntry): Promise<void> {
+  if (e.kind === "replay" || e.kind === "refused") {
+    await db.query(
+      `INSERT INTO bootstrap_credential_log (host_id, at, kind, address, detail)
+       SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (
+         SELECT 1 FROM bootstrap_credential_log WHERE host_id = $1 AND kind = $3 AND address IS NOT DISTINCT FROM $4 AND detail = $5
+            AND at > $2::timestamptz - interval '1 minute' AND at <= $2::timestamptz)`,
+      [hostId, e.at, e.kind, e.address, e.detail],
+    );
+    return;
+  }
+  await db.query("INSERT INTO bootstrap_credential_log (host_id, at, kind, address, detail) VALUES ($1, $2, $3, $4, $5)", [
+    hostId,
+    e.at,
+    e.kind,
+    e.address,
+    e.detail,
+  ]);
+}
+
+/** The host's credential log, newest first (at most `limit`). */
+export async function listCredentialLog(db: Queryable, hostId: string, limit = 100): Promise<CredentialLogEntry[]> {
+  const rows = await db.query<{ at: Date; kind: CredentialLogKind; address: string | null; detail: string }>(
+    "SELECT at, kind, address, detail FROM bootstrap_credential_log WHERE host_id = $1 ORDER BY at DESC, id DESC LIMIT $2",
+    [hostId, limit],
+  );
+  return rows.map((r) => ({ at: r.at, kind: r.kind, address: r.address, detail: r.detail }));
 }
 
 // --- secrets ---------------------------------------------------------------------------

@@ -2,16 +2,18 @@
  * Per-host bootstrap tokens. The token is 32 random bytes (base64url) handed
  * to the host once, inside its stub; the database only ever holds its
  * sha256. Issuing a token revokes the host's older ones, and a token only
- * speaks for the host it was issued to.
+ * speaks for the host it was issued to. It is single use: the host's stub
+ * exchanges it for a host credential (credentials.ts), after which it is
+ * refused everywhere.
  */
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
-import type { Db } from "./db.js";
+import type { Db, Queryable } from "./db.js";
 import { findToken, insertToken, revokeHostTokens } from "./store.js";
 
 export const DEFAULT_TOKEN_TTL_MS = 24 * 60 * 60 * 1000;
 const TOKEN_BYTES = 32;
 /** base64url of 32 bytes; anything else is rejected before touching the database. */
-const TOKEN_RE = /^[A-Za-z0-9_-]{43}$/;
+export const TOKEN_RE = /^[A-Za-z0-9_-]{43}$/;
 
 export function hashToken(token: string): string {
   return createHash("sha256").update(token, "utf8").digest("hex");
@@ -39,10 +41,10 @@ export async function revokeTokens(db: Db, hostId: string, now = new Date()): Pr
 
 export type TokenVerdict =
   | { ok: true }
-  | { ok: false; status: 401 | 403; reason: "missing" | "malformed" | "unknown" | "expired" | "revoked" | "foreign host" };
+  | { ok: false; status: 401 | 403; reason: "missing" | "malformed" | "unknown" | "expired" | "revoked" | "exchanged" | "foreign host" };
 
 /** Check a presented token against the host it claims to speak for. */
-export async function verifyToken(db: Db, hostId: string, token: string | null, now = new Date()): Promise<TokenVerdict> {
+export async function verifyToken(db: Queryable, hostId: string, token: string | null, now = new Date()): Promise<TokenVerdict> {
   if (!token) return { ok: false, status: 401, reason: "missing" };
   if (!TOKEN_RE.test(token)) return { ok: false, status: 401, reason: "malformed" };
   const presented = hashToken(token);
@@ -53,6 +55,8 @@ export async function verifyToken(db: Db, hostId: string, token: string | null, 
     return { ok: false, status: 401, reason: "unknown" };
   }
   if (stored.hostId !== hostId) return { ok: false, status: 403, reason: "foreign host" };
+  // Single use: once exchanged for a host credential (credentials.ts), the token opens nothing.
+  if (stored.exchangedAt) return { ok: false, status: 401, reason: "exchanged" };
   if (stored.revokedAt) return { ok: false, status: 401, reason: "revoked" };
   if (stored.expiresAt.getTime() <= now.getTime()) return { ok: false, status: 401, reason: "expired" };
   return { ok: true };
