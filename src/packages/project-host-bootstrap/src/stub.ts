@@ -16,8 +16,9 @@
  * any process on the VM, which is why tokens are per host, expiring and
  * revocable. When `token` is null (e.g. the connector already wrote the file,
  * 0600, owned by the bootstrap user) the stub uses the existing token file.
- * For downloads the token is read from that file into a shell variable and
- * given to curl as a `--config -` here-document on stdin (never argv).
+ * For the exchange the token is read from that file into a shell variable and
+ * given to curl as a `--config -` here-document on stdin (never argv); the
+ * host credential it gets back travels the same way.
  */
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
@@ -32,6 +33,12 @@ export const BOOTSTRAP_TOKEN_RE = /^[A-Za-z0-9._~+/=-]{16,512}$/;
 /** Names of the files the stub writes in bootstrap_dir (besides the token and config). */
 export const STUB_LOG_FILE_NAME = "bootstrap.log";
 export const BOOTSTRAP_PY_FILE_NAME = "bootstrap.py";
+/**
+ * The host credential the stub gets for the bootstrap token (single use) on
+ * first contact: one line, mode 0600, in bootstrap_dir; bootstrap.py reads it
+ * (python/cocalc_bootstrap/credentials.py) and rotates it when the hub says.
+ */
+export const CREDENTIAL_FILE_NAME = "host-credential";
 
 export interface StubOptions {
   /** Per-host base of the hub's bootstrap routes; the stub GETs `<baseUrl>/bootstrap.py` and `<baseUrl>/config`. */
@@ -131,6 +138,7 @@ function settingsBlock(opts: StubOptions): string {
     ["config_file", CONFIG_FILE_NAME],
     ["bootstrap_py", BOOTSTRAP_PY_FILE_NAME],
     ["log_file", STUB_LOG_FILE_NAME],
+    ["credential_file", CREDENTIAL_FILE_NAME],
   ];
   const lines = [
     "# >>> settings: rendered by renderStub() for this host; everything else is stub/stub.sh verbatim.",
@@ -168,12 +176,19 @@ function settingsBlock(opts: StubOptions): string {
  * 2. As the user: refuses if it is not the bootstrap user; `umask 077`;
  *    creates bootstrap_dir; from here on tees all output to
  *    `<bootstrap_dir>/bootstrap.log` (through a fifo, so exit codes survive).
- * 3. Writes the token file (0600), downloads bootstrap.py with curl (retries,
- *    timeouts, `Authorization: Bearer` from the token file), checks its
- *    sha256 against the rendered one and only then moves it into place;
- *    downloads the config the same way.
- * 4. Runs `python3 bootstrap.py --config <bootstrap_dir>/bootstrap-config.json
- *    [stub args]` and exits with its exit code.
+ * 3. Writes the token file (0600) unless that token was exchanged already;
+ *    on first contact exchanges it (`POST <baseUrl>/credential`, single use)
+ *    for the host credential (`host-credential`, 0600), records the token's
+ *    sha256 and deletes the token file.
+ * 4. With the credential: asks the hub for bootstrap.py's sha256
+ *    (`<baseUrl>/bootstrap.py.sha256`; without that route, the rendered one),
+ *    downloads bootstrap.py only when the local one differs, checks it and
+ *    keeps the previous one as `bootstrap.py.prev`; downloads the config.
+ * 5. Runs `python3 bootstrap.py --config <bootstrap_dir>/bootstrap-config.json
+ *    [stub args]` and exits with its exit code. When the hub cannot be used
+ *    (no answer, token expired, credential refused) on a host that was
+ *    bootstrapped before, runs the local verified bootstrap.py (else
+ *    bootstrap.py.prev) in `reconcile` mode against the local config instead.
  */
 export function renderStub(opts: StubOptions): string {
   const issues = checkStubOptions(opts);

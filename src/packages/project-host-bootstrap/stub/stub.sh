@@ -1,9 +1,16 @@
 #!/bin/sh
 # CoCalc project-host bootstrap stub (stub/stub.sh in @cocalc/project-host-bootstrap;
 # renderStub() fills in the settings block below, nothing else).
-# It downloads bootstrap.py (checking its sha256) and this host's config, and
-# runs bootstrap.py as the non-root bootstrap user. Everything is in functions
-# and main runs on the last line, so a truncated download runs nothing.
+# On first contact it exchanges the bootstrap token (single use) for this
+# host's own credential (a 0600 file), deletes the token file, and uses the
+# credential from then on: it takes bootstrap.py (checking its sha256: the one
+# the hub gives over that authenticated channel, else the rendered one; the
+# previous bootstrap.py is kept as bootstrap.py.prev) and this host's config,
+# and runs bootstrap.py as the non-root bootstrap user. On a bootstrapped host
+# it never fails the boot for the hub's reasons (no answer, token expired,
+# credential refused): it runs the local, verified bootstrap.py against the
+# local config in reconcile mode. Everything is in functions and main runs on
+# the last line, so a truncated download runs nothing.
 # Usage: sh THIS_FILE [bootstrap.py arguments]   (as root: BOOTSTRAP_USER=user)
 set -u
 
@@ -23,6 +30,7 @@ settings() {
   config_file=$bootstrap_dir/'bootstrap-config.json'
   bootstrap_py=$bootstrap_dir/'bootstrap.py'
   log_file=$bootstrap_dir/'bootstrap.log'
+  credential_file=$bootstrap_dir/'host-credential'
   token_embedded=0
 }
 # <<< settings
@@ -59,43 +67,214 @@ drop_root() {
   fi
 }
 
+# The sha256 of a token (on stdin), as recorded once it is exchanged.
+token_digest() {
+  d=$(sha256sum) || return 1
+  printf '%s\n' "${d%% *}"
+}
+
 # The token comes from embedded_token (a quoted here-document in the settings
 # block, written by cat straight into the 0600 file), or, when the stub carries
-# none, from a token file that is already there.
+# none, from a token file that is already there. An embedded token that was
+# exchanged already (its sha256 is in $exchanged_file) is not written again:
+# on every later boot the stub uses the host credential instead.
 write_token() {
   if [ "$token_embedded" = 1 ]; then
+    if [ -s "$credential_file" ] && [ -s "$exchanged_file" ] &&
+      [ "$(embedded_token | token_digest)" = "$(cat "$exchanged_file")" ]; then
+      rm -f "$token_file"
+      return 0
+    fi
     rm -f "$token_file.part"
     embedded_token >"$token_file.part" || err "cannot write $token_file"
     chmod 600 "$token_file.part" || err "cannot chmod 600 $token_file.part"
     mv -f "$token_file.part" "$token_file" || err "cannot install $token_file"
-  else
-    [ -s "$token_file" ] || err "no bootstrap token: expected it in $token_file (mode 0600)"
+  elif [ -s "$token_file" ]; then
     chmod 600 "$token_file" || err "cannot chmod 600 $token_file"
+  elif [ ! -s "$credential_file" ]; then
+    err "no bootstrap token: expected it in $token_file (mode 0600)"
   fi
 }
 
-read_token() {
-  token=
-  IFS= read -r token <"$token_file" || [ -n "$token" ] || err "cannot read $token_file"
-  case $token in
-    '' | *[!A-Za-z0-9._~+/=-]*) err "the token in $token_file is malformed" ;;
+# read_secret FILE: its first line into $auth, refused unless it looks like a token.
+read_secret() {
+  auth=
+  IFS= read -r auth <"$1" || [ -n "$auth" ] || err "cannot read $1"
+  case $auth in
+    '' | *[!A-Za-z0-9._~+/=-]*) err "the token in $1 is malformed" ;;
   esac
 }
 
-# fetch URL DEST: the token goes to curl on stdin (--config -), never in argv.
-fetch() {
-  rm -f "$2"
-  curl --fail --silent --show-error --location --proto '=http,https' \
-    --retry "$curl_retries" --retry-all-errors --connect-timeout 10 --max-time "$curl_max_time" \
-    --output "$2" --config - "$1" <<EOF
-header = "Authorization: Bearer $token"
+# hub_request METHOD URL DEST: the answer's body in DEST, its status in
+# $http_status (000: no answer). $auth goes to curl on stdin (--config -),
+# never in argv. Retries only when there was no answer (or a 408/429/5xx).
+hub_request() {
+  rm -f "$3"
+  http_status=$(curl --silent --location --proto '=http,https' --request "$1" \
+    --retry "$curl_retries" --retry-connrefused --connect-timeout 10 --max-time "$curl_max_time" \
+    --output "$3" --write-out '%{http_code}' --config - "$2" <<EOF
+header = "Authorization: Bearer $auth"
 EOF
+  ) || http_status=000
+  case $http_status in
+    [1-9][0-9][0-9]) ;;
+    *) http_status=000 ;;
+  esac
+}
+
+# The hub's error code from a JSON answer (empty when there is none).
+answer_code() {
+  sed -n 's/.*"code":"\([a-z_]*\)".*/\1/p' "$1" 2>/dev/null | head -n 1
 }
 
 # On stdin, because sha256sum escapes file names with a newline or backslash.
 verify_sha256() {
   actual=$(sha256sum <"$1") || return 1
   [ "${actual%% *}" = "$2" ]
+}
+
+# The sha256 in FILE (what was verified when the file beside it was installed).
+recorded_sha256() {
+  r=
+  IFS= read -r r <"$1" 2>/dev/null || [ -n "$r" ] || return 1
+  case $r in
+    '' | *[!0-9a-f]*) return 1 ;;
+  esac
+  [ ${#r} = 64 ] || return 1
+  printf '%s\n' "$r"
+}
+
+# The exchange: the bootstrap token (single use) for this host's credential.
+# A POST is never retried after an answer: a second exchange is refused.
+# Returns 1 (with $hub_problem) when the hub cannot be used.
+exchange_token() {
+  read_secret "$token_file"
+  resp=$bootstrap_dir/.credential-answer
+  say "exchanging the bootstrap token for this host's credential"
+  hub_request POST "$base_url/credential" "$resp"
+  case $http_status in
+    201)
+      credential=$(sed -n 's/.*"credential":"\(cchc_[A-Za-z0-9_-]*\)".*/\1/p' "$resp")
+      rotate_after=$(sed -n 's/.*"rotate_after":"\([0-9T:.Z-]*\)".*/\1/p' "$resp")
+      rm -f "$resp"
+      [ -n "$credential" ] || err "the hub's answer to the exchange holds no credential"
+      rm -f "$credential_file.part"
+      printf '%s\n' "$credential" >"$credential_file.part" || err "cannot write $credential_file"
+      chmod 600 "$credential_file.part" || err "cannot chmod 600 $credential_file.part"
+      mv -f "$credential_file.part" "$credential_file" || err "cannot install $credential_file"
+      printf '%s\n' "$rotate_after" >"$credential_file.rotate-after" || err "cannot write $credential_file.rotate-after"
+      token_digest <"$token_file" >"$exchanged_file" || err "cannot write $exchanged_file"
+      rm -f "$token_file"
+      say "this host has its credential ($credential_file, 0600); the bootstrap token is spent and deleted"
+      ;;
+    000)
+      rm -f "$resp"
+      hub_problem="the hub at $base_url did not answer"
+      return 1
+      ;;
+    *)
+      code=$(answer_code "$resp")
+      rm -f "$resp"
+      say "the hub refused the bootstrap token (HTTP $http_status${code:+, $code})"
+      if [ "$code" = token_already_exchanged ] && [ -s "$credential_file" ]; then
+        token_digest <"$token_file" >"$exchanged_file" || err "cannot write $exchanged_file"
+        rm -f "$token_file"
+      fi
+      [ -s "$credential_file" ] || {
+        hub_problem="the hub refused the bootstrap token (HTTP $http_status${code:+, $code}) and this host has no credential"
+        return 1
+      }
+      ;;
+  esac
+}
+
+# A newer bootstrap.py only through the credential and the sha256 the hub
+# gives with it (else the rendered one); the previous one is kept as
+# bootstrap.py.prev. Returns 1 (with $hub_problem) when the hub cannot be used.
+update_bootstrap_py() {
+  want=$bootstrap_py_sha256
+  hub_request GET "$base_url/bootstrap.py.sha256" "$bootstrap_py.sha256.part"
+  case $http_status in
+    200)
+      want=$(recorded_sha256 "$bootstrap_py.sha256.part") || err "the hub's bootstrap.py.sha256 is not a sha256"
+      ;;
+    404) ;; # a hub without that route: the rendered sha256
+    000)
+      rm -f "$bootstrap_py.sha256.part"
+      hub_problem="the hub at $base_url did not answer"
+      return 1
+      ;;
+    *)
+      code=$(answer_code "$bootstrap_py.sha256.part")
+      rm -f "$bootstrap_py.sha256.part"
+      hub_problem="the hub refused this host's credential (HTTP $http_status${code:+, $code})"
+      return 1
+      ;;
+  esac
+  rm -f "$bootstrap_py.sha256.part"
+  if [ -f "$bootstrap_py" ] && verify_sha256 "$bootstrap_py" "$want"; then
+    printf '%s\n' "$want" >"$bootstrap_py.sha256" || err "cannot write $bootstrap_py.sha256"
+    return 0
+  fi
+  say "downloading $base_url/bootstrap.py"
+  hub_request GET "$base_url/bootstrap.py" "$bootstrap_py.part"
+  if [ "$http_status" != 200 ]; then
+    rm -f "$bootstrap_py.part"
+    hub_problem="downloading bootstrap.py failed (HTTP $http_status)"
+    return 1
+  fi
+  if ! verify_sha256 "$bootstrap_py.part" "$want" || ! python3 "$bootstrap_py.part" --version >/dev/null 2>&1 </dev/null; then
+    rm -f "$bootstrap_py.part"
+    [ -s "$bootstrap_py.sha256" ] || err "bootstrap.py does not have the expected sha256 $want (or does not run); not running it"
+    say "the new bootstrap.py does not have the expected sha256 $want (or does not run); keeping the current one"
+    return 0
+  fi
+  if [ -f "$bootstrap_py" ] && [ -s "$bootstrap_py.sha256" ]; then
+    cp -p "$bootstrap_py" "$bootstrap_py.prev" || err "cannot keep the previous bootstrap.py as $bootstrap_py.prev"
+    cp -p "$bootstrap_py.sha256" "$bootstrap_py.prev.sha256" || err "cannot write $bootstrap_py.prev.sha256"
+  fi
+  mv -f "$bootstrap_py.part" "$bootstrap_py" || err "cannot install $bootstrap_py"
+  printf '%s\n' "$want" >"$bootstrap_py.sha256" || err "cannot write $bootstrap_py.sha256"
+}
+
+fetch_config() {
+  say "downloading $base_url/config"
+  hub_request GET "$base_url/config" "$config_file.part"
+  if [ "$http_status" != 200 ]; then
+    code=$(answer_code "$config_file.part")
+    rm -f "$config_file.part"
+    hub_problem="downloading the config failed (HTTP $http_status${code:+, $code})"
+    return 1
+  fi
+  mv -f "$config_file.part" "$config_file" || err "cannot install $config_file"
+}
+
+# Everything from the hub: the credential, bootstrap.py, the config. 1: not now ($hub_problem says why).
+from_hub() {
+  hub_problem=
+  if [ -s "$token_file" ]; then
+    exchange_token || return 1
+  fi
+  if [ ! -s "$credential_file" ]; then
+    hub_problem="no host credential in $credential_file"
+    return 1
+  fi
+  read_secret "$credential_file"
+  update_bootstrap_py || return 1
+  fetch_config
+}
+
+# The local bootstrap.py that was verified when it was installed, else the previous one.
+local_bootstrap_py() {
+  for py in "$bootstrap_py" "$bootstrap_py.prev"; do
+    sha=$(recorded_sha256 "$py.sha256") || continue
+    if [ -f "$py" ] && verify_sha256 "$py" "$sha"; then
+      printf '%s\n' "$py"
+      return 0
+    fi
+    say "$py does not match its recorded sha256; not using it" >&2
+  done
+  return 1
 }
 
 # Tee everything from here on to the log. A fifo instead of a pipeline keeps
@@ -120,28 +299,27 @@ run_bootstrap() {
   me=$(id -un) || err "cannot tell who I am"
   user=${BOOTSTRAP_USER:-${default_user:-$me}}
   [ "$user" = "$me" ] || err "running as $me, but the bootstrap user is $user; run this as $user, or as root"
-  for cmd in curl sha256sum python3 mkfifo tee mkdir chmod mv rm; do
+  for cmd in curl sha256sum python3 mkfifo tee mkdir chmod mv rm cp sed; do
     need_cmd "$cmd"
   done
+  exchanged_file=$token_file.exchanged
   umask 077
   mkdir -p "$bootstrap_dir" || err "cannot create $bootstrap_dir"
   cd "$bootstrap_dir" || err "cannot enter $bootstrap_dir"
   start_log
   say "bootstrap as $me in $bootstrap_dir ($(date -u '+%Y-%m-%dT%H:%M:%SZ'))"
   write_token
-  read_token
-  say "downloading $base_url/bootstrap.py"
-  fetch "$base_url/bootstrap.py" "$bootstrap_py.part" || err "downloading bootstrap.py failed"
-  if ! verify_sha256 "$bootstrap_py.part" "$bootstrap_py_sha256"; then
-    rm -f "$bootstrap_py.part"
-    err "bootstrap.py does not have the expected sha256 $bootstrap_py_sha256; not running it"
+  if from_hub; then
+    py=$bootstrap_py
+  else
+    # Not the host's fault: run what this host already has, in reconcile mode.
+    py=$(local_bootstrap_py) && [ -s "$config_file" ] ||
+      err "$hub_problem; this host was never bootstrapped, so there is nothing local to run"
+    say "$hub_problem; reconciling this host with its local bootstrap.py and config"
+    [ $# -gt 0 ] || set -- reconcile
   fi
-  mv -f "$bootstrap_py.part" "$bootstrap_py" || err "cannot install $bootstrap_py"
-  say "downloading $base_url/config"
-  fetch "$base_url/config" "$config_file.part" || err "downloading the config failed"
-  mv -f "$config_file.part" "$config_file" || err "cannot install $config_file"
-  say "running python3 $bootstrap_py --config $config_file $*"
-  python3 "$bootstrap_py" --config "$config_file" "$@" </dev/null
+  say "running python3 $py --config $config_file $*"
+  python3 "$py" --config "$config_file" "$@" </dev/null
   rc=$?
   say "bootstrap.py exited with $rc"
   stop_log

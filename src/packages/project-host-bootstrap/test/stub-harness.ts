@@ -21,6 +21,7 @@ export function newToken(): string {
 }
 
 export interface HubRequest {
+  method: string;
   path: string;
   authorization: string | undefined;
 }
@@ -28,23 +29,69 @@ export interface HubRequest {
 export interface HubStandIn {
   baseUrl: string;
   requests: HubRequest[];
-  /** What `<base>/bootstrap.py` and `<base>/config` answer; tests change them between runs. */
-  files: { bootstrapPy: Buffer; config: Buffer };
+  /**
+   * What `<base>/bootstrap.py` and `<base>/config` answer, and the sha256
+   * `<base>/bootstrap.py.sha256` gives (null: 404, like a hub without that
+   * route); tests change them between runs.
+   */
+  files: { bootstrapPy: Buffer; config: Buffer; sha256?: string | null };
+  /** A further bootstrap token this hub accepts (single use, like the first). */
+  newToken(): string;
+  /** Every credential issued so far. */
+  credentials(): string[];
+  /** Refuse every credential from now on (401 credential_revoked), as the hub does on stop/delete. */
+  revokeAll(): void;
   close(): Promise<void>;
 }
 
-/** Serves `<base>/bootstrap.py` and `<base>/config`, both only with `Authorization: Bearer <token>`. */
+/**
+ * A hub stand-in with the real hub's credential contract: `POST
+ * <base>/credential` exchanges a token once (201 {credential, rotate_after};
+ * again: 401 token_already_exchanged); the credential (or a token never
+ * exchanged) opens `<base>/bootstrap.py`, `<base>/bootstrap.py.sha256` and
+ * `<base>/config`.
+ */
 export async function startHub(token: string, files: HubStandIn["files"]): Promise<HubStandIn> {
   const base = "/api/bootstrap/hosts/3f2c8a1e-7b4d-4e5f-9a6b-0c1d2e3f4a5b";
   const requests: HubRequest[] = [];
+  const tokens = new Map<string, boolean>([[token, false]]); // token -> exchanged
+  const credentials = new Set<string>();
+  let revoked = false;
   const hub = { files } as HubStandIn;
+  const json = (res: import("node:http").ServerResponse, status: number, body: unknown) =>
+    res.writeHead(status, { "content-type": "application/json" }).end(JSON.stringify(body));
   const server: Server = createServer((req, res) => {
-    requests.push({ path: req.url ?? "", authorization: req.headers.authorization });
-    if (req.headers.authorization !== `Bearer ${token}`) {
-      res.writeHead(401).end("unauthorized\n");
+    requests.push({ method: req.method ?? "", path: req.url ?? "", authorization: req.headers.authorization });
+    const bearer = /^Bearer (\S+)$/.exec(req.headers.authorization ?? "")?.[1] ?? "";
+    if (req.method === "POST" && req.url === `${base}/credential`) {
+      if (tokens.get(bearer) === false) {
+        tokens.set(bearer, true);
+        const credential = `cchc_${randomBytes(32).toString("base64url")}`;
+        credentials.add(credential);
+        json(res, 201, { credential, rotate_after: "2030-01-01T00:00:00.000Z" });
+      } else if (tokens.get(bearer) === true) {
+        json(res, 401, { error: "bootstrap token already exchanged", code: "token_already_exchanged" });
+      } else if (credentials.has(bearer) && !revoked) {
+        json(res, 200, { credential: null, rotate_after: "2030-01-01T00:00:00.000Z" });
+      } else {
+        json(res, 401, { error: "unknown", code: "unknown_token" });
+      }
       return;
     }
-    const body = req.url === `${base}/bootstrap.py` ? hub.files.bootstrapPy : req.url === `${base}/config` ? hub.files.config : null;
+    const ok = (credentials.has(bearer) && !revoked) || tokens.get(bearer) === false;
+    if (!ok) {
+      json(res, 401, { error: "refused", code: credentials.has(bearer) ? "credential_revoked" : "unknown_token" });
+      return;
+    }
+    const sha = hub.files.sha256 ?? null;
+    const body =
+      req.url === `${base}/bootstrap.py`
+        ? hub.files.bootstrapPy
+        : req.url === `${base}/config`
+          ? hub.files.config
+          : req.url === `${base}/bootstrap.py.sha256` && sha !== null
+            ? Buffer.from(`${sha}\n`)
+            : null;
     if (req.method !== "GET" || body === null) {
       res.writeHead(404).end("not found\n");
       return;
@@ -55,6 +102,15 @@ export async function startHub(token: string, files: HubStandIn["files"]): Promi
   const { port } = server.address() as AddressInfo;
   hub.baseUrl = `http://127.0.0.1:${port}${base}`;
   hub.requests = requests;
+  hub.newToken = () => {
+    const t = newToken();
+    tokens.set(t, false);
+    return t;
+  };
+  hub.credentials = () => [...credentials];
+  hub.revokeAll = () => {
+    revoked = true;
+  };
   hub.close = () => new Promise((resolve) => server.close(() => resolve()));
   return hub;
 }
@@ -117,10 +173,11 @@ export function makeCurlRecorder(top: string): { binDir: string; argvLog: string
 }
 
 /**
- * A stand-in for bootstrap.py: records argv, uid, the token file's mode, and
- * every process whose command line or environment contains the token
- * (scanning /proc while the stub and its tee are still running); prints a
- * line; exits with the config's `exit_code`.
+ * A stand-in for bootstrap.py: records argv, uid, the credential file's mode,
+ * whether the token file is still there, and every process whose command
+ * line or environment contains the credential (scanning /proc while the stub
+ * and its tee are still running); prints a line; exits with the config's
+ * `exit_code`. `--version` answers (the stub runs it before installing).
  */
 export const STAND_IN_BOOTSTRAP_PY = Buffer.from(`import json
 import os
@@ -128,11 +185,14 @@ import stat
 import sys
 
 args = sys.argv[1:]
+if args == ["--version"]:
+    print("stand-in 0")
+    sys.exit(0)
 config_path = args[args.index("--config") + 1]
 bootstrap_dir = os.path.dirname(config_path)
-token_path = os.path.join(bootstrap_dir, "bootstrap-token")
-with open(token_path, "rb") as f:
-    token = f.read().strip()
+credential_path = os.path.join(bootstrap_dir, "host-credential")
+with open(credential_path, "rb") as f:
+    credential = f.read().strip()
 leaks = []
 for pid in os.listdir("/proc"):
     if not pid.isdigit():
@@ -140,7 +200,7 @@ for pid in os.listdir("/proc"):
     for what in ("cmdline", "environ"):  # environ is readable for our own processes only
         try:
             with open(f"/proc/{pid}/{what}", "rb") as f:
-                if token in f.read():
+                if credential in f.read():
                     leaks.append(f"{pid}/{what}")
         except OSError:
             pass
@@ -150,7 +210,8 @@ result = {
     "argv": args,
     "uid": os.getuid(),
     "cwd": os.getcwd(),
-    "token_mode": stat.S_IMODE(os.stat(token_path).st_mode),
+    "credential_mode": stat.S_IMODE(os.stat(credential_path).st_mode),
+    "token_file_exists": os.path.exists(os.path.join(bootstrap_dir, "bootstrap-token")),
     "leaks": leaks,
     "stdin_is_devnull": os.path.samefile("/proc/self/fd/0", "/dev/null"),
 }

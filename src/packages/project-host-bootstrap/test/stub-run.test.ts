@@ -6,6 +6,7 @@
  * use a user namespace (`unshare -r`) when the kernel allows one.
  */
 import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { type AddressInfo, createServer as createNetServer } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { exampleHostFacts } from "../scripts/example-host.js";
@@ -77,7 +78,7 @@ function standInResult(): Record<string, unknown> {
 }
 
 describe("a rendered stub, run for real", () => {
-  it("downloads, verifies and runs bootstrap.py as the bootstrap user; the token stays in its 0600 file", async () => {
+  it("exchanges the token for the host credential (0600), deletes the token, and downloads, verifies and runs bootstrap.py with it", async () => {
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
     const stub = writeStub("ok.sh", renderStub(stubOptions()));
     const started = Date.now();
@@ -86,11 +87,16 @@ describe("a rendered stub, run for real", () => {
     expect(r.stderr + r.stdout).toContain("stand-in bootstrap.py ran");
     expect(r.code, r.stderr).toBe(0);
 
-    const tokenFile = join(bootstrapDir, "bootstrap-token");
-    const st = statSync(tokenFile);
+    const [credential] = hub.credentials();
+    expect(credential).toMatch(/^cchc_/);
+    const credentialFile = join(bootstrapDir, "host-credential");
+    const st = statSync(credentialFile);
     expect(st.mode & 0o777).toBe(0o600);
     expect(st.uid).toBe(user.uid);
-    expect(readFileSync(tokenFile, "utf8")).toBe(`${token}\n`);
+    expect(readFileSync(credentialFile, "utf8")).toBe(`${credential}\n`);
+    expect(readFileSync(`${credentialFile}.rotate-after`, "utf8")).toBe("2030-01-01T00:00:00.000Z\n");
+    expect(existsSync(join(bootstrapDir, "bootstrap-token")), "the spent token file is deleted").toBe(false);
+    expect(readFileSync(join(bootstrapDir, "bootstrap-token.exchanged"), "utf8")).toBe(`${sha256(`${token}\n`)}\n`); // of the token file's content
     expect(statSync(bootstrapDir).mode & 0o077).toBe(0); // umask 077
 
     const result = standInResult();
@@ -98,29 +104,53 @@ describe("a rendered stub, run for real", () => {
     expect(result.argv).toEqual(["--config", join(bootstrapDir, "bootstrap-config.json")]);
     expect(result.cwd).toBe(bootstrapDir);
     expect(result.stdin_is_devnull).toBe(true);
-    expect(result.token_mode).toBe(0o600);
-    expect(result.leaks, "processes with the token in their argv or environment").toEqual([]);
+    expect(result.credential_mode).toBe(0o600);
+    expect(result.token_file_exists).toBe(false);
+    expect(result.leaks, "processes with the credential in their argv or environment").toEqual([]);
 
-    // Verified bytes are in place; no .part files remain.
+    // Verified bytes are in place, with their sha256 recorded; no .part files remain.
     expect(readFileSync(join(bootstrapDir, "bootstrap.py"))).toEqual(STAND_IN_BOOTSTRAP_PY);
+    expect(readFileSync(join(bootstrapDir, "bootstrap.py.sha256"), "utf8")).toBe(`${sha256(STAND_IN_BOOTSTRAP_PY)}\n`);
     expect(existsSync(join(bootstrapDir, "bootstrap.py.part"))).toBe(false);
 
     const log = readFileSync(join(bootstrapDir, "bootstrap.log"), "utf8");
     expect(log).toContain("stand-in bootstrap.py ran");
     expect(log).toContain("stand-in stderr line");
     expect(log).toContain("bootstrap.py exited with 0");
+    expect(log).toContain("the bootstrap token is spent and deleted");
     expect(log).not.toContain(token);
+    expect(log).not.toContain(credential);
     expect(statSync(join(bootstrapDir, "bootstrap.log")).mode & 0o077).toBe(0);
 
     const curlArgv = readFileSync(curl.argvLog, "utf8");
-    expect(curlArgv).toContain("--retry-all-errors");
+    expect(curlArgv).toContain("--retry-connrefused");
+    expect(curlArgv).not.toContain("--retry-all-errors"); // a POST answered is never sent again
     expect(curlArgv).toContain("--config");
     expect(curlArgv).not.toContain(token);
+    expect(curlArgv).not.toContain(credential);
 
-    // Both downloads carried the token, in the header only.
-    const seen = hub.requests.slice(-2);
-    expect(seen.map((q) => q.path)).toEqual([new URL(`${hub.baseUrl}/bootstrap.py`).pathname, new URL(`${hub.baseUrl}/config`).pathname]);
-    for (const q of seen) expect(q.authorization).toBe(`Bearer ${token}`);
+    // The exchange carried the token; everything after it the credential, in the header only.
+    const path = (p: string) => new URL(`${hub.baseUrl}${p}`).pathname;
+    const seen = hub.requests.slice(-4);
+    expect(seen.map((q) => `${q.method} ${q.path}`)).toEqual([
+      `POST ${path("/credential")}`,
+      `GET ${path("/bootstrap.py.sha256")}`,
+      `GET ${path("/bootstrap.py")}`,
+      `GET ${path("/config")}`,
+    ]);
+    expect(seen[0]!.authorization).toBe(`Bearer ${token}`);
+    for (const q of seen.slice(1)) expect(q.authorization).toBe(`Bearer ${credential}`);
+  });
+
+  it("on every later run: the token is not written again nor sent; the credential is used; an unchanged bootstrap.py is not downloaded", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const before = hub.requests.length;
+    const r = await runStub(writeStub("again.sh", renderStub(stubOptions())), { env });
+    expect(r.code, r.stdout).toBe(0);
+    const seen = hub.requests.slice(before);
+    expect(seen.map((q) => `${q.method} ${q.path.split("/").pop()}`)).toEqual(["GET bootstrap.py.sha256", "GET config"]);
+    expect(seen.every((q) => q.authorization === `Bearer ${hub.credentials()[0]}`)).toBe(true);
+    expect(existsSync(join(bootstrapDir, "bootstrap-token"))).toBe(false);
   });
 
   it("exits with bootstrap.py's own exit code, through the tee", async () => {
@@ -139,24 +169,81 @@ describe("a rendered stub, run for real", () => {
     expect(standInResult().argv).toEqual(["--config", join(bootstrapDir, "bootstrap-config.json"), "status", "--debug"]);
   });
 
-  it("never runs a bootstrap.py whose sha256 differs from the rendered one", async () => {
+  it("first boot: never runs a bootstrap.py whose sha256 differs from the rendered one", async () => {
     const tampered = Buffer.concat([STAND_IN_BOOTSTRAP_PY, Buffer.from("open('/tmp/pwned', 'w')\n")]);
-    // Render with the good sha, serve the tampered bytes.
-    const stub = writeStub("tampered.sh", renderStub(stubOptions({ bootstrapPySha256: sha256(STAND_IN_BOOTSTRAP_PY) })));
+    const dir = join(user.home, "tampered-first", "bootstrap");
+    const stub = writeStub(
+      "tampered.sh",
+      renderStub(stubOptions({ bootstrapDir: dir, token: hub.newToken(), bootstrapPySha256: sha256(STAND_IN_BOOTSTRAP_PY) })),
+    );
     hub.files = { bootstrapPy: tampered, config: standInConfig(0) };
-    const resultFile = join(bootstrapDir, "stand-in-result.json");
-    writeFileSync(resultFile, "stale");
-    const oldPy = join(bootstrapDir, "bootstrap.py");
-    const before = existsSync(oldPy) ? readFileSync(oldPy) : null;
     const r = await runStub(stub, { env });
     expect(r.code).not.toBe(0);
     // After the log starts, stdout and stderr both go through the tee.
     expect(r.stdout).toMatch(/does not have the expected sha256/);
-    expect(readFileSync(join(bootstrapDir, "bootstrap.log"), "utf8")).toMatch(/does not have the expected sha256/);
-    expect(readFileSync(resultFile, "utf8")).toBe("stale"); // nothing ran
-    expect(existsSync(join(bootstrapDir, "bootstrap.py.part"))).toBe(false);
-    // The previously verified copy is untouched (the tampered one never replaced it).
-    expect(existsSync(oldPy) ? readFileSync(oldPy) : null).toEqual(before);
+    expect(readFileSync(join(dir, "bootstrap.log"), "utf8")).toMatch(/does not have the expected sha256/);
+    expect(existsSync(join(dir, "stand-in-result.json"))).toBe(false); // nothing ran
+    expect(existsSync(join(dir, "bootstrap.py"))).toBe(false);
+    expect(existsSync(join(dir, "bootstrap.py.part"))).toBe(false);
+  });
+
+  it("later: a newer bootstrap.py comes only with the hub's sha256 over the credential; a tampered one is refused and the current one kept", async () => {
+    const newer = Buffer.concat([STAND_IN_BOOTSTRAP_PY, Buffer.from("# newer\n")]);
+    const tampered = Buffer.concat([newer, Buffer.from("open('/tmp/pwned', 'w')\n")]);
+    hub.files = { bootstrapPy: tampered, config: standInConfig(0), sha256: sha256(newer) };
+    const r1 = await runStub(writeStub("tampered-later.sh", renderStub(stubOptions())), { env });
+    expect(r1.code, r1.stdout).toBe(0); // the current, verified one ran
+    expect(r1.stdout).toMatch(/does not have the expected sha256 .*keeping the current one/);
+    expect(readFileSync(join(bootstrapDir, "bootstrap.py"))).toEqual(STAND_IN_BOOTSTRAP_PY);
+    expect(existsSync(join(bootstrapDir, "bootstrap.py.prev"))).toBe(false);
+
+    hub.files = { bootstrapPy: newer, config: standInConfig(0), sha256: sha256(newer) };
+    const r2 = await runStub(writeStub("newer.sh", renderStub(stubOptions())), { env }); // rendered with the old sha256
+    expect(r2.code, r2.stdout).toBe(0);
+    expect(readFileSync(join(bootstrapDir, "bootstrap.py"))).toEqual(newer);
+    expect(readFileSync(join(bootstrapDir, "bootstrap.py.prev"))).toEqual(STAND_IN_BOOTSTRAP_PY);
+    expect(readFileSync(join(bootstrapDir, "bootstrap.py.prev.sha256"), "utf8")).toBe(`${sha256(STAND_IN_BOOTSTRAP_PY)}\n`);
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0), sha256: null };
+    const r3 = await runStub(writeStub("back.sh", renderStub(stubOptions())), { env });
+    expect(r3.code, r3.stdout).toBe(0);
+  });
+
+  it("hub unreachable on a bootstrapped host: the local verified bootstrap.py runs in reconcile mode (its exit code is the stub's)", async () => {
+    const closed = `http://127.0.0.1:${await closedPort()}/api/bootstrap/hosts/3f2c8a1e-7b4d-4e5f-9a6b-0c1d2e3f4a5b`;
+    const r = await runStub(writeStub("down.sh", renderStub(stubOptions({ baseUrl: closed, downloadRetries: 0 }))), { env });
+    expect(r.code, r.stdout).toBe(0);
+    expect(r.stdout).toMatch(/did not answer; reconciling this host with its local bootstrap.py and config/);
+    expect(standInResult().argv).toEqual(["--config", join(bootstrapDir, "bootstrap-config.json"), "reconcile"]);
+  });
+
+  it("a corrupted local bootstrap.py: bootstrap.py.prev (verified against its own sha256) runs instead", async () => {
+    const newer = Buffer.concat([STAND_IN_BOOTSTRAP_PY, Buffer.from("# newer again\n")]);
+    hub.files = { bootstrapPy: newer, config: standInConfig(0), sha256: sha256(newer) };
+    expect((await runStub(writeStub("newer2.sh", renderStub(stubOptions())), { env })).code).toBe(0);
+    writeFileSync(join(bootstrapDir, "bootstrap.py"), Buffer.concat([newer, Buffer.from("# bit rot\n")]));
+    const closed = `http://127.0.0.1:${await closedPort()}/x`;
+    const r = await runStub(writeStub("down2.sh", renderStub(stubOptions({ baseUrl: closed, downloadRetries: 0 }))), { env });
+    expect(r.code, r.stdout).toBe(0);
+    expect(r.stdout).toMatch(/bootstrap\.py does not match its recorded sha256; not using it/);
+    expect(r.stdout).toContain(`running python3 ${join(bootstrapDir, "bootstrap.py.prev")}`);
+  });
+
+  it("credential refused (revoked by the hub) on a bootstrapped host: reconcile, exit 0", async () => {
+    const other = await startHub(newToken(), { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) });
+    try {
+      const dir = join(user.home, "revoked", "bootstrap");
+      const stub = writeStub(
+        "revoked.sh",
+        renderStub(stubOptions({ baseUrl: other.baseUrl, bootstrapDir: dir, token: other.newToken(), bootstrapPySha256: sha256(STAND_IN_BOOTSTRAP_PY) })),
+      );
+      expect((await runStub(stub, { env })).code).toBe(0);
+      other.revokeAll();
+      const r = await runStub(stub, { env });
+      expect(r.code, r.stdout).toBe(0);
+      expect(r.stdout).toMatch(/the hub refused this host's credential \(HTTP 401, credential_revoked\); reconciling/);
+    } finally {
+      await other.close();
+    }
   });
 
   it("works in a bootstrap dir whose name has quotes, $(...), backticks and a semicolon", async () => {
@@ -164,30 +251,39 @@ describe("a rendered stub, run for real", () => {
     // (A newline is a control character: the contract refuses it before anything is rendered.)
     const nastyParent = join(user.home, 'it\'s $(touch pwned) `touch pwned2` \\ "x"; line 2');
     const nastyDir = join(nastyParent, "bootstrap");
-    const stub = writeStub("nasty.sh", renderStub(stubOptions({ bootstrapDir: nastyDir })));
+    const stub = writeStub("nasty.sh", renderStub(stubOptions({ bootstrapDir: nastyDir, token: hub.newToken() })));
     const r = await runStub(stub, { env });
     expect(r.code, r.stdout + r.stderr).toBe(0);
     const result = JSON.parse(readFileSync(join(nastyDir, "stand-in-result.json"), "utf8")) as { argv: string[] };
     expect(result.argv).toEqual(["--config", join(nastyDir, "bootstrap-config.json")]);
-    expect(statSync(join(nastyDir, "bootstrap-token")).mode & 0o777).toBe(0o600);
+    expect(statSync(join(nastyDir, "host-credential")).mode & 0o777).toBe(0o600);
     for (const dir of ["/", user.home, nastyParent, nastyDir]) {
       expect(existsSync(join(dir, "pwned")) || existsSync(join(dir, "pwned2")), dir).toBe(false);
     }
   });
 
-  it("fails cleanly when the hub refuses the token", async () => {
+  it("first boot: fails cleanly when the hub refuses the token (one request: a refused POST is not retried)", async () => {
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
     const wrongToken = newToken();
-    // One retry keeps this quick; the default (5) waits about 30 s on a 401.
-    const stub = writeStub("badtoken.sh", renderStub(stubOptions({ token: wrongToken, downloadRetries: 1 })));
+    const dir = join(user.home, "badtoken", "bootstrap");
+    const before = hub.requests.length;
+    const stub = writeStub("badtoken.sh", renderStub(stubOptions({ bootstrapDir: dir, token: wrongToken })));
     const r = await runStub(stub, { env });
     expect(r.code).toBe(1);
-    expect(r.stdout).toMatch(/401/);
-    expect(r.stdout).toMatch(/downloading bootstrap.py failed/);
-    expect(hub.requests.slice(-2).map((q) => q.authorization)).toEqual([`Bearer ${wrongToken}`, `Bearer ${wrongToken}`]);
-    const log = readFileSync(join(bootstrapDir, "bootstrap.log"), "utf8");
+    expect(r.stdout).toMatch(/refused the bootstrap token \(HTTP 401, unknown_token\)/);
+    expect(r.stdout).toMatch(/never bootstrapped, so there is nothing local to run/);
+    expect(hub.requests.slice(before).map((q) => `${q.method} ${q.authorization}`)).toEqual([`POST Bearer ${wrongToken}`]);
+    const log = readFileSync(join(dir, "bootstrap.log"), "utf8");
     expect(log).not.toContain(wrongToken);
     expect(log).not.toContain(token);
+  });
+
+  it("first boot: a replayed (already exchanged) token gets nothing", async () => {
+    const dir = join(user.home, "replayed", "bootstrap");
+    const r = await runStub(writeStub("replayed.sh", renderStub(stubOptions({ bootstrapDir: dir }))), { env });
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(/HTTP 401, token_already_exchanged\) and this host has no credential/);
+    expect(existsSync(join(dir, "host-credential"))).toBe(false);
   });
 
   it("runs the real bootstrap.py from this package (check-config on a built config)", async () => {
@@ -201,6 +297,18 @@ describe("a rendered stub, run for real", () => {
     expect(r.stdout).toMatch(/valid/);
   });
 });
+
+/** A port nothing listens on (bound, then closed). */
+function closedPort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createNetServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address() as AddressInfo;
+      s.close(() => resolve(port));
+    });
+  });
+}
 
 describe("a rendered stub started as root", () => {
   // As root we are root already; otherwise a user namespace gives uid 0 (and

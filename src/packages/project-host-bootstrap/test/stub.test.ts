@@ -102,9 +102,9 @@ describe("renderStub text", () => {
     const text = exampleStub();
     expect(text).toContain(`bootstrap_py_sha256=${bootstrapPySha256()}`);
     for (const flag of [
-      "--fail",
       "--location",
-      "--retry-all-errors",
+      "--retry-connrefused",
+      "--write-out '%{http_code}'",
       "--connect-timeout 10",
       '--max-time "$curl_max_time"',
       '--retry "$curl_retries"',
@@ -113,6 +113,7 @@ describe("renderStub text", () => {
       expect(text).toContain(flag);
     }
     expect(text).not.toContain("set -x");
+    expect(text).not.toContain("--retry-all-errors"); // the exchange (a POST) is never sent again after an answer
   });
 
   it("quotes every value: sh reads back exactly what was rendered, and runs none of it", () => {
