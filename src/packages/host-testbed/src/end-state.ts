@@ -5,7 +5,7 @@
  * command as root or as a user and read its files (`HostView`):
  * `ThrowawayHost`, or `LocalHost` in bootstrap-local.ts.
  */
-import { readdirSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { type BootstrapConfig, runTimings } from "@cocalc/project-host-bootstrap";
 import type { HostStatus } from "@cocalc/server";
 import { expect } from "./expect.js";
@@ -185,9 +185,10 @@ export async function expectBootstrappedHost(o: Observed): Promise<void> {
   for (const r of records) expect(r).toMatchObject({ ts: expect.any(String), event: expect.any(String), message: expect.any(String) });
   await expectTokenNowhere(o);
 
-  // the token file itself is the user's, 0600
-  const tok = statSync(host.path(`${c.bootstrap_dir}/bootstrap-token`));
-  expect([(tok.mode & 0o777).toString(8), tok.uid]).toEqual(["600", user.uid]);
+  // the token was exchanged (single use) and its file deleted; the host credential is the user's, 0600
+  expect(existsSync(host.path(`${c.bootstrap_dir}/bootstrap-token`)), "the spent bootstrap token file").toBe(false);
+  const cred = statSync(host.path(`${c.bootstrap_dir}/host-credential`));
+  expect([(cred.mode & 0o777).toString(8), cred.uid]).toEqual(["600", user.uid]);
 }
 
 export async function expectServiceHealthy(host: HostView, prov: ProvisionedTestHost, timeoutMs = 30_000): Promise<{ pid: number; version: string }> {
@@ -233,6 +234,19 @@ export async function expectTokenNowhere(o: Observed): Promise<void> {
   expect(r.code, `token found in: ${r.stdout}`).toBe(1); // grep: 1 = no match
   const journal = await o.host.exec(["journalctl", "--no-pager", "-o", "cat"], { allowFailure: true });
   expect(journal.stdout).not.toContain(o.prov.token);
+  // The host credential the token was exchanged for: only in its own file.
+  const credentialFile = `${c.bootstrap_dir}/host-credential`;
+  if (existsSync(o.host.path(credentialFile))) {
+    const credential = o.host.readFile(credentialFile).trim();
+    expect(credential).toMatch(/^cchc_[A-Za-z0-9_-]{43}$/);
+    expect(o.run.stdout + o.run.stderr).not.toContain(credential);
+    const c2 = await o.host.exec(
+      ["grep", "-rlF", "--exclude=host-credential", "-e", credential, c.bootstrap_root, "/etc/cocalc", "/etc/systemd/system", "/var/log"],
+      { allowFailure: true },
+    );
+    expect(c2.code, `credential found in: ${c2.stdout}`).toBe(1);
+    expect(journal.stdout).not.toContain(credential);
+  }
 }
 
 /**

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import datetime
 import enum
 import errno
 import fcntl
@@ -3683,6 +3684,113 @@ def render_env_helper(config: Config) -> str:
 
 
 # ============================================================================
+# credentials: The host credential: what this host shows the hub, and its rotation.
+# ============================================================================
+
+
+CREDENTIAL_FILE_NAME = "host-credential"
+CREDENTIAL_RE = re.compile(r"cchc_[A-Za-z0-9_-]{43}")
+ROTATE_TIMEOUT_S = 10.0
+
+
+def credential_path(config: Config) -> Path:
+    return Path(config.bootstrap_dir) / CREDENTIAL_FILE_NAME
+
+
+def rotate_after_path(config: Config) -> Path:
+    return Path(config.bootstrap_dir) / f"{CREDENTIAL_FILE_NAME}.rotate-after"
+
+
+def read_credential(config: Config) -> str | None:
+    """The host credential, or None when there is none (or the file holds something else)."""
+    try:
+        text = credential_path(config).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not CREDENTIAL_RE.fullmatch(text):
+        return None
+    REDACTOR.add(text)
+    return text
+
+
+def host_auth(config: Config) -> str | None:
+    """What this host sends as `Authorization: Bearer`: its credential, else
+    (a host set up by an older stub) its bootstrap token, else None."""
+    return read_credential(config) or read_token(config.token_file)
+
+
+def parse_time(text: str) -> datetime.datetime | None:
+    """An ISO 8601 UTC time as the hub writes it (2026-01-01T00:00:00.000Z); None when it is not one."""
+    text = text.strip()
+    if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z", text):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text[:-1]).replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None
+
+
+def rotation_due(config: Config, now: datetime.datetime) -> bool:
+    """Due when the hub's time has passed, or when this host does not know it."""
+    try:
+        when = parse_time(rotate_after_path(config).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        when = None
+    return when is None or when <= now
+
+
+def rotate_if_due(
+    config: Config,
+    log: Log,
+    *,
+    now: datetime.datetime | None = None,
+    timeout_s: float = ROTATE_TIMEOUT_S,
+) -> str | None:
+    """The credential to use from now on: a successor when the rotation was
+    due and the hub gave one, else the current one (or the token fallback).
+    Never raises for the hub's reasons; says what happened in the log."""
+    current = read_credential(config)
+    if current is None:
+        return host_auth(config)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if not rotation_due(config, now):
+        return current
+    url = f"{config.hub.url.rstrip('/')}/credential"
+    request = urllib.request.Request(url, data=b"", method="POST", headers={"Authorization": f"Bearer {current}"})
+    try:
+        with open_request(request, timeout_s) as response:
+            answer = json.loads(response.read(4096).decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        code = ""
+        with contextlib.suppress(Exception):
+            code = str(json.loads(e.read(1024).decode("utf-8")).get("code", ""))
+        log.warn(
+            f"the hub refused to rotate this host's credential (HTTP {e.code}{', ' + code if code else ''}); "
+            "keeping the current one",
+            event="credential",
+        )
+        return current
+    except (RedirectRefused, OSError, http.client.HTTPException, ValueError) as e:
+        log.warn(f"cannot rotate this host's credential now ({e}); trying again on the next run", event="credential")
+        return current
+    if not isinstance(answer, dict):
+        log.warn("the hub's answer to the rotation is not a JSON object; keeping the current credential")
+        return current
+    successor = answer.get("credential")
+    rotate_after = answer.get("rotate_after")
+    if successor is not None and not (isinstance(successor, str) and CREDENTIAL_RE.fullmatch(successor)):
+        log.warn("the hub's answer to the rotation holds no valid credential; keeping the current one")
+        return current
+    if successor is not None:
+        REDACTOR.add(successor)
+        atomic_write_text(credential_path(config), successor + "\n", 0o600)
+        log.info(f"rotated this host's credential ({credential_path(config)}, 0600)", event="credential")
+    if isinstance(rotate_after, str) and parse_time(rotate_after) is not None:
+        atomic_write_text(rotate_after_path(config), rotate_after.strip() + "\n", 0o600)
+    return successor or current
+
+
+# ============================================================================
 # debris: What a killed run of ours leaves behind, removed by the next run (and only that).
 # ============================================================================
 
@@ -4305,14 +4413,15 @@ class FilesStep(Step):
 
 class SecretsStep(Step):
     """The secrets the config names (upstream: conat-password), fetched once with
-    the bootstrap token into 0600 files in /btrfs/data/secrets (0700)."""
+    the host credential into 0600 files in /btrfs/data/secrets (0700)."""
 
     name = "secrets"
     deps = ("directories", "btrfs")
     weight_s = 1.0
     phase = "preparing"
     hint = (
-        "Check hub.secrets_url and that the bootstrap token (bootstrap-token) is still valid; the hub issues a new one."
+        "Check hub.secrets_url and that the host credential (host-credential) is still valid "
+        "(GET <hub>/hosts/<id>/credentials shows it); the hub can re-provision the host."
     )
 
     def path(self, name: str) -> Path:
@@ -4347,11 +4456,11 @@ class SecretsStep(Step):
         missing = self.missing()
         if not missing:
             return
-        token = read_token(self.config.token_file)
+        token = host_auth(self.config)
         if token is None:
             raise BootstrapError(
-                f"no bootstrap token at {self.config.token_file}",
-                hint="The stub writes it; re-run the stub from the hub.",
+                f"no host credential ({credential_path(self.config)}) nor bootstrap token ({self.config.token_file})",
+                hint="The stub gets the credential for the bootstrap token; re-run the stub from the hub.",
             )
         secrets_dir(self.config).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(secrets_dir(self.config), 0o700)
@@ -5421,10 +5530,11 @@ class TunnelStep(Step):
         self.log.info(f"{verb}ed {unit}")
 
     def fetch_token(self, name: str) -> bool:
-        token = read_token(self.config.token_file)
+        token = host_auth(self.config)  # the host credential (creds helper: was the bootstrap token)
         if token is None:
             raise BootstrapError(
-                f"no bootstrap token at {self.config.token_file}", hint="Re-run the stub from the hub."
+                f"no host credential nor bootstrap token in {self.config.bootstrap_dir}",
+                hint="Re-run the stub from the hub.",
             )
         value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token).strip()
         add_secret(value)
@@ -6631,15 +6741,92 @@ def format_timings(config: Config) -> str:
 
 
 # ============================================================================
-# cli: The command line: check-config, plan, run, status, timings.
+# reconcile: Every boot after the first: reconcile mode, and delivering events later.
 # ============================================================================
 
 
-COMMANDS = ("run", "plan", "status", "timings", "check-config")
+RECONCILE_FLUSH_S = 3.0
+SEND_EVENTS_TIMEOUT_S = 6 * 3600.0
+
+
+class SpoolReader(EventSpool):
+    """The spool directory without a run of its own: for sending what earlier
+    runs left. Its `path` is the newest run's file, so the sender keeps that
+    one (status reads it) and deletes older ones once they are delivered."""
+
+    def __init__(self, directory: Path) -> None:  # no new spool file: nothing is emitted
+        self.directory = directory
+        self.run_id = ""
+        self.path = max(directory.glob("*.jsonl"), default=directory / ".none.jsonl")
+        self.changed = threading.Condition()
+        self._synced_once = False
+
+    def sync(self) -> None:
+        if not self._synced_once and self.path.exists():
+            fsync_file(self.path)
+        self._synced_once = True
+
+    def close(self) -> None:
+        return
+
+
+def send_spooled_events(config: Config, log: Log, timeout_s: float = SEND_EVENTS_TIMEOUT_S) -> bool:
+    """Deliver every spooled event of earlier runs; True when the hub has them all."""
+    directory = events_dir(config)
+    if not directory.is_dir():
+        return True
+    auth = host_auth(config)
+    if auth is None:
+        log.warn("no host credential: spooled progress events cannot be sent")
+        return False
+    sender = EventSender(SpoolReader(directory), url=config.hub.events_url, host_id=config.host.id, token=auth, log=log)
+    sender.start()
+    delivered = sender.close(timeout_s)
+    log.info(
+        "the hub has every spooled progress event" if delivered else "spooled progress events are still not delivered",
+        event="events",
+    )
+    return delivered
+
+
+def spawn_event_sender(config_path: str, log: Log) -> int | None:
+    """Start `bootstrap.py --config PATH send-events` in its own session, with
+    no terminal and no inherited output (the stub's log pipe must close when
+    the stub ends). Returns its pid, or None when this is not the shipped
+    bootstrap.py (then the next run sends them)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is None or script.name != "bootstrap.py" or not script.is_file():
+        log.debug("not started as bootstrap.py: the next run sends the spooled events", event="events")
+        return None
+    child = subprocess.Popen(
+        [sys.executable, str(script), "--config", os.path.abspath(config_path), "send-events"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+        cwd="/",
+    )
+    log.info(f"the hub is not taking progress events now; send-events (pid {child.pid}) delivers them when it is back")
+    return child.pid
+
+
+# ============================================================================
+# cli: The command line: check-config, plan, run, reconcile, send-events, status, timings.
+# ============================================================================
+
+
+COMMANDS = ("run", "plan", "status", "timings", "check-config", "reconcile", "send-events")
 
 HELP_EPILOG = f"""\
 commands:
   run            run the plan (the default)
+  reconcile      every boot when the hub cannot be used (the stub decides): run the
+                 plan against the local config, converge what drifted, start what
+                 should run; events the hub does not take within a few seconds are
+                 left to a detached send-events. Exit codes as run.
+  send-events    deliver the progress events earlier runs spooled (retrying until
+                 the hub takes them or --timeout, default 6 h); 0 when all delivered
   plan           for every step: satisfied / will change / blocked, from the
                  real state of this machine; changes nothing, writes nothing
   status         the last or current run: state, running steps, failure and hint
@@ -6695,7 +6882,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wait", action="store_true", help="status: wait until the run is finished")
     parser.add_argument(
-        "--timeout", type=float, default=0.0, metavar="S", help="status --wait: give up after S seconds (0: never)"
+        "--timeout",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="status --wait: give up after S seconds (0: never); send-events: (0: 6 h)",
     )
     return parser
 
@@ -6786,7 +6977,20 @@ def cmd_timings(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_s: float) -> int:
+def cmd_send_events(args: argparse.Namespace) -> int:
+    config = load_config(require_config_path(args))
+    log = Log(log_path(config), echo=False)
+    try:
+        return (
+            EXIT_OK if send_spooled_events(config, log, *([args.timeout] if args.timeout > 0 else [])) else EXIT_FAILED
+        )
+    finally:
+        log.close()
+
+
+def cmd_run(
+    args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_s: float, *, reconcile: bool = False
+) -> int:
     config = load_config(require_config_path(args))
     plan = Plan(steps).select(step_names(args.only), step_names(args.skip))
     bootstrap_dir = Path(config.bootstrap_dir)
@@ -6795,12 +6999,24 @@ def cmd_run(args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_
     lock = RunLock(lock_path(config))
     lock.acquire(run_id)
     try:
-        token = read_token(config.token_file)
         log = Log(log_path(config), run_id=run_id)
         set_active_log(log)
         try:
+            if reconcile:
+                log.info("reconcile mode: the hub cannot be used now; converging with the local config")
+            token = rotate_if_due(config, log)  # the host credential (rotated when the hub's time has come)
             remove_debris(config, log)  # under the lock: no other run of ours is writing them
-            return run_with_reporting(plan, config, log, run_id=run_id, token=token, jobs=args.jobs, flush_s=flush_s)
+            undelivered = (lambda: spawn_event_sender(require_config_path(args), log)) if reconcile else None
+            return run_with_reporting(
+                plan,
+                config,
+                log,
+                run_id=run_id,
+                token=token,
+                jobs=args.jobs,
+                flush_s=min(flush_s, RECONCILE_FLUSH_S) if reconcile else flush_s,
+                on_undelivered=undelivered,
+            )
         finally:
             set_active_log(Log())
             log.close()
@@ -6809,16 +7025,27 @@ def cmd_run(args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_
 
 
 def run_with_reporting(
-    plan: Plan, config: Config, log: Log, *, run_id: str, token: str | None, jobs: int | None, flush_s: float
+    plan: Plan,
+    config: Config,
+    log: Log,
+    *,
+    run_id: str,
+    token: str | None,
+    jobs: int | None,
+    flush_s: float,
+    on_undelivered: Callable[[], object] | None = None,
 ) -> int:
-    """One run: state, events and their sender around the Runner."""
+    """One run: state, events and their sender around the Runner.
+    `on_undelivered` runs when the hub did not take every event in flush_s."""
     state = StateStore(state_path(config))
     if state.problem:
         log.warn(state.problem)
     spool = EventSpool(Path(config.bootstrap_dir) / EVENTS_DIR_NAME, run_id)
     sender = EventSender(spool, url=config.hub.events_url, host_id=config.host.id, token=token, log=log)
     if not sender.start():
-        log.warn(f"no bootstrap token in {config.token_file}: progress events are spooled, not sent")
+        log.warn(
+            f"no host credential (nor bootstrap token) in {config.bootstrap_dir}: progress events are spooled, not sent"
+        )
     runner = Runner(plan, Context(config, log), state=state, events=spool, jobs=jobs)
     log.info(f"bootstrap {__version__} run {run_id}: {len(plan.names())} steps, {runner.jobs} at a time")
     failure: BootstrapError | None = None
@@ -6832,8 +7059,10 @@ def run_with_reporting(
         raise
     failed_step = failure.step if isinstance(failure, StepFailed) else None
     finish_run(state, spool, runner, ok=failure is None, failed_step=failed_step, error=failure)
-    sender.close(flush_s)
+    delivered = sender.close(flush_s)
     spool.close()
+    if not delivered and on_undelivered is not None:
+        on_undelivered()
     if failure is not None:
         raise failure
     log.info(f"done in {time.monotonic() - runner.t0:.1f}s")
@@ -6886,7 +7115,10 @@ def main(
             return cmd_status(args)
         if args.command == "timings":
             return cmd_timings(args)
-        return with_sigterm_as_interrupt(lambda: cmd_run(args, steps, flush_s))
+        if args.command == "send-events":
+            return cmd_send_events(args)
+        reconcile = args.command == "reconcile"
+        return with_sigterm_as_interrupt(lambda: cmd_run(args, steps, flush_s, reconcile=reconcile))
     except BootstrapError as e:
         report_error(e, debug=args.debug)
         return e.exit_code

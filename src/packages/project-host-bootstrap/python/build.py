@@ -47,6 +47,7 @@ MODULES = (
     "apt",
     "system",
     "layout",
+    "credentials",
     "debris",
     "images",
     "steps_host",
@@ -55,6 +56,7 @@ MODULES = (
     "steps_platform",
     "engine",
     "reporting",
+    "reconcile",
     "cli",
 )
 

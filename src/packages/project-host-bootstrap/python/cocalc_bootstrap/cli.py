@@ -1,4 +1,4 @@
-"""The command line: check-config, plan, run, status, timings."""
+"""The command line: check-config, plan, run, reconcile, send-events, status, timings."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
+from .credentials import rotate_if_due
 from .debris import remove_debris
 from .engine import (
     EVENTS_DIR_NAME,
@@ -44,16 +45,22 @@ from .errors import (
     _Missing,
 )
 from .events import ProgressEvent, RunEndEvent
-from .layout import read_token
 from .log import REDACTOR, Log, set_active_log
+from .reconcile import RECONCILE_FLUSH_S, send_spooled_events, spawn_event_sender
 from .reporting import FLUSH_TIMEOUT_S, EventSender, EventSpool, format_status, format_timings, run_status
 from .step import Context, Step
 
-COMMANDS = ("run", "plan", "status", "timings", "check-config")
+COMMANDS = ("run", "plan", "status", "timings", "check-config", "reconcile", "send-events")
 
 HELP_EPILOG = f"""\
 commands:
   run            run the plan (the default)
+  reconcile      every boot when the hub cannot be used (the stub decides): run the
+                 plan against the local config, converge what drifted, start what
+                 should run; events the hub does not take within a few seconds are
+                 left to a detached send-events. Exit codes as run.
+  send-events    deliver the progress events earlier runs spooled (retrying until
+                 the hub takes them or --timeout, default 6 h); 0 when all delivered
   plan           for every step: satisfied / will change / blocked, from the
                  real state of this machine; changes nothing, writes nothing
   status         the last or current run: state, running steps, failure and hint
@@ -109,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wait", action="store_true", help="status: wait until the run is finished")
     parser.add_argument(
-        "--timeout", type=float, default=0.0, metavar="S", help="status --wait: give up after S seconds (0: never)"
+        "--timeout",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="status --wait: give up after S seconds (0: never); send-events: (0: 6 h)",
     )
     return parser
 
@@ -200,7 +211,20 @@ def cmd_timings(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_s: float) -> int:
+def cmd_send_events(args: argparse.Namespace) -> int:
+    config = load_config(require_config_path(args))
+    log = Log(log_path(config), echo=False)
+    try:
+        return (
+            EXIT_OK if send_spooled_events(config, log, *([args.timeout] if args.timeout > 0 else [])) else EXIT_FAILED
+        )
+    finally:
+        log.close()
+
+
+def cmd_run(
+    args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_s: float, *, reconcile: bool = False
+) -> int:
     config = load_config(require_config_path(args))
     plan = Plan(steps).select(step_names(args.only), step_names(args.skip))
     bootstrap_dir = Path(config.bootstrap_dir)
@@ -209,12 +233,24 @@ def cmd_run(args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_
     lock = RunLock(lock_path(config))
     lock.acquire(run_id)
     try:
-        token = read_token(config.token_file)
         log = Log(log_path(config), run_id=run_id)
         set_active_log(log)
         try:
+            if reconcile:
+                log.info("reconcile mode: the hub cannot be used now; converging with the local config")
+            token = rotate_if_due(config, log)  # the host credential (rotated when the hub's time has come)
             remove_debris(config, log)  # under the lock: no other run of ours is writing them
-            return run_with_reporting(plan, config, log, run_id=run_id, token=token, jobs=args.jobs, flush_s=flush_s)
+            undelivered = (lambda: spawn_event_sender(require_config_path(args), log)) if reconcile else None
+            return run_with_reporting(
+                plan,
+                config,
+                log,
+                run_id=run_id,
+                token=token,
+                jobs=args.jobs,
+                flush_s=min(flush_s, RECONCILE_FLUSH_S) if reconcile else flush_s,
+                on_undelivered=undelivered,
+            )
         finally:
             set_active_log(Log())
             log.close()
@@ -223,16 +259,27 @@ def cmd_run(args: argparse.Namespace, steps: Sequence[type[Step]] | None, flush_
 
 
 def run_with_reporting(
-    plan: Plan, config: Config, log: Log, *, run_id: str, token: str | None, jobs: int | None, flush_s: float
+    plan: Plan,
+    config: Config,
+    log: Log,
+    *,
+    run_id: str,
+    token: str | None,
+    jobs: int | None,
+    flush_s: float,
+    on_undelivered: Callable[[], object] | None = None,
 ) -> int:
-    """One run: state, events and their sender around the Runner."""
+    """One run: state, events and their sender around the Runner.
+    `on_undelivered` runs when the hub did not take every event in flush_s."""
     state = StateStore(state_path(config))
     if state.problem:
         log.warn(state.problem)
     spool = EventSpool(Path(config.bootstrap_dir) / EVENTS_DIR_NAME, run_id)
     sender = EventSender(spool, url=config.hub.events_url, host_id=config.host.id, token=token, log=log)
     if not sender.start():
-        log.warn(f"no bootstrap token in {config.token_file}: progress events are spooled, not sent")
+        log.warn(
+            f"no host credential (nor bootstrap token) in {config.bootstrap_dir}: progress events are spooled, not sent"
+        )
     runner = Runner(plan, Context(config, log), state=state, events=spool, jobs=jobs)
     log.info(f"bootstrap {__version__} run {run_id}: {len(plan.names())} steps, {runner.jobs} at a time")
     failure: BootstrapError | None = None
@@ -246,8 +293,10 @@ def run_with_reporting(
         raise
     failed_step = failure.step if isinstance(failure, StepFailed) else None
     finish_run(state, spool, runner, ok=failure is None, failed_step=failed_step, error=failure)
-    sender.close(flush_s)
+    delivered = sender.close(flush_s)
     spool.close()
+    if not delivered and on_undelivered is not None:
+        on_undelivered()
     if failure is not None:
         raise failure
     log.info(f"done in {time.monotonic() - runner.t0:.1f}s")
@@ -300,7 +349,10 @@ def main(
             return cmd_status(args)
         if args.command == "timings":
             return cmd_timings(args)
-        return with_sigterm_as_interrupt(lambda: cmd_run(args, steps, flush_s))
+        if args.command == "send-events":
+            return cmd_send_events(args)
+        reconcile = args.command == "reconcile"
+        return with_sigterm_as_interrupt(lambda: cmd_run(args, steps, flush_s, reconcile=reconcile))
     except BootstrapError as e:
         report_error(e, debug=args.debug)
         return e.exit_code

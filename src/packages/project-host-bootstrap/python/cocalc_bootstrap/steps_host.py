@@ -15,10 +15,11 @@ from typing import Any
 
 from .commands import retry, run_command
 from .config import Config
+from .credentials import credential_path, host_auth
 from .errors import MIN_PYTHON, BootstrapError
 from .facts import ENV_FILE, machine_arch, passwd_entry, read_os_release, systemd_is_pid1, user_ids, version_tuple
 from .fetch import DOWNLOAD_ATTEMPT_TIMEOUT_S, TransientError, http_open
-from .layout import BOOTSTRAP_SUBDIRS, read_token, render_env_file, render_env_helper, render_readme, secrets_dir
+from .layout import BOOTSTRAP_SUBDIRS, render_env_file, render_env_helper, render_readme, secrets_dir
 from .log import add_secret
 from .step import Step, StepState, atomic_write_text, file_matches, write_root_file, write_user_file
 
@@ -232,14 +233,15 @@ class FilesStep(Step):
 
 class SecretsStep(Step):
     """The secrets the config names (upstream: conat-password), fetched once with
-    the bootstrap token into 0600 files in /btrfs/data/secrets (0700)."""
+    the host credential into 0600 files in /btrfs/data/secrets (0700)."""
 
     name = "secrets"
     deps = ("directories", "btrfs")
     weight_s = 1.0
     phase = "preparing"
     hint = (
-        "Check hub.secrets_url and that the bootstrap token (bootstrap-token) is still valid; the hub issues a new one."
+        "Check hub.secrets_url and that the host credential (host-credential) is still valid "
+        "(GET <hub>/hosts/<id>/credentials shows it); the hub can re-provision the host."
     )
 
     def path(self, name: str) -> Path:
@@ -274,11 +276,11 @@ class SecretsStep(Step):
         missing = self.missing()
         if not missing:
             return
-        token = read_token(self.config.token_file)
+        token = host_auth(self.config)
         if token is None:
             raise BootstrapError(
-                f"no bootstrap token at {self.config.token_file}",
-                hint="The stub writes it; re-run the stub from the hub.",
+                f"no host credential ({credential_path(self.config)}) nor bootstrap token ({self.config.token_file})",
+                hint="The stub gets the credential for the bootstrap token; re-run the stub from the hub.",
             )
         secrets_dir(self.config).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(secrets_dir(self.config), 0o700)

@@ -14,6 +14,7 @@ from typing import Any
 from .apt import APT_ENV, apt_get_argv, apt_install, apt_update, wait_for_locks
 from .commands import run_command
 from .config import Config
+from .credentials import host_auth
 from .errors import BootstrapError
 from .facts import DPKG_LOCKS, SYSTEMD_UNIT_DIR, file_sha256, missing_packages, read_text_or, systemctl_state, user_ids
 from .fetch import download_verified
@@ -23,7 +24,6 @@ from .layout import (
     CLOUDFLARED_UNIT,
     TUNNEL_TOKEN_RE,
     downloads_dir,
-    read_token,
     render_cloudflared_config,
     render_cloudflared_unit,
 )
@@ -366,10 +366,11 @@ class TunnelStep(Step):
         self.log.info(f"{verb}ed {unit}")
 
     def fetch_token(self, name: str) -> bool:
-        token = read_token(self.config.token_file)
+        token = host_auth(self.config)  # the host credential (creds helper: was the bootstrap token)
         if token is None:
             raise BootstrapError(
-                f"no bootstrap token at {self.config.token_file}", hint="Re-run the stub from the hub."
+                f"no host credential nor bootstrap token in {self.config.bootstrap_dir}",
+                hint="Re-run the stub from the hub.",
             )
         value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token).strip()
         add_secret(value)

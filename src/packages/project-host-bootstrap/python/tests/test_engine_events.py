@@ -162,7 +162,7 @@ def test_without_a_token_nothing_is_sent_and_the_next_run_with_one_replays(
         assert run(hub.url, token=False) == 0
         assert hub.batches == []
         log = (tmp_path / "root" / "logs" / "bootstrap.log").read_text()
-        assert log.count("no bootstrap token") == 1
+        assert log.count("no host credential (nor bootstrap token)") == 1
         assert run(hub.url) == 0
         runs = assert_complete_runs(hub.events())
     assert len(runs) == 2
