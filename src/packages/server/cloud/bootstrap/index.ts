@@ -20,10 +20,26 @@ export {
   type SiteSettingsInput,
   SiteSettingsSchema,
 } from "./hosts.js";
+export {
+  type FleetHost,
+  type FleetStep,
+  type FleetView,
+  fleetView,
+} from "./fleet.js";
+export {
+  type BootstrapMetadata,
+  type BootstrapStatusAdapter,
+  type BootstrapStatusContext,
+  type BootstrapStatusValue,
+  bootstrapMetadata,
+  getHostRecordState,
+  HostRecordReporter,
+  jsonbMetadataAdapter,
+} from "./host-records.js";
 export { HttpError } from "./http-errors.js";
 export { type RunningHub, type StartHubOptions, startHub } from "./hub.js";
 export { ManifestError, ManifestFetcher, type ManifestFetcherOptions, type ResolvedArtifact } from "./manifests.js";
 export { migrate } from "./migrate.js";
-export { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
+export { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter, isLoopback } from "./routes.js";
 export { DEFAULT_STALE_AFTER_S, type HostStatus, hostStatus, type RunState, type StepState, type StepStatus } from "./status.js";
 export { DEFAULT_TOKEN_TTL_MS, issueToken, revokeTokens } from "./tokens.js";
