@@ -10,7 +10,7 @@ import { type HostRecordInput, type ProvisionedHost, ProvisionRefusedError, prov
 import { badRequest, errorHandler, HttpError, notFound } from "./http-errors.js";
 import type { HostRecordReporter } from "./host-records.js";
 import { ManifestFetcher } from "./manifests.js";
-import { type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
+import { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
 import { getHost } from "./store.js";
 
 export const DEFAULT_PREFIX = "/bootstrap";
@@ -36,6 +36,8 @@ export interface HubApp {
   provisionHost(record: HostRecordInput, opts?: { secrets?: Record<string, string> }): Promise<ProvisionedHost>;
   /** The host-record reporter, when a statusAdapter was given. */
   hostRecords: HostRecordReporter | null;
+  /** The status streams (viewers, derivations, writes). */
+  streams: BootstrapRouter["streams"];
   close(): Promise<void>;
 }
 
@@ -99,5 +101,5 @@ export function createApp(opts: CreateAppOptions): HubApp {
   app.use(notFound);
   app.use(errorHandler({ maxBodyBytes: 64 * 1024, logError: opts.logError ?? ((m, e) => console.error(`hub: ${m}:`, e)) }));
 
-  return { app, provisionHost: provision, hostRecords: bootstrap.hostRecords, close: () => bootstrap.close() };
+  return { app, provisionHost: provision, hostRecords: bootstrap.hostRecords, streams: bootstrap.streams, close: () => bootstrap.close() };
 }
