@@ -247,10 +247,8 @@ def rotate_log(path: Path, generations: int = LOG_GENERATIONS) -> None:
     for n in range(generations, 0, -1):
         older = path.with_name(f"{path.name}.{n}")
         newer = path if n == 1 else path.with_name(f"{path.name}.{n - 1}")
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.replace(newer, older)
-        except FileNotFoundError:
-            pass
     if generations <= 0:
         path.unlink(missing_ok=True)
 
