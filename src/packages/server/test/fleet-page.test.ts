@@ -42,7 +42,12 @@ describe.skipIf(skipWhy !== null)("fleet page in headless Chromium", () => {
     serveGoodManifests(srv);
     hub = await startHub({ artifactBaseUrl: srv.baseUrl });
     profile = mkdtempSync(join(tmpdir(), "cocalc-chromium-"));
-    context = await chromium.launchPersistentContext(profile, { executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, viewport: { width: 1200, height: 900 } });
+    context = await chromium.launchPersistentContext(profile, {
+      executablePath: CHROMIUM,
+      headless: true,
+      args: CHROMIUM_ARGS,
+      viewport: { width: 1200, height: 900 },
+    });
     page = context.pages()[0] ?? (await context.newPage());
   });
 

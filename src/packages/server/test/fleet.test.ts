@@ -60,7 +60,15 @@ describe("percentileCont", () => {
     fc.assert(
       fc.property(durations, quantile, fc.double({ min: 0, max: 1e3, noNaN: true }), (xs, p, c) => {
         const s = sorted(xs);
-        expect(close(percentileCont(s.map((x) => x + c), p), percentileCont(s, p) + c)).toBe(true);
+        expect(
+          close(
+            percentileCont(
+              s.map((x) => x + c),
+              p,
+            ),
+            percentileCont(s, p) + c,
+          ),
+        ).toBe(true);
       }),
       { numRuns: RUNS },
     );
@@ -86,7 +94,10 @@ describeOnDatabases("fleet step durations", (h) => {
   it("PostgreSQL's percentile_cont is percentileCont", async () => {
     await fc.assert(
       fc.asyncProperty(durations, quantile, async (xs, p) => {
-        const rows = await h.db.query<{ v: number }>("SELECT percentile_cont($2::float8) WITHIN GROUP (ORDER BY x) AS v FROM unnest($1::float8[]) AS x", [xs, p]);
+        const rows = await h.db.query<{ v: number }>("SELECT percentile_cont($2::float8) WITHIN GROUP (ORDER BY x) AS v FROM unnest($1::float8[]) AS x", [
+          xs,
+          p,
+        ]);
         expect(close(Number(rows[0]!.v), percentileCont(sorted(xs), p))).toBe(true);
       }),
       { numRuns: Math.min(RUNS, 40) },

@@ -86,7 +86,9 @@ describeOnDatabases("host records: upstream's metadata.bootstrap", (h) => {
   }
 
   async function metadata(id: string): Promise<{ status: string; metadata: { bootstrap?: BootstrapMetadata; machine?: unknown } }> {
-    const rows = await h.db.query<{ status: string; metadata: { bootstrap?: BootstrapMetadata } }>("SELECT status, metadata FROM project_hosts WHERE id = $1", [id]);
+    const rows = await h.db.query<{ status: string; metadata: { bootstrap?: BootstrapMetadata } }>("SELECT status, metadata FROM project_hosts WHERE id = $1", [
+      id,
+    ]);
     return rows[0]!;
   }
 

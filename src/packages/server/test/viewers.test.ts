@@ -159,7 +159,7 @@ describe.skipIf(!outside)("with authorizers", () => {
   });
 
   for (const b of ["throw", "reject", "truthy"] as const) {
-    it(`an authorizer that ${b === "truthy" ? "answers something other than true" : b + "s"} refuses with a clean 403, and the hub keeps serving`, async () => {
+    it(`an authorizer that ${b === "truthy" ? "answers something other than true" : `${b}s`} refuses with a clean 403, and the hub keeps serving`, async () => {
       behaviour = b;
       const before = logged.length;
       for (const p of viewerPaths(allowedId)) {

@@ -6,9 +6,9 @@
 import express, { type Express, type Request } from "express";
 import { z } from "zod/v4";
 import type { Db } from "./db.js";
+import type { HostRecordReporter } from "./host-records.js";
 import { type HostRecordInput, type ProvisionedHost, ProvisionRefusedError, provisionHost, type SiteSettingsInput } from "./hosts.js";
 import { badRequest, errorHandler, HttpError, notFound } from "./http-errors.js";
-import type { HostRecordReporter } from "./host-records.js";
 import { ManifestFetcher } from "./manifests.js";
 import { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
 import { getHost } from "./store.js";

@@ -29,7 +29,12 @@ const intParam = (min: number, max: number) =>
     .string({ error: "must be given once, as a whole number" })
     .regex(/^[0-9]{1,10}$/, { message: "must be a whole number of digits" })
     .transform(Number)
-    .pipe(z.int().min(min, { message: `must be at least ${min}` }).max(max, { message: `must be at most ${max}` }));
+    .pipe(
+      z
+        .int()
+        .min(min, { message: `must be at least ${min}` })
+        .max(max, { message: `must be at most ${max}` }),
+    );
 
 /** The fleet routes' query string (Express's simple parser: a repeated key is an array, refused). */
 export const FleetQuerySchema = z.strictObject({

@@ -137,10 +137,10 @@ export async function recordDelivered(db: Queryable, hostId: string, status: Boo
 }
 
 async function recordChecked(db: Queryable, hostId: string, checkedAt: Date): Promise<void> {
-  await db.query("UPDATE bootstrap_host_records SET checked_at = greatest(checked_at, $2), attempts = 0, last_error = NULL, next_attempt_at = NULL WHERE host_id = $1", [
-    hostId,
-    checkedAt,
-  ]);
+  await db.query(
+    "UPDATE bootstrap_host_records SET checked_at = greatest(checked_at, $2), attempts = 0, last_error = NULL, next_attempt_at = NULL WHERE host_id = $1",
+    [hostId, checkedAt],
+  );
 }
 
 async function recordFailure(db: Queryable, hostId: string, error: string, nextAttemptAt: Date): Promise<void> {

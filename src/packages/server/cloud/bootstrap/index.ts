@@ -7,20 +7,6 @@
 export { type CreateAppOptions, createApp, DEFAULT_PREFIX, type HubApp } from "./app.js";
 export { type Db, openDb, openPglite, pgDb, pgDbFromUrl, pgliteDb, type Queryable } from "./db.js";
 export {
-  assembleHostConfig,
-  type HostRecord,
-  type HostRecordInput,
-  HostRecordSchema,
-  hostBaseUrl,
-  type ProvisionDeps,
-  type ProvisionedHost,
-  ProvisionRefusedError,
-  provisionHost,
-  type SiteSettings,
-  type SiteSettingsInput,
-  SiteSettingsSchema,
-} from "./hosts.js";
-export {
   type FleetHost,
   type FleetStep,
   type FleetView,
@@ -36,6 +22,20 @@ export {
   HostRecordReporter,
   jsonbMetadataAdapter,
 } from "./host-records.js";
+export {
+  assembleHostConfig,
+  type HostRecord,
+  type HostRecordInput,
+  HostRecordSchema,
+  hostBaseUrl,
+  type ProvisionDeps,
+  type ProvisionedHost,
+  ProvisionRefusedError,
+  provisionHost,
+  type SiteSettings,
+  type SiteSettingsInput,
+  SiteSettingsSchema,
+} from "./hosts.js";
 export { HttpError } from "./http-errors.js";
 export { type RunningHub, type StartHubOptions, startHub } from "./hub.js";
 export { ManifestError, ManifestFetcher, type ManifestFetcherOptions, type ResolvedArtifact } from "./manifests.js";

@@ -22,10 +22,10 @@ import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract
 import express, { type NextFunction, type Request, type Response, type Router } from "express";
 import { z } from "zod/v4";
 import type { Db } from "./db.js";
-import { withCallerAddress } from "./hosts.js";
-import { badRequest, errorHandler, HttpError, invalidContent, notFound } from "./http-errors.js";
 import { FleetQuerySchema, fleetView } from "./fleet.js";
 import { type BootstrapStatusAdapter, HostRecordReporter } from "./host-records.js";
+import { withCallerAddress } from "./hosts.js";
+import { badRequest, errorHandler, HttpError, invalidContent, notFound } from "./http-errors.js";
 import { fleetPageHtml, fleetPageScript, fleetPageStyle, PageNotBuiltError, progressPageHtml, progressPageScript, progressPageStyle } from "./page.js";
 import { DEFAULT_STALE_AFTER_S, hostStatus } from "./status.js";
 import { EventConflictError, getHost, getSecret, hasEvents, insertEvents } from "./store.js";
