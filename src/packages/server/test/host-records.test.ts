@@ -256,6 +256,54 @@ describeOnDatabases("host records: upstream's metadata.bootstrap", (h) => {
     const percents = mine.map((c) => c.status.percent);
     expect([...percents].sort((a, b) => a - b)).toEqual(percents);
   });
+
+  it("two hubs on one database: a call that lands late with an older status is corrected by the hub that made it", async () => {
+    const { id, token } = await newHost();
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((r) => {
+      release = r;
+    });
+    const seenByB: string[] = [];
+    const slow: BootstrapStatusAdapter = {
+      async onBootstrapStatus(hostId, status, ctx) {
+        seenByB.push(status.status);
+        if (seenByB.length === 1) await held; // hub B's first call is slow: it lands after hub A's newer one
+        await table.onBootstrapStatus(hostId, status, ctx);
+      },
+    };
+    const other = await startHub({
+      db: h.db,
+      artifactBaseUrl: srv.baseUrl,
+      statusAdapter: slow,
+      hostRecordsSweepMs: 0,
+      hostRecordsTimeoutMs: 30_000,
+      streamRecheckMs: 60_000,
+    });
+    const postTo = async (base: string, events: BootstrapEventInput[]) => {
+      const r = await fetch(`${base}/hosts/${id}/events`, {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
+        body: JSON.stringify({ host_id: id, events }),
+      });
+      expect(r.status).toBe(200);
+    };
+    try {
+      const run = new RunScript().start(PLAN).progress("installing packages", 30);
+      await postTo(other.bootstrapUrl, run.events); // hub B: running, its call held
+      const more = run.events.length;
+      run.stepStart("service").stepEnd("service", "changed", 3).end(true);
+      await postTo(hub.bootstrapUrl, run.events.slice(more)); // hub A: done, delivered at once
+      await hub.hostRecords!.flush();
+      expect((await metadata(id)).metadata.bootstrap?.status).toBe("done");
+      release(); // B's old "running" lands now, over A's "done"
+      await other.hostRecords!.flush();
+      expect(seenByB).toEqual(["running", "done"]); // B derived again after its call and corrected it
+      expect((await metadata(id)).metadata.bootstrap).toMatchObject({ status: "done", percent: 100, run_id: run.runId });
+    } finally {
+      release();
+      await other.close();
+    }
+  });
 });
 
 describe("bootstrapMetadata (the mapping)", () => {

@@ -28,8 +28,10 @@
  * last_error, next_attempt_at with backoff); the hub's sweep retries it, and
  * so does the host's next batch. Every call is re-derived fresh and each
  * hub re-checks after its call, so several hubs converge on the latest
- * status; calls are at least once (the adapter must be idempotent, which
- * a merge into `metadata.bootstrap` is).
+ * status (after each call a hub derives once more and calls again if the
+ * status moved on, so a slow call that lands late is corrected); calls are at
+ * least once (the adapter must be idempotent, which a merge into
+ * `metadata.bootstrap` is).
  */
 import type { Db, Queryable } from "./db.js";
 import type { ErrorLogger } from "./http-errors.js";
@@ -213,6 +215,9 @@ export interface HostRecordReporterOptions {
   retryBaseMs?: number;
 }
 
+/** What one delivery did: nothing to tell, told, or refused (the sweep retries after the backoff). */
+type Delivery = "unchanged" | "delivered" | "failed";
+
 /** Events received this long before a derivation may not be in it yet (a commit racing it): checked again. */
 const CHECK_MARGIN_MS = 2000;
 const RETRY_MAX_MS = 5 * 60 * 1000;
@@ -249,10 +254,13 @@ export class HostRecordReporter {
     this.busy.set(hostId, entry);
     entry.done = (async () => {
       try {
+        // After a call, derive once more: a call that finished late (here or on another hub)
+        // may have written an older status over a newer one; this hub's last word is the latest.
+        let outcome: Delivery;
         do {
           entry.again = false;
-          if (!(await this.deliver(hostId))) break; // refused: the sweep retries after the backoff
-        } while (entry.again && !this.closed);
+          outcome = await this.deliver(hostId);
+        } while (!this.closed && (outcome === "delivered" || (outcome === "unchanged" && entry.again)));
       } finally {
         this.busy.delete(hostId);
       }
@@ -278,8 +286,8 @@ export class HostRecordReporter {
     await this.flush();
   }
 
-  /** One derivation and, if it changed, one adapter call. False when the adapter refused. */
-  private async deliver(hostId: string): Promise<boolean> {
+  /** One derivation and, if it changed, one adapter call. */
+  private async deliver(hostId: string): Promise<Delivery> {
     const { db, adapter, logError } = this.o;
     const t0 = this.o.now();
     const checkedAt = new Date(t0.getTime() - CHECK_MARGIN_MS);
@@ -289,11 +297,11 @@ export class HostRecordReporter {
       const known = await getHostRecordState(db, hostId);
       if (known?.fingerprint === metadataFingerprint(status)) {
         await recordChecked(db, hostId, checkedAt);
-        return true;
+        return "unchanged";
       }
     } catch (err) {
       logError(`host records: cannot derive the status of host ${hostId}`, err);
-      return false;
+      return "failed";
     }
     this.calls += 1;
     try {
@@ -306,15 +314,15 @@ export class HostRecordReporter {
       await recordFailure(db, hostId, errorText(err), new Date(this.o.now().getTime() + delay)).catch((e: unknown) =>
         logError(`host records: cannot record the failed delivery for host ${hostId}`, e),
       );
-      return false;
+      return "failed";
     }
     try {
       await recordDelivered(db, hostId, status, checkedAt, this.o.now());
     } catch (err) {
       logError(`host records: delivered to host ${hostId} but cannot record it (it is delivered again)`, err);
-      return false;
+      return "failed";
     }
-    return true;
+    return "delivered";
   }
 }
 
