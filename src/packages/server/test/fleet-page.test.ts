@@ -116,6 +116,9 @@ describe.skipIf(skipWhy !== null)("fleet page in headless Chromium", () => {
     expect(await first.locator("td.p50").textContent()).toBe("55 s");
     expect(await first.locator("td.p95").textContent()).toBe("4 min 24 s"); // 60 + (300 - 60) * 0.85 = 264 s
     expect(await first.locator("td.failed").textContent()).toBe("1");
+    expect(await first.locator("td.work-runs").textContent()).toBe("4");
+    // preflight did work in every run (changed), btrfs in none (unchanged everywhere)
+    expect(await page.locator('#steps tr[data-step="btrfs"] td.work-p50').textContent()).toBe("–");
     await page.screenshot({ path: join(ARTIFACTS, "fleet-page.png"), fullPage: true });
 
     // the running host finishes: the page follows within its refresh

@@ -126,8 +126,11 @@ describeOnDatabases("fleet step durations", (h) => {
       max_s: 90,
       changed: 6,
       failed: 0,
+      work_p50_s: percentileCont(aptDurations, 0.5),
+      work_p95_s: percentileCont(aptDurations, 0.95),
     });
-    expect(byName.get("node")).toMatchObject({ runs: 6, p50_s: 5, failed: 1, changed: 0 });
+    // node: five unchanged 5 s, one failed 5 s: only the failed one did work
+    expect(byName.get("node")).toMatchObject({ runs: 6, p50_s: 5, failed: 1, changed: 0, work_p50_s: 5, work_p95_s: 5 });
     expect(byName.has("service")).toBe(false); // blocked in every run: never ran
     expect(steps[0]!.step).toBe("apt"); // slowest p95 first
   });

@@ -33,6 +33,13 @@ export interface FleetStep {
   max_s: number;
   changed: number;
   failed: number;
+  /**
+   * The same over the runs in which the step did work (changed or failed): an
+   * idle re-run's quick "unchanged" does not hide a step that is slow when it
+   * has something to do. Null when it never did work in the window.
+   */
+  work_p50_s: number | null;
+  work_p95_s: number | null;
 }
 
 export interface FleetView {

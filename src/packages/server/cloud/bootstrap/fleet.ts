@@ -82,7 +82,17 @@ async function knownHosts(db: Queryable, limit: number): Promise<{ total: number
  * or after `sinceTs` (blocked ones left out), slowest p95 first.
  */
 export async function fleetStepDurations(db: Queryable, sinceTs: number): Promise<FleetStep[]> {
-  const rows = await db.query<{ step: string; runs: number; p50: number; p95: number; max: number; changed: number; failed: number }>(
+  const rows = await db.query<{
+    step: string;
+    runs: number;
+    p50: number;
+    p95: number;
+    max: number;
+    changed: number;
+    failed: number;
+    work_p50: number | null;
+    work_p95: number | null;
+  }>(
     `WITH ends AS (
        SELECT DISTINCT ON (e.host_id, e.run_id, e.body->>'step')
               e.body->>'step' AS step, e.body->>'outcome' AS outcome, (e.body->>'duration_s')::double precision AS d
@@ -94,7 +104,9 @@ export async function fleetStepDurations(db: Queryable, sinceTs: number): Promis
             percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95,
             max(d) AS max,
             (count(*) FILTER (WHERE outcome = 'changed'))::integer AS changed,
-            (count(*) FILTER (WHERE outcome = 'failed'))::integer AS failed
+            (count(*) FILTER (WHERE outcome = 'failed'))::integer AS failed,
+            percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE outcome <> 'unchanged') AS work_p50,
+            percentile_cont(0.95) WITHIN GROUP (ORDER BY d) FILTER (WHERE outcome <> 'unchanged') AS work_p95
        FROM ends WHERE outcome <> 'blocked'
       GROUP BY step ORDER BY p95 DESC, step`,
     [sinceTs],
@@ -107,6 +119,8 @@ export async function fleetStepDurations(db: Queryable, sinceTs: number): Promis
     max_s: Number(r.max),
     changed: r.changed,
     failed: r.failed,
+    work_p50_s: r.work_p50 === null ? null : Number(r.work_p50),
+    work_p95_s: r.work_p95 === null ? null : Number(r.work_p95),
   }));
 }
 

@@ -122,7 +122,7 @@ export function fleetPageHtml(): string {
     <table id="hosts"><thead><tr><th>host</th><th>state</th><th>phase</th><th>percent</th><th>age</th><th>last heard</th></tr></thead><tbody></tbody></table>
   </section>
   <section class="card"><h2>Steps <span class="meta" id="window"></span></h2>
-    <table id="steps"><thead><tr><th>step</th><th>runs</th><th>p50</th><th>p95</th><th>max</th><th>failed</th><th></th></tr></thead><tbody></tbody></table>
+    <table id="steps"><thead><tr><th>step</th><th>runs</th><th>p50</th><th>p95</th><th>max</th><th>failed</th><th>did work</th><th>p50 (work)</th><th>p95 (work)</th><th></th></tr></thead><tbody></tbody></table>
   </section>
   <div class="meta" id="meta"></div>
 </main>

@@ -77,6 +77,9 @@ function stepRow(s: FleetStep, slowest: number): HTMLTableRowElement {
     cell(fmtDuration(s.p95_s), "p95"),
     cell(fmtDuration(s.max_s), "max"),
     cell(String(s.failed), "failed"),
+    cell(String(s.changed + s.failed), "work-runs"),
+    cell(fmtDuration(s.work_p50_s), "work-p50"),
+    cell(fmtDuration(s.work_p95_s), "work-p95"),
     spark,
   );
   return tr;
