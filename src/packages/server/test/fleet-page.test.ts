@@ -49,7 +49,7 @@ describe.skipIf(skipWhy !== null)("fleet page in headless Chromium", () => {
       viewport: { width: 1200, height: 900 },
     });
     page = context.pages()[0] ?? (await context.newPage());
-  });
+  }, 180_000); // PGlite + Chromium start slowly on a loaded 2-core machine
 
   afterAll(async () => {
     await context?.close();
