@@ -181,6 +181,11 @@ CURRENT_STEP: contextvars.ContextVar[str | None] = contextvars.ContextVar("boots
 TAIL_LINES = 20
 TAIL_CHARS = 4000
 MAX_TEXT = 8192  # the hub's limit on an event's text fields (src/events.ts)
+# bootstrap.log rotates at this size into bootstrap.log.1 (.1 -> .2, ...), keeping
+# this many old generations: constants, not config (a host's log must stay
+# bounded even when its config cannot be read). 4 MiB x (1 + 3) at most.
+LOG_MAX_BYTES = 4 * 1024 * 1024
+LOG_GENERATIONS = 3
 
 
 class Redactor:
@@ -238,6 +243,17 @@ def utc_timestamp(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+def rotate_log(path: Path, generations: int = LOG_GENERATIONS) -> None:
+    """bootstrap.log -> bootstrap.log.1 -> ... -> .<generations>; the oldest goes."""
+    for n in range(generations, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        newer = path if n == 1 else path.with_name(f"{path.name}.{n - 1}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(newer, older)
+    if generations <= 0:
+        path.unlink(missing_ok=True)
+
+
 def cut_torn_tail(path: Path, window: int = 1 << 20) -> int:
     """A JSON-lines file whose end was lost to a power cut ends in a partial
     line, often zeros (its size reached the disk, its data did not): cut it
@@ -275,8 +291,13 @@ class Log:
         echo: bool = True,
         tty: bool | None = None,
         redactor: Redactor = REDACTOR,
+        max_bytes: int = LOG_MAX_BYTES,
+        generations: int = LOG_GENERATIONS,
     ) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.generations = generations
+        self._size = 0
         self.run_id = run_id
         self.echo = echo
         self._console = console
@@ -289,10 +310,31 @@ class Log:
         if path is not None:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             torn = cut_torn_tail(path)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._file = os.fdopen(fd, "a", encoding="utf-8")
+            self._open_file()
         if torn:
             self.record("warning", f"removed a torn end of {path} ({torn} bytes, lost to a crash or power cut)")
+
+    def _open_file(self) -> None:
+        assert self.path is not None
+        if self.path.exists() and self.path.stat().st_size >= self.max_bytes:
+            rotate_log(self.path, self.generations)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._size = os.fstat(fd).st_size
+
+    def _write_line(self, line: str) -> None:
+        """Append one record; rotate first when it would take the file past max_bytes."""
+        if self._file is None or self.path is None:
+            return
+        size = len(line.encode("utf-8")) + 1
+        if self._size > 0 and self._size + size > self.max_bytes:
+            self._file.close()
+            rotate_log(self.path, self.generations)
+            self._open_file()
+        assert self._file is not None
+        self._file.write(line + "\n")
+        self._file.flush()
+        self._size += size
 
     # -- the steps' interface --------------------------------------------
 
@@ -325,9 +367,7 @@ class Log:
         entry = self.redact.deep(entry)
         line = json.dumps(entry, default=str, ensure_ascii=False)
         with self._lock:
-            if self._file is not None:
-                self._file.write(line + "\n")
-                self._file.flush()
+            self._write_line(line)
             if self.echo and level != "debug":
                 prefix = "" if level == "info" else f"{level}: "
                 where = f"{step}: " if step else ""
@@ -6315,6 +6355,12 @@ EVENT_BATCH_BYTES = 512 * 1024  # well under the hub's MAX_BATCH_BYTES
 SENDER_BASE_S = 0.5
 SENDER_MAX_S = 30.0
 HTTP_TIMEOUT_S = 15.0
+# Spools of earlier runs that the hub acknowledged in full are pruned when a
+# run starts (and by the sender once it delivers them), keeping the newest
+# SPOOL_KEEP_ACKED for `status` and `timings`. A spool with any event the hub
+# has not acknowledged is never pruned: the bound on those is the hub's
+# availability (each run's spool is bounded by its plan: a few events per step).
+SPOOL_KEEP_ACKED = 1
 
 
 class EventSpool(EventSink):
@@ -6329,6 +6375,7 @@ class EventSpool(EventSink):
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
         fsync_dir(directory)  # the spool file itself survives a power cut
+        self.pruned = prune_acknowledged(directory, current=self.path)
         self._seq = 0
         self._synced = -1  # the last seq known to be on disk
         self.changed = threading.Condition()  # the sender waits on it
@@ -6532,6 +6579,30 @@ def sendable(value: Any) -> Any:
 
 def acked_path(spool_file: Path) -> Path:
     return spool_file.with_suffix(".acked")
+
+
+def fully_acknowledged(path: Path) -> bool:
+    """The hub acknowledged every event this spool holds."""
+    try:
+        acked = int(acked_path(path).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return False
+    return acked >= 0 and not unacked_events(path)
+
+
+def prune_acknowledged(directory: Path, *, current: Path | None = None, keep: int = SPOOL_KEEP_ACKED) -> list[Path]:
+    """Delete the spools of earlier runs that the hub acknowledged in full,
+    but the newest `keep` of them; never `current`, never one with an event
+    the hub has not acknowledged. Returns the spools deleted."""
+    spools = sorted((p for p in directory.glob("*.jsonl") if p != current), reverse=True)  # newest first
+    acknowledged = [p for p in spools if fully_acknowledged(p)]
+    pruned: list[Path] = []
+    for path in acknowledged[keep:]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+            acked_path(path).unlink(missing_ok=True)
+            pruned.append(path)
+    return pruned
 
 
 def read_error_body(error: urllib.error.HTTPError) -> str:

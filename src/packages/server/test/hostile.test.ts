@@ -6,7 +6,7 @@
  */
 import { randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { Db } from "../cloud/bootstrap/db.js";
+import type { Db, Queryable } from "../cloud/bootstrap/db.js";
 import { type RunningHub, startHub } from "../cloud/bootstrap/hub.js";
 import type { HostStatus } from "../cloud/bootstrap/status.js";
 import { listRunEvents, refreshRunSummary } from "../cloud/bootstrap/store.js";
@@ -258,13 +258,18 @@ describeOnDatabases("the hub under hostile input", (h) => {
 
     it("a database failure is a 500 without its message, never a 400 that shows it", async () => {
       const detail = "relation bootstrap_hosts is locked by db-7.internal";
+      const breaking =
+        (q: Queryable) =>
+        async (sql: string, params?: readonly unknown[]): Promise<never[]> => {
+          if (/INSERT INTO bootstrap_hosts/.test(sql)) throw new Error(detail);
+          return q.query(sql, params);
+        };
+      // Provisioning writes in one transaction: break the statement there too.
       const broken: Db = {
         ...db,
         kind: db.kind,
-        query: async (sql: string, params?: readonly unknown[]) => {
-          if (/INSERT INTO bootstrap_hosts/.test(sql)) throw new Error(detail);
-          return db.query(sql, params);
-        },
+        query: breaking(db),
+        transaction: (fn) => db.transaction((tx) => fn({ ...tx, query: breaking(tx) } as Queryable)),
       } as Db;
       const seen: string[] = [];
       const other = await startHub({ db: broken, artifactBaseUrl: srv.baseUrl, enableAdmin: true, logError: (m, e) => seen.push(`${m}: ${String(e)}`) });

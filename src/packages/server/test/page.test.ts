@@ -57,7 +57,7 @@ describe.skipIf(skipWhy !== null)("progress page in headless Chromium", () => {
     page.on("framenavigated", (f) => {
       if (f === page.mainFrame()) navigations++;
     });
-  });
+  }, 180_000); // PGlite + Chromium start slowly on a loaded 2-core machine (60 s timed out at load 20+)
 
   afterAll(async () => {
     await context?.close();

@@ -44,6 +44,12 @@ EVENT_BATCH_BYTES = 512 * 1024  # well under the hub's MAX_BATCH_BYTES
 SENDER_BASE_S = 0.5
 SENDER_MAX_S = 30.0
 HTTP_TIMEOUT_S = 15.0
+# Spools of earlier runs that the hub acknowledged in full are pruned when a
+# run starts (and by the sender once it delivers them), keeping the newest
+# SPOOL_KEEP_ACKED for `status` and `timings`. A spool with any event the hub
+# has not acknowledged is never pruned: the bound on those is the hub's
+# availability (each run's spool is bounded by its plan: a few events per step).
+SPOOL_KEEP_ACKED = 1
 
 
 class EventSpool(EventSink):
@@ -58,6 +64,7 @@ class EventSpool(EventSink):
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
         fsync_dir(directory)  # the spool file itself survives a power cut
+        self.pruned = prune_acknowledged(directory, current=self.path)
         self._seq = 0
         self._synced = -1  # the last seq known to be on disk
         self.changed = threading.Condition()  # the sender waits on it
@@ -261,6 +268,30 @@ def sendable(value: Any) -> Any:
 
 def acked_path(spool_file: Path) -> Path:
     return spool_file.with_suffix(".acked")
+
+
+def fully_acknowledged(path: Path) -> bool:
+    """The hub acknowledged every event this spool holds."""
+    try:
+        acked = int(acked_path(path).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return False
+    return acked >= 0 and not unacked_events(path)
+
+
+def prune_acknowledged(directory: Path, *, current: Path | None = None, keep: int = SPOOL_KEEP_ACKED) -> list[Path]:
+    """Delete the spools of earlier runs that the hub acknowledged in full,
+    but the newest `keep` of them; never `current`, never one with an event
+    the hub has not acknowledged. Returns the spools deleted."""
+    spools = sorted((p for p in directory.glob("*.jsonl") if p != current), reverse=True)  # newest first
+    acknowledged = [p for p in spools if fully_acknowledged(p)]
+    pruned: list[Path] = []
+    for path in acknowledged[keep:]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+            acked_path(path).unlink(missing_ok=True)
+            pruned.append(path)
+    return pruned
 
 
 def read_error_body(error: urllib.error.HTTPError) -> str:

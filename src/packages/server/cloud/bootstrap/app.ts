@@ -6,10 +6,11 @@
 import express, { type Express, type Request } from "express";
 import { z } from "zod/v4";
 import type { Db } from "./db.js";
+import type { HostRecordReporter } from "./host-records.js";
 import { type HostRecordInput, type ProvisionedHost, ProvisionRefusedError, provisionHost, type SiteSettingsInput } from "./hosts.js";
 import { badRequest, errorHandler, HttpError, notFound } from "./http-errors.js";
 import { ManifestFetcher } from "./manifests.js";
-import { type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
+import { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
 import { getHost } from "./store.js";
 
 export const DEFAULT_PREFIX = "/bootstrap";
@@ -33,6 +34,10 @@ export interface CreateAppOptions extends Omit<BootstrapRouterDeps, "db"> {
 export interface HubApp {
   app: Express;
   provisionHost(record: HostRecordInput, opts?: { secrets?: Record<string, string> }): Promise<ProvisionedHost>;
+  /** The host-record reporter, when a statusAdapter was given. */
+  hostRecords: HostRecordReporter | null;
+  /** The status streams (viewers, derivations, writes). */
+  streams: BootstrapRouter["streams"];
   close(): Promise<void>;
 }
 
@@ -60,7 +65,7 @@ export function createApp(opts: CreateAppOptions): HubApp {
   app.use(prefix, bootstrap.router);
 
   const provision: HubApp["provisionHost"] = (record, o = {}) =>
-    provisionHost({ db: opts.db, settings: settings(), manifests, tokenTtlMs: opts.tokenTtlMs }, record, o);
+    provisionHost({ db: opts.db, settings: settings(), manifests, tokenTtlMs: opts.tokenTtlMs, statusAdapter: opts.statusAdapter }, record, o);
 
   if (opts.enableAdmin) {
     app.post("/admin/hosts", express.json({ limit: 64 * 1024 }), async (req, res) => {
@@ -96,5 +101,5 @@ export function createApp(opts: CreateAppOptions): HubApp {
   app.use(notFound);
   app.use(errorHandler({ maxBodyBytes: 64 * 1024, logError: opts.logError ?? ((m, e) => console.error(`hub: ${m}:`, e)) }));
 
-  return { app, provisionHost: provision, close: () => bootstrap.close() };
+  return { app, provisionHost: provision, hostRecords: bootstrap.hostRecords, streams: bootstrap.streams, close: () => bootstrap.close() };
 }

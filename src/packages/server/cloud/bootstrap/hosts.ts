@@ -31,9 +31,10 @@ import {
 } from "@cocalc/project-host-bootstrap/contract";
 import { z } from "zod/v4";
 import type { Db } from "./db.js";
+import { type BootstrapStatusAdapter, pendingMetadata, recordDelivered } from "./host-records.js";
 import { ManifestError, type ManifestFetcher, type ResolvedArtifact } from "./manifests.js";
 import { saveHost, saveSecret } from "./store.js";
-import { DEFAULT_TOKEN_TTL_MS, issueToken } from "./tokens.js";
+import { DEFAULT_TOKEN_TTL_MS, issueTokenIn } from "./tokens.js";
 
 /**
  * Provisioning refused for a reason the operator can fix (a bad host record,
@@ -251,11 +252,14 @@ export interface ProvisionDeps {
   settings: SiteSettingsInput;
   manifests: ManifestFetcher;
   tokenTtlMs?: number;
+  /** The hub's host records: told `pending` inside the provisioning transaction (host-records.ts). */
+  statusAdapter?: BootstrapStatusAdapter;
 }
 
 /**
  * Register (or re-register) a host: assemble and store its config, store its
- * secrets, issue a fresh token (revoking older ones) and render its stub.
+ * secrets, issue a fresh token (revoking older ones), record `pending` (and tell
+ * the status adapter, if any), all in one transaction, and render its stub.
  */
 export async function provisionHost(
   deps: ProvisionDeps,
@@ -267,9 +271,16 @@ export async function provisionHost(
   const now = opts.now ?? new Date();
   const missing = config.secrets.filter((name) => opts.secrets?.[name] === undefined);
   if (missing.length > 0) throw new ProvisionRefusedError(`host ${record.id}: no value for secret(s) ${missing.join(", ")}`);
-  await saveHost(deps.db, { hostId: record.id, record, config, now });
-  for (const [name, value] of Object.entries(opts.secrets ?? {})) await saveSecret(deps.db, record.id, name, value);
-  const { token, expiresAt } = await issueToken(deps.db, record.id, { ttlMs: deps.tokenTtlMs ?? DEFAULT_TOKEN_TTL_MS, now });
+  // One transaction: host, secrets, token and the host record's `pending` (through the adapter) or none of them.
+  const { token, expiresAt } = await deps.db.transaction(async (tx) => {
+    await saveHost(tx, { hostId: record.id, record, config, now });
+    for (const [name, value] of Object.entries(opts.secrets ?? {})) await saveSecret(tx, record.id, name, value);
+    const issued = await issueTokenIn(tx, record.id, { ttlMs: deps.tokenTtlMs ?? DEFAULT_TOKEN_TTL_MS, now });
+    const pending = pendingMetadata(now);
+    if (deps.statusAdapter) await deps.statusAdapter.onBootstrapStatus(record.id, pending, { db: tx });
+    await recordDelivered(tx, record.id, pending, now, now);
+    return issued;
+  });
   const baseUrl = hostBaseUrl(settings, record.id);
   const stub = renderStub({ baseUrl, bootstrapDir: config.bootstrap_dir, bootstrapUser: config.bootstrap_user, token });
   return { hostId: record.id, baseUrl, token, expiresAt, stub, config };

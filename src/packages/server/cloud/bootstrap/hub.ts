@@ -10,6 +10,7 @@ import { type Db, openDb } from "./db.js";
 import type { HostRecordInput, ProvisionedHost, SiteSettingsInput } from "./hosts.js";
 import { ManifestFetcher } from "./manifests.js";
 import { migrate } from "./migrate.js";
+import type { BootstrapRouterDeps } from "./routes.js";
 
 export interface StartHubOptions {
   /** 0 (default) picks a free port. */
@@ -37,6 +38,14 @@ export interface StartHubOptions {
   /** When host credentials are due for rotation, and a rotated one's grace (credentials.ts). */
   credentialPolicy?: CredentialPolicy;
   logError?: (message: string, error: unknown) => void;
+  /** Who may view hosts and the fleet (default: loopback only); see BootstrapRouterDeps. */
+  authorizeViewer?: BootstrapRouterDeps["authorizeViewer"];
+  authorizeFleetViewer?: BootstrapRouterDeps["authorizeFleetViewer"];
+  /** The hub's host records (host-records.ts), and how often refused deliveries are retried. */
+  statusAdapter?: BootstrapRouterDeps["statusAdapter"];
+  hostRecordsSweepMs?: number;
+  hostRecordsTimeoutMs?: number;
+  hostRecordsRetryBaseMs?: number;
 }
 
 export interface RunningHub {
@@ -46,6 +55,8 @@ export interface RunningHub {
   bootstrapUrl: string;
   db: Db;
   provisionHost(record: HostRecordInput, opts?: { secrets?: Record<string, string> }): Promise<ProvisionedHost>;
+  /** The host-record reporter (null without a statusAdapter): flush() and sweep() for tests and tools. */
+  hostRecords: HubApp["hostRecords"];
   close(): Promise<void>;
 }
 
@@ -90,6 +101,12 @@ export async function startHub(opts: StartHubOptions): Promise<RunningHub> {
     enableAdmin: opts.enableAdmin,
     credentialPolicy: opts.credentialPolicy,
     logError: opts.logError,
+    authorizeViewer: opts.authorizeViewer,
+    authorizeFleetViewer: opts.authorizeFleetViewer,
+    statusAdapter: opts.statusAdapter,
+    hostRecordsSweepMs: opts.hostRecordsSweepMs,
+    hostRecordsTimeoutMs: opts.hostRecordsTimeoutMs,
+    hostRecordsRetryBaseMs: opts.hostRecordsRetryBaseMs,
   });
   server.on("request", hub.app);
   return {
@@ -97,6 +114,7 @@ export async function startHub(opts: StartHubOptions): Promise<RunningHub> {
     bootstrapUrl,
     db,
     provisionHost: hub.provisionHost,
+    hostRecords: hub.hostRecords,
     async close() {
       await hub.close();
       server.closeAllConnections();

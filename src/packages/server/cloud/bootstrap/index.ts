@@ -20,6 +20,22 @@ export {
 } from "./credentials.js";
 export { type Db, openDb, openPglite, pgDb, pgDbFromUrl, pgliteDb, type Queryable } from "./db.js";
 export {
+  type FleetHost,
+  type FleetStep,
+  type FleetView,
+  fleetView,
+} from "./fleet.js";
+export {
+  type BootstrapMetadata,
+  type BootstrapStatusAdapter,
+  type BootstrapStatusContext,
+  type BootstrapStatusValue,
+  bootstrapMetadata,
+  getHostRecordState,
+  HostRecordReporter,
+  jsonbMetadataAdapter,
+} from "./host-records.js";
+export {
   assembleHostConfig,
   type HostRecord,
   type HostRecordInput,
@@ -37,6 +53,6 @@ export { HttpError } from "./http-errors.js";
 export { type RunningHub, type StartHubOptions, startHub } from "./hub.js";
 export { ManifestError, ManifestFetcher, type ManifestFetcherOptions, type ResolvedArtifact } from "./manifests.js";
 export { migrate } from "./migrate.js";
-export { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
+export { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter, isLoopback } from "./routes.js";
 export { DEFAULT_STALE_AFTER_S, type HostStatus, hostStatus, type RunState, type StepState, type StepStatus } from "./status.js";
 export { DEFAULT_TOKEN_TTL_MS, issueToken, revokeTokens } from "./tokens.js";

@@ -1,5 +1,5 @@
 import { readFile } from "node:fs/promises";
-import { PAGE_CSS_PATH, PAGE_JS_PATH } from "./paths.js";
+import { FLEET_CSS_PATH, FLEET_JS_PATH, PAGE_CSS_PATH, PAGE_JS_PATH } from "./paths.js";
 
 const BUILD_HINT = "the progress page is not built: run `pnpm --filter @cocalc/server build` (or `build:page`)";
 
@@ -11,8 +11,20 @@ export class PageNotBuiltError extends Error {
   }
 }
 
-let script: Promise<Buffer> | null = null;
-let style: Promise<Buffer> | null = null;
+const cache = new Map<string, Promise<Buffer>>();
+
+/** A file read once; a failed read is tried again next time. */
+function readOnce(path: string, read: (p: string) => Promise<Buffer>): Promise<Buffer> {
+  let p = cache.get(path);
+  if (!p) {
+    p = read(path).catch((err: unknown) => {
+      cache.delete(path);
+      throw err;
+    });
+    cache.set(path, p);
+  }
+  return p;
+}
 
 /** Read a compiled page script; a missing file is a PageNotBuiltError. */
 export async function readPageScript(path: string): Promise<Buffer> {
@@ -29,20 +41,21 @@ export async function readPageScript(path: string): Promise<Buffer> {
  * at run time: without a build this fails with PageNotBuiltError.
  */
 export function progressPageScript(): Promise<Buffer> {
-  script ??= readPageScript(PAGE_JS_PATH).catch((err: unknown) => {
-    script = null;
-    throw err;
-  });
-  return script;
+  return readOnce(PAGE_JS_PATH, readPageScript);
 }
 
 /** The page's style sheet, a static file shipped with the package (`page/progress-page.css`), read once. */
 export function progressPageStyle(): Promise<Buffer> {
-  style ??= readFile(PAGE_CSS_PATH).catch((err: unknown) => {
-    style = null;
-    throw err;
-  });
-  return style;
+  return readOnce(PAGE_CSS_PATH, (p) => readFile(p));
+}
+
+/** The fleet page's script (`page/fleet-page.ts`, same build) and style sheet. */
+export function fleetPageScript(): Promise<Buffer> {
+  return readOnce(FLEET_JS_PATH, readPageScript);
+}
+
+export function fleetPageStyle(): Promise<Buffer> {
+  return readOnce(FLEET_CSS_PATH, (p) => readFile(p));
 }
 
 /**
@@ -86,6 +99,34 @@ export function progressPageHtml(hostId: string): string {
   <div class="meta" id="meta"></div>
 </main>
 <script type="module" src="progress-page.js"></script>
+</body>
+</html>
+`;
+}
+
+/** The fleet page's HTML shell; `page/fleet-page.ts` fetches `status` (with the page's query) every few seconds. */
+export function fleetPageHtml(): string {
+  return `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Bootstrap · fleet</title>
+<link rel="stylesheet" href="fleet-page.css">
+</head>
+<body>
+<main>
+  <h1>Project host bootstrap · fleet</h1>
+  <div class="sub" id="summary">Loading…</div>
+  <section class="card"><h2>Hosts <span class="meta">(latest run of each; failed and stale first)</span></h2>
+    <table id="hosts"><thead><tr><th>host</th><th>state</th><th>phase</th><th>percent</th><th>age</th><th>last heard</th></tr></thead><tbody></tbody></table>
+  </section>
+  <section class="card"><h2>Steps <span class="meta" id="window"></span></h2>
+    <table id="steps"><thead><tr><th>step</th><th>runs</th><th>p50</th><th>p95</th><th>max</th><th>failed</th><th>did work</th><th>p50 (work)</th><th>p95 (work)</th><th></th></tr></thead><tbody></tbody></table>
+  </section>
+  <div class="meta" id="meta"></div>
+</main>
+<script type="module" src="fleet-page.js"></script>
 </body>
 </html>
 `;

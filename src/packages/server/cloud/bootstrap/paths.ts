@@ -26,3 +26,6 @@ export const MIGRATIONS_DIR = join(PACKAGE_ROOT, "cloud", "bootstrap", "migratio
 export const PAGE_JS_PATH = join(PACKAGE_ROOT, "dist", "page", "page", "progress-page.js");
 /** The page's style sheet (a static file, shipped as it is). */
 export const PAGE_CSS_PATH = join(PACKAGE_ROOT, "cloud", "bootstrap", "page", "progress-page.css");
+/** The fleet page's script (same build) and style sheet. */
+export const FLEET_JS_PATH = join(PACKAGE_ROOT, "dist", "page", "page", "fleet-page.js");
+export const FLEET_CSS_PATH = join(PACKAGE_ROOT, "cloud", "bootstrap", "page", "fleet-page.css");

@@ -12,11 +12,15 @@
  *   GET  P/hosts/:id/credentials         the host's tokens, credentials and their log (JSON, no secrets)
  *   GET  P/hosts/:id/stream              server-sent events: `status` on every change (stream.ts)
  *   GET  P/hosts/:id/                    the progress page (+ progress-page.js, progress-page.css)
+ *   GET  P/fleet/status                  every host's latest run + step durations (fleet.ts)
+ *   GET  P/fleet/                        the fleet page (+ fleet-page.js, fleet-page.css)
  *
  * "Bearer credential": the host's credential, or its bootstrap token until
  * that is exchanged (refused everywhere after; see credentials.ts).
- * Status, stream and page carry no token: the hub mounts them behind its own
- * login, or passes `authorizeViewer`.
+ * Status, stream and page (a host's and the fleet's) carry no token and are
+ * closed by default: the hub passes `authorizeViewer` (a host) and
+ * `authorizeFleetViewer` (the fleet); without one, only loopback callers
+ * are let in (the demo). An authorizer that throws refuses (403), logged.
  */
 import { bootstrapPyBytes, bootstrapPySha256, EventBatchSchema, MAX_BATCH_BYTES } from "@cocalc/project-host-bootstrap";
 import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
@@ -24,9 +28,11 @@ import express, { type NextFunction, type Request, type Response, type Router } 
 import { z } from "zod/v4";
 import { authorizeHost, type CredentialPolicy, exchangeOrRotate, type HostAuthVerdict, hostCredentialRecord } from "./credentials.js";
 import type { Db } from "./db.js";
+import { FleetQuerySchema, fleetView } from "./fleet.js";
+import { type BootstrapStatusAdapter, HostRecordReporter } from "./host-records.js";
 import { withCallerAddress } from "./hosts.js";
 import { badRequest, errorHandler, HttpError, invalidContent, notFound } from "./http-errors.js";
-import { PageNotBuiltError, progressPageHtml, progressPageScript, progressPageStyle } from "./page.js";
+import { fleetPageHtml, fleetPageScript, fleetPageStyle, PageNotBuiltError, progressPageHtml, progressPageScript, progressPageStyle } from "./page.js";
 import { DEFAULT_STALE_AFTER_S, hostStatus } from "./status.js";
 import { EventConflictError, getHost, getSecret, hasEvents, insertEvents } from "./store.js";
 import { StatusStreams } from "./stream.js";
@@ -42,10 +48,23 @@ export interface BootstrapRouterDeps {
   streamRecheckMs?: number;
   heartbeatMs?: number;
   now?: () => Date;
-  /** Who may see status, stream and page (default: anyone who reaches the router). */
+  /**
+   * Who may see a host's status, stream and page. Without it, only callers on
+   * a loopback address (the socket's, never a forwarded header). A throw refuses.
+   */
   authorizeViewer?: (req: Request, hostId: string) => boolean | Promise<boolean>;
   /** When host credentials are due for rotation, and the grace of a rotated one. */
   credentialPolicy?: CredentialPolicy;
+  /** Who may see the fleet page and its JSON (every host). Without it, loopback only. A throw refuses. */
+  authorizeFleetViewer?: (req: Request) => boolean | Promise<boolean>;
+  /** The hub's host records (upstream's metadata.bootstrap): told of every status change (host-records.ts). */
+  statusAdapter?: BootstrapStatusAdapter;
+  /** How often undelivered host-record statuses are retried (default 10 s; 0: only on the host's next batch). */
+  hostRecordsSweepMs?: number;
+  /** An adapter call that takes longer counts as failed (default 10 s). */
+  hostRecordsTimeoutMs?: number;
+  /** First retry delay after a refused delivery; doubles up to 5 min (default 5 s). */
+  hostRecordsRetryBaseMs?: number;
   /** bootstrap.py as served (default: the packaged asset). */
   bootstrapPy?: { bytes: Buffer; sha256: string };
   logError?: (message: string, error: unknown) => void;
@@ -57,6 +76,15 @@ export interface BootstrapRouter {
   close(): Promise<void>;
   /** The status streams (open viewers, derivations so far). */
   streams: StatusStreams;
+  /** The host-record reporter, when a statusAdapter was given. */
+  hostRecords: HostRecordReporter | null;
+}
+
+const LOOPBACK = new Set(["127.0.0.1", "::1", "::ffff:127.0.0.1"]);
+
+/** The caller's own address is loopback (the socket's: X-Forwarded-For is not looked at). */
+export function isLoopback(req: Request): boolean {
+  return LOOPBACK.has(req.socket.remoteAddress ?? "");
 }
 
 const HostIdSchema = z.string().regex(UUID_RE, { message: "must be a lowercase UUID" });
@@ -96,6 +124,18 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     logError,
   });
   let bootstrapPy = deps.bootstrapPy;
+  const hostRecords = deps.statusAdapter
+    ? new HostRecordReporter({
+        db,
+        adapter: deps.statusAdapter,
+        now,
+        staleAfterS,
+        logError,
+        sweepMs: deps.hostRecordsSweepMs,
+        timeoutMs: deps.hostRecordsTimeoutMs,
+        retryBaseMs: deps.hostRecordsRetryBaseMs,
+      })
+    : null;
 
   const callerAddress = (req: Request) => req.ip ?? req.socket.remoteAddress ?? null;
 
@@ -110,8 +150,26 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     if (!verdict.ok) throw refused(verdict);
   }
 
+  /** Ask an authorizer; a throw or anything but `true` refuses (the throw is logged, never shown). */
+  async function allowed(what: string, ask: () => boolean | Promise<boolean>): Promise<boolean> {
+    try {
+      return (await ask()) === true;
+    } catch (err) {
+      logError(`${what} threw; refused`, err);
+      return false;
+    }
+  }
+
   async function requireViewer(req: Request, hostId: string): Promise<void> {
-    if (deps.authorizeViewer && !(await deps.authorizeViewer(req, hostId))) throw new HttpError(403, "not allowed to view this host");
+    const authorize = deps.authorizeViewer;
+    const ok = authorize ? await allowed("authorizeViewer", () => authorize(req, hostId)) : isLoopback(req);
+    if (!ok) throw new HttpError(403, "not allowed to view this host");
+  }
+
+  async function requireFleetViewer(req: Request): Promise<void> {
+    const authorize = deps.authorizeFleetViewer;
+    const ok = authorize ? await allowed("authorizeFleetViewer", () => authorize(req)) : isLoopback(req);
+    if (!ok) throw new HttpError(403, "not allowed to view the fleet");
   }
 
   async function requireKnownHost(hostId: string): Promise<void> {
@@ -214,6 +272,9 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
       }
       throw err;
     }
+    // Stored and acknowledged first: the host records hear of it in the background, and a
+    // failing adapter is retried by the hub (host-records.ts), never by making the host resend.
+    if (stored > 0) hostRecords?.changed(hostId);
     res.status(200).json({ stored, duplicates: batch.data.events.length - stored });
   }
 
@@ -231,11 +292,10 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     await streams.serve(req, res, hostId);
   }
 
-  async function sendPageScript(req: Request, res: Response): Promise<void> {
-    hostIdOf(req);
+  async function sendScript(res: Response, read: () => Promise<Buffer>): Promise<void> {
     let js: Buffer;
     try {
-      js = await progressPageScript();
+      js = await read();
     } catch (err) {
       if (!(err instanceof PageNotBuiltError)) throw err;
       logError("progress page", err);
@@ -244,22 +304,54 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
     res.status(200).set({ "Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "no-cache" }).send(js);
   }
 
+  async function sendStyle(res: Response, read: () => Promise<Buffer>): Promise<void> {
+    const css = await read();
+    res.status(200).set({ "Content-Type": "text/css; charset=utf-8", "Cache-Control": "no-cache" }).send(css);
+  }
+
+  async function sendPageScript(req: Request, res: Response): Promise<void> {
+    hostIdOf(req);
+    await sendScript(res, progressPageScript);
+  }
+
   async function sendPageStyle(req: Request, res: Response): Promise<void> {
     hostIdOf(req);
-    const css = await progressPageStyle();
-    res.status(200).set({ "Content-Type": "text/css; charset=utf-8", "Cache-Control": "no-cache" }).send(css);
+    await sendStyle(res, progressPageStyle);
+  }
+
+  /** Relative links need the trailing slash: false when it redirected. */
+  function withTrailingSlash(req: Request, res: Response): boolean {
+    const [path, query] = req.originalUrl.split("?", 2) as [string, string | undefined];
+    if (path.endsWith("/")) return true;
+    res.redirect(301, `${path}/${query === undefined ? "" : `?${query}`}`);
+    return false;
   }
 
   async function sendPage(req: Request, res: Response): Promise<void> {
     const hostId = hostIdOf(req);
     // Relative links (status, stream, script, style) need the trailing slash.
-    const [path, query] = req.originalUrl.split("?", 2) as [string, string | undefined];
-    if (!path.endsWith("/")) {
-      res.redirect(301, `${path}/${query === undefined ? "" : `?${query}`}`);
-      return;
-    }
+    if (!withTrailingSlash(req, res)) return;
     await requireViewer(req, hostId);
     res.status(200).set({ "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache" }).send(progressPageHtml(hostId));
+  }
+
+  function fleetQuery(req: Request) {
+    const q = FleetQuerySchema.safeParse({ ...(req.query as Record<string, unknown>) });
+    if (!q.success) throw badRequest("fleet query", q.error);
+    return q.data;
+  }
+
+  async function sendFleetStatus(req: Request, res: Response): Promise<void> {
+    await requireFleetViewer(req);
+    const q = fleetQuery(req);
+    res.set("Cache-Control", "no-store").json(await fleetView(db, { now: now(), staleAfterS, windowS: q.window_s, limit: q.limit }));
+  }
+
+  async function sendFleetPage(req: Request, res: Response): Promise<void> {
+    if (!withTrailingSlash(req, res)) return;
+    await requireFleetViewer(req);
+    fleetQuery(req); // the page passes its query string on to fleet/status: refuse a bad one here already
+    res.status(200).set({ "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache" }).send(fleetPageHtml());
   }
 
   const router = express.Router();
@@ -276,8 +368,20 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
   router.get("/hosts/:id/progress-page.js", sendPageScript);
   router.get("/hosts/:id/progress-page.css", sendPageStyle);
   router.get("/hosts/:id", sendPage);
+  router.get("/fleet/status", sendFleetStatus);
+  router.get("/fleet/fleet-page.js", (_req, res) => sendScript(res, fleetPageScript));
+  router.get("/fleet/fleet-page.css", (_req, res) => sendStyle(res, fleetPageStyle));
+  router.get("/fleet", sendFleetPage);
   router.use(notFound);
   router.use(errorHandler({ maxBodyBytes: maxBatchBytes, logError }));
 
-  return { router, streams, close: () => streams.close() };
+  return {
+    router,
+    streams,
+    hostRecords,
+    async close() {
+      await streams.close();
+      await hostRecords?.close();
+    },
+  };
 }

@@ -235,8 +235,13 @@ export function deriveStatus(events: readonly StoredEvent[], o: DeriveOptions): 
   return digest ? deriveStatusFromDigest(digest, o) : emptyStatus(o);
 }
 
+/** Folds so far in this process, and the events they folded (what the streaming-cost test counts). */
+export const foldCounters = { folds: 0, eventsFolded: 0 };
+
 /** Fold a run's digest (see digestEvents / readLatestRunDigest) into a status. */
 export function deriveStatusFromDigest(d: RunDigest, o: DeriveOptions): HostStatus {
+  foldCounters.folds += 1;
+  foldCounters.eventsFolded += d.events.length;
   const s = emptyStatus(o);
   const sorted = [...d.events].sort((a, b) => a.event.seq - b.event.seq);
   s.run_id = sorted[0]?.event.run_id ?? null;

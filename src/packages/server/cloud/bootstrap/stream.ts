@@ -41,8 +41,9 @@ export class StatusStreams {
   private readonly feed: HostChangeFeed;
   private readonly watches = new Map<string, HostWatch>();
   private readonly heartbeat: NodeJS.Timeout;
-  /** Derivations run so far (all hosts): what the tests count. */
+  /** Derivations run so far (all hosts), and status frames written to viewers: what the tests count. */
   derivations = 0;
+  writes = 0;
 
   constructor(private readonly o: StatusStreamsOptions) {
     this.feed = new HostChangeFeed(o.db);
@@ -125,6 +126,7 @@ export class StatusStreams {
         if (watch.last?.fingerprint !== fingerprint) {
           watch.last = { fingerprint, frame: `event: status\ndata: ${JSON.stringify(status)}\n\n` };
           for (const res of watch.viewers) res.write(watch.last.frame);
+          this.writes += watch.viewers.size;
         }
       } while (watch.again && watch.viewers.size > 0);
     } catch (err) {

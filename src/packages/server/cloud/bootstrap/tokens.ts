@@ -25,13 +25,16 @@ export interface IssuedToken {
 }
 
 export async function issueToken(db: Db, hostId: string, opts: { ttlMs?: number; now?: Date } = {}): Promise<IssuedToken> {
+  return db.transaction((tx) => issueTokenIn(tx, hostId, opts));
+}
+
+/** issueToken inside the caller's transaction (provisioning stores host, secrets, token and `pending` together). */
+export async function issueTokenIn(tx: Queryable, hostId: string, opts: { ttlMs?: number; now?: Date } = {}): Promise<IssuedToken> {
   const now = opts.now ?? new Date();
   const expiresAt = new Date(now.getTime() + (opts.ttlMs ?? DEFAULT_TOKEN_TTL_MS));
   const token = randomBytes(TOKEN_BYTES).toString("base64url");
-  await db.transaction(async (tx) => {
-    await revokeHostTokens(tx, hostId, now);
-    await insertToken(tx, { tokenHash: hashToken(token), hostId, createdAt: now, expiresAt });
-  });
+  await revokeHostTokens(tx, hostId, now);
+  await insertToken(tx, { tokenHash: hashToken(token), hostId, createdAt: now, expiresAt });
   return { token, expiresAt };
 }
 
