@@ -51,10 +51,12 @@ MODULES = (
     "images",
     "steps_host",
     "steps_install",
+    "lifecycle",
     "steps_system",
     "steps_platform",
     "engine",
     "reporting",
+    "deprovision",
     "cli",
 )
 

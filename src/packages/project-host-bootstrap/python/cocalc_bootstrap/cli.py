@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import Config, load_config
 from .debris import remove_debris
+from .deprovision import deprovision
 from .engine import (
     EVENTS_DIR_NAME,
     Plan,
@@ -49,7 +50,7 @@ from .log import REDACTOR, Log, set_active_log
 from .reporting import FLUSH_TIMEOUT_S, EventSender, EventSpool, format_status, format_timings, run_status
 from .step import Context, Step
 
-COMMANDS = ("run", "plan", "status", "timings", "check-config")
+COMMANDS = ("run", "plan", "status", "timings", "check-config", "deprovision")
 
 HELP_EPILOG = f"""\
 commands:
@@ -61,6 +62,10 @@ commands:
   timings        the last run's step durations, the critical path and the share
                  of the wall time it explains
   check-config   validate the config and exit (0 valid, 2 invalid)
+  deprovision    stop and remove what the bootstrap installed (units, mounts,
+                 the fstab line, helpers, env file, credentials, bundles);
+                 the data stays (data disk untouched, loop image kept) unless
+                 --destroy-data <the btrfs mount point> says otherwise
 
 --only/--skip take step names (comma-separated or repeated). --only runs
 exactly those steps: their dependencies are not added (they are assumed done
@@ -108,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         '"config": ...} or {"ok": false, "errors": [{"path", "message", "value"}]})',
     )
     parser.add_argument("--wait", action="store_true", help="status: wait until the run is finished")
+    parser.add_argument(
+        "--destroy-data",
+        metavar="MOUNT_POINT",
+        help="deprovision: also destroy the data (the loop image, or the data disk's filesystem); "
+        "type the configured btrfs mount point (e.g. /btrfs) to confirm",
+    )
     parser.add_argument(
         "--timeout", type=float, default=0.0, metavar="S", help="status --wait: give up after S seconds (0: never)"
     )
@@ -192,6 +203,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = run_status(config)
     print(json.dumps(report, indent=1) if args.json else format_status(report))
     return int(report["exit_code"])
+
+
+def cmd_deprovision(args: argparse.Namespace) -> int:
+    config = load_config(require_config_path(args))
+    report = deprovision(config, destroy_data=args.destroy_data)
+    print(report.text())
+    return EXIT_OK
 
 
 def cmd_timings(args: argparse.Namespace) -> int:
@@ -300,6 +318,8 @@ def main(
             return cmd_status(args)
         if args.command == "timings":
             return cmd_timings(args)
+        if args.command == "deprovision":
+            return cmd_deprovision(args)
         return with_sigterm_as_interrupt(lambda: cmd_run(args, steps, flush_s))
     except BootstrapError as e:
         report_error(e, debug=args.debug)
