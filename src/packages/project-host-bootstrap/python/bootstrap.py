@@ -4868,9 +4868,13 @@ def installed_versions(config: Config, artifact: str) -> dict[str, float]:
     return found
 
 
-def versions_to_keep(installed: Mapping[str, float], current: str | None, keep: int) -> set[str]:
-    """`current` and the newest others, `keep` in all (current counts even when it is older)."""
-    kept: set[str] = {current} if current is not None and current in installed else set()
+def versions_to_keep(installed: Mapping[str, float], current: str | None, previous: str | None, keep: int) -> set[str]:
+    """`keep` versions: `current`, then `previous` (the one it replaced: the last healthy one,
+    where a rollback goes), then the most recently installed others."""
+    kept: set[str] = set()
+    for version in (current, previous):
+        if version is not None and version in installed and len(kept) < keep:
+            kept.add(version)
     for version in sorted(installed, key=lambda v: (installed[v], v), reverse=True):
         if len(kept) >= keep:
             break
@@ -4958,7 +4962,8 @@ class PruneStep(Step):
         for artifact, _ in self.config.artifacts.items():
             installed = installed_versions(self.config, artifact)
             current = read_link(bundles_dir(self.config) / artifact / "current")
-            keep = versions_to_keep(installed, current, self.config.keep_versions)
+            previous = read_link(bundles_dir(self.config) / artifact / "previous")
+            keep = versions_to_keep(installed, current, previous, self.config.keep_versions)
             extra = sorted((v for v in installed if v not in keep), key=lambda v: installed[v])
             if extra:
                 out[artifact] = extra
