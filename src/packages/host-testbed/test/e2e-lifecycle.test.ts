@@ -135,6 +135,14 @@ describe.skipIf(skip)("upgrades, rollback, prune and deprovision on one throwawa
     const p = await reprovision({ upgrade: { project_host: "1.2.0" } });
     const good = await run(p, "good upgrade");
     expect(good.run.code, out(good.run)).toBe(0);
+    // the closing note's figure: the whole upgrade against the bundle's own download + install
+    const took = (name: string) => good.status.steps.find((s) => s.name === name)?.duration_s ?? Number.NaN;
+    const own = took("download_project_host") + took("install_project_host");
+    const service = took("service");
+    log(
+      `measure: one-bundle upgrade: stub ${(good.run.wallMs / 1000).toFixed(2)} s, bootstrap.py ${good.status.wall_s?.toFixed(2)} s; ` +
+        `download+install of project_host ${own.toFixed(2)} s, service (restart + health) ${service.toFixed(2)} s, prune ${took("prune").toFixed(2)} s`,
+    );
     expect(good.status.state).toBe("done");
     const after = await expectServiceHealthy(host, p, 60_000);
     expect(after.version).toBe("1.2.0");
