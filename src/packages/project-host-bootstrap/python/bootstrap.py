@@ -7104,6 +7104,8 @@ def remove_root_files(config: Config, report: DeprovisionReport) -> None:
     if config.cloudflared is not None or ours(CLOUDFLARED_CONFIG):
         always += [CLOUDFLARED_TOKEN_ENV, CLOUDFLARED_CONFIG]
     written = [p for p in (CDI_HELPER, NVIDIA_SOURCES, ROOT_STORAGE_CONF) if ours(p)]
+    if ours(NVIDIA_SOURCES):  # the keyring came with our apt source
+        written.append(NVIDIA_KEYRING)
     sysctl = [USERNS_SYSCTL_FILE] if USERNS_SYSCTL_FILE.exists() else []  # ours alone (60-cocalc-userns.conf)
     root_rm([*always, *written, *sysctl], report)
     for directory in (ENV_FILE.parent, CLOUDFLARED_CONFIG.parent, SYSTEM_DONE_MARKER.parent):

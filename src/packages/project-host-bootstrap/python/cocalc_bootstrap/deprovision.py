@@ -9,7 +9,7 @@ nothing and says so):
   markers, then /btrfs unmounted and our tagged fstab line (and its marker
   comment) removed;
 - root's files: the grow helper, the env file, cloudflared's token and
-  config, the CDI helper and NVIDIA's apt source, root's storage.conf and the
+  config, the CDI helper, NVIDIA's apt source and keyring, root's storage.conf and the
   user-namespace sysctl file (each only when it is the one bootstrap.py wrote);
 - the user's: storage.conf, the Node.js version we installed (and nvm's
   default alias when it names it), and bootstrap_root: bundles, config,
@@ -57,6 +57,7 @@ from .step import write_root_file
 from .steps_platform import (
     CDI_HELPER,
     CDI_UNIT,
+    NVIDIA_KEYRING,
     NVIDIA_SOURCES,
     ROOT_STORAGE_CONF,
     USERNS_SYSCTL_FILE,
@@ -182,6 +183,8 @@ def remove_root_files(config: Config, report: DeprovisionReport) -> None:
     if config.cloudflared is not None or ours(CLOUDFLARED_CONFIG):
         always += [CLOUDFLARED_TOKEN_ENV, CLOUDFLARED_CONFIG]
     written = [p for p in (CDI_HELPER, NVIDIA_SOURCES, ROOT_STORAGE_CONF) if ours(p)]
+    if ours(NVIDIA_SOURCES):  # the keyring came with our apt source
+        written.append(NVIDIA_KEYRING)
     sysctl = [USERNS_SYSCTL_FILE] if USERNS_SYSCTL_FILE.exists() else []  # ours alone (60-cocalc-userns.conf)
     root_rm([*always, *written, *sysctl], report)
     for directory in (ENV_FILE.parent, CLOUDFLARED_CONFIG.parent, SYSTEM_DONE_MARKER.parent):

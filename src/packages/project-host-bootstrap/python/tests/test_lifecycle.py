@@ -156,7 +156,9 @@ def test_an_unhealthy_upgrade_is_rolled_back_and_reported(host: tuple[Path, Syst
     with pytest.raises(bootstrap.BootstrapError) as failed:
         step.apply()
     e = failed.value
-    assert "project_host 1.1.0 was not healthy within 2s; rolled back to 1.0.0, which is healthy and serving" in e.message
+    assert (
+        "project_host 1.1.0 was not healthy within 2s; rolled back to 1.0.0, which is healthy and serving" in e.message
+    )
     assert e.hint is not None and "Publish a fixed version" in e.hint
     assert e.log_tail is not None and "HTTP 503" in e.log_tail and "broken on purpose" in e.log_tail
     assert "daemon log line" in e.log_tail  # the journal
@@ -190,8 +192,10 @@ def test_a_healthy_upgrade_records_the_new_generation_and_forgets_the_failure(ho
     first_bootstrap(tmp, url)
     with pytest.raises(bootstrap.BootstrapError):
         upgrade(tmp, url, BAD).apply()
+    restarts = systemd.restarts()
     step = upgrade(tmp, url, "1.2.0")
     step.apply()
+    assert systemd.restarts() == restarts + 1  # once, into 1.2.0
     good = bootstrap.read_good(step.config)
     assert good is not None and good.version == "1.2.0"
     assert not bootstrap.failed_path(step.config).exists()
@@ -206,6 +210,7 @@ def test_without_a_healthy_generation_there_is_no_rollback(host: tuple[Path, Sys
     with pytest.raises(bootstrap.BootstrapError) as failed:
         bootstrap.ServiceStep(context(config)).apply()
     assert "rolled back" not in failed.value.message
+    assert systemd.restarts() == 1  # started once; no rollback restart
     assert "HTTP 503" in (failed.value.log_tail or "")
     assert os.readlink(bootstrap.bundles_dir(config) / "project_host" / "current") == BAD
     assert bootstrap.read_good(config) is None
@@ -223,6 +228,8 @@ def test_an_unhealthy_unit_or_env_change_is_rolled_back_too(host: tuple[Path, Sy
         step.apply()
     # the restored generation is unhealthy at this URL too: it says both fail
     assert "neither is 1.0.0" in failed.value.message
+    assert "the new unit or env file was not healthy" in failed.value.message
+    assert systemd.restarts() == 3  # the first start, the new env, the rollback
     assert bootstrap.ENV_FILE.read_text() == env_before
     assert bootstrap.read_good(first.config) is not None
 
@@ -337,7 +344,7 @@ def test_processes_using_sees_cwd_and_open_files(tmp_path: Path) -> None:
 # -- deprovision's pieces ------------------------------------------------------------------
 
 
-FSTAB_LINE = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"))
+FSTAB_LINE = st.text(st.characters(codec="utf-8", exclude_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -376,3 +383,58 @@ def test_remove_except_keeps_the_image_and_the_way_to_it(tmp_path: Path) -> None
     assert bootstrap.remove_except(root, root / "images" / "btrfs.img") == []  # again: nothing
     bootstrap.remove_except(root, None)
     assert not root.exists()
+
+
+def test_deprovision_removes_units_and_root_files_of_ours_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tunnel and GPU bits (not on the e2e host) go when they are ours; a foreign file of the same kind stays."""
+    systemd = Systemd(monkeypatch, tmp_path)
+    etc = tmp_path / "etc"
+    names = {
+        "CLOUDFLARED_TOKEN_ENV": etc / "cloudflared" / "token.env",
+        "CLOUDFLARED_CONFIG": etc / "cloudflared" / "config.yml",
+        "CDI_HELPER": tmp_path / "sbin" / "cocalc-nvidia-cdi",
+        "NVIDIA_SOURCES": etc / "apt" / "nvidia.list",
+        "NVIDIA_KEYRING": tmp_path / "keyrings" / "nvidia.gpg",
+        "ROOT_STORAGE_CONF": etc / "containers" / "storage.conf",
+        "USERNS_SYSCTL_FILE": etc / "sysctl.d" / "60-cocalc-userns.conf",
+        "GROW_HELPER": tmp_path / "sbin" / "cocalc-grow-btrfs",
+        "SYSTEM_DONE_MARKER": tmp_path / "var-lib-cocalc" / ".bootstrap_done",
+        "IMAGES_DIR": tmp_path / "bundle-images",
+    }
+    for name, path in names.items():
+        monkeypatch.setattr(bootstrap, name, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("# Written by bootstrap.py; edits are overwritten.\n")
+    names["ROOT_STORAGE_CONF"].write_text("# the operator's own\n[storage]\n")  # not ours: kept
+    names["IMAGES_DIR"].unlink()
+    bootstrap.ENV_FILE.write_text("# Written by bootstrap.py\nA=1\n")
+    units = tmp_path / "units"
+    config = make_config(tmp_path)
+    for unit in (f"{config.service.unit}.service", "cocalc-cloudflared.service", "cocalc-nvidia-cdi.timer"):
+        (units / unit).write_text("[Unit]\n")
+    image_unit = units / "x-bundles-tools-1.0.0.mount"
+    image_unit.write_text(bootstrap.render_mount_unit(config, "tools", "1.0.0"))
+    foreign_mount = units / "srv-data.mount"
+    foreign_mount.write_text("[Mount]\nWhere=/srv/data\n")
+    report = bootstrap.DeprovisionReport()
+    bootstrap.remove_units(config, report)
+    bootstrap.remove_root_files(dataclasses.replace(config, cloudflared=None), report)
+    assert sorted(p.name for p in units.iterdir()) == ["srv-data.mount"]
+    disabled = [c[-1] for c in systemd.calls if c[:3] == ("systemctl", "disable", "--now")]
+    assert disabled == [
+        f"{config.service.unit}.service",
+        "cocalc-cloudflared.service",
+        "cocalc-nvidia-cdi.timer",
+        image_unit.name,
+    ]
+    assert ("systemctl", "daemon-reload") in systemd.calls
+    left = {name for name, path in names.items() if path.exists()}
+    assert left == {"ROOT_STORAGE_CONF"}
+    assert not bootstrap.ENV_FILE.exists()
+    assert f"{bootstrap.ENV_FILE}" in report.text() and "removed: " in report.text()
+    # again: nothing of ours is left, and it says so
+    again = bootstrap.DeprovisionReport()
+    bootstrap.remove_units(config, again)
+    bootstrap.remove_root_files(config, again)
+    assert again.removed == []
+    assert "removed: nothing" in again.text()
