@@ -4074,14 +4074,6 @@ def install_image(config: Config, artifact: str, spec: ArtifactSpec, log: Log) -
     log.info(f"mounted {artifact} {spec.version} read-only at {where} ({unit})")
 
 
-def prune_images(config: Config, artifact: str, keep: set[str], log: Log) -> None:
-    """Remove stored images (and their mounts) of versions not in `keep`; one in use stays."""
-    versions = sorted(p.name[: -len(IMAGE_SUFFIX)] for p in (IMAGES_DIR / artifact).glob(f"*{IMAGE_SUFFIX}"))
-    for version in versions:
-        if version not in keep:
-            remove_image(config, artifact, version, log)
-
-
 def remove_image(config: Config, artifact: str, version: str, log: Log) -> bool:
     where = version_dir(config, artifact, version)
     unit = mount_unit_name(where)
