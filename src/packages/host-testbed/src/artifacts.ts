@@ -41,6 +41,8 @@ export interface BundleSpec {
   paddingBytes: number;
   /** xz preset; 6 is xz's default and what release tarballs use. */
   xzLevel?: number;
+  /** project_host only: a daemon that starts and listens but answers /healthz with 503 (the rollback tests). */
+  unhealthy?: boolean;
 }
 
 export interface BuiltFile {
@@ -128,7 +130,10 @@ export async function buildBundle(spec: BundleSpec, log: (line: string) => void 
     writeFileSync(join(top, "VERSION"), `${spec.version}\n`);
     writeFileSync(join(top, "README.md"), `# ${name} ${spec.version}\n\nTest bundle built by @cocalc/host-testbed.\n`);
     const exe = join(top, executables[0]!);
-    writeFileSync(exe, daemon ? daemon.replace("@VERSION@", spec.version) : `#!/bin/sh\necho ${name} ${spec.version}\n`);
+    writeFileSync(
+      exe,
+      daemon ? daemon.replace("@VERSION@", spec.version).replace("@HEALTH@", spec.unhealthy ? "fail" : "ok") : `#!/bin/sh\necho ${name} ${spec.version}\n`,
+    );
     chmodSync(exe, 0o755);
     writePadding(join(top, "lib"), spec.paddingBytes, `${spec.artifact}-${spec.version}`);
     await packTarXz(staging, topDir, path, spec.xzLevel ?? 6);

@@ -24,6 +24,8 @@ import sys
 import time
 
 VERSION = "@VERSION@"
+# "fail": the testbed's broken build (BundleSpec.unhealthy): it starts and listens, but /healthz answers 503.
+HEALTH = "@HEALTH@"
 ENV_FILE = os.environ.get("COCALC_PROJECT_HOST_ENV_FILE", "/etc/cocalc/project-host.env")
 STARTED = time.time()
 
@@ -133,8 +135,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path.split("?")[0] != "/healthz":
             self.send_error(404)
             return
-        body = json.dumps({"ok": True, "version": VERSION, "pid": os.getpid(), "started": STARTED}).encode()
-        self.send_response(200)
+        ok = HEALTH != "fail"
+        why = {} if ok else {"error": "this build is broken on purpose: its health check fails"}
+        body = json.dumps({"ok": ok, "version": VERSION, "pid": os.getpid(), "started": STARTED, **why}).encode()
+        self.send_response(200 if ok else 503)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -96,6 +96,10 @@ export interface HubVariant {
   corruptImage?: BundleName;
   /** These bundles are published at these versions instead (an upgrade). */
   upgrade?: Partial<Record<BundleName, string>>;
+  /** With upgrade.project_host: that version's daemon fails its health check (503). */
+  unhealthyDaemon?: boolean;
+  /** service.health_timeout_s of the configs (site setting); the config's default when absent. */
+  healthTimeoutS?: number;
   /** Publish the artifacts under this base URL instead of the artifact server's (a proxy in front of it). */
   artifactUrl?: string;
   /** The hub's public URL (a proxy in front of it): the config's hub and events URLs. */
@@ -196,7 +200,8 @@ export class Testbed {
       const bundles: BuiltBundle[] = [];
       for (const b of this.bundles) {
         const version = variant.upgrade?.[b.spec.artifact];
-        bundles.push(version ? await buildBundle({ ...b.spec, version }, this.log) : b);
+        const unhealthy = b.spec.artifact === "project_host" && variant.unhealthyDaemon ? { unhealthy: true } : {};
+        bundles.push(version ? await buildBundle({ ...b.spec, version, ...unhealthy }, this.log) : b);
       }
       const images: Partial<Record<BundleName, BuiltFile>> = {};
       if (variant.images) for (const b of bundles) images[b.spec.artifact] = await buildBundleImage(b, this.log);
@@ -336,6 +341,8 @@ function variantKey(v: HubVariant): string {
     wrong: v.wrongChecksum ?? null,
     ...(v.images ? { images: true, corrupt: v.corruptImage ?? null } : {}),
     ...(v.upgrade ? { upgrade: v.upgrade } : {}),
+    ...(v.unhealthyDaemon ? { unhealthy: true } : {}),
+    ...(v.healthTimeoutS ? { health: v.healthTimeoutS } : {}),
     ...(v.artifactUrl || v.publicUrl ? { via: [v.artifactUrl ?? null, v.publicUrl ?? null] } : {}),
   });
 }
@@ -358,6 +365,7 @@ function siteSettings(
     apt_packages: aptPackages,
     secret_names: ["conat-password"],
     parallel: variant.parallel ?? true,
+    ...(variant.healthTimeoutS ? { health_timeout_s: variant.healthTimeoutS } : {}),
     os_release: { ...os },
     layouts: { project_host: layout("project_host"), project: layout("project"), tools: layout("tools") },
   };

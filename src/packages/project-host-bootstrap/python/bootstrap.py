@@ -1758,6 +1758,9 @@ class Config(ConfigSpec):
     arch: Arch
     os: OsSpec
     parallel: bool = True
+    # Installed versions kept per artifact (current included); older ones are pruned
+    # once the daemon is healthy on the new one. 1 keeps only current.
+    keep_versions: Annotated[int, Range(1, 20)] = 2
     hub: HubSpec
     conat_urls: Annotated[tuple[Url, ...], Items(8, low=1)]
     secrets: Annotated[tuple[Annotated[str, Matches(SECRET_NAME_RE)], ...], Items(16)] = ()
@@ -3219,14 +3222,25 @@ def fstab_entry(source: str, mount_point: str, *, loop: bool) -> str:
 def fstab_with_entry(text: str, entry: str) -> str:
     """fstab text with our tagged line (and its marker comment) replaced by
     `entry`, or appended; every other line kept as it was."""
+    kept = fstab_lines_not_ours(text)
+    return "\n".join([*kept, FSTAB_MARKER, entry]) + "\n"
+
+
+def fstab_lines_not_ours(text: str) -> list[str]:
+    """fstab's lines but our tagged ones and their marker comments."""
 
     def ours(line: str) -> bool:
         fields = line.split()
         is_tagged = len(fields) >= 4 and not line.lstrip().startswith("#") and FSTAB_TAG in fields[3].split(",")
         return is_tagged or line.strip() == FSTAB_MARKER
 
-    kept = [line for line in text.splitlines() if not ours(line)]
-    return "\n".join([*kept, FSTAB_MARKER, entry]) + "\n"
+    return [line for line in text.splitlines() if not ours(line)]
+
+
+def fstab_without_ours(text: str) -> str:
+    """fstab text without our tagged lines (deprovision); unchanged when there are none."""
+    kept = fstab_lines_not_ours(text)
+    return text if len(kept) == len(text.splitlines()) else "\n".join(kept) + ("\n" if kept else "")
 
 
 def block_device_probe(device: str) -> dict[str, str]:
@@ -4208,14 +4222,6 @@ def install_image(config: Config, artifact: str, spec: ArtifactSpec, log: Log) -
     log.info(f"mounted {artifact} {spec.version} read-only at {where} ({unit})")
 
 
-def prune_images(config: Config, artifact: str, keep: set[str], log: Log) -> None:
-    """Remove stored images (and their mounts) of versions not in `keep`; one in use stays."""
-    versions = sorted(p.name[: -len(IMAGE_SUFFIX)] for p in (IMAGES_DIR / artifact).glob(f"*{IMAGE_SUFFIX}"))
-    for version in versions:
-        if version not in keep:
-            remove_image(config, artifact, version, log)
-
-
 def remove_image(config: Config, artifact: str, version: str, log: Log) -> bool:
     where = version_dir(config, artifact, version)
     unit = mount_unit_name(where)
@@ -4717,8 +4723,7 @@ class InstallBundleStep(Step):
             self.log.info(f"{self.artifact}/current -> {s.version}")
             if before is not None and before != s.version:
                 point_symlink(self.previous_link(), before)
-            previous = read_link(self.previous_link())
-            prune_images(self.config, self.artifact, {s.version, *([previous] if previous else [])}, self.log)
+            # older versions are pruned by the prune step, once the daemon is healthy on this one
         remove_download(archive)  # installed: the archive is no longer needed
 
     def install(self, archive: Path) -> None:
@@ -4865,6 +4870,289 @@ class NodeStep(Step):
         atomic_write_text(nvm_dir(self.config) / "nvm.sh", archive.read_text(encoding="utf-8"), 0o644)
         remove_download(archive)
         self.log.info(f"installed nvm {nvm.version} (sha256 pinned)")
+
+
+# ============================================================================
+# lifecycle: Upgrades in place: the daemon's last healthy generation (for a rollback), and keep-N pruning.
+# ============================================================================
+
+
+GOOD_FILE_NAME = "daemon-good.json"
+FAILED_FILE_NAME = "daemon-failed.json"
+PRUNE_BUSY_FILE_NAME = "prune-busy.json"
+PRUNING_PREFIX = ".pruning-"
+HEALTH_BODY_LIMIT = 2000
+
+
+# -- the daemon's generations ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonGeneration:
+    """What the daemon runs with: its bundle version, its unit and its env file."""
+
+    version: str
+    unit: str
+    env: str
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+def good_path(config: Config) -> Path:
+    return Path(config.bootstrap_dir) / GOOD_FILE_NAME
+
+
+def failed_path(config: Config) -> Path:
+    return Path(config.bootstrap_dir) / FAILED_FILE_NAME
+
+
+def read_json_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_good(config: Config) -> DaemonGeneration | None:
+    data = read_json_record(good_path(config))
+    if data is None or not all(isinstance(data.get(k), str) for k in ("version", "unit", "env")):
+        return None
+    return DaemonGeneration(version=data["version"], unit=data["unit"], env=data["env"])
+
+
+def record_good(config: Config, generation: DaemonGeneration) -> None:
+    record = {**dataclasses.asdict(generation), "healthy_at": utc_timestamp()}
+    atomic_write_text(good_path(config), json.dumps(record, indent=1) + "\n", 0o600)
+    failed_path(config).unlink(missing_ok=True)
+
+
+def record_failed(config: Config, generation: DaemonGeneration, report: str, rolled_back_to: str) -> None:
+    record = {
+        "digest": generation.digest(),
+        "version": generation.version,
+        "rolled_back_to": rolled_back_to,
+        "failed_at": utc_timestamp(),
+        "report": report,
+    }
+    atomic_write_text(failed_path(config), json.dumps(record, indent=1) + "\n", 0o600)
+
+
+def failed_before(config: Config, generation: DaemonGeneration) -> dict[str, Any] | None:
+    """The record of this very generation's earlier failed health check, or None."""
+    data = read_json_record(failed_path(config))
+    return data if data is not None and data.get("digest") == generation.digest() else None
+
+
+def health_answer(url: str, timeout_s: float) -> tuple[bool, str]:
+    """(healthy, what it answered: status and the start of the body) of one GET."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = response.read(HEALTH_BODY_LIMIT)
+            status = int(response.status)
+    except urllib.error.HTTPError as e:
+        body, status = e.read(HEALTH_BODY_LIMIT), e.code
+        e.close()
+    except OSError as e:
+        return False, f"no answer ({getattr(e, 'reason', None) or e})"
+    text = body.decode("utf-8", "replace").strip()
+    return 200 <= status < 300, f"HTTP {status}" + (f": {text}" if text else "")
+
+
+def restore_generation(config: Config, good: DaemonGeneration, unit_path: Path, log: Log) -> None:
+    """Put the recorded generation back: project_host's `current`, the unit, the env file."""
+    current = bundles_dir(config) / "project_host" / "current"
+    if point_symlink(current, good.version):
+        log.warn(f"project_host/current -> {good.version} (rolled back)")
+    if read_text_or(unit_path) != good.unit:
+        write_root_file(unit_path, good.unit, mode=0o644)
+        log.warn(f"restored {unit_path}")
+    if read_text_or(ENV_FILE) != good.env:
+        group = user_ids(config.bootstrap_user)[2]
+        write_root_file(ENV_FILE, good.env, mode=0o640, owner="root", group=group)
+        log.warn(f"restored {ENV_FILE}")
+    run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+
+
+def journal_tail(unit: str) -> str:
+    journal = run_command(["journalctl", "-u", unit, "-n", "40", "--no-pager"], sudo=True, check=False, timeout_s=60)
+    return output_tail(REDACTOR(journal.output))
+
+
+# -- pruning -----------------------------------------------------------------------
+
+
+def installed_versions(config: Config, artifact: str) -> dict[str, float]:
+    """Every installed version of `artifact` (extracted or a stored image) and when it was installed."""
+    found: dict[str, float] = {}
+    root = bundles_dir(config) / artifact
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.is_symlink() or not VERSION_RE.fullmatch(entry.name):
+                continue
+            for witness in (entry / INSTALLED_MARKER, image_record(artifact, entry.name)):
+                try:
+                    found[entry.name] = max(found.get(entry.name, 0.0), witness.stat().st_mtime)
+                except OSError:
+                    continue
+    store = IMAGES_DIR / artifact
+    if store.is_dir():
+        for image in store.glob(f"*{IMAGE_SUFFIX}"):
+            version = image.name[: -len(IMAGE_SUFFIX)]
+            if VERSION_RE.fullmatch(version) and version not in found:
+                try:
+                    found[version] = image.stat().st_mtime
+                except OSError:
+                    continue
+    return found
+
+
+def versions_to_keep(installed: Mapping[str, float], current: str | None, previous: str | None, keep: int) -> set[str]:
+    """`keep` versions: `current`, then `previous` (the one it replaced: the last healthy one,
+    where a rollback goes), then the most recently installed others."""
+    kept: set[str] = set()
+    for version in (current, previous):
+        if version is not None and version in installed and len(kept) < keep:
+            kept.add(version)
+    for version in sorted(installed, key=lambda v: (installed[v], v), reverse=True):
+        if len(kept) >= keep:
+            break
+        kept.add(version)
+    return kept
+
+
+def processes_using(dirs: Sequence[Path]) -> dict[Path, str]:
+    """Which of `dirs` a process uses (its cwd, executable, an open or a mapped file inside),
+    as root sees it: dir -> 'PID n'. The scan is one `find` over /proc."""
+    if not dirs:
+        return {}
+    found = run_command(
+        [
+            "find",
+            "/proc",
+            "-mindepth",
+            "2",
+            "-maxdepth",
+            "3",
+            "(",
+            "-path",
+            "/proc/[0-9]*/cwd",
+            "-o",
+            "-path",
+            "/proc/[0-9]*/exe",
+            "-o",
+            "-path",
+            "/proc/[0-9]*/fd/*",
+            "-o",
+            "-path",
+            "/proc/[0-9]*/map_files/*",
+            ")",
+            "-printf",
+            r"%p\t%l\n",
+        ],
+        sudo=True,
+        check=False,
+        timeout_s=120,
+    )
+    ours = {str(os.getpid())}
+    using: dict[Path, str] = {}
+    for line in found.output.splitlines():
+        where, _, target = line.partition("\t")
+        pid = where.split("/")[2] if where.count("/") >= 2 else ""
+        if pid in ours or not target.startswith("/"):
+            continue
+        target = target.removesuffix(" (deleted)")
+        for d in dirs:
+            if d not in using and (target == str(d) or target.startswith(f"{d}/")):
+                using[d] = f"PID {pid}"
+    return using
+
+
+def remove_extracted(where: Path, log: Log) -> None:
+    """An extracted version: renamed aside first (never half a version under its name), then removed."""
+    aside = where.with_name(f"{PRUNING_PREFIX}{where.name}-{os.getpid()}")
+    os.rename(where, aside)
+    run_command(["chmod", "-R", "u+rwX", str(aside)], check=False, timeout_s=300)
+    run_command(["rm", "-rf", "--one-file-system", str(aside)], timeout_s=600)
+    log.info(f"pruned {where}")
+
+
+class PruneStep(Step):
+    """Installed versions beyond keep_versions per artifact, removed once the daemon is healthy."""
+
+    name = "prune"
+    deps = ("service",)
+    weight_s = 0.5
+    phase = "finishing"
+    hint = "A version could not be removed (see the message); the host runs fine, a later run tries again."
+
+    def busy_path(self) -> Path:
+        return Path(self.config.bootstrap_dir) / PRUNE_BUSY_FILE_NAME
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {
+            "keep_versions": self.config.keep_versions,
+            "versions": {name: spec.version for name, spec in self.config.artifacts.items()},
+        }
+
+    def prunable(self) -> dict[str, list[str]]:
+        """artifact -> versions beyond the keep set (oldest first)."""
+        out: dict[str, list[str]] = {}
+        for artifact, _ in self.config.artifacts.items():
+            installed = installed_versions(self.config, artifact)
+            current = read_link(bundles_dir(self.config) / artifact / "current")
+            previous = read_link(bundles_dir(self.config) / artifact / "previous")
+            keep = versions_to_keep(installed, current, previous, self.config.keep_versions)
+            extra = sorted((v for v in installed if v not in keep), key=lambda v: installed[v])
+            if extra:
+                out[artifact] = extra
+        return out
+
+    def busy(self) -> dict[str, list[str]]:
+        data = read_json_record(self.busy_path()) or {}
+        return {a: [v for v in vs if isinstance(v, str)] for a, vs in data.items() if isinstance(vs, list)}
+
+    def check(self) -> StepState:
+        busy = self.busy()
+        waiting = {a: [v for v in vs if v not in busy.get(a, [])] for a, vs in self.prunable().items()}
+        waiting = {a: vs for a, vs in waiting.items() if vs}
+        if waiting:
+            listed = "; ".join(f"{a}: {', '.join(vs)}" for a, vs in waiting.items())
+            return StepState(False, f"versions beyond keep_versions={self.config.keep_versions}: {listed}")
+        held = sum(len(vs) for vs in busy.values())
+        kept = f" ({held} in use, kept until the versions change)" if held else ""
+        return StepState(True, f"at most {self.config.keep_versions} version(s) per artifact{kept}")
+
+    def apply(self) -> None:
+        self.remove_leftovers()
+        prunable = self.prunable()
+        dirs = {(a, v): bundles_dir(self.config) / a / v for a, vs in prunable.items() for v in vs}
+        using = processes_using(list(dirs.values()))
+        busy: dict[str, list[str]] = {}
+        for (artifact, version), where in dirs.items():
+            if where in using:
+                self.log.warn(f"{artifact} {version} is in use ({using[where]}); kept, a later upgrade prunes it")
+                busy.setdefault(artifact, []).append(version)
+            elif mounted_image(where) is not None or image_record(artifact, version).exists():
+                if not remove_image(self.config, artifact, version, self.log):
+                    busy.setdefault(artifact, []).append(version)
+            elif where.exists():
+                remove_extracted(where, self.log)
+            previous = bundles_dir(self.config) / artifact / "previous"
+            if read_link(previous) == version and not where.exists():
+                previous.unlink()
+        atomic_write_text(self.busy_path(), json.dumps(busy, indent=1, sort_keys=True) + "\n", 0o644)
+
+    def remove_leftovers(self) -> None:
+        """Versions a killed prune had set aside (renamed, so never used again)."""
+        for artifact, _ in self.config.artifacts.items():
+            root = bundles_dir(self.config) / artifact
+            for leftover in root.glob(f"{PRUNING_PREFIX}*") if root.is_dir() else ():
+                run_command(["chmod", "-R", "u+rwX", str(leftover)], check=False, timeout_s=300)
+                run_command(["rm", "-rf", "--one-file-system", str(leftover)], timeout_s=600)
+                self.log.info(f"removed {leftover} (left by a killed prune)")
 
 
 # ============================================================================
@@ -5142,6 +5430,12 @@ class ServiceStep(Step):
         if systemctl_state("is-enabled", unit) != "enabled":
             run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
         generation = self.generation()
+        wanted = self.daemon_generation()
+        good = read_good(self.config)
+        upgrade = good is not None and good != wanted
+        failed = failed_before(self.config, wanted) if upgrade else None
+        if good is not None and failed is not None:
+            self.roll_back(unit, good, wanted, failed.get("report") or "", again=True)
         if read_text_or(self.stamp_path()).strip() != generation:
             run_command(["systemctl", "restart", unit], sudo=True, timeout_s=120, hint=self.hint)
             self.log.info(f"(re)started {unit}: its unit, env file or bundle changed")
@@ -5150,9 +5444,59 @@ class ServiceStep(Step):
             self.log.info(f"started {unit}")
         else:
             self.log.info(f"{unit} already runs this unit, env file and bundle; not restarted")
-        self.wait_healthy(unit)
+        try:
+            self.wait_healthy(unit)
+        except BootstrapError as e:
+            if good is None or not upgrade:
+                raise
+            self.roll_back(unit, good, wanted, f"{e.message}\n{e.log_tail or ''}".strip(), again=False)
         atomic_write_text(self.stamp_path(), generation + "\n", 0o644)
+        record_good(self.config, wanted)
         self.report_conat()
+
+    def daemon_generation(self) -> DaemonGeneration:
+        """The generation the config asks for (what a rollback would restore, once healthy)."""
+        return DaemonGeneration(
+            version=self.config.artifacts.project_host.version, unit=self.unit_text(), env=render_env_file(self.config)
+        )
+
+    def roll_back(
+        self, unit: str, good: DaemonGeneration, wanted: DaemonGeneration, report: str, *, again: bool
+    ) -> None:
+        """Back to the last healthy generation, restarted and healthy; then fail the run with the report."""
+        old, new = good.version, wanted.version
+        what = f"project_host {new}" if new != old else "the new unit or env file"
+        self.log.warn(f"{what}: {'failed its health check before' if again else 'not healthy'}; rolling back to {old}")
+        restore_generation(self.config, good, self.unit_path(), self.log)
+        still_running = read_text_or(self.stamp_path()).strip() == self.generation()
+        if not (again and still_running and systemctl_state("is-active", unit) == "active"):
+            run_command(["systemctl", "restart", unit], sudo=True, timeout_s=120, hint=self.hint)
+        healthy, answer = False, ""
+        deadline = time.monotonic() + self.config.service.health_timeout_s
+        while not healthy and time.monotonic() < deadline:
+            healthy, answer = health_answer(self.config.service.health_url, timeout_s=5)
+            if not healthy:
+                time.sleep(0.5)
+        if not healthy:
+            raise BootstrapError(
+                f"{what} was not healthy, and neither is {old} after the rollback ({answer})",
+                hint=f"Both versions fail here: see sudo journalctl -u {unit} -n 100 --no-pager.",
+                log_tail=f"{report}\n--- after the rollback ---\n{journal_tail(unit)}",
+            )
+        atomic_write_text(self.stamp_path(), self.generation() + "\n", 0o644)
+        if not again:
+            record_failed(self.config, wanted, report, old)
+        self.log.warn(f"rolled back: {unit} runs project_host {old} and is healthy ({answer})")
+        raise BootstrapError(
+            f"{what} was not healthy within {self.config.service.health_timeout_s}s; rolled back to {old}, "
+            f"which is healthy and serving"
+            + (" (this generation failed before: not restarted into it again)" if again else ""),
+            hint=(
+                "Publish a fixed version (a new config tries again); the health check's answer and the daemon's "
+                f"journal are below. {failed_path(self.config)} records the failure (remove it to retry this config)."
+            ),
+            log_tail=report,
+        )
 
     def wait_healthy(self, unit: str) -> None:
         service = self.config.service
@@ -5160,13 +5504,11 @@ class ServiceStep(Step):
         try:
             what = wait_until_healthy(service.health_url, service.health_timeout_s)
         except BootstrapError as e:
-            journal = run_command(
-                ["journalctl", "-u", unit, "-n", "40", "--no-pager"], sudo=True, check=False, timeout_s=60
-            )
+            _, answer = health_answer(service.health_url, timeout_s=5)
             raise BootstrapError(
                 e.message,
                 hint=f"The daemon started but is not healthy; see sudo journalctl -u {unit} -n 100 --no-pager.",
-                log_tail=output_tail(REDACTOR(journal.output)),
+                log_tail=f"health check: {REDACTOR(answer)}\n{journal_tail(unit)}",
             ) from None
         self.log.info(f"{service.health_url} answered {what} after {time.monotonic() - start:.1f}s")
 
@@ -5769,6 +6111,7 @@ STEPS: tuple[type[Step], ...] = (
     TunnelStep,
     GpuStep,
     ServiceStep,
+    PruneStep,
     FinalizeStep,
 )
 
@@ -6883,11 +7226,234 @@ def spawn_event_sender(config_path: str, log: Log) -> int | None:
 
 
 # ============================================================================
+# deprovision: `bootstrap.py deprovision`: take off the host what the bootstrap put there.
+# ============================================================================
+
+
+OUR_HEADER = "# Written by bootstrap.py"
+MOUNT_UNIT_HEADER = "# Written by bootstrap.py: a bundle image"
+BUSY_HINT = (
+    "Something still uses {mp} (see `sudo fuser -vm {mp}`, e.g. a project container); stop it and run "
+    "deprovision again: it carries on where it stopped."
+)
+
+
+@dataclass
+class DeprovisionReport:
+    """What deprovision did: each line says what was removed, or what was kept and why."""
+
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = [f"removed: {what}" for what in self.removed] or ["removed: nothing (nothing of ours was left)"]
+        lines += [f"kept:    {what}" for what in self.kept]
+        lines.append(f"deprovision: {len(self.removed)} removed, {len(self.kept)} kept")
+        return "\n".join(lines)
+
+
+def ours(path: Path, header: str = OUR_HEADER) -> bool:
+    return read_text_or(path).startswith(header)
+
+
+def root_rm(paths: list[Path], report: DeprovisionReport) -> None:
+    present = [p for p in paths if os.path.lexists(p)]
+    if present:
+        run_command(["rm", "-f", *map(str, present)], sudo=True, timeout_s=60)
+        report.removed += [str(p) for p in present]
+
+
+def remove_unit(unit: str, report: DeprovisionReport) -> bool:
+    """Stop, disable and remove one of our units; True when it was there."""
+    path = SYSTEMD_UNIT_DIR / unit
+    if not path.exists():
+        return False
+    run_command(["systemctl", "disable", "--now", unit], sudo=True, check=False, timeout_s=300)
+    root_rm([path], report)
+    return True
+
+
+def image_mount_units() -> Iterator[Path]:
+    for path in sorted(SYSTEMD_UNIT_DIR.glob("*.mount")):
+        if ours(path, MOUNT_UNIT_HEADER):
+            yield path
+
+
+def remove_units(config: Config, report: DeprovisionReport) -> None:
+    units = [
+        f"{config.service.unit}.service",
+        f"{CLOUDFLARED_UNIT}.service",
+        f"{CDI_UNIT}.timer",
+        f"{CDI_UNIT}.service",
+    ]
+    changed = [unit for unit in units if remove_unit(unit, report)]
+    for path in image_mount_units():
+        run_command(["systemctl", "disable", "--now", path.name], sudo=True, check=False, timeout_s=300)
+        where = read_mount_where(path)
+        if where and mount_at(where) is not None:
+            run_command(["umount", where], sudo=True, timeout_s=120, hint=BUSY_HINT.format(mp=where))
+        root_rm([path], report)
+        changed.append(path.name)
+    if IMAGES_DIR.exists():
+        run_command(["rm", "-rf", "--one-file-system", str(IMAGES_DIR)], sudo=True, timeout_s=300)
+        report.removed.append(f"{IMAGES_DIR} (the bundle images)")
+    if remove_unit(f"{GROW_UNIT}.service", report):
+        changed.append(GROW_UNIT)
+    if changed:
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+
+
+def read_mount_where(unit: Path) -> str | None:
+    for line in read_text_or(unit).splitlines():
+        if line.startswith("Where="):
+            return line.partition("=")[2].strip().strip('"') or None
+    return None
+
+
+def unmount_btrfs(config: Config, destroy: bool, report: DeprovisionReport) -> None:
+    mp = config.btrfs.mount_point
+    mounted = mount_at(mp)
+    if mounted is not None and mounted[1] == "btrfs":
+        secrets = [secrets_dir(config) / name for name in config.secrets]
+        done = [data_dir(config) / DONE_FILE_NAME]
+        root_rm([p for p in (*secrets, *done) if os.path.lexists(p)], report)
+        run_command(["umount", mp], sudo=True, timeout_s=300, hint=BUSY_HINT.format(mp=mp))
+        report.removed.append(f"the mount of {mp} ({mounted[0]})")
+    fstab = read_text_or(FSTAB)
+    without = fstab_without_ours(fstab)
+    if without != fstab:
+        write_root_file(FSTAB, without, mode=0o644)
+        run_command(["systemctl", "daemon-reload"], sudo=True, check=False, timeout_s=120)
+        report.removed.append(f"the tagged {mp} line in {FSTAB}")
+    data_disk = config.btrfs.data_disk
+    if data_disk is None:
+        image = Path(config.btrfs.image_path)
+        if not image.exists():
+            return
+        if destroy:
+            root_rm([image], report)
+        else:
+            report.kept.append(f"{image} (the btrfs loop image: the data; --destroy-data {mp} removes it)")
+        return
+    device = mounted[0] if mounted is not None else None
+    if destroy and device:
+        run_command(["wipefs", "-a", device], sudo=True, timeout_s=120)
+        report.removed.append(f"the filesystem signature on the data disk {device} (wipefs -a)")
+    else:
+        report.kept.append(f"the data disk {device or 'of ' + mp} (untouched; --destroy-data {mp} wipes it)")
+
+
+def remove_root_files(config: Config, report: DeprovisionReport) -> None:
+    always = [GROW_HELPER, ENV_FILE, SYSTEM_DONE_MARKER]
+    if config.cloudflared is not None or ours(CLOUDFLARED_CONFIG):
+        always += [CLOUDFLARED_TOKEN_ENV, CLOUDFLARED_CONFIG]
+    written = [p for p in (CDI_HELPER, NVIDIA_SOURCES, ROOT_STORAGE_CONF) if ours(p)]
+    if ours(NVIDIA_SOURCES):  # the keyring came with our apt source
+        written.append(NVIDIA_KEYRING)
+    sysctl = [USERNS_SYSCTL_FILE] if USERNS_SYSCTL_FILE.exists() else []  # ours alone (60-cocalc-userns.conf)
+    root_rm([*always, *written, *sysctl], report)
+    for directory in (ENV_FILE.parent, CLOUDFLARED_CONFIG.parent, SYSTEM_DONE_MARKER.parent):
+        if directory.is_dir() and not any(directory.iterdir()):
+            run_command(["rmdir", str(directory)], sudo=True, check=False, timeout_s=30)
+
+
+def remove_user_files(config: Config, destroy: bool, report: DeprovisionReport) -> None:
+    conf = user_storage_conf(config)
+    if ours(conf):
+        conf.unlink()
+        report.removed.append(str(conf))
+    node = node_dir(config)
+    marker = read_marker(node)
+    if marker is not None and marker.get("artifact") == "node":
+        remove_tree(node)
+        report.removed.append(f"{node} (Node.js {config.node.version})")
+        alias = nvm_dir(config) / "alias" / "default"
+        if read_text_or(alias).strip() == f"v{config.node.version}":
+            alias.unlink()
+            report.removed.append(str(alias))
+    nvm = config.node.nvm
+    nvm_sh = nvm_dir(config) / "nvm.sh"
+    if nvm is not None and nvm_sh.is_file() and file_sha256(nvm_sh) == nvm.sha256:
+        nvm_sh.unlink()
+        report.removed.append(str(nvm_sh))
+    remove_empty_dirs(nvm_dir(config))
+    root = Path(config.bootstrap_root)
+    image = None if destroy or config.btrfs.data_disk else Path(config.btrfs.image_path)
+    if root.is_dir():
+        removed = remove_except(root, image)
+        if removed:
+            report.removed.append(f"{root}: {', '.join(sorted(removed))}")
+
+
+def remove_tree(path: Path) -> None:
+    """A tree of ours; root's files in it too (mount points the image units made), never across a mount."""
+    run_command(["rm", "-rf", "--one-file-system", str(path)], sudo=True, timeout_s=600)
+
+
+def remove_except(root: Path, keep: Path | None) -> list[str]:
+    """Remove everything under root but `keep` (and the directories leading to it)."""
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if keep is not None and entry == keep:
+            continue
+        if keep is not None and keep.is_relative_to(entry) and entry.is_dir() and not entry.is_symlink():
+            inner = remove_except(entry, keep)
+            removed += [f"{entry.name}/{name}" for name in inner]
+            continue
+        if mount_at(str(entry)) is not None:
+            raise BootstrapError(f"{entry} is a mount point; not removing it", hint=BUSY_HINT.format(mp=entry))
+        is_dir = stat.S_ISDIR(entry.lstat().st_mode)
+        remove_tree(entry)
+        removed.append(entry.name + ("/" if is_dir else ""))
+    if keep is None:
+        root.rmdir()
+    return removed
+
+
+def remove_empty_dirs(top: Path) -> None:
+    if not top.is_dir() or top.is_symlink():
+        return
+    for directory in sorted((p for p in top.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        if not any(directory.iterdir()):
+            directory.rmdir()
+    if not any(top.iterdir()):
+        top.rmdir()
+
+
+def deprovision(config: Config, *, destroy_data: str | None) -> DeprovisionReport:
+    """Remove what the bootstrap installed (see the module's docstring); idempotent."""
+    mp = config.btrfs.mount_point
+    if destroy_data is not None and destroy_data != mp:
+        raise UsageError(
+            f"--destroy-data {destroy_data!r} does not name this host's btrfs mount point",
+            hint=f"To destroy the data on {mp}, pass --destroy-data {mp}; nothing was changed.",
+        )
+    destroy = destroy_data is not None
+    report = DeprovisionReport()
+    bootstrap_dir = Path(config.bootstrap_dir)
+    lock = RunLock(lock_path(config)) if bootstrap_dir.is_dir() else None
+    if lock is not None:
+        lock.acquire(new_run_id())
+    try:
+        remove_units(config, report)
+        unmount_btrfs(config, destroy, report)
+        remove_root_files(config, report)
+        remove_user_files(config, destroy, report)
+    finally:
+        if lock is not None:
+            lock.release()
+    report.kept.append(
+        "apt packages, /etc/subuid and /etc/subgid entries, chrony's config, sudoers (bootstrap.py writes none)"
+    )
+    return report
+
+
+# ============================================================================
 # cli: The command line: check-config, plan, run, reconcile, send-events, status, timings.
 # ============================================================================
 
 
-COMMANDS = ("run", "plan", "status", "timings", "check-config", "reconcile", "send-events")
+COMMANDS = ("run", "plan", "status", "timings", "check-config", "reconcile", "send-events", "deprovision")
 
 HELP_EPILOG = f"""\
 commands:
@@ -6905,6 +7471,10 @@ commands:
   timings        the last run's step durations, the critical path and the share
                  of the wall time it explains
   check-config   validate the config and exit (0 valid, 2 invalid)
+  deprovision    stop and remove what the bootstrap installed (units, mounts,
+                 the fstab line, helpers, env file, credentials, bundles);
+                 the data stays (data disk untouched, loop image kept) unless
+                 --destroy-data <the btrfs mount point> says otherwise
 
 --only/--skip take step names (comma-separated or repeated). --only runs
 exactly those steps: their dependencies are not added (they are assumed done
@@ -6952,6 +7522,12 @@ def build_parser() -> argparse.ArgumentParser:
         '"config": ...} or {"ok": false, "errors": [{"path", "message", "value"}]})',
     )
     parser.add_argument("--wait", action="store_true", help="status: wait until the run is finished")
+    parser.add_argument(
+        "--destroy-data",
+        metavar="MOUNT_POINT",
+        help="deprovision: also destroy the data (the loop image, or the data disk's filesystem); "
+        "type the configured btrfs mount point (e.g. /btrfs) to confirm",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -7040,6 +7616,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = run_status(config)
     print(json.dumps(report, indent=1) if args.json else format_status(report))
     return int(report["exit_code"])
+
+
+def cmd_deprovision(args: argparse.Namespace) -> int:
+    config = load_config(require_config_path(args))
+    report = deprovision(config, destroy_data=args.destroy_data)
+    print(report.text())
+    return EXIT_OK
 
 
 def cmd_timings(args: argparse.Namespace) -> int:
@@ -7188,6 +7771,8 @@ def main(
             return cmd_timings(args)
         if args.command == "send-events":
             return cmd_send_events(args)
+        if args.command == "deprovision":
+            return cmd_deprovision(args)
         reconcile = args.command == "reconcile"
         return with_sigterm_as_interrupt(lambda: cmd_run(args, steps, flush_s, reconcile=reconcile))
     except BootstrapError as e:

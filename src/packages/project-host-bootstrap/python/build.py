@@ -52,11 +52,13 @@ MODULES = (
     "images",
     "steps_host",
     "steps_install",
+    "lifecycle",
     "steps_system",
     "steps_platform",
     "engine",
     "reporting",
     "reconcile",
+    "deprovision",
     "cli",
 )
 

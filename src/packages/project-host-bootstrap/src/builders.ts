@@ -113,6 +113,8 @@ export interface HostFacts {
   cloudflared?: z.input<typeof CloudflaredSchema> | null;
   env?: Record<string, string>;
   parallel?: boolean;
+  /** Installed versions kept per bundle (the schema's default: 2). */
+  keep_versions?: number;
 }
 
 /** Paths that follow from the user (and optionally their home). */
@@ -204,6 +206,7 @@ function assemble(facts: HostFacts): BootstrapConfigInput {
   if (facts.cloudflared !== undefined) config.cloudflared = facts.cloudflared;
   if (facts.env !== undefined) config.env = facts.env;
   if (facts.parallel !== undefined) config.parallel = facts.parallel;
+  if (facts.keep_versions !== undefined) config.keep_versions = facts.keep_versions;
   return config;
 }
 

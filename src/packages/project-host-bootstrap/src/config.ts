@@ -475,6 +475,9 @@ export const BootstrapConfigSchema = z
     arch: z.enum(ARCHES).describe("Expected CPU architecture (Debian naming)."),
     os: OsSchema,
     parallel: z.boolean().default(true).describe("Run independent steps concurrently; false walks the same graph serially."),
+    keep_versions: PosInt(20)
+      .default(2)
+      .describe("Installed versions kept per bundle, current included; older ones are pruned once the daemon is healthy on the new one."),
     hub: HubSchema,
     conat_urls: BoundedArray(HttpUrl, { min: 1, max: 8 }).describe("Conat server URLs the daemon connects to; reachability is checked."),
     secrets: BoundedArray(z.string().regex(SECRET_NAME_RE), { max: 16 })

@@ -18,6 +18,7 @@ from typing import Any
 from .config import Config, load_config
 from .credentials import rotate_if_due
 from .debris import remove_debris
+from .deprovision import deprovision
 from .engine import (
     EVENTS_DIR_NAME,
     Plan,
@@ -50,7 +51,7 @@ from .reconcile import RECONCILE_FLUSH_S, send_spooled_events, spawn_event_sende
 from .reporting import FLUSH_TIMEOUT_S, EventSender, EventSpool, format_status, format_timings, run_status
 from .step import Context, Step
 
-COMMANDS = ("run", "plan", "status", "timings", "check-config", "reconcile", "send-events")
+COMMANDS = ("run", "plan", "status", "timings", "check-config", "reconcile", "send-events", "deprovision")
 
 HELP_EPILOG = f"""\
 commands:
@@ -68,6 +69,10 @@ commands:
   timings        the last run's step durations, the critical path and the share
                  of the wall time it explains
   check-config   validate the config and exit (0 valid, 2 invalid)
+  deprovision    stop and remove what the bootstrap installed (units, mounts,
+                 the fstab line, helpers, env file, credentials, bundles);
+                 the data stays (data disk untouched, loop image kept) unless
+                 --destroy-data <the btrfs mount point> says otherwise
 
 --only/--skip take step names (comma-separated or repeated). --only runs
 exactly those steps: their dependencies are not added (they are assumed done
@@ -115,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         '"config": ...} or {"ok": false, "errors": [{"path", "message", "value"}]})',
     )
     parser.add_argument("--wait", action="store_true", help="status: wait until the run is finished")
+    parser.add_argument(
+        "--destroy-data",
+        metavar="MOUNT_POINT",
+        help="deprovision: also destroy the data (the loop image, or the data disk's filesystem); "
+        "type the configured btrfs mount point (e.g. /btrfs) to confirm",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -203,6 +214,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = run_status(config)
     print(json.dumps(report, indent=1) if args.json else format_status(report))
     return int(report["exit_code"])
+
+
+def cmd_deprovision(args: argparse.Namespace) -> int:
+    config = load_config(require_config_path(args))
+    report = deprovision(config, destroy_data=args.destroy_data)
+    print(report.text())
+    return EXIT_OK
 
 
 def cmd_timings(args: argparse.Namespace) -> int:
@@ -351,6 +369,8 @@ def main(
             return cmd_timings(args)
         if args.command == "send-events":
             return cmd_send_events(args)
+        if args.command == "deprovision":
+            return cmd_deprovision(args)
         reconcile = args.command == "reconcile"
         return with_sigterm_as_interrupt(lambda: cmd_run(args, steps, flush_s, reconcile=reconcile))
     except BootstrapError as e:

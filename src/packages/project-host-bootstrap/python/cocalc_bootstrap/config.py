@@ -450,6 +450,9 @@ class Config(ConfigSpec):
     arch: Arch
     os: OsSpec
     parallel: bool = True
+    # Installed versions kept per artifact (current included); older ones are pruned
+    # once the daemon is healthy on the new one. 1 keeps only current.
+    keep_versions: Annotated[int, Range(1, 20)] = 2
     hub: HubSpec
     conat_urls: Annotated[tuple[Url, ...], Items(8, low=1)]
     secrets: Annotated[tuple[Annotated[str, Matches(SECRET_NAME_RE)], ...], Items(16)] = ()

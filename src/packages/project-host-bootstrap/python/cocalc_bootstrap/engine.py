@@ -33,6 +33,7 @@ from .events import (
     StepInfo,
     StepStartEvent,
 )
+from .lifecycle import PruneStep
 from .log import CURRENT_STEP, REDACTOR, utc_timestamp
 from .step import Context, Step, atomic_write_text
 from .steps_host import DirectoriesStep, FilesStep, PreflightStep, SecretsStep
@@ -68,6 +69,7 @@ STEPS: tuple[type[Step], ...] = (
     TunnelStep,
     GpuStep,
     ServiceStep,
+    PruneStep,
     FinalizeStep,
 )
 

@@ -14,11 +14,11 @@ sends both because only the host knows its kernel.
   enabled for multi-user.target and the daemon, ordered before the daemon), so
   every boot mounts it again; a failing mount does not fail the boot.
 - `current` is swapped to it atomically (by the install step, as for archives).
-- When `current` moves, image versions other than the new `current` and the
-  one it replaced (`previous`, kept for a rollback) are pruned: unmounted with
-  umount (not `systemctl stop`, which would stop the units that use it first),
-  which fails while anything uses the mount (then the version is kept and a
-  later upgrade prunes it); then the unit is disabled and removed, then the image.
+- Versions beyond keep_versions are pruned by the prune step (lifecycle.py),
+  once the daemon is healthy on the new `current`: unmounted with umount (not
+  `systemctl stop`, which would stop the units that use it first), which fails
+  while anything uses the mount (then the version is kept and a later upgrade
+  prunes it); then the unit is disabled and removed, then the image.
 """
 
 from __future__ import annotations
@@ -319,14 +319,6 @@ def install_image(config: Config, artifact: str, spec: ArtifactSpec, log: Log) -
             hint=IMAGE_HINT,
         )
     log.info(f"mounted {artifact} {spec.version} read-only at {where} ({unit})")
-
-
-def prune_images(config: Config, artifact: str, keep: set[str], log: Log) -> None:
-    """Remove stored images (and their mounts) of versions not in `keep`; one in use stays."""
-    versions = sorted(p.name[: -len(IMAGE_SUFFIX)] for p in (IMAGES_DIR / artifact).glob(f"*{IMAGE_SUFFIX}"))
-    for version in versions:
-        if version not in keep:
-            remove_image(config, artifact, version, log)
 
 
 def remove_image(config: Config, artifact: str, version: str, log: Log) -> bool:

@@ -32,7 +32,7 @@ from .fetch import (
     remove_download,
     verified_download,
 )
-from .images import image_download, image_installed, install_image, prune_images, wants_image
+from .images import image_download, image_installed, install_image, wants_image
 from .layout import (
     artifact_archive,
     bundle_installed,
@@ -230,8 +230,7 @@ class InstallBundleStep(Step):
             self.log.info(f"{self.artifact}/current -> {s.version}")
             if before is not None and before != s.version:
                 point_symlink(self.previous_link(), before)
-            previous = read_link(self.previous_link())
-            prune_images(self.config, self.artifact, {s.version, *([previous] if previous else [])}, self.log)
+            # older versions are pruned by the prune step, once the daemon is healthy on this one
         remove_download(archive)  # installed: the archive is no longer needed
 
     def install(self, archive: Path) -> None:

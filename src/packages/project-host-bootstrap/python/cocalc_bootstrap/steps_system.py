@@ -37,7 +37,18 @@ from .layout import (
     render_grow_unit,
     render_unit,
 )
-from .log import REDACTOR, output_tail, utc_timestamp
+from .lifecycle import (
+    DaemonGeneration,
+    failed_before,
+    failed_path,
+    health_answer,
+    journal_tail,
+    read_good,
+    record_failed,
+    record_good,
+    restore_generation,
+)
+from .log import REDACTOR, utc_timestamp
 from .step import Step, StepState, atomic_write_text, file_matches, make_root_dirs, write_root_file
 from .steps_host import owned_dir
 from .system import (
@@ -325,6 +336,12 @@ class ServiceStep(Step):
         if systemctl_state("is-enabled", unit) != "enabled":
             run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
         generation = self.generation()
+        wanted = self.daemon_generation()
+        good = read_good(self.config)
+        upgrade = good is not None and good != wanted
+        failed = failed_before(self.config, wanted) if upgrade else None
+        if good is not None and failed is not None:
+            self.roll_back(unit, good, wanted, failed.get("report") or "", again=True)
         if read_text_or(self.stamp_path()).strip() != generation:
             run_command(["systemctl", "restart", unit], sudo=True, timeout_s=120, hint=self.hint)
             self.log.info(f"(re)started {unit}: its unit, env file or bundle changed")
@@ -333,9 +350,59 @@ class ServiceStep(Step):
             self.log.info(f"started {unit}")
         else:
             self.log.info(f"{unit} already runs this unit, env file and bundle; not restarted")
-        self.wait_healthy(unit)
+        try:
+            self.wait_healthy(unit)
+        except BootstrapError as e:
+            if good is None or not upgrade:
+                raise
+            self.roll_back(unit, good, wanted, f"{e.message}\n{e.log_tail or ''}".strip(), again=False)
         atomic_write_text(self.stamp_path(), generation + "\n", 0o644)
+        record_good(self.config, wanted)
         self.report_conat()
+
+    def daemon_generation(self) -> DaemonGeneration:
+        """The generation the config asks for (what a rollback would restore, once healthy)."""
+        return DaemonGeneration(
+            version=self.config.artifacts.project_host.version, unit=self.unit_text(), env=render_env_file(self.config)
+        )
+
+    def roll_back(
+        self, unit: str, good: DaemonGeneration, wanted: DaemonGeneration, report: str, *, again: bool
+    ) -> None:
+        """Back to the last healthy generation, restarted and healthy; then fail the run with the report."""
+        old, new = good.version, wanted.version
+        what = f"project_host {new}" if new != old else "the new unit or env file"
+        self.log.warn(f"{what}: {'failed its health check before' if again else 'not healthy'}; rolling back to {old}")
+        restore_generation(self.config, good, self.unit_path(), self.log)
+        still_running = read_text_or(self.stamp_path()).strip() == self.generation()
+        if not (again and still_running and systemctl_state("is-active", unit) == "active"):
+            run_command(["systemctl", "restart", unit], sudo=True, timeout_s=120, hint=self.hint)
+        healthy, answer = False, ""
+        deadline = time.monotonic() + self.config.service.health_timeout_s
+        while not healthy and time.monotonic() < deadline:
+            healthy, answer = health_answer(self.config.service.health_url, timeout_s=5)
+            if not healthy:
+                time.sleep(0.5)
+        if not healthy:
+            raise BootstrapError(
+                f"{what} was not healthy, and neither is {old} after the rollback ({answer})",
+                hint=f"Both versions fail here: see sudo journalctl -u {unit} -n 100 --no-pager.",
+                log_tail=f"{report}\n--- after the rollback ---\n{journal_tail(unit)}",
+            )
+        atomic_write_text(self.stamp_path(), self.generation() + "\n", 0o644)
+        if not again:
+            record_failed(self.config, wanted, report, old)
+        self.log.warn(f"rolled back: {unit} runs project_host {old} and is healthy ({answer})")
+        raise BootstrapError(
+            f"{what} was not healthy within {self.config.service.health_timeout_s}s; rolled back to {old}, "
+            f"which is healthy and serving"
+            + (" (this generation failed before: not restarted into it again)" if again else ""),
+            hint=(
+                "Publish a fixed version (a new config tries again); the health check's answer and the daemon's "
+                f"journal are below. {failed_path(self.config)} records the failure (remove it to retry this config)."
+            ),
+            log_tail=report,
+        )
 
     def wait_healthy(self, unit: str) -> None:
         service = self.config.service
@@ -343,13 +410,11 @@ class ServiceStep(Step):
         try:
             what = wait_until_healthy(service.health_url, service.health_timeout_s)
         except BootstrapError as e:
-            journal = run_command(
-                ["journalctl", "-u", unit, "-n", "40", "--no-pager"], sudo=True, check=False, timeout_s=60
-            )
+            _, answer = health_answer(service.health_url, timeout_s=5)
             raise BootstrapError(
                 e.message,
                 hint=f"The daemon started but is not healthy; see sudo journalctl -u {unit} -n 100 --no-pager.",
-                log_tail=output_tail(REDACTOR(journal.output)),
+                log_tail=f"health check: {REDACTOR(answer)}\n{journal_tail(unit)}",
             ) from None
         self.log.info(f"{service.health_url} answered {what} after {time.monotonic() - start:.1f}s")
 

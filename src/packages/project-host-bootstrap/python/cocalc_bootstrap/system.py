@@ -42,14 +42,25 @@ def fstab_entry(source: str, mount_point: str, *, loop: bool) -> str:
 def fstab_with_entry(text: str, entry: str) -> str:
     """fstab text with our tagged line (and its marker comment) replaced by
     `entry`, or appended; every other line kept as it was."""
+    kept = fstab_lines_not_ours(text)
+    return "\n".join([*kept, FSTAB_MARKER, entry]) + "\n"
+
+
+def fstab_lines_not_ours(text: str) -> list[str]:
+    """fstab's lines but our tagged ones and their marker comments."""
 
     def ours(line: str) -> bool:
         fields = line.split()
         is_tagged = len(fields) >= 4 and not line.lstrip().startswith("#") and FSTAB_TAG in fields[3].split(",")
         return is_tagged or line.strip() == FSTAB_MARKER
 
-    kept = [line for line in text.splitlines() if not ours(line)]
-    return "\n".join([*kept, FSTAB_MARKER, entry]) + "\n"
+    return [line for line in text.splitlines() if not ours(line)]
+
+
+def fstab_without_ours(text: str) -> str:
+    """fstab text without our tagged lines (deprovision); unchanged when there are none."""
+    kept = fstab_lines_not_ours(text)
+    return text if len(kept) == len(text.splitlines()) else "\n".join(kept) + ("\n" if kept else "")
 
 
 def block_device_probe(device: str) -> dict[str, str]:

@@ -3,12 +3,15 @@
  * an optional localhost-only admin route to provision hosts (demo and e2e).
  * Never listens; `startHub()` in hub.ts does.
  */
+
+import { UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import express, { type Express, type Request } from "express";
 import { z } from "zod/v4";
 import type { Db } from "./db.js";
 import type { HostRecordReporter } from "./host-records.js";
 import { type HostRecordInput, type ProvisionedHost, ProvisionRefusedError, provisionHost, type SiteSettingsInput } from "./hosts.js";
 import { badRequest, errorHandler, HttpError, notFound } from "./http-errors.js";
+import { hostLifecycle, type LifecycleEvent, type RevokeHostCredentials } from "./lifecycle.js";
 import { ManifestFetcher } from "./manifests.js";
 import { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter } from "./routes.js";
 import { getHost } from "./store.js";
@@ -29,6 +32,8 @@ export interface CreateAppOptions extends Omit<BootstrapRouterDeps, "db"> {
    * request says `"replace": true`.
    */
   enableAdmin?: boolean;
+  /** How the admin lifecycle routes revoke a host's credentials (default: lifecycle.ts's call point). */
+  revokeHostCredentials?: RevokeHostCredentials;
 }
 
 export interface HubApp {
@@ -41,6 +46,7 @@ export interface HubApp {
   close(): Promise<void>;
 }
 
+const LIFECYCLE_EVENTS = new Set<string>(["stop", "delete", "deprovision"]);
 const LOOPBACK = new Set(["127.0.0.1", "::1", "::ffff:127.0.0.1"]);
 
 const ProvisionRequestSchema = z.strictObject({
@@ -96,6 +102,19 @@ export function createApp(opts: CreateAppOptions): HubApp {
           stub: host.stub,
           config: host.config,
         });
+    });
+  }
+  if (opts.enableAdmin) {
+    // The hub's lifecycle, for the demo and the tests: stop, delete, deprovision revoke the host's credentials.
+    app.post("/admin/hosts/:id/:event", async (req, res) => {
+      requireLoopback(req);
+      const id = String(req.params.id);
+      const event = String(req.params.event);
+      if (!UUID_RE.test(id)) throw new HttpError(400, "invalid host id: must be a lowercase UUID");
+      if (!LIFECYCLE_EVENTS.has(event)) throw new HttpError(404, `no such lifecycle event: use ${[...LIFECYCLE_EVENTS].join(", ")}`);
+      const done = await hostLifecycle({ db: opts.db, revoke: opts.revokeHostCredentials }, id, event as LifecycleEvent);
+      if (done === null) throw new HttpError(404, `host ${id} is not known`);
+      res.set("Cache-Control", "no-store").json({ host_id: id, event, revoked: done.revoked, secrets_deleted: done.secretsDeleted });
     });
   }
   app.use(notFound);

@@ -211,12 +211,15 @@ export async function exchangeOrRotate(
 export async function revokeHostCredentials(db: Db, hostId: string, opts: { now?: Date; why?: string } = {}): Promise<{ credentials: number; tokens: number }> {
   const now = opts.now ?? new Date();
   const why = opts.why ?? "revoked by the hub";
-  return db.transaction(async (tx) => {
-    const credentials = await revokeCredentials(tx, hostId, now, why);
-    const tokens = await revokeHostTokens(tx, hostId, now);
-    await logCredentialEvent(tx, hostId, { at: now, kind: "revoke", address: null, detail: `${why}: ${credentials} credential(s), ${tokens} token(s)` });
-    return { credentials, tokens };
-  });
+  return db.transaction((tx) => revokeHostCredentialsIn(tx, hostId, now, why));
+}
+
+/** The same inside a transaction the caller holds (the hub's lifecycle: stop, delete, deprovision). */
+export async function revokeHostCredentialsIn(tx: Queryable, hostId: string, now: Date, why: string): Promise<{ credentials: number; tokens: number }> {
+  const credentials = await revokeCredentials(tx, hostId, now, why);
+  const tokens = await revokeHostTokens(tx, hostId, now);
+  await logCredentialEvent(tx, hostId, { at: now, kind: "revoke", address: null, detail: `${why}: ${credentials} credential(s), ${tokens} token(s)` });
+  return { credentials, tokens };
 }
 
 /** What the operator sees about a host's credentials: no hashes, only times and the log. */

@@ -108,6 +108,10 @@ export const SiteSettingsSchema = z.strictObject({
   health_path: z.string().startsWith("/").default("/healthz"),
   apt_packages: z.array(z.string()).optional(),
   parallel: z.boolean().default(true),
+  /** Installed versions each host keeps per bundle (current included); absent: the config's default (2). */
+  keep_versions: z.int().min(1).max(20).optional(),
+  /** How long a host waits for the daemon's health check after a (re)start before it rolls an upgrade back. */
+  health_timeout_s: z.int().min(1).max(3600).optional(),
   layouts: z.partialRecord(z.enum(ARTIFACT_NAMES), ArtifactLayoutSchema).default({}),
   /**
    * Offer bundle images (when a manifest names one) beside the archives; the
@@ -175,7 +179,11 @@ export function hostFacts(
     hub: { url: base, events_url: `${base}/events`, secrets_url: `${base}/secrets` },
     conat_urls: settings.conat_urls,
     secrets: settings.secret_names,
-    service: { exec: settings.project_host_exec, health_url: `${record.internal_url.replace(/\/+$/, "")}${settings.health_path}` },
+    service: {
+      exec: settings.project_host_exec,
+      health_url: `${record.internal_url.replace(/\/+$/, "")}${settings.health_path}`,
+      ...(settings.health_timeout_s !== undefined ? { health_timeout_s: settings.health_timeout_s } : {}),
+    },
     daemon: {
       region: record.region,
       public_url: record.public_url,
@@ -189,6 +197,7 @@ export function hostFacts(
     },
     env,
     parallel: settings.parallel,
+    ...(settings.keep_versions !== undefined ? { keep_versions: settings.keep_versions } : {}),
   };
   if (record.tunnel_hostname && cloudflared) {
     const { url, sha256, version, size_bytes } = cloudflared;

@@ -51,6 +51,17 @@ export {
 } from "./hosts.js";
 export { HttpError } from "./http-errors.js";
 export { type RunningHub, type StartHubOptions, startHub } from "./hub.js";
+export {
+  hostLifecycle,
+  type LifecycleDeps,
+  type LifecycleEvent,
+  type LifecycleResult,
+  onHostDeleted,
+  onHostDeprovisioned,
+  onHostStopped,
+  type RevokeHostCredentials,
+  revokeHostCredentialsCallPoint,
+} from "./lifecycle.js";
 export { ManifestError, ManifestFetcher, type ManifestFetcherOptions, type ResolvedArtifact } from "./manifests.js";
 export { migrate } from "./migrate.js";
 export { type BootstrapRouter, type BootstrapRouterDeps, createBootstrapRouter, isLoopback } from "./routes.js";

@@ -277,6 +277,12 @@ export async function saveSecret(db: Queryable, hostId: string, name: string, va
   );
 }
 
+/** Drop every secret stored for a host (delete, deprovision); how many there were. */
+export async function deleteHostSecrets(db: Queryable, hostId: string): Promise<number> {
+  const rows = await db.query<{ name: string }>("DELETE FROM bootstrap_secrets WHERE host_id = $1 RETURNING name", [hostId]);
+  return rows.length;
+}
+
 export async function getSecret(db: Queryable, hostId: string, name: string): Promise<string | null> {
   const rows = await db.query<{ value: string }>("SELECT value FROM bootstrap_secrets WHERE host_id = $1 AND name = $2", [hostId, name]);
   return rows[0]?.value ?? null;
