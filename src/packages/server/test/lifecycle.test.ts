@@ -49,6 +49,19 @@ describe("host lifecycle call points", () => {
     expect((await bystander.config()).status).toBe(200);
   });
 
+  it("stop revokes an exchanged host credential too (config with it answers 401, the revocation is in the credential log)", async () => {
+    const h = await provisioned();
+    const exchanged = await fetch(`${h.baseUrl}/credential`, { method: "POST", headers: { authorization: `Bearer ${h.token}` } });
+    expect(exchanged.status).toBe(201);
+    const { credential } = (await exchanged.json()) as { credential: string };
+    const withCredential = () => fetch(`${h.baseUrl}/config`, { headers: { authorization: `Bearer ${credential}` } });
+    expect((await withCredential()).status).toBe(200);
+    expect((await onHostStopped({ db }, h.hostId)).revoked).toBe(2);
+    expect((await withCredential()).status).toBe(401);
+    const record = (await (await fetch(`${h.baseUrl}/credentials`)).json()) as { log: { kind: string; detail: string }[] };
+    expect(record.log.some((e) => e.kind === "revoke" && e.detail.includes("host lifecycle"))).toBe(true);
+  });
+
   it("delete and deprovision revoke the credentials and drop the stored secrets", async () => {
     for (const call of [onHostDeleted, onHostDeprovisioned]) {
       const h = await provisioned();
