@@ -279,7 +279,12 @@ local_bootstrap_py() {
 
 # Tee everything from here on to the log. A fifo instead of a pipeline keeps
 # the exit code of bootstrap.py (POSIX sh has no pipefail).
+# The console copy is appended on every boot: past 4 MiB it moves to .1 (one
+# older copy kept), so a host that reboots daily does not fill its disk.
 start_log() {
+  if [ -f "$log_file" ] && [ "$(wc -c <"$log_file")" -gt 4194304 ]; then
+    mv -f "$log_file" "$log_file.1" || err "cannot rotate $log_file"
+  fi
   : >>"$log_file" || err "cannot write $log_file"
   fifo=$bootstrap_dir/.bootstrap-log.fifo
   rm -f "$fifo"
@@ -299,7 +304,7 @@ run_bootstrap() {
   me=$(id -un) || err "cannot tell who I am"
   user=${BOOTSTRAP_USER:-${default_user:-$me}}
   [ "$user" = "$me" ] || err "running as $me, but the bootstrap user is $user; run this as $user, or as root"
-  for cmd in curl sha256sum python3 mkfifo tee mkdir chmod mv rm cp sed; do
+  for cmd in curl sha256sum python3 mkfifo tee mkdir chmod mv rm cp sed wc; do
     need_cmd "$cmd"
   done
   exchanged_file=$token_file.exchanged

@@ -5,7 +5,7 @@
  * useradd; otherwise it runs as the current user, and the root-refusal cases
  * use a user namespace (`unshare -r`) when the kernel allows one.
  */
-import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { chownSync, existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { type AddressInfo, createServer as createNetServer } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -140,6 +140,20 @@ describe("a rendered stub, run for real", () => {
     ]);
     expect(seen[0]!.authorization).toBe(`Bearer ${token}`);
     for (const q of seen.slice(1)) expect(q.authorization).toBe(`Bearer ${credential}`);
+  });
+
+  it("rotates its console copy (bootstrap.log) past 4 MiB on the next boot: one older copy kept, the new log starts empty", async () => {
+    const logPath = join(bootstrapDir, "bootstrap.log");
+    const old = `an earlier boot's console\n${"x".repeat(4 * 1024 * 1024)}\n`;
+    writeFileSync(logPath, old, { mode: 0o600 });
+    chownSync(logPath, user.uid, statSync(bootstrapDir).gid);
+    const r = await runStub(join(top, "ok.sh"), { env });
+    expect(r.code, r.stderr).toBe(0);
+    expect(readFileSync(`${logPath}.1`, "utf8")).toBe(old);
+    const fresh = readFileSync(logPath, "utf8");
+    expect(fresh).toContain("bootstrap.py exited with 0");
+    expect(fresh).not.toContain("an earlier boot's console");
+    expect(fresh.length).toBeLessThan(64 * 1024);
   });
 
   it("on every later run: the token is not written again nor sent; the credential is used; an unchanged bootstrap.py is not downloaded", async () => {
