@@ -5,6 +5,7 @@
  * useradd; otherwise it runs as the current user, and the root-refusal cases
  * use a user namespace (`unshare -r`) when the kernel allows one.
  */
+import { execFileSync } from "node:child_process";
 import { chownSync, existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { type AddressInfo, createServer as createNetServer } from "node:net";
 import { join } from "node:path";
@@ -144,10 +145,12 @@ describe("a rendered stub, run for real", () => {
 
   it("rotates its console copy (bootstrap.log) past 4 MiB on the next boot: one older copy kept, the new log starts empty", async () => {
     const logPath = join(bootstrapDir, "bootstrap.log");
+    if (!existsSync(bootstrapDir)) execFileSync("install", ["-d", "-m", "700", "-o", String(user.uid), bootstrapDir]); // when run alone
     const old = `an earlier boot's console\n${"x".repeat(4 * 1024 * 1024)}\n`;
     writeFileSync(logPath, old, { mode: 0o600 });
     chownSync(logPath, user.uid, statSync(bootstrapDir).gid);
-    const r = await runStub(join(top, "ok.sh"), { env });
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const r = await runStub(writeStub("rotate.sh", renderStub(stubOptions())), { env });
     expect(r.code, r.stderr).toBe(0);
     expect(readFileSync(`${logPath}.1`, "utf8")).toBe(old);
     const fresh = readFileSync(logPath, "utf8");
