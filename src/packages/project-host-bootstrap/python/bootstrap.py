@@ -30,6 +30,7 @@ import grp
 import gzip
 import hashlib
 import http.client
+import itertools
 import json
 import lzma
 import math
@@ -930,6 +931,106 @@ def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
 
 
 # ============================================================================
+# slots: CPU slots: CPU-heavy work (decompressing and extracting archives) limited to what the cores do at once.
+# ============================================================================
+
+# The engine runs every ready step at once (they mostly wait: network, apt,
+# locks), but four extractions on two cores only slow each other down and
+# push the one on the critical path back. So CPU-heavy work takes a slot
+# first: at most `slots` hold one (os.cpu_count() unless the config says),
+# and a free slot goes to the waiter with the highest priority (the biggest
+# archive: the longest install is on the critical path), first come first
+# served among equals. Downloads and apt (waiting on the network and on
+# dpkg's locks) take no slot.
+
+
+@dataclass(order=True)
+class SlotWaiter:
+    key: tuple[float, int]  # (-priority, arrival): the smallest is served first
+    who: str = field(compare=False)
+
+
+class CpuSlots:
+    """A counting semaphore served by priority; `granted` records who got a
+    slot, in order, and `peak` the most slots held at once (for the tests and
+    the log). on_wait(who, holders) is called when a request has to wait,
+    on_granted(who, waited_s) when a waiting request gets its slot."""
+
+    def __init__(
+        self,
+        slots: int,
+        *,
+        on_wait: Callable[[str, list[str]], None] | None = None,
+        on_granted: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.slots = max(1, slots)
+        self.on_wait = on_wait
+        self.on_granted = on_granted
+        self._cond = threading.Condition()
+        self._holders: list[str] = []
+        self._waiting: list[SlotWaiter] = []
+        self._arrivals = itertools.count()
+        self.granted: list[str] = []
+        self.peak = 0
+
+    def waiting(self) -> list[str]:
+        with self._cond:
+            return [w.who for w in sorted(self._waiting)]
+
+    def holders(self) -> list[str]:
+        with self._cond:
+            return list(self._holders)
+
+    @contextlib.contextmanager
+    def slot(self, who: str, priority: float = 0.0) -> Iterator[None]:
+        me = SlotWaiter((-priority, next(self._arrivals)), who)
+        start = time.monotonic()
+        with self._cond:
+            self._waiting.append(me)
+            waited = not self._my_turn(me)
+            holders = list(self._holders)
+        try:
+            if waited and self.on_wait is not None:
+                self.on_wait(who, holders)  # outside the lock: it logs and emits events
+        except BaseException:
+            with self._cond:
+                self._waiting.remove(me)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            try:
+                while not self._my_turn(me):
+                    self._cond.wait()
+            finally:
+                self._waiting.remove(me)
+                self._cond.notify_all()  # the next waiter may be served now (or we left the queue)
+            self._holders.append(who)
+            self.granted.append(who)
+            self.peak = max(self.peak, len(self._holders))
+        if waited and self.on_granted is not None:
+            self.on_granted(who, time.monotonic() - start)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders.remove(who)
+                self._cond.notify_all()
+
+    def _my_turn(self, me: SlotWaiter) -> bool:
+        return len(self._holders) < self.slots and min(self._waiting) is me
+
+
+@contextlib.contextmanager
+def cpu_slot(slots: CpuSlots | None, who: str, priority: float = 0.0) -> Iterator[None]:
+    """A slot of `slots`, or no limit at all when there is none (a step run outside the engine)."""
+    if slots is None:
+        yield
+        return
+    with slots.slot(who, priority):
+        yield
+
+
+# ============================================================================
 # config_rules: Config rules: the checks a field declares, and the validator derived from its declaration.
 # ============================================================================
 
@@ -1730,6 +1831,7 @@ class Config(ConfigSpec):
     arch: Arch
     os: OsSpec
     parallel: bool = True
+    cpu_slots: Annotated[int, Range(1, 256)] | None = None
     hub: HubSpec
     conat_urls: Annotated[tuple[Url, ...], Items(8, low=1)]
     secrets: Annotated[tuple[Annotated[str, Matches(SECRET_NAME_RE)], ...], Items(16)] = ()
@@ -2089,10 +2191,12 @@ class StepState:
 
 @dataclass
 class Context:
-    """What every step gets: the validated config and the logger."""
+    """What every step gets: the validated config and the logger (and, in
+    the engine, the CPU slots its CPU-heavy work takes; None: no limit)."""
 
     config: Config
     log: Log
+    cpu: CpuSlots | None = None
 
 
 class Step:
@@ -4715,22 +4819,24 @@ class InstallBundleStep(Step):
                 f"{archive} is missing or unverified", hint="Run the bootstrap again: the download step fetches it."
             )
         recorded = parse_sha256_file(checksum_path(archive).read_text(encoding="utf-8"), archive.name)
-        actual = file_sha256(archive)  # again: verified before use, not just when downloaded
-        if actual != recorded:
-            remove_download(archive)
-            raise BootstrapError(
-                f"{archive} changed on disk since it was verified",
-                hint="Run the bootstrap again: it downloads it anew.",
+        # CPU-heavy from here (hashing, decompressing, writing files): one CPU slot, the biggest archive first
+        with cpu_slot(self.ctx.cpu, self.name, archive.stat().st_size):
+            actual = file_sha256(archive)  # again: verified before use, not just when downloaded
+            if actual != recorded:
+                remove_download(archive)
+                raise BootstrapError(
+                    f"{archive} changed on disk since it was verified",
+                    hint="Run the bootstrap again: it downloads it anew.",
+                )
+            start = time.monotonic()
+            install_archive(
+                archive,
+                bundle_version_dir(self.config, self.artifact, s),
+                strip=s.strip_components,
+                expected_files=s.expected_files,
+                executables=s.executables,
+                marker={"artifact": self.artifact, "version": s.version, "url": s.url, "sha256": actual},
             )
-        start = time.monotonic()
-        install_archive(
-            archive,
-            bundle_version_dir(self.config, self.artifact, s),
-            strip=s.strip_components,
-            expected_files=s.expected_files,
-            executables=s.executables,
-            marker={"artifact": self.artifact, "version": s.version, "url": s.url, "sha256": actual},
-        )
         self.log.info(f"installed {self.artifact} {s.version} in {time.monotonic() - start:.1f}s")
 
 
@@ -4832,14 +4938,15 @@ class NodeStep(Step):
                     f"{name}: bin/node --version says {found.output.strip()[:100]!r}, not v{version}", hint=self.hint
                 )
 
-        install_archive(
-            archive,
-            node_dir(self.config),
-            strip=1,
-            executables=("bin/node",),
-            marker={"artifact": "node", "version": version, "sha256": sha256},
-            verify=answers_version,
-        )
+        with cpu_slot(self.ctx.cpu, self.name, archive.stat().st_size):
+            install_archive(
+                archive,
+                node_dir(self.config),
+                strip=1,
+                executables=("bin/node",),
+                marker={"artifact": "node", "version": version, "sha256": sha256},
+                verify=answers_version,
+            )
         remove_download(archive)
         self.log.info(f"installed node v{version} into {node_dir(self.config)}")
 
@@ -6108,16 +6215,35 @@ class Runner:
         self, plan: Plan, ctx: Context, *, state: StateStore, events: EventSink | None = None, jobs: int | None = None
     ) -> None:
         self.plan = plan
-        self.ctx = ctx
         self.log = ctx.log
-        self.state = state
         self.events = events or EventSink()
+        if ctx.cpu is None:
+            slots = CpuSlots(cpu_slots(ctx.config), on_wait=self._cpu_wait, on_granted=self._cpu_granted)
+            ctx = dataclasses.replace(ctx, cpu=slots)
+        self.ctx = ctx
+        self.state = state
         self.jobs = max(1, jobs if jobs is not None else default_jobs(plan, ctx.config))
         self.progress = Progress(plan, state)
         self.steps = {name: StepRun(name) for name in plan.names()}
         self.t0 = time.monotonic()
         self._running: set[str] = set()
         self._lock = threading.Lock()
+
+    # -- CPU slots (slots.py) ----------------------------------------------
+
+    def _cpu_wait(self, who: str, holders: list[str]) -> None:
+        assert self.ctx.cpu is not None
+        self.log.info(
+            f"waiting for a CPU slot ({len(holders)} of {self.ctx.cpu.slots} busy: {', '.join(holders)})",
+            event="cpu_wait",
+            holders=holders,
+        )
+        self.events.emit(ProgressEvent(phase=f"{who}: waiting for a CPU slot", percent=self.progress.percent()))
+
+    def _cpu_granted(self, who: str, waited_s: float) -> None:
+        self.log.info(f"got a CPU slot after waiting {waited_s:.1f}s", event="cpu_slot", waited_s=round(waited_s, 3))
+        phase = self.plan.classes[who].phase if who in self.plan.classes else "bootstrapping"
+        self.events.emit(ProgressEvent(phase=phase, percent=self.progress.percent()))
 
     # -- the executor ------------------------------------------------------
 
@@ -6277,6 +6403,11 @@ class Runner:
             return Outcome.UNCHANGED, why
         self.log.info(f"applied and verified: {after.detail}", event="verified")
         return Outcome.CHANGED, why
+
+
+def cpu_slots(config: Config) -> int:
+    """How many CPU-heavy jobs (extractions) run at once: the config's cpu_slots, else one per core."""
+    return config.cpu_slots or os.cpu_count() or 1
 
 
 def default_jobs(plan: Plan, config: Config) -> int:
