@@ -2697,6 +2697,30 @@ class ExtractBudget:
 ARCHIVE_MAGIC = ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gz"), (b"\x28\xb5\x2f\xfd", "zst"), (b"BZh", "bz2"))
 
 
+ZSTD_URL_RE = re.compile(r"\.(?:tar\.zst|tar\.zstd|tzst)$")
+ZSTD_HINT = (
+    "Install zstd on the host before the bootstrap (in its image, or cloud-init's packages: the install "
+    "steps do not wait for the apt step), or publish .tar.xz bundles."
+)
+
+
+def decompressor_problems(config: Config) -> list[tuple[str, str]]:
+    """Preflight: a bundle published as .tar.zst (without an image to mount instead) needs the zstd
+    command, since Python reads zstd only from 3.14 on. (what is wrong, what to do) for each."""
+    if shutil.which("zstd") is not None:
+        return []
+    zstd = [
+        name
+        for name in ("project_host", "project", "tools")
+        if getattr(config.artifacts, name).image is None
+        and ZSTD_URL_RE.search(urllib.parse.urlsplit(getattr(config.artifacts, name).url).path)
+    ]
+    if not zstd:
+        return []
+    what = f"artifacts {', '.join(zstd)} {'is' if len(zstd) == 1 else 'are'} .tar.zst and the zstd command is missing"
+    return [(what, ZSTD_HINT)]
+
+
 def archive_compression(path: Path) -> str:
     """'xz', 'gz', 'zst', 'bz2' or '' (plain tar), from the file's magic bytes."""
     with open(path, "rb") as f:
@@ -2749,7 +2773,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
         if kind == "zst":
             raise BootstrapError(
                 f"{archive.name} is zstd-compressed and zstd is not installed",
-                hint="Add zstd to apt.packages, or publish .tar.xz bundles.",
+                hint=ZSTD_HINT,
             )
         with open_decompressed(archive, kind) as raw:
             reader = BudgetedReader(raw, archive, total_limit)
@@ -4402,6 +4426,7 @@ def preflight_problems(config: Config) -> list[tuple[str, str]]:
             )
         )
     problems += user_problems(config)
+    problems += decompressor_problems(config)
     if sys.version_info < MIN_PYTHON:
         found = ".".join(map(str, sys.version_info[:3]))
         problems.append(
@@ -4788,12 +4813,20 @@ class InstallBundleStep(Step):
 
     def check(self) -> StepState:
         s = self.spec
-        if not (bundle_installed(self.config, self.artifact, s) or image_installed(self.config, self.artifact, s)):
+        how = (
+            "a mounted image"
+            if image_installed(self.config, self.artifact, s)
+            else "an extracted archive"
+            if bundle_installed(self.config, self.artifact, s)
+            else None
+        )
+        if how is None:
             return StepState(False, f"{self.artifact} {s.version} is not installed")
         current = read_link(self.current_link())
         if current != s.version:
             return StepState(False, f"current points to {current or 'nothing'}, not {s.version}")
-        return StepState(True, f"{self.artifact} {s.version} is installed and current")
+        # the step's message (the hub shows it) says which of the two the host chose
+        return StepState(True, f"{self.artifact} {s.version} is installed ({how}) and current")
 
     def apply(self) -> None:
         s = self.spec

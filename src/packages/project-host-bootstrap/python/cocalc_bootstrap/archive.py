@@ -9,6 +9,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .commands import tracked_process
+from .config import Config
 from .errors import BootstrapError
 from .fetch import DOWNLOAD_CHUNK
 from .step import atomic_write_text
@@ -67,6 +70,30 @@ class ExtractBudget:
 
 
 ARCHIVE_MAGIC = ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gz"), (b"\x28\xb5\x2f\xfd", "zst"), (b"BZh", "bz2"))
+
+
+ZSTD_URL_RE = re.compile(r"\.(?:tar\.zst|tar\.zstd|tzst)$")
+ZSTD_HINT = (
+    "Install zstd on the host before the bootstrap (in its image, or cloud-init's packages: the install "
+    "steps do not wait for the apt step), or publish .tar.xz bundles."
+)
+
+
+def decompressor_problems(config: Config) -> list[tuple[str, str]]:
+    """Preflight: a bundle published as .tar.zst (without an image to mount instead) needs the zstd
+    command, since Python reads zstd only from 3.14 on. (what is wrong, what to do) for each."""
+    if shutil.which("zstd") is not None:
+        return []
+    zstd = [
+        name
+        for name in ("project_host", "project", "tools")
+        if getattr(config.artifacts, name).image is None
+        and ZSTD_URL_RE.search(urllib.parse.urlsplit(getattr(config.artifacts, name).url).path)
+    ]
+    if not zstd:
+        return []
+    what = f"artifacts {', '.join(zstd)} {'is' if len(zstd) == 1 else 'are'} .tar.zst and the zstd command is missing"
+    return [(what, ZSTD_HINT)]
 
 
 def archive_compression(path: Path) -> str:
@@ -121,7 +148,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
         if kind == "zst":
             raise BootstrapError(
                 f"{archive.name} is zstd-compressed and zstd is not installed",
-                hint="Add zstd to apt.packages, or publish .tar.xz bundles.",
+                hint=ZSTD_HINT,
             )
         with open_decompressed(archive, kind) as raw:
             reader = BudgetedReader(raw, archive, total_limit)

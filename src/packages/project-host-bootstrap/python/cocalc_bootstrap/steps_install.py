@@ -211,12 +211,20 @@ class InstallBundleStep(Step):
 
     def check(self) -> StepState:
         s = self.spec
-        if not (bundle_installed(self.config, self.artifact, s) or image_installed(self.config, self.artifact, s)):
+        how = (
+            "a mounted image"
+            if image_installed(self.config, self.artifact, s)
+            else "an extracted archive"
+            if bundle_installed(self.config, self.artifact, s)
+            else None
+        )
+        if how is None:
             return StepState(False, f"{self.artifact} {s.version} is not installed")
         current = read_link(self.current_link())
         if current != s.version:
             return StepState(False, f"current points to {current or 'nothing'}, not {s.version}")
-        return StepState(True, f"{self.artifact} {s.version} is installed and current")
+        # the step's message (the hub shows it) says which of the two the host chose
+        return StepState(True, f"{self.artifact} {s.version} is installed ({how}) and current")
 
     def apply(self) -> None:
         s = self.spec
