@@ -165,6 +165,7 @@ async function packTar(cwd: string, entry: string, out: string, compressor: stri
     [
       "bash",
       "-c",
+      // biome-ignore lint/suspicious/noTemplateCurlyInString: bash's own ${@:5} (the compressor's argv), not a template
       'set -o pipefail; tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="$4" -C "$1" -cf - "$2" | "${@:5}" > "$3"',
       "bash",
       cwd,
