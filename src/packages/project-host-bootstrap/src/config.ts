@@ -478,6 +478,10 @@ export const BootstrapConfigSchema = z
     keep_versions: PosInt(20)
       .default(2)
       .describe("Installed versions kept per bundle, current included; older ones are pruned once the daemon is healthy on the new one."),
+    cpu_slots: PosInt(256)
+      .nullable()
+      .default(null)
+      .describe("How many CPU-heavy jobs (decompressing and extracting archives) run at once, the biggest first; null: one per core."),
     hub: HubSchema,
     conat_urls: BoundedArray(HttpUrl, { min: 1, max: 8 }).describe("Conat server URLs the daemon connects to; reachability is checked."),
     secrets: BoundedArray(z.string().regex(SECRET_NAME_RE), { max: 16 })

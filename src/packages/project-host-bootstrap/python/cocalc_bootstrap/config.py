@@ -453,6 +453,7 @@ class Config(ConfigSpec):
     # Installed versions kept per artifact (current included); older ones are pruned
     # once the daemon is healthy on the new one. 1 keeps only current.
     keep_versions: Annotated[int, Range(1, 20)] = 2
+    cpu_slots: Annotated[int, Range(1, 256)] | None = None
     hub: HubSpec
     conat_urls: Annotated[tuple[Url, ...], Items(8, low=1)]
     secrets: Annotated[tuple[Annotated[str, Matches(SECRET_NAME_RE)], ...], Items(16)] = ()
