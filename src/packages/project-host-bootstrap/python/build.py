@@ -53,6 +53,7 @@ MODULES = (
     "steps_install",
     "steps_system",
     "steps_platform",
+    "steps_network",
     "engine",
     "reporting",
     "cli",
