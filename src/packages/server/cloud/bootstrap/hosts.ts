@@ -112,12 +112,17 @@ export const SiteSettingsSchema = z.strictObject({
   os: z.string().default("linux"),
   /** Expected OS release on the hosts (`ID`, lowest `VERSION_ID`); default Ubuntu 24.04 (the builders' default). */
   os_release: OsSchema.optional(),
-  /** Daemon executable inside the project-host bundle. */
-  project_host_exec: z.string().default("bin/project-host"),
+  /** Daemon executable inside the project-host bundle: upstream's single executable (a Node SEA). */
+  project_host_exec: z.string().default("cocalc-project-host"),
   health_path: z.string().startsWith("/").default("/healthz"),
   apt_packages: z.array(z.string()).optional(),
   parallel: z.boolean().default(true),
-  layouts: z.partialRecord(z.enum(ARTIFACT_NAMES), ArtifactLayoutSchema).default({}),
+  /** How each bundle unpacks; upstream's by default (UPSTREAM.md: project-host strip 2, project and tools strip 1). */
+  layouts: z.partialRecord(z.enum(ARTIFACT_NAMES), ArtifactLayoutSchema).default({
+    project_host: { strip_components: 2, expected_files: [], executables: ["cocalc-project-host"] },
+    project: { strip_components: 1, expected_files: [], executables: [] },
+    tools: { strip_components: 1, expected_files: [], executables: [] },
+  }),
   /**
    * Offer bundle images (when a manifest names one) beside the archives; the
    * host mounts them when its kernel can. false: archives only.
