@@ -99,7 +99,7 @@ export function bundleLayout(artifact: BundleName, version: string, arch: Arch =
         fileName: `bundle-linux-${arch}.tar.xz`,
         top: "bundle",
         strip_components: 1,
-        expected_files: ["index.js", "package.json", "node_modules", "build", "src/packages/project/bin"],
+        expected_files: ["index.js", "package.json"],
         executables: [PROJECT_BIN],
       };
     case "tools":
