@@ -6,7 +6,7 @@ the files are really removed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ def test_service_starts_only_after_the_metadata_rule() -> None:
 class Recorder:
     """run_command stand-in: records systemctl/apt-get/nft/dpkg-query, runs rm for real."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: Callable[..., bootstrap.CommandResult]) -> None:
         self.real = real
         self.calls: list[list[str]] = []
 
@@ -205,16 +205,21 @@ def test_upstreams_project_host_bundle_unpacks_with_strip_2_as_gnu_tar_does(tmp_
     (src / "node").symlink_to("cocalc-project-host")
     archive = tmp_path / f"{top}.tar"
     subprocess.run(["tar", "-C", str(tmp_path / "src"), "-cf", str(archive), f"./{top}"], check=True)
-    assert tarfile.open(archive).getnames()[0] == f"./{top}"
+    with tarfile.open(archive) as tar:
+        assert tar.getnames()[0] == f"./{top}"
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     ours.mkdir()
     theirs.mkdir()
     bootstrap.extract_safely(archive, ours, strip=2)
     subprocess.run(["tar", "-C", str(theirs), "--strip-components=2", "-xf", str(archive)], check=True)
-    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir()) == [
-        "cocalc-project-host",
-        "node",
-    ]
+    assert (
+        sorted(p.name for p in ours.iterdir())
+        == sorted(p.name for p in theirs.iterdir())
+        == [
+            "cocalc-project-host",
+            "node",
+        ]
+    )
     assert (ours / "node").readlink() == Path("cocalc-project-host")
     assert bootstrap.member_parts("./a/./b//c", 2) == ["b", "c"]  # tar: ".", "a" stripped; "." and "" skipped after
     assert bootstrap.member_parts("./", 2) is None and bootstrap.member_parts("a/b", 0) == ["a", "b"]
