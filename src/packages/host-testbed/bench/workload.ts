@@ -17,14 +17,14 @@ import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { type BuiltBundle, type BundleName, dashName, sha256File } from "../src/artifacts.js";
+import { type BuiltBundle, type BundleName, bundleLayout, dashName, PROJECT_HOST_EXEC, sha256File, TOOL_NAMES } from "../src/artifacts.js";
 import { cacheDir } from "../src/paths.js";
 import { Prng } from "../src/prng.js";
 
 export { Prng };
 
-/** Bump when the content recipe changes. */
-const RECIPE_VERSION = 3;
+/** Bump when the content recipe changes (4: the real bundles' names and layouts, from the testbed). */
+const RECIPE_VERSION = 4;
 /** Reproducible tarballs: fixed mtime (2024-01-01). */
 const MTIME = 1704067200;
 const MB = 1_000_000;
@@ -74,21 +74,25 @@ export function workloadSpecs(scale: number, version = BASE_VERSION, xzLevel = D
 
 const DAEMON_SOURCE = fileURLToPath(new URL("../src/daemon.py", import.meta.url));
 
-/** Build (or reuse from the cache) one bundle in the testbed's layout: `<name>-<version>/` with VERSION, README.md, bin/<exe>. */
+/**
+ * Build (or reuse from the cache) one bundle in the testbed's layout (`bundleLayout`: the real bundles'
+ * names, top directories and executables), with the content under `<top>/lib` (project: `bundle/node_modules`).
+ */
 export async function buildWorkloadBundle(spec: WorkloadBundleSpec, log: (line: string) => void = () => {}): Promise<WorkloadBundle> {
   const daemon = spec.artifact === "project_host" ? readFileSync(DAEMON_SOURCE, "utf8") : "";
   const key = createHash("sha256").update(JSON.stringify({ RECIPE_VERSION, TEXT_SHARE, XZ_BLOCK_SIZE, spec, daemon })).digest("hex").slice(0, 16);
   const name = dashName(spec.artifact);
-  const fileName = `${name}-${spec.version}-linux-amd64.tar.xz`;
+  const layout = bundleLayout(spec.artifact, spec.version);
+  const fileName = layout.fileName;
   const path = join(cacheDir(), "bench-workload", `${name}-${spec.version}-${key}`, fileName);
-  const topDir = `${name}-${spec.version}`;
-  const executables = [spec.artifact === "project_host" ? "bin/project-host" : `bin/${name}`];
+  const topDir = layout.top;
+  const executables = layout.executables;
   const metaPath = `${path}.meta.json`;
   if (!existsSync(metaPath)) {
     const t0 = Date.now();
     log(`building ${fileName} (${(spec.contentBytes / MB).toFixed(0)} MB of content, xz -${spec.xzLevel}) ...`);
-    const exe = daemon ? daemon.replace("@VERSION@", spec.version) : `#!/bin/sh\necho ${name} ${spec.version}\n`;
-    const files = await packBundle(path, topDir, spec, executables[0]!, exe);
+    const exe = daemon.replace("@VERSION@", spec.version);
+    const files = await packBundle(path, topDir, spec, exe);
     const meta = { path, sha256: await sha256File(path), size_bytes: statSync(path).size, contentBytes: spec.contentBytes, files };
     writeFileSync(metaPath, JSON.stringify(meta));
     log(
@@ -101,7 +105,8 @@ export async function buildWorkloadBundle(spec: WorkloadBundleSpec, log: (line: 
     spec: { artifact: spec.artifact, version: spec.version, paddingBytes: spec.contentBytes, xzLevel: spec.xzLevel },
     fileName,
     topDir,
-    expectedFiles: ["VERSION", "README.md"],
+    stripComponents: layout.strip_components,
+    expectedFiles: layout.expected_files,
     executables,
   };
 }
@@ -113,14 +118,13 @@ export async function buildWorkloadBundle(spec: WorkloadBundleSpec, log: (line: 
  * all the same), new URL path, so the hub derives the new version.
  */
 export function asVersion(bundle: WorkloadBundle, version: string): WorkloadBundle {
-  const name = dashName(bundle.spec.artifact);
-  return { ...bundle, spec: { ...bundle.spec, version }, fileName: `${name}-${version}-linux-amd64.tar.xz` };
+  return { ...bundle, spec: { ...bundle.spec, version }, fileName: bundleLayout(bundle.spec.artifact, version).fileName };
 }
 
 // --- the tar stream --------------------------------------------------------------
 
 /** tar (ustar, sorted, root-owned, fixed mtime) | xz -T0 -<level> > path. Returns the file count. */
-async function packBundle(path: string, topDir: string, spec: WorkloadBundleSpec, exePath: string, exe: string): Promise<number> {
+async function packBundle(path: string, topDir: string, spec: WorkloadBundleSpec, daemon: string): Promise<number> {
   mkdirSync(dirname(path), { recursive: true });
   const part = `${path}.part`;
   const xz = spawn("bash", ["-c", 'xz -T0 -"$1" --block-size="$2" -c > "$3"', "bash", String(spec.xzLevel), XZ_BLOCK_SIZE, part], {
@@ -134,13 +138,26 @@ async function packBundle(path: string, topDir: string, spec: WorkloadBundleSpec
   });
   const tar = new TarWriter((chunk) => writeAll(xz.stdin!, chunk));
   let files = 0;
+  const sh = (text: string) => Buffer.from(`#!/bin/sh\n${text}\n`);
   await tar.dir(`${topDir}/`);
-  await tar.dir(`${topDir}/bin/`);
-  await tar.file(`${topDir}/${exePath}`, Buffer.from(exe), 0o755);
-  await tar.file(`${topDir}/README.md`, Buffer.from(`# ${topDir}\n\nBenchmark bundle built by @cocalc/host-testbed/bench.\n`), 0o644);
-  await tar.file(`${topDir}/VERSION`, Buffer.from(`${spec.version}\n`), 0o644);
-  files += 3;
-  files += await writeContent(tar, `${topDir}/lib`, spec.contentBytes, `${spec.artifact}-${spec.contentBytes}`);
+  let content = `${topDir}/lib`;
+  if (spec.artifact === "project_host") {
+    await tar.file(`${topDir}/${PROJECT_HOST_EXEC}`, Buffer.from(daemon), 0o755);
+    await tar.symlink(`${topDir}/node`, PROJECT_HOST_EXEC);
+    files += 2;
+  } else if (spec.artifact === "tools") {
+    for (const tool of TOOL_NAMES) await tar.file(`${topDir}/${tool}`, sh(`echo "${tool} ${spec.version}"`), 0o755);
+    files += TOOL_NAMES.length;
+  } else {
+    await tar.file(`${topDir}/index.js`, Buffer.from(`console.log("project ${spec.version}");\n`), 0o644);
+    await tar.file(`${topDir}/package.json`, Buffer.from(`{"name":"@cocalc/project","version":"${spec.version}"}\n`), 0o644);
+    await tar.dir(`${topDir}/build/`);
+    for (const d of ["src/", "src/packages/", "src/packages/project/", "src/packages/project/bin/"]) await tar.dir(`${topDir}/${d}`);
+    await tar.file(`${topDir}/src/packages/project/bin/cocalc-project`, sh('exec node "$(dirname "$0")/../../../../index.js" "$@"'), 0o755);
+    files += 3;
+    content = `${topDir}/node_modules`;
+  }
+  files += await writeContent(tar, content, spec.contentBytes, `${spec.artifact}-${spec.contentBytes}`);
   await tar.end();
   xz.stdin!.end();
   const code = await done;
@@ -168,6 +185,10 @@ export class TarWriter {
     return this.sink(header(name, 0, 0o755, "5"));
   }
 
+  symlink(name: string, target: string): Promise<void> {
+    return this.sink(header(name, 0, 0o777, "2", target));
+  }
+
   async file(name: string, body: Buffer, mode: number): Promise<void> {
     await this.sink(header(name, body.length, mode, "0"));
     await this.sink(body);
@@ -180,7 +201,7 @@ export class TarWriter {
   }
 }
 
-function header(name: string, size: number, mode: number, type: "0" | "5"): Buffer {
+function header(name: string, size: number, mode: number, type: "0" | "2" | "5", linkname = ""): Buffer {
   const h = Buffer.alloc(512);
   let prefix = "";
   let base = name;
@@ -199,6 +220,7 @@ function header(name: string, size: number, mode: number, type: "0" | "5"): Buff
   put(`${MTIME.toString(8).padStart(11, "0")}\0`, 136, 12);
   put("        ", 148, 8); // checksum placeholder: spaces while summing
   put(type, 156, 1);
+  put(linkname, 157, 100);
   put("ustar\0", 257, 6);
   put("00", 263, 2);
   put("root", 265, 32);

@@ -1,10 +1,17 @@
 /**
  * Test artifacts, built by the tests themselves and cached by their inputs:
  *
- * - the three bundles (.tar.xz, or .tar.zst with `compression: "zstd"`; one top directory, stripped with
- *   strip_components 1): project-host carries a small real daemon
- *   (`bin/project-host`, python3) with a health endpoint; every bundle can
- *   be padded with code-like text so it compresses like real software;
+ * - the three bundles in the real bundles' names and layouts (UPSTREAM.md
+ *   "Bundles and manifests", `bundleLayout`): project-host is
+ *   `./cocalc-project-host-<v>-<arch>-linux/` with the single executable
+ *   `cocalc-project-host` (here a small real daemon in python3, with a health
+ *   endpoint, that holds the host to the daemon's contract) and its `node`
+ *   link, unpacked with strip 2; project is `bundle/` (index.js,
+ *   package.json, node_modules/, build/, src/packages/project/bin/), strip 1;
+ *   tools is `bin/` (stand-ins for dropbear, rg, rustic, sshpiperd), strip 1.
+ *   Every bundle can be padded with code-like text so it compresses like real
+ *   software (inside the executables for project-host and tools, which are
+ *   single files upstream; under node_modules/ for project);
  * - a Node.js dist mirror in the official layout
  *   (`v<version>/node-v<version>-linux-<arch>.tar.xz` + `SHASUMS256.txt`),
  *   made from the `node-linux-<arch>` npm package (the official `bin/node`)
@@ -28,6 +35,8 @@ import { run } from "./proc.js";
 
 /** Bump when the layout or content recipe changes. */
 const RECIPE_VERSION = 1;
+/** Bump when a bundle's layout changes (2: the real bundles' names and layouts). */
+const BUNDLE_LAYOUT_VERSION = 2;
 /** Fixed mtime for reproducible tarballs (2024-01-01). */
 const MTIME = "@1704067200";
 
@@ -69,10 +78,49 @@ export interface BuiltFile {
 export interface BuiltBundle extends BuiltFile {
   spec: BundleSpec;
   fileName: string;
-  /** Top directory inside the tarball (strip_components 1 removes it). */
+  /** What the tarball holds at its top (strip_components removes it). */
   topDir: string;
+  stripComponents: number;
   expectedFiles: string[];
   executables: string[];
+}
+
+/** The project-host bundle's executable (upstream's Node SEA), at the bundle root. */
+export const PROJECT_HOST_EXEC = "cocalc-project-host";
+/** The tools bundle's stand-ins for upstream's binaries in its `bin/`. */
+export const TOOL_NAMES = ["dropbear", "rg", "rustic", "sshpiperd"] as const;
+/** The project bundle's entry points (stand-ins). */
+const PROJECT_BIN = "src/packages/project/bin/cocalc-project";
+
+export interface BundleLayout {
+  /** Published as `<artifact dir>/<version>/<fileName>` (UPSTREAM.md's URL keys). */
+  fileName: string;
+  /** The tarball's top member (tar -C staging -cf - <top>). */
+  top: string;
+  strip_components: number;
+  expected_files: string[];
+  executables: string[];
+}
+
+/** The real bundles' names and inner layouts (UPSTREAM.md "Bundles and manifests"). */
+export function bundleLayout(artifact: BundleName, version: string, arch: Arch = "amd64"): BundleLayout {
+  switch (artifact) {
+    case "project_host": {
+      // `tar Jcf <dir>.tar.xz ./<dir>`: the "./" is a component, hence strip 2
+      const dir = `cocalc-project-host-${version}-${arch}-linux`;
+      return { fileName: `${dir}.tar.xz`, top: `./${dir}`, strip_components: 2, expected_files: [PROJECT_HOST_EXEC, "node"], executables: [PROJECT_HOST_EXEC] };
+    }
+    case "project":
+      return {
+        fileName: `bundle-linux-${arch}.tar.xz`,
+        top: "bundle",
+        strip_components: 1,
+        expected_files: ["index.js", "package.json"],
+        executables: [PROJECT_BIN],
+      };
+    case "tools":
+      return { fileName: `tools-linux-${arch}.tar.xz`, top: "bin", strip_components: 1, expected_files: [...TOOL_NAMES], executables: [...TOOL_NAMES] };
+  }
 }
 
 export interface NodeMirrorSpec {
@@ -127,34 +175,59 @@ async function builtFile(path: string): Promise<BuiltFile> {
 
 export async function buildBundle(spec: BundleSpec, log: (line: string) => void = () => {}): Promise<BuiltBundle> {
   const daemon = spec.artifact === "project_host" ? readFileSync(DAEMON_SOURCE, "utf8") : "";
-  const key = keyOf({ spec, daemon });
+  const key = keyOf({ spec, daemon, layout: BUNDLE_LAYOUT_VERSION });
   const name = dashName(spec.artifact);
-  const topDir = `${name}-${spec.version}`;
-  const fileName = `${name}-${spec.version}-linux-amd64${archiveSuffix(spec)}`;
+  const layout = bundleLayout(spec.artifact, spec.version);
+  const fileName = withoutArchiveSuffix(layout.fileName, archiveSuffix(spec));
   const dir = join(cacheDir(), "artifacts", name, `${spec.version}-${key}`);
   const path = join(dir, fileName);
-  const expectedFiles = ["VERSION", "README.md"];
-  const executables = spec.artifact === "project_host" ? ["bin/project-host"] : [`bin/${name}`];
   if (!existsSync(path)) {
     log(`building ${fileName} (${(spec.paddingBytes / 1e6).toFixed(0)} MB of padding)`);
     const staging = join(dir, `staging-${process.pid}`);
     rmSync(staging, { recursive: true, force: true });
-    const top = join(staging, topDir);
-    mkdirSync(join(top, "bin"), { recursive: true });
-    writeFileSync(join(top, "VERSION"), `${spec.version}\n`);
-    writeFileSync(join(top, "README.md"), `# ${name} ${spec.version}\n\nTest bundle built by @cocalc/host-testbed.\n`);
-    const exe = join(top, executables[0]!);
-    writeFileSync(
-      exe,
-      daemon ? daemon.replace("@VERSION@", spec.version).replace("@HEALTH@", spec.unhealthy ? "fail" : "ok") : `#!/bin/sh\necho ${name} ${spec.version}\n`,
-    );
-    chmodSync(exe, 0o755);
-    writePadding(join(top, "lib"), spec.paddingBytes, `${spec.artifact}-${spec.version}`);
-    if (spec.compression === "zstd") await packTar(staging, topDir, path, ["zstd", "-T0", `-${spec.zstdLevel ?? 19}`, "-q", "-c"]);
-    else await packTarXz(staging, topDir, path, spec.xzLevel ?? 6);
+    const top = join(staging, layout.top);
+    mkdirSync(top, { recursive: true });
+    const seed = `${spec.artifact}-${spec.version}`;
+    const writeExe = (rel: string, text: string) => {
+      mkdirSync(dirname(join(top, rel)), { recursive: true });
+      writeFileSync(join(top, rel), text);
+      chmodSync(join(top, rel), 0o755);
+    };
+    if (spec.artifact === "project_host") {
+      // one file, as upstream's SEA: the daemon, its padding as trailing comments; `node` links to it
+      writeExe(
+        PROJECT_HOST_EXEC,
+        `${daemon.replace("@VERSION@", spec.version).replace("@HEALTH@", spec.unhealthy ? "fail" : "ok")}\n${commentPadding(spec.paddingBytes, seed)}`,
+      );
+      symlinkSync(PROJECT_HOST_EXEC, join(top, "node"));
+    } else if (spec.artifact === "tools") {
+      // single binaries upstream: each stand-in answers --version, its share of the padding after `exit`
+      for (const tool of TOOL_NAMES) {
+        const padding = commentPadding(spec.paddingBytes / TOOL_NAMES.length, `${seed}-${tool}`);
+        writeExe(tool, `#!/bin/sh\n# stand-in for ${tool} (host-testbed)\necho "${tool} ${spec.version}"\nexit 0\n${padding}`);
+      }
+    } else {
+      writeFileSync(join(top, "index.js"), `// stand-in for the project bundle's entry point (host-testbed)\nconsole.log("project ${spec.version}");\n`);
+      writeFileSync(join(top, "package.json"), `${JSON.stringify({ name: "@cocalc/project", version: spec.version, main: "index.js" }, null, 2)}\n`);
+      mkdirSync(join(top, "build"), { recursive: true });
+      writeFileSync(join(top, "build", "VERSION"), `${spec.version}\n`);
+      writeExe(PROJECT_BIN, `#!/bin/sh\nexec node "$(dirname "$0")/../../../../index.js" "$@"\n`);
+      mkdirSync(join(top, "node_modules"), { recursive: true });
+      writePadding(join(top, "node_modules"), spec.paddingBytes, seed);
+    }
+    if (spec.compression === "zstd") await packTar(staging, layout.top, path, ["zstd", "-T0", `-${spec.zstdLevel ?? 19}`, "-q", "-c"]);
+    else await packTarXz(staging, layout.top, path, spec.xzLevel ?? 6);
     rmSync(staging, { recursive: true, force: true });
   }
-  return { ...(await builtFile(path)), spec, fileName, topDir, expectedFiles, executables };
+  return {
+    ...(await builtFile(path)),
+    spec,
+    fileName,
+    topDir: layout.top,
+    stripComponents: layout.strip_components,
+    expectedFiles: layout.expected_files,
+    executables: layout.executables,
+  };
 }
 
 /** tar (reproducible: sorted, fixed owner and mtime) piped into multi-threaded xz. */
@@ -192,7 +265,7 @@ export async function buildBundleImage(b: BuiltBundle, log: (line: string) => vo
   if (!existsSync(path)) {
     log(`building ${withoutArchiveSuffix(b.fileName, ".sqfs")}`);
     const part = `${path}.${process.pid}.tmp.sqfs`; // unique: another process may build the same file
-    await run(["python3", IMAGE_CONVERTER, b.path, part, "--strip", "1"], { timeoutMs: 30 * 60_000 });
+    await run(["python3", IMAGE_CONVERTER, b.path, part, "--strip", String(b.stripComponents)], { timeoutMs: 30 * 60_000 });
     renameSync(part, path);
   }
   return builtFile(path);
@@ -256,6 +329,20 @@ function codeLine(rng: Prng, words: string[]): string {
 }
 
 const PADDING_FILE_BYTES = 256 * 1024;
+
+/** About `bytes` of code-like text as `#` comment lines (inside a script, after its code). */
+function commentPadding(bytes: number, seed: string): string {
+  if (bytes <= 0) return "";
+  const rng = new Prng(seed);
+  const words = vocabulary(rng, 4096);
+  const lines: string[] = [];
+  for (let size = 0; size < bytes; ) {
+    const line = `# ${codeLine(rng, words).trim()}`;
+    lines.push(line);
+    size += line.length + 1;
+  }
+  return `${lines.join("\n")}\n`;
+}
 
 function writePadding(dir: string, bytes: number, seed: string): void {
   if (bytes <= 0) return;
@@ -429,7 +516,7 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
   const out = {} as Record<BundleName, PublishedBundle>;
   for (const b of bundles) {
     const name = dashName(b.spec.artifact);
-    const fileName = `${name}-${b.spec.version}-linux-${arch}${archiveSuffix(b.spec)}`;
+    const fileName = withoutArchiveSuffix(bundleLayout(b.spec.artifact, b.spec.version, arch).fileName, archiveSuffix(b.spec));
     const rel = `${name}/${b.spec.version}/${fileName}`;
     mkdirSync(join(dir, name, b.spec.version), { recursive: true });
     symlinkSync(b.path, join(dir, rel));
@@ -466,7 +553,7 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
       manifestUrl: `${base}/${name}/latest-linux-${arch}.json`,
       sha256,
       size_bytes: b.size_bytes,
-      strip_components: 1,
+      strip_components: b.stripComponents,
       expected_files: b.expectedFiles,
       executables: b.executables,
       image,

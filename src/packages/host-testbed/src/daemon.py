@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
-"""Stand-in project-host daemon for the tests: a real server on PORT that
-answers GET /healthz with 200, and that holds the host to the contract the
-real daemon relies on (UPSTREAM.md 13) before it starts:
+"""Stand-in project-host daemon for the tests, packed as upstream's bundle is:
+the single executable `cocalc-project-host` (upstream: a Node SEA) with a
+`node` link to it beside it. A real server on PORT that answers GET /healthz
+with 200, and that holds the host to the contract the real daemon relies on
+(UPSTREAM.md 13) before it starts:
 
 - it reads /etc/cocalc/project-host.env itself, as the real daemon does
   (KEY=VALUE lines, # lines skipped, one pair of surrounding quotes
   stripped), and refuses to start unless every key of the file has the same
   value in its process environment, which systemd set from the same file
   with EnvironmentFile=: so both readings agree on the real values;
-- it refuses to start unless every key it depends on is present and points
-  at something that exists (DATA writable, TMPDIR writable, the tools bin/,
-  the project bundles, the mounted file server, the conat password 0600...).
+- it refuses to start unless every key it depends on is present and real:
+  DATA and TMPDIR writable, the tools bundle's binaries in COCALC_BIN_PATH,
+  the project bundle's entry point, the mounted file server, the conat
+  password 0600, URLs that parse, its own bundle's layout...
 
-Exit 78 (EX_CONFIG) with every problem listed on stderr when it refuses.
-It listens on 127.0.0.1 (the hosts share this machine's network), not HOST.
+Each check is a function in CHECKS (env -> problems); add one there to hold
+the host to more. Exit 78 (EX_CONFIG) with every problem listed on stderr
+when it refuses. It listens on 127.0.0.1 (the hosts share this machine's
+network), not HOST.
 """
 
 import http.server
@@ -22,12 +27,16 @@ import os
 import stat
 import sys
 import time
+import urllib.parse
+from collections.abc import Callable
 
 VERSION = "@VERSION@"
 # "fail": the testbed's broken build (BundleSpec.unhealthy): it starts and listens, but /healthz answers 503.
 HEALTH = "@HEALTH@"
 ENV_FILE = os.environ.get("COCALC_PROJECT_HOST_ENV_FILE", "/etc/cocalc/project-host.env")
 STARTED = time.time()
+EXEC_NAME = "cocalc-project-host"
+TOOLS = ("dropbear", "rg", "rustic", "sshpiperd")  # the tools bundle's bin/ (the testbed's stand-ins)
 
 # Keys of UPSTREAM.md 13 this stand-in depends on (as the real daemon does).
 REQUIRED = (
@@ -35,6 +44,9 @@ REQUIRED = (
     "PROJECT_HOST_ID",
     "PROJECT_HOST_NAME",
     "PROJECT_HOST_REGION",
+    "PROJECT_HOST_PUBLIC_URL",
+    "PROJECT_HOST_INTERNAL_URL",
+    "PROJECT_HOST_SSH_SERVER",
     "COCALC_SSH_SERVER",
     "PROJECT_RUNNER_NAME",
     "COCALC_FILE_SERVER_MOUNTPOINT",
@@ -45,6 +57,7 @@ REQUIRED = (
     "COCALC_PROJECT_TOOLS",
     "COCALC_BIN_PATH",
     "COCALC_SYNC_PROJECTS",
+    "COCALC_PROJECT_HOST_SOFTWARE_BASE_URL",
     "TMPDIR",
     "TMP",
     "TEMP",
@@ -54,12 +67,12 @@ REQUIRED = (
     "DEBUG",
     "DEBUG_CONSOLE",
 )
-
-
 MAY_BE_EMPTY = {"PROJECT_HOST_REGION"}  # present, but a host may have no region
 
+Env = dict[str, str]
 
-def parse_env_file(text: str) -> dict[str, str]:
+
+def parse_env_file(text: str) -> Env:
     """The real daemon's reading of its env file."""
     out = {}
     for raw in text.splitlines():
@@ -78,17 +91,54 @@ def writable_dir(path: str) -> bool:
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
-def contract_problems(env: dict[str, str], from_file: dict[str, str]) -> list[str]:
+def is_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> bool:
+    parsed = urllib.parse.urlsplit(value)
+    return parsed.scheme in schemes and bool(parsed.hostname)
+
+
+def is_host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+# -- the checks: each takes the environment (file + process) and lists problems ---------
+
+
+def check_own_layout(env: Env) -> list[str]:
+    """Run as upstream's bundle runs: <bundle>/cocalc-project-host, `node` beside it linking to it."""
+    exe = os.path.realpath(sys.argv[0])
+    if os.path.basename(exe) != EXEC_NAME:
+        return [f"run as {exe}, not as the bundle's {EXEC_NAME}"]
+    node = os.path.join(os.path.dirname(exe), "node")
+    if not os.path.islink(node) or os.path.realpath(node) != exe:
+        return [f"{node} is not a link to {EXEC_NAME} (the bundle's layout)"]
+    return []
+
+
+def check_values(env: Env) -> list[str]:
     problems = []
-    for key, value in from_file.items():
-        if os.environ.get(key) != value:
-            seen = os.environ.get(key)
-            problems.append(f"{key}: the env file says {value!r} to the daemon's parser, systemd gave {seen!r}")
-    missing = [k for k in REQUIRED if not env.get(k) and not (k in MAY_BE_EMPTY and k in env)]
-    problems += [f"{k} is missing or empty" for k in missing]
-    if missing:
-        return problems
-    data = env["DATA"]
+    for key in ("MASTER_CONAT_SERVER", "PROJECT_HOST_PUBLIC_URL", "PROJECT_HOST_INTERNAL_URL"):
+        if not is_url(env[key]):
+            problems.append(f"{key} {env[key]!r} is not an http(s) URL")
+    if not is_url(env["COCALC_PROJECT_HOST_SOFTWARE_BASE_URL"]):
+        problems.append("COCALC_PROJECT_HOST_SOFTWARE_BASE_URL is not an http(s) URL")
+    for key in ("PROJECT_HOST_SSH_SERVER", "COCALC_SSH_SERVER"):
+        if not is_host_port(env[key]):
+            problems.append(f"{key} {env[key]!r} is not host:port")
+    if env["COCALC_PROJECT_HOST_HTTPS"] not in ("0", "1"):
+        problems.append("COCALC_PROJECT_HOST_HTTPS is not 0 or 1")
+    elif env["COCALC_PROJECT_HOST_HTTPS"] == "1" and not env.get("COCALC_PROJECT_HOST_HTTPS_HOSTNAME"):
+        problems.append("COCALC_PROJECT_HOST_HTTPS is 1 but COCALC_PROJECT_HOST_HTTPS_HOSTNAME is missing")
+    if not env["PORT"].isdigit():
+        problems.append(f"PORT {env['PORT']!r} is not a port")
+    if "COCALC_BTRFS_IMAGE_GB" in env and not env["COCALC_BTRFS_IMAGE_GB"].isdigit():
+        problems.append(f"COCALC_BTRFS_IMAGE_GB {env['COCALC_BTRFS_IMAGE_GB']!r} is not a number of GB")
+    return problems
+
+
+def check_data(env: Env) -> list[str]:
+    problems = []
+    data, mount = env["DATA"], env["COCALC_FILE_SERVER_MOUNTPOINT"]
     if env["COCALC_DATA"] != data:
         problems.append("COCALC_DATA differs from DATA")
     if not writable_dir(data):
@@ -96,7 +146,6 @@ def contract_problems(env: dict[str, str], from_file: dict[str, str]) -> list[st
     for key in ("TMPDIR", "TMP", "TEMP"):
         if not writable_dir(env[key]) or not stat.S_IMODE(os.stat(env[key]).st_mode) & stat.S_ISVTX:
             problems.append(f"{key} {env[key]} is not a writable sticky directory")
-    mount = env["COCALC_FILE_SERVER_MOUNTPOINT"]
     if not os.path.ismount(mount):
         problems.append(f"COCALC_FILE_SERVER_MOUNTPOINT {mount} is not a mount point")
     under = mount.rstrip("/") + "/"
@@ -104,20 +153,9 @@ def contract_problems(env: dict[str, str], from_file: dict[str, str]) -> list[st
         problems.append(f"DATA {data} is not on {mount}")
     if not os.path.isdir(os.path.dirname(env["COCALC_LITE_SQLITE_FILENAME"])):
         problems.append(f"COCALC_LITE_SQLITE_FILENAME {env['COCALC_LITE_SQLITE_FILENAME']}: no such directory")
-    if not os.path.isdir(os.path.join(env["COCALC_PROJECT_BUNDLES"], "current")):
-        problems.append(f"COCALC_PROJECT_BUNDLES {env['COCALC_PROJECT_BUNDLES']} has no current bundle")
-    for key in ("COCALC_PROJECT_TOOLS", "COCALC_BIN_PATH"):
-        if not os.path.isdir(os.path.join(env[key], "bin")):
-            problems.append(f"{key} {env[key]} has no bin/")
     sync = env["COCALC_SYNC_PROJECTS"]
     if "[project_id]" not in sync or not sync.startswith(under):
         problems.append(f"COCALC_SYNC_PROJECTS {sync} is not a {mount}/...[project_id]... template")
-    if env["COCALC_PROJECT_HOST_HTTPS"] not in ("0", "1"):
-        problems.append("COCALC_PROJECT_HOST_HTTPS is not 0 or 1")
-    elif env["COCALC_PROJECT_HOST_HTTPS"] == "1" and not env.get("COCALC_PROJECT_HOST_HTTPS_HOSTNAME"):
-        problems.append("COCALC_PROJECT_HOST_HTTPS is 1 but COCALC_PROJECT_HOST_HTTPS_HOSTNAME is missing")
-    if not env["PORT"].isdigit():
-        problems.append(f"PORT {env['PORT']!r} is not a port")
     password = os.path.join(data, "secrets", "conat-password")
     try:
         st = os.stat(password)
@@ -127,6 +165,38 @@ def contract_problems(env: dict[str, str], from_file: dict[str, str]) -> list[st
             problems.append(f"{password} is not a non-empty 0600 file of this user")
     except OSError as e:
         problems.append(f"{password}: {e.strerror}")
+    return problems
+
+
+def check_bundles(env: Env) -> list[str]:
+    """The project bundle's current version and the tools bundle's binaries (upstream's layouts)."""
+    problems = []
+    current = os.path.join(env["COCALC_PROJECT_BUNDLES"], "current")
+    for name in ("index.js", "package.json"):
+        if not os.path.isfile(os.path.join(current, name)):
+            problems.append(f"COCALC_PROJECT_BUNDLES {env['COCALC_PROJECT_BUNDLES']}: current/{name} is missing")
+    for key in ("COCALC_PROJECT_TOOLS", "COCALC_BIN_PATH"):
+        missing = [t for t in TOOLS if not os.access(os.path.join(env[key], t), os.X_OK)]
+        if missing:
+            problems.append(f"{key} {env[key]} has no executable {', '.join(missing)} (the tools bundle's bin/)")
+    return problems
+
+
+CHECKS: tuple[Callable[[Env], list[str]], ...] = (check_own_layout, check_values, check_data, check_bundles)
+
+
+def contract_problems(env: Env, from_file: Env) -> list[str]:
+    problems = []
+    for key, value in from_file.items():
+        if os.environ.get(key) != value:
+            seen = os.environ.get(key)
+            problems.append(f"{key}: the env file says {value!r} to the daemon's parser, systemd gave {seen!r}")
+    missing = [k for k in REQUIRED if not env.get(k) and not (k in MAY_BE_EMPTY and k in env)]
+    problems += [f"{k} is missing or empty" for k in missing]
+    if missing:
+        return problems
+    for check in CHECKS:
+        problems += check(env)
     return problems
 
 

@@ -29,6 +29,7 @@ import {
   DEFAULT_NODE,
   type NodeMirrorSpec,
   nodeArchOf,
+  PROJECT_HOST_EXEC,
   type PublishedSite,
   publishSite,
   testBundleSpecs,
@@ -335,6 +336,9 @@ export function testHostRecord(host: Pick<ThrowawayHost, "name" | "user">, inter
     arch,
     disk_size_gb: TEST_DISK_SIZE_GB,
     internal_url: internalUrl,
+    // No metadata rule by default: the hosts share this machine's network namespace, so a host's
+    // nftables table would be this machine's (the e2e "metadata" case turns it on with a stand-in address).
+    metadata_addresses: [] as string[],
   };
 }
 
@@ -364,6 +368,7 @@ function siteSettings(
     executables: site.bundles[a].executables,
   });
   return {
+    project_host_exec: PROJECT_HOST_EXEC,
     node_version: site.node.version,
     node_dist_url: site.node.dist_url,
     apt_packages: aptPackages,

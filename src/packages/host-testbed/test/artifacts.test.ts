@@ -3,7 +3,7 @@
  * stand-in daemon really serving its health URL. Runs without root.
  */
 import { spawn } from "node:child_process";
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -37,13 +37,32 @@ async function tarList(path: string): Promise<string[]> {
 }
 
 describe("bundles", () => {
-  it("have one top directory, the expected files and an executable daemon", async () => {
-    const ph = bundles.find((b) => b.spec.artifact === "project_host")!;
-    const listing = await tarList(ph.path);
-    const names = listing.map((l) => l.split(/\s+/).pop()!);
-    expect(names.every((n) => n.startsWith("project-host-2.3.4/"))).toBe(true);
-    for (const f of [...ph.expectedFiles, ...ph.executables]) expect(names).toContain(`project-host-2.3.4/${f}`);
-    expect(listing.find((l) => l.endsWith("/bin/project-host"))).toMatch(/^-rwxr-xr-x 0\/0 /);
+  it("have the real bundles' names and layouts (UPSTREAM.md): the single executable and its node link, bundle/, bin/", async () => {
+    const by = Object.fromEntries(bundles.map((b) => [b.spec.artifact, b]));
+    const names = async (b: (typeof bundles)[number]) => (await tarList(b.path)).map((l) => l.split(/\s+/).slice(5).join(" "));
+    // project-host: `tar Jcf x ./cocalc-project-host-<v>-<arch>-<os>`, unpacked with strip 2
+    const ph = by.project_host!;
+    expect(ph.fileName).toBe("cocalc-project-host-2.3.4-amd64-linux.tar.xz");
+    expect([ph.stripComponents, ph.topDir]).toEqual([2, "./cocalc-project-host-2.3.4-amd64-linux"]);
+    expect(await names(ph)).toEqual([
+      "./cocalc-project-host-2.3.4-amd64-linux/",
+      "./cocalc-project-host-2.3.4-amd64-linux/cocalc-project-host",
+      "./cocalc-project-host-2.3.4-amd64-linux/node -> cocalc-project-host",
+    ]);
+    expect((await tarList(ph.path))[1]).toMatch(/^-rwxr-xr-x 0\/0 /);
+    // project: bundle/ with the entry point, package.json, node_modules/, build/ and the project's bin/
+    const project = by.project!;
+    expect([project.fileName, project.stripComponents]).toEqual(["bundle-linux-amd64.tar.xz", 1]);
+    const inProject = await names(project);
+    expect(inProject.every((n) => n.startsWith("bundle/"))).toBe(true);
+    for (const f of ["bundle/index.js", "bundle/package.json", "bundle/node_modules/", "bundle/build/", "bundle/src/packages/project/bin/"]) {
+      expect(inProject).toContain(f);
+    }
+    // tools: bin/ with the binaries, strip 1
+    const tools = by.tools!;
+    expect([tools.fileName, tools.stripComponents]).toEqual(["tools-linux-amd64.tar.xz", 1]);
+    expect(await names(tools)).toEqual(["bin/", "bin/dropbear", "bin/rg", "bin/rustic", "bin/sshpiperd"]);
+    for (const b of bundles) expect(b.executables.length).toBeGreaterThan(0);
   });
 
   it("compress like software (not like zeros) and are reproducible", async () => {
@@ -62,12 +81,15 @@ describe("bundles", () => {
     const site = mkdtempSync(join(scratch, "site-"));
     const published = publishSite(site, "http://127.0.0.1:9/a/", bundles, node);
     const ph = published.bundles.project_host;
-    expect(ph.url).toBe("http://127.0.0.1:9/a/project-host/2.3.4/project-host-2.3.4-linux-amd64.tar.xz");
+    expect(ph.url).toBe("http://127.0.0.1:9/a/project-host/2.3.4/cocalc-project-host-2.3.4-amd64-linux.tar.xz");
+    expect(published.bundles.tools.url).toBe("http://127.0.0.1:9/a/tools/2.3.4/tools-linux-amd64.tar.xz");
+    expect(published.bundles.project.url).toBe("http://127.0.0.1:9/a/project/2.3.4/bundle-linux-amd64.tar.xz");
+    expect(ph.strip_components).toBe(2);
     const manifest = JSON.parse(readFileSync(join(site, "project-host", "latest-linux-amd64.json"), "utf8"));
     expect(manifest).toMatchObject({ url: ph.url, sha256: ph.sha256, size_bytes: ph.size_bytes, os: "linux", arch: "amd64" });
     expect(Number.isNaN(Date.parse(manifest.built_at))).toBe(false);
-    expect(readFileSync(join(site, "project-host", "2.3.4", "project-host-2.3.4-linux-amd64.tar.xz.sha256"), "utf8")).toBe(
-      `${ph.sha256}  project-host-2.3.4-linux-amd64.tar.xz\n`,
+    expect(readFileSync(join(site, "project-host", "2.3.4", "cocalc-project-host-2.3.4-amd64-linux.tar.xz.sha256"), "utf8")).toBe(
+      `${ph.sha256}  cocalc-project-host-2.3.4-amd64-linux.tar.xz\n`,
     );
     expect(published.node.dist_url).toBe("http://127.0.0.1:9/a/node");
     expect(readFileSync(join(site, "node", `v${node.spec.version}`, "SHASUMS256.txt"), "utf8")).toBe(`${node.sha256}  ${node.fileName}\n`);
@@ -130,15 +152,27 @@ describe("stand-in project-host daemon", () => {
     const dir = mkdtempSync(join(scratch, "daemon-"));
     chmodSync(dir, 0o755);
     const data = join(dir, "data");
-    for (const d of ["data/tmp", "data/secrets", "bundles/project/current", "bundles/tools/current/bin"]) mkdirSync(join(dir, d), { recursive: true });
+    for (const d of ["data/tmp", "data/secrets", "bundles/project/current", "bundles/tools/current", "bundles/project_host/current"]) {
+      mkdirSync(join(dir, d), { recursive: true });
+    }
     chmodSync(join(data, "tmp"), 0o1777);
     writeFileSync(join(data, "secrets", "conat-password"), "pw\n", { mode: 0o600 });
+    for (const f of ["index.js", "package.json"]) writeFileSync(join(dir, "bundles/project/current", f), "{}\n");
     const tools = join(dir, "bundles/tools/current");
+    for (const t of ["dropbear", "rg", "rustic", "sshpiperd"]) writeFileSync(join(tools, t), "#!/bin/sh\n", { mode: 0o755 });
+    // the daemon as upstream's bundle holds it: the executable and its node link
+    writeFileSync(join(dir, "bundles/project_host/current/cocalc-project-host"), daemonSource(), { mode: 0o755 });
+    symlinkSync("cocalc-project-host", join(dir, "bundles/project_host/current/node"));
     const env: Record<string, string> = {
       MASTER_CONAT_SERVER: "http://127.0.0.1:9",
       PROJECT_HOST_ID: "00000000-0000-4000-8000-000000000000",
       PROJECT_HOST_NAME: "h1",
       PROJECT_HOST_REGION: "",
+      PROJECT_HOST_PUBLIC_URL: "https://127.0.0.1",
+      PROJECT_HOST_INTERNAL_URL: `http://127.0.0.1:${port}`,
+      PROJECT_HOST_SSH_SERVER: "127.0.0.1:2222",
+      COCALC_PROJECT_HOST_SOFTWARE_BASE_URL: "http://127.0.0.1:9/software",
+      COCALC_BTRFS_IMAGE_GB: "10",
       COCALC_SSH_SERVER: "0.0.0.0:2222",
       PROJECT_RUNNER_NAME: "0",
       COCALC_FILE_SERVER_MOUNTPOINT: "/",
@@ -172,9 +206,8 @@ describe("stand-in project-host daemon", () => {
   it("answers GET /healthz on PORT when every key it depends on is there and real", async () => {
     const port = await freePort();
     const { dir, envFile, env } = contractLayout(port);
-    writeFileSync(join(dir, "daemon.py"), daemonSource());
     // as systemd would start it: the file's values in its environment
-    const child = spawn("python3", [join(dir, "daemon.py")], {
+    const child = spawn("python3", [join(dir, "bundles/project_host/current/cocalc-project-host")], {
       env: { PATH: process.env.PATH, COCALC_PROJECT_HOST_ENV_FILE: envFile, ...env },
       stdio: "ignore",
     });
@@ -197,18 +230,20 @@ describe("stand-in project-host daemon", () => {
 
   it("refuses to start when a key is missing, points at nothing, or systemd read the file differently", async () => {
     const { dir, envFile, env } = contractLayout(await freePort());
-    writeFileSync(join(dir, "daemon.py"), daemonSource());
-    rmSync(join(dir, "bundles/tools/current/bin"), { recursive: true });
+    rmSync(join(dir, "bundles/tools/current/rg"));
+    rmSync(join(dir, "bundles/project/current/index.js"));
     chmodSync(join(dir, "data/tmp"), 0o755);
-    const start = (extra: Record<string, string>) =>
-      run(["python3", join(dir, "daemon.py")], {
+    const exe = join(dir, "bundles/project_host/current/cocalc-project-host");
+    const start = (extra: Record<string, string>, path = exe) =>
+      run(["python3", path], {
         env: { PATH: process.env.PATH!, COCALC_PROJECT_HOST_ENV_FILE: envFile, ...extra },
         allowFailure: true,
         timeoutMs: 10_000,
       });
     const wrong = await start({ ...env, SPACED: "'a b'" });
     expect(wrong.code).toBe(78);
-    expect(wrong.stderr).toMatch(/COCALC_BIN_PATH .* has no bin\//);
+    expect(wrong.stderr).toMatch(/COCALC_BIN_PATH .* has no executable rg \(the tools bundle's bin\/\)/);
+    expect(wrong.stderr).toMatch(/COCALC_PROJECT_BUNDLES .*: current\/index\.js is missing/);
     expect(wrong.stderr).toMatch(/TMPDIR .* is not a writable sticky directory/);
     expect(wrong.stderr).toContain(`SPACED: the env file says 'a b' to the daemon's parser, systemd gave "'a b'"`);
     const { DEBUG: _dropped, ...withoutDebug } = env;
@@ -216,6 +251,24 @@ describe("stand-in project-host daemon", () => {
     const missing = await start(withoutDebug);
     expect(missing.code).toBe(78);
     expect(missing.stderr).toContain("DEBUG is missing or empty");
+    const badValues = { ...env, PROJECT_HOST_PUBLIC_URL: "not a url", PROJECT_HOST_SSH_SERVER: "127.0.0.1", COCALC_BTRFS_IMAGE_GB: "ten" };
+    writeFileSync(
+      envFile,
+      Object.entries(badValues)
+        .map(([k, v]) => `${k}=${k === "SPACED" ? `'${v}'` : v}\n`)
+        .join(""),
+    );
+    const bad = await start(badValues);
+    expect(bad.code).toBe(78);
+    expect(bad.stderr).toContain("PROJECT_HOST_PUBLIC_URL 'not a url' is not an http(s) URL");
+    expect(bad.stderr).toContain("PROJECT_HOST_SSH_SERVER '127.0.0.1' is not host:port");
+    expect(bad.stderr).toContain("COCALC_BTRFS_IMAGE_GB 'ten' is not a number of GB");
+    // outside the bundle's layout (no node link beside it, another name): refused too
+    writeFileSync(join(dir, "daemon.py"), daemonSource());
+    const loose = await start(badValues, join(dir, "daemon.py"));
+    expect(loose.stderr).toMatch(/run as .*daemon\.py, not as the bundle's cocalc-project-host/);
+    rmSync(join(dir, "bundles/project_host/current/node"));
+    expect((await start(badValues)).stderr).toMatch(/current\/node is not a link to cocalc-project-host/);
   });
 
   it("fails fast when its env file is missing", async () => {

@@ -108,10 +108,10 @@ describe.skipIf(skip)("bundle images on a throwaway host", () => {
     expect(health.version).toBe(version);
     const pid = (await host.sh("systemctl show -p MainPID --value cocalc-project-host")).trim();
     const cmdline = (await host.sh(`tr '\\0' ' ' < /proc/${pid}/cmdline`)).trim();
-    const script = cmdline.split(" ").find((w) => w.endsWith("/bin/project-host"));
+    const script = cmdline.split(" ").find((w) => w.endsWith("/cocalc-project-host"));
     expect(script, cmdline).toBeDefined();
     const real = (await host.sh(`readlink -f '${script}'`)).trim();
-    expect(real).toBe(`${bundleDir(p.config, "project_host")}/${version}/bin/project-host`);
+    expect(real).toBe(`${bundleDir(p.config, "project_host")}/${version}/cocalc-project-host`);
     expect((await host.sh(`findmnt -n -o FSTYPE --target '${real}'`)).trim()).toBe("squashfs");
   }
 

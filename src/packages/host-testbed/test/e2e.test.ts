@@ -266,6 +266,133 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     expect((await a.host.exec(["journalctl", "--no-pager", "-o", "cat"])).stdout).not.toContain(token);
   });
 
+  it("a tunnel and a GPU taken out of the config are uninstalled on the next run (units, token, timer, repository, package)", async () => {
+    const c = a.prov.config; // no cloudflared, no gpu: the tunnel case above installed one
+    expect(a.host.readFile("/etc/cloudflared/token.env")).toMatch(/^TUNNEL_TOKEN=/);
+    // What a GPU config left behind (this host has no GPU, so it is planted): the timer enabled and running.
+    const gpuFiles = {
+      "/etc/systemd/system/cocalc-nvidia-cdi.service": "[Service]\nType=oneshot\nExecStart=/bin/true\n",
+      "/etc/systemd/system/cocalc-nvidia-cdi.timer": "[Timer]\nOnUnitActiveSec=300s\n[Install]\nWantedBy=timers.target\n",
+      "/usr/local/sbin/cocalc-nvidia-cdi": "#!/bin/sh\nexit 0\n",
+      "/etc/apt/sources.list.d/nvidia-container-toolkit.list": "# planted by the test: removed before any apt-get update\n",
+      "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg": "planted",
+      "/etc/cdi/nvidia.yaml": "cdiVersion: 0.5.0\n",
+    };
+    for (const [path, text] of Object.entries(gpuFiles)) a.host.writeFile(path, text, { mode: path.includes("sbin") ? 0o755 : 0o644 });
+    await a.host.sh("systemctl daemon-reload && systemctl enable --now cocalc-nvidia-cdi.timer");
+    const r = await a.host.exec(
+      ["python3", `${c.bootstrap_dir}/bootstrap.py`, "--config", `${c.bootstrap_dir}/bootstrap-config.json`, "run", "--only", "tunnel,gpu"],
+      {
+        user: c.bootstrap_user,
+        allowFailure: true,
+        timeoutMs: 300_000,
+      },
+    );
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    const states = await a.host.sh(
+      // is-enabled words differ by systemd version for a unit that is gone ("", "not-found"): only "enabled" matters
+      "for u in cocalc-cloudflared.service cocalc-nvidia-cdi.timer cocalc-nvidia-cdi.service; do echo $u $(systemctl is-active $u) $(systemctl is-enabled $u 2>/dev/null | grep -qx enabled && echo enabled || echo not-enabled); done",
+      { allowFailure: true },
+    );
+    expect(states.trim().split("\n")).toEqual([
+      "cocalc-cloudflared.service inactive not-enabled",
+      "cocalc-nvidia-cdi.timer inactive not-enabled",
+      "cocalc-nvidia-cdi.service inactive not-enabled",
+    ]);
+    const left = await a.host.sh(
+      `for f in /etc/systemd/system/cocalc-cloudflared.service /etc/cloudflared/token.env /etc/cloudflared/config.yml ${Object.keys(gpuFiles).join(" ")}; do [ -e "$f" ] && echo "$f"; done; true`,
+    );
+    expect(left.trim()).toBe("");
+    expect((await a.host.exec(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "cloudflared"], { allowFailure: true })).stdout.trim()).not.toBe("ii");
+    // and once removed, a re-run has nothing left to do for them
+    const again = await a.host.exec(
+      ["python3", `${c.bootstrap_dir}/bootstrap.py`, "--config", `${c.bootstrap_dir}/bootstrap-config.json`, "run", "--only", "tunnel,gpu"],
+      { user: c.bootstrap_user, allowFailure: true },
+    );
+    expect(again.code, again.stdout + again.stderr).toBe(0);
+    expect(again.stdout + again.stderr).not.toMatch(/removed/);
+  });
+
+  it("metadata service: only root reaches it (nftables rule, persisted across a reboot), not the user, not root in a user namespace", async () => {
+    const c = a.prov.config;
+    // A stand-in metadata service on a stand-in loopback address: the hosts share this machine's
+    // network namespace, so the real 169.254.169.254 must not be touched here.
+    const addr = `127.${100 + Math.floor(Math.random() * 100)}.${Math.floor(Math.random() * 250) + 1}.${Math.floor(Math.random() * 250) + 1}`;
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    const url = `http://${addr}:${port}/user-data`;
+    const listen = () =>
+      a.host.sh(
+        `mkdir -p /srv/metadata && echo stub-with-token > /srv/metadata/user-data && systemd-run -q --unit=metadata-standin --collect python3 -m http.server --bind ${addr} --directory /srv/metadata ${port}`,
+      );
+    const fetchAs = (user: string, prefix: string[] = []) =>
+      a.host.exec(
+        [
+          ...prefix,
+          "python3",
+          "-c",
+          "import sys, urllib.request\ntry:\n  print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())\nexcept OSError as e:\n  print('refused:', e); sys.exit(3)",
+          url,
+        ],
+        { user, allowFailure: true, timeoutMs: 30_000 },
+      );
+    const reachable = async () => {
+      for (let i = 0; i < 50; i++) {
+        if ((await fetchAs("root")).code === 0) return;
+        await new Promise((res) => setTimeout(res, 200));
+      }
+    };
+    const withRule = { ...c, metadata_block: { addresses: [addr] } };
+    const configPath = `${c.bootstrap_dir}/metadata-test-config.json`;
+    a.host.writeFile(configPath, JSON.stringify(withRule), { mode: 0o600, owner: c.bootstrap_user });
+    const runWith = (path: string) =>
+      a.host.exec(["python3", `${c.bootstrap_dir}/bootstrap.py`, "--config", path, "run", "--only", "metadata"], {
+        user: c.bootstrap_user,
+        allowFailure: true,
+        timeoutMs: 300_000,
+      });
+    await listen();
+    await reachable();
+    expect((await fetchAs(c.bootstrap_user)).stdout.trim()).toBe("stub-with-token"); // before the rule: anyone
+    try {
+      const r = await runWith(configPath);
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+      const expectBlocked = async () => {
+        expect((await fetchAs("root")).stdout.trim()).toBe("stub-with-token");
+        const user = await fetchAs(c.bootstrap_user);
+        expect(user.code, user.stdout).toBe(3);
+        expect(user.stdout).toMatch(/No route to host/); // the rule's admin-prohibited, not a missing listener
+        // root in a user namespace (what a rootless container's root is) is still the user to the kernel
+        const userns = await fetchAs(c.bootstrap_user, ["unshare", "-r"]);
+        expect(userns.code, userns.stdout + userns.stderr).toBe(3);
+      };
+      await expectBlocked();
+      expect((await a.host.sh("stat -c '%a %U' /etc/nftables.d/cocalc-metadata.nft; systemctl is-enabled cocalc-metadata-block")).trim().split("\n")).toEqual([
+        "644 root",
+        "enabled",
+      ]);
+      expect(await a.host.sh("nft list table inet cocalc_metadata")).toMatch(
+        new RegExp(`ip daddr ${addr.replace(/\./g, "\\.")} meta skuid != 0 counter packets [1-9]`),
+      );
+      // persisted: with the live table gone, a reboot loads it again from the file
+      await a.host.sh("nft delete table inet cocalc_metadata");
+      expect((await fetchAs(c.bootstrap_user)).code).toBe(0);
+      const t0 = Date.now();
+      await a.host.reboot();
+      timings.metadata_reboot_s = (Date.now() - t0) / 1000;
+      await listen();
+      await reachable();
+      await expectBlocked();
+    } finally {
+      // taken out of the config: removed (unit, file, live table), and the user reaches it again
+      const off = await runWith(`${c.bootstrap_dir}/bootstrap-config.json`);
+      expect(off.code, off.stdout + off.stderr).toBe(0);
+    }
+    expect((await fetchAs(c.bootstrap_user)).stdout.trim()).toBe("stub-with-token");
+    expect((await a.host.exec(["nft", "list", "table", "inet", "cocalc_metadata"], { allowFailure: true })).code).not.toBe(0);
+    expect((await a.host.sh("ls /etc/nftables.d/ /etc/systemd/system/ | grep -c cocalc-metadata || true")).trim()).toBe("0");
+    await a.host.sh("systemctl stop metadata-standin", { allowFailure: true });
+  });
+
   // Last on host A: it points the btrfs step (alone, --only btrfs) at extra loop devices under
   // /btrfs-disk, which rewrites host A's tagged fstab line and grow helper.
   it("data disk: ext4 refused untouched; too small and never there fail after the wait; blank formatted by UUID; btrfs reused; device grows", async () => {

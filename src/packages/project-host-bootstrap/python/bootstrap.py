@@ -1851,6 +1851,19 @@ class GpuSpec(ConfigSpec):
     cdi_interval_s: Annotated[int, Range(1, 86400)] = 300
 
 
+METADATA_ADDRESS = "169.254.169.254"  # every big cloud's metadata service (GCP, AWS, Azure, OpenStack)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetadataBlockSpec(ConfigSpec):
+    """Cloud metadata services serve user-data (the stub and its token) to any
+    process that asks: only root may reach these addresses (an nftables rule)."""
+
+    addresses: Annotated[tuple[Annotated[str, Matches(IPV4_RE, "must be an IPv4 address")], ...], Items(8, low=1)] = (
+        METADATA_ADDRESS,
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config(ConfigSpec):
     schema_version: Literal[1]
@@ -1888,6 +1901,7 @@ class Config(ConfigSpec):
     daemon: DaemonSpec = DaemonSpec()
     cloudflared: CloudflaredSpec | None = None
     gpu: GpuSpec | None = None
+    metadata_block: MetadataBlockSpec | None = MetadataBlockSpec()
     env: Mapping[EnvName, EnvValue] = field(default_factory=lambda: MappingProxyType({}))
 
     def cross_field_issues(self) -> Iterator[tuple[JsonPath, str, Any]]:
@@ -2878,12 +2892,14 @@ def member_parts(name: str, strip: int) -> list[str] | None:
     None when stripped away. Raises ValueError for absolute paths and `..`."""
     if name.startswith("/"):
         raise ValueError("absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
+    # GNU tar counts "." as a component when stripping (upstream's project-host bundle holds
+    # ./cocalc-project-host-<v>-<arch>-<os>/..., unpacked with strip 2) and skips empty ones.
+    counted = [p for p in name.split("/") if p != ""]
+    if ".." in counted:
         raise ValueError("'..' in the path")
-    if any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in parts) or len(os.fsencode(name)) > MAX_PATH_BYTES:
+    if any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in counted) or len(os.fsencode(name)) > MAX_PATH_BYTES:
         raise ValueError("name too long")
-    return parts[strip:] if len(parts) >= strip else None
+    return [p for p in counted[strip:] if p != "."] if len(counted) >= strip else None
 
 
 def link_stays_inside(depth: int, linkname: str) -> bool:
@@ -5649,6 +5665,7 @@ class ServiceStep(Step):
         "node",
         "btrfs",
         "containers",
+        "metadata",  # projects never start before the metadata service is closed to them
         "files",
         "secrets",
     )
@@ -5852,6 +5869,44 @@ class FinalizeStep(Step):
 # ============================================================================
 # steps_platform: Steps for what upstream's daemon needs from the OS: rootless containers
 # ============================================================================
+
+# -- removing what a step installed ------------------------------------------------------
+
+
+def remove_installed(units: Sequence[str], paths: Sequence[Path], log: Log) -> list[str]:
+    """Stop and disable the units that are there, delete the files that are
+    there, reload systemd: what a step installed, when the config no longer
+    asks for it (and for deprovisioning). Returns what was removed."""
+    removed = []
+    for unit in units:
+        if (SYSTEMD_UNIT_DIR / unit).exists() or systemctl_state("is-active", unit) in ("active", "activating"):
+            run_command(["systemctl", "disable", "--now", unit], sudo=True, check=False, timeout_s=120)
+            log.info(f"stopped and disabled {unit}")
+            removed.append(unit)
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            run_command(["rm", "-f", "--", str(path)], sudo=True, timeout_s=30)
+            log.info(f"removed {path}")
+            removed.append(str(path))
+    if removed:
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+    return removed
+
+
+def purge_packages(packages: Sequence[str], lock_timeout_s: int, log: Log) -> list[str]:
+    """`apt-get purge` the packages that are installed; which ones it purged."""
+    installed = [p for p in packages if p not in missing_packages([p])]
+    if installed:
+        wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
+        run_command(
+            apt_get_argv(["purge", *installed], lock_timeout_s),
+            sudo=True,
+            env=APT_ENV,
+            timeout_s=lock_timeout_s + 600,
+        )
+        log.info(f"purged {' '.join(installed)}")
+    return installed
+
 
 # -- rootless podman ------------------------------------------------------------------
 
@@ -6102,10 +6157,32 @@ def installed_version(package: str) -> str | None:
     return found.output.strip() if found.returncode == 0 and found.output.strip() else None
 
 
+def tunnel_leftovers() -> list[Path]:
+    """What a tunnel left behind (our unit, the token, our config.yml)."""
+    ours = [SYSTEMD_UNIT_DIR / f"{CLOUDFLARED_UNIT}.service", CLOUDFLARED_TOKEN_ENV]
+    if read_text_or(CLOUDFLARED_CONFIG).startswith("# Written by bootstrap.py"):
+        ours.append(CLOUDFLARED_CONFIG)
+    return [p for p in ours if p.exists()]
+
+
+def remove_tunnel(lock_timeout_s: int, log: Log) -> list[str]:
+    """Take a tunnel away: the unit (stopped, disabled, removed), the token env
+    file, our config.yml, and the cloudflared package we installed."""
+    left = tunnel_leftovers()
+    if not left:
+        return []
+    had_unit = (SYSTEMD_UNIT_DIR / f"{CLOUDFLARED_UNIT}.service").exists()
+    removed = remove_installed([f"{CLOUDFLARED_UNIT}.service"], left, log)
+    if had_unit:  # we installed cloudflared for our unit
+        removed += purge_packages(["cloudflared"], lock_timeout_s, log)
+    return removed
+
+
 class TunnelStep(Step):
     """cloudflared for a host reached through a Cloudflare tunnel: the pinned .deb
     (sha256 verified), the token in a root 0600 env file (TUNNEL_TOKEN, never an
-    argument), config.yml ingress to the daemon, and cocalc-cloudflared.service."""
+    argument), config.yml ingress to the daemon, and cocalc-cloudflared.service.
+    Taken away again (unit, token, package) when the config no longer has one."""
 
     name = "tunnel"
     deps = ("apt",)  # dpkg: one at a time
@@ -6114,7 +6191,7 @@ class TunnelStep(Step):
     hint = "See sudo journalctl -u cocalc-cloudflared -n 100 --no-pager; the token comes from the hub's secrets."
 
     def unit_path(self) -> Path:
-        return Path("/etc/systemd/system") / f"{CLOUDFLARED_UNIT}.service"
+        return SYSTEMD_UNIT_DIR / f"{CLOUDFLARED_UNIT}.service"
 
     def inputs(self) -> Mapping[str, Any]:
         cf = self.config.cloudflared
@@ -6123,7 +6200,8 @@ class TunnelStep(Step):
     def problems(self) -> list[str]:
         cf = self.config.cloudflared
         if cf is None:
-            return []
+            left = tunnel_leftovers()
+            return [f"left over from an earlier tunnel: {', '.join(map(str, left))}"] if left else []
         unit = f"{CLOUDFLARED_UNIT}.service"
         problems = []
         if installed_version("cloudflared") != cf.deb.version:
@@ -6145,14 +6223,16 @@ class TunnelStep(Step):
         return problems
 
     def check(self) -> StepState:
-        if self.config.cloudflared is None:
-            return StepState(True, "no tunnel configured")
         problems = self.problems()
+        if self.config.cloudflared is None and not problems:
+            return StepState(True, "no tunnel configured")
         return StepState(not problems, "; ".join(problems) or "cloudflared runs the tunnel")
 
     def apply(self) -> None:
         cf = self.config.cloudflared
         if cf is None:
+            removed = remove_tunnel(self.config.apt.lock_timeout_s, self.log)
+            self.log.info(f"removed the tunnel: {', '.join(removed)}" if removed else "no tunnel configured")
             return
         changed = False
         if installed_version("cloudflared") != cf.deb.version:
@@ -6267,6 +6347,26 @@ def render_cdi_units(interval_s: int) -> dict[str, str]:
     return {f"{CDI_UNIT}.service": service, f"{CDI_UNIT}.timer": timer}
 
 
+def gpu_leftovers() -> list[Path]:
+    """What a GPU config left behind: our units, helper, apt source, keyring, CDI spec."""
+    ours = [SYSTEMD_UNIT_DIR / n for n in render_cdi_units(300)] + [CDI_HELPER, NVIDIA_SOURCES]
+    if not any(p.exists() for p in ours):
+        return []  # not ours: the keyring and spec may be an operator's
+    return [p for p in (*ours, NVIDIA_KEYRING, Path(CDI_SPEC)) if p.exists()]
+
+
+def remove_gpu(lock_timeout_s: int, log: Log) -> list[str]:
+    """Take GPU support away: the timer and its service (stopped, disabled,
+    removed), the helper, the repository and its keyring, the CDI spec (stale
+    without the toolkit), and the toolkit package. The user stays in video
+    and render (harmless without a GPU; groups may be shared)."""
+    left = gpu_leftovers()
+    if not left:
+        return []
+    removed = remove_installed([f"{CDI_UNIT}.timer", f"{CDI_UNIT}.service"], left, log)
+    return removed + purge_packages(["nvidia-container-toolkit"], lock_timeout_s, log)
+
+
 def user_groups(user: str) -> set[str]:
     found = run_command(["id", "-nG", user], check=False, timeout_s=30)
     return set(found.output.split()) if found.returncode == 0 else set()
@@ -6327,6 +6427,8 @@ class GpuStep(Step):
 
     def check(self) -> StepState:
         why = self.skip_reason()
+        if self.config.gpu is None and gpu_leftovers():
+            return StepState(False, f"left over from an earlier GPU config: {', '.join(map(str, gpu_leftovers()))}")
         if why is not None:
             return StepState(True, why)
         problems = self.problems()
@@ -6335,8 +6437,12 @@ class GpuStep(Step):
     def apply(self) -> None:
         why = self.skip_reason()
         gpu = self.config.gpu
-        if why is not None or gpu is None:
-            self.log.info(why or "no GPU configured")
+        if gpu is None:
+            removed = remove_gpu(self.config.apt.lock_timeout_s, self.log)
+            self.log.info(f"removed GPU support: {', '.join(removed)}" if removed else "no GPU configured")
+            return
+        if why is not None:
+            self.log.info(why)
             return
         keyring = downloads_dir(self.config) / "nvidia-container-toolkit-keyring.gpg"
         download_verified(gpu.keyring_url, keyring, gpu.keyring_sha256, log=self.log)
@@ -6364,6 +6470,173 @@ class GpuStep(Step):
 
 
 # ============================================================================
+# steps_network: The host's network rules: cloud metadata services serve user-data (the stub
+# ============================================================================
+
+
+NFT = "/usr/sbin/nft"
+NFT_PACKAGE = "nftables"
+METADATA_TABLE = "cocalc_metadata"
+METADATA_NFT_FILE = Path("/etc/nftables.d/cocalc-metadata.nft")
+METADATA_UNIT = "cocalc-metadata-block"
+
+
+def render_metadata_nft(addresses: Sequence[str]) -> str:
+    """Only root may reach `addresses`: locally, by socket owner (a rootless
+    container's traffic leaves through slirp4netns or pasta, which run as the
+    user; root inside a user namespace is still the user here); forwarded
+    traffic (rootful containers on a bridge) not at all. Refused with
+    admin-prohibited, so a client fails at once with "No route to host"."""
+    targets = ", ".join(addresses)
+    return "\n".join(
+        [
+            f"#!{NFT} -f",
+            "# Written by bootstrap.py; edits are overwritten. Cloud metadata services serve",
+            "# user-data (with the bootstrap token) to any process that asks: only root may reach them.",
+            "# Replaces only its own table (declare, delete, define: one atomic transaction).",
+            f"table inet {METADATA_TABLE}",
+            f"delete table inet {METADATA_TABLE}",
+            f"table inet {METADATA_TABLE} {{",
+            "  chain output {",
+            "    type filter hook output priority filter; policy accept;",
+            f"    ip daddr {{ {targets} }} meta skuid != 0 counter reject with icmpx type admin-prohibited",
+            "  }",
+            "  chain forward {",
+            "    type filter hook forward priority filter; policy accept;",
+            f"    ip daddr {{ {targets} }} counter reject with icmpx type admin-prohibited",
+            "  }",
+            "}",
+            "",
+        ]
+    )
+
+
+def render_metadata_unit() -> str:
+    """Loads the table at boot, before the network and the daemon; again when
+    nftables.service reloads (its stock file flushes everything). No ExecStop:
+    stopping the unit must not open the way (removing the rule is explicit)."""
+    return "\n".join(
+        [
+            "# Written by bootstrap.py; edits are overwritten.",
+            "[Unit]",
+            "Description=Keep the cloud metadata service from everything but root (CoCalc)",
+            "DefaultDependencies=no",
+            "Wants=network-pre.target",
+            "Before=network-pre.target shutdown.target",
+            "After=local-fs.target nftables.service",
+            "ReloadPropagatedFrom=nftables.service",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            "RemainAfterExit=yes",
+            f"ExecStart={NFT} -f {METADATA_NFT_FILE}",
+            f"ExecReload={NFT} -f {METADATA_NFT_FILE}",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+def metadata_table_listing() -> str | None:
+    """`nft list table inet cocalc_metadata`, or None when there is no such table (or no nft)."""
+    if not Path(NFT).exists():
+        return None
+    found = run_command([NFT, "list", "table", "inet", METADATA_TABLE], sudo=True, check=False, timeout_s=30)
+    return found.output if found.returncode == 0 else None
+
+
+def remove_metadata_block(log: Log) -> list[str]:
+    """Take the rule away (a config without it, or deprovision): the unit, the
+    file and the live table. Only on a host that has our unit or file, so a
+    host that never had the rule never touches the table. What was removed."""
+    unit_file = SYSTEMD_UNIT_DIR / f"{METADATA_UNIT}.service"
+    if not (unit_file.exists() or METADATA_NFT_FILE.exists()):
+        return []
+    removed = remove_installed([f"{METADATA_UNIT}.service"], [unit_file, METADATA_NFT_FILE], log)
+    if metadata_table_listing() is not None:
+        run_command([NFT, "delete", "table", "inet", METADATA_TABLE], sudo=True, timeout_s=30)
+        log.info(f"deleted the nftables table inet {METADATA_TABLE}")
+        removed.append(f"table inet {METADATA_TABLE}")
+    return removed
+
+
+class MetadataBlockStep(Step):
+    """The nftables rule that keeps the cloud metadata service from everything
+    but root, persisted (file + enabled unit) and live; removed again when the
+    config no longer asks for it."""
+
+    name = "metadata"
+    deps = ("apt",)  # nftables
+    weight_s = 0.5
+    phase = "setting up containers"
+    hint = (
+        f"See sudo journalctl -u {METADATA_UNIT} -n 50 --no-pager and `sudo nft list table inet {METADATA_TABLE}`; "
+        "nft needs the nf_tables kernel module and CAP_NET_ADMIN."
+    )
+
+    def unit_path(self) -> Path:
+        return SYSTEMD_UNIT_DIR / f"{METADATA_UNIT}.service"
+
+    def inputs(self) -> Mapping[str, Any]:
+        block = self.config.metadata_block
+        return {"addresses": None if block is None else list(block.addresses)}
+
+    def files(self) -> dict[Path, str]:
+        block = self.config.metadata_block
+        assert block is not None
+        return {METADATA_NFT_FILE: render_metadata_nft(block.addresses), self.unit_path(): render_metadata_unit()}
+
+    def problems(self) -> list[str]:
+        block = self.config.metadata_block
+        if block is None:
+            left = [str(p) for p in (self.unit_path(), METADATA_NFT_FILE) if p.exists()]
+            return [f"left over from an earlier config: {', '.join(left)}"] if left else []
+        if not Path(NFT).exists():
+            return [f"{NFT} is missing (package {NFT_PACKAGE})"]
+        problems = [f"{p} is missing or differs" for p, c in self.files().items() if not file_matches(p, c, mode=0o644)]
+        unit = f"{METADATA_UNIT}.service"
+        if systemctl_state("is-enabled", unit) != "enabled":
+            problems.append(f"{unit} is not enabled")
+        listing = metadata_table_listing()
+        if listing is None:
+            problems.append(f"the nftables table inet {METADATA_TABLE} is not loaded")
+        else:
+            live = set(re.findall(r"(?<![0-9.])[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?![0-9.])", listing))
+            problems += [f"{a} is not in the live table" for a in block.addresses if a not in live]
+        return problems
+
+    def check(self) -> StepState:
+        problems = self.problems()
+        if not problems:
+            block = self.config.metadata_block
+            what = "no metadata rule configured" if block is None else f"only root reaches {', '.join(block.addresses)}"
+            return StepState(True, what)
+        return StepState(False, "; ".join(problems))
+
+    def apply(self) -> None:
+        if self.config.metadata_block is None:
+            removed = remove_metadata_block(self.log)
+            self.log.info(f"removed the metadata rule: {', '.join(removed)}" if removed else "no metadata rule")
+            return
+        if missing_packages([NFT_PACKAGE]):
+            self.log.info(f"installing {NFT_PACKAGE} (not in apt.packages)")
+            apt_install([NFT_PACKAGE], self.config.apt.lock_timeout_s, self.log)
+        for path, content in self.files().items():
+            if not file_matches(path, content, mode=0o644):
+                write_root_file(path, content, mode=0o644)
+                self.log.info(f"wrote {path}")
+        unit = f"{METADATA_UNIT}.service"
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+        if systemctl_state("is-enabled", unit) != "enabled":
+            run_command(["systemctl", "enable", unit], sudo=True, timeout_s=120)
+        # restart: a oneshot that already ran only loads the (new) file again this way
+        run_command(["systemctl", "restart", unit], sudo=True, timeout_s=120, hint=self.hint)
+        self.log.info(f"{unit} loaded inet {METADATA_TABLE}: only root reaches the metadata service")
+
+
+# ============================================================================
 # engine: The plan (steps as a dependency graph), state, the lock and the runner.
 # ============================================================================
 
@@ -6383,6 +6656,7 @@ STEPS: tuple[type[Step], ...] = (
     InstallToolsStep,
     BtrfsStep,
     ContainersStep,
+    MetadataBlockStep,
     ChronyStep,
     TunnelStep,
     GpuStep,

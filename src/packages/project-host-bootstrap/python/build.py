@@ -56,6 +56,7 @@ MODULES = (
     "lifecycle",
     "steps_system",
     "steps_platform",
+    "steps_network",
     "engine",
     "reporting",
     "reconcile",

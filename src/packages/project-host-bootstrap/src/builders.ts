@@ -33,6 +33,7 @@ import {
   formatPath,
   type HostSchema,
   type HubSchema,
+  type MetadataBlockSchema,
   type NodeSchema,
   type OsSchema,
   SCHEMA_VERSION,
@@ -56,6 +57,7 @@ export const defaultAptPackages: readonly string[] = Object.freeze([
   "crun",
   "cron",
   "chrony",
+  "nftables", // nft: the rule that keeps the cloud metadata service from everything but root
 ]);
 
 /** Hosts run Ubuntu 24.04 or newer unless the hub says otherwise. */
@@ -111,6 +113,8 @@ export interface HostFacts {
   daemon?: z.input<typeof DaemonSchema>;
   /** A Cloudflare tunnel: the pinned .deb and the tunnel's host name. */
   cloudflared?: z.input<typeof CloudflaredSchema> | null;
+  /** The cloud metadata addresses only root may reach; null for no rule (default: 169.254.169.254). */
+  metadata_block?: z.input<typeof MetadataBlockSchema> | null;
   env?: Record<string, string>;
   parallel?: boolean;
   /** Installed versions kept per bundle (the schema's default: 2). */
@@ -204,6 +208,7 @@ function assemble(facts: HostFacts): BootstrapConfigInput {
   if (facts.tunnel !== undefined) config.tunnel = facts.tunnel;
   if (facts.daemon !== undefined) config.daemon = facts.daemon;
   if (facts.cloudflared !== undefined) config.cloudflared = facts.cloudflared;
+  if (facts.metadata_block !== undefined) config.metadata_block = facts.metadata_block;
   if (facts.env !== undefined) config.env = facts.env;
   if (facts.parallel !== undefined) config.parallel = facts.parallel;
   if (facts.keep_versions !== undefined) config.keep_versions = facts.keep_versions;

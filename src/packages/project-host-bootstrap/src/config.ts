@@ -428,6 +428,18 @@ export const GpuSchema = z
   })
   .describe("GPU support; null for none. Skipped, with a message, on a host without an NVIDIA GPU.");
 
+/** Every big cloud's metadata service (GCP, AWS, Azure, OpenStack). */
+export const METADATA_ADDRESS = "169.254.169.254";
+
+/** Cloud metadata services serve user-data (the stub and its token) to any process that asks. */
+export const MetadataBlockSchema = z
+  .strictObject({
+    addresses: BoundedArray(z.string().regex(IPV4_RE, { message: "must be an IPv4 address" }), { min: 1, max: 8 })
+      .default([METADATA_ADDRESS])
+      .describe("Addresses only root may reach (an nftables rule: project containers and every other user are refused)."),
+  })
+  .describe("Block the cloud metadata service for everything but root; null for no rule.");
+
 /** The daemon section when the config leaves it out (zod 4 takes an object default as is). */
 export const DEFAULT_DAEMON = Object.freeze({
   region: "",
@@ -496,6 +508,9 @@ export const BootstrapConfigSchema = z
     daemon: DaemonSchema.default({ ...DEFAULT_DAEMON }),
     cloudflared: CloudflaredSchema.nullable().default(null).describe("A Cloudflare tunnel to the daemon; null for none."),
     gpu: GpuSchema.nullable().default(null).describe("NVIDIA container toolkit for GPU hosts; null for none."),
+    metadata_block: MetadataBlockSchema.nullable()
+      .default({ addresses: [METADATA_ADDRESS] })
+      .describe("Block the cloud metadata service for everything but root; null for no rule."),
     env: EnvVars,
   })
   .refine((c) => isInside(c.bootstrap_dir, c.bootstrap_root), {

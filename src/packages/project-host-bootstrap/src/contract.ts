@@ -12,6 +12,7 @@ export {
   HOST_NAME_RE,
   HOST_PORT_RE,
   IP_RE,
+  IPV4_RE,
   NODE_VERSION_RE,
   OS_ID_RE,
   OS_VERSION_RE,

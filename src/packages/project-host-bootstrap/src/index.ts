@@ -26,6 +26,7 @@ export {
   type ConfigIssue,
   checkConfig,
   HttpUrl,
+  METADATA_ADDRESS,
   OsSchema,
   TOKEN_FILE_NAME,
 } from "./config.js";

@@ -182,3 +182,82 @@ describe("provisionHost", () => {
     await expect(provisionHost(deps, hostRecord(), {})).rejects.toThrow(/no value for secret\(s\) conat-password/);
   });
 });
+
+describe("cloudflared, the fourth artifact (hosts behind a Cloudflare tunnel)", () => {
+  const debManifest = (over: Record<string, unknown> = {}, arch = "amd64") => ({
+    ...goodManifest(srv.baseUrl, "cloudflared", arch, { version: "2025.1.0" }),
+    url: `${srv.baseUrl}/cloudflared/2025.1.0/cloudflared-linux-${arch}.deb`,
+    sha256: "cd".repeat(32),
+    ...over,
+  });
+  const tunnelHost = (over: Parameters<typeof hostRecord>[0] = {}) => hostRecord({ tunnel_hostname: "h1.tunnel.example.org", ...over });
+
+  it("puts the .deb from cloudflared's manifest, pinned by its sha256, into a tunnel host's config", async () => {
+    srv.files.set(manifestPath("cloudflared"), { body: JSON.stringify(debManifest()) });
+    const { config } = await assembleHostConfig(tunnelHost(), siteSettings(srv.baseUrl), fetcher());
+    expect(config.cloudflared).toEqual({
+      deb: { url: `${srv.baseUrl}/cloudflared/2025.1.0/cloudflared-linux-amd64.deb`, sha256: "cd".repeat(32), version: "2025.1.0", size_bytes: 1234567 },
+      hostname: "h1.tunnel.example.org",
+      port: 9002,
+      token_secret: "cloudflared-token",
+    });
+    expect(srv.hits.get(manifestPath("cloudflared"))).toBe(1);
+    expect(config.daemon.port).toBe(443); // the host record's; the env file switches to the tunnel's (bootstrap.py)
+  });
+
+  it("takes the arm64 .deb for an arm64 host, and the version from the URL when the manifest has none", async () => {
+    const body = { ...debManifest({}, "arm64"), version: undefined };
+    srv.files.set(manifestPath("cloudflared", "arm64"), { body: JSON.stringify(body) });
+    const { config } = await assembleHostConfig(tunnelHost({ arch: "arm64" }), siteSettings(srv.baseUrl), fetcher());
+    expect(config.cloudflared?.deb).toMatchObject({ url: expect.stringContaining("cloudflared-linux-arm64.deb"), version: "2025.1.0" });
+  });
+
+  it("never asks for cloudflared's manifest for a host without a tunnel", async () => {
+    const { config } = await assembleHostConfig(hostRecord(), siteSettings(srv.baseUrl), fetcher());
+    expect(config.cloudflared).toBeNull();
+    expect(srv.hits.get(manifestPath("cloudflared"))).toBeUndefined();
+  });
+
+  it.each([
+    ["without a sha256", { sha256: undefined }, /sha256 missing: a manifest without a sha256 is never installed/],
+    ["with a sha256 that is not one", { sha256: "latest" }, /sha256 is not a sha256/],
+    [
+      "pointing at a mutable 'latest' download",
+      { url: "https://github.example.org/cloudflare/cloudflared/releases/latest/download/cloudflared-linux-amd64.deb", version: undefined },
+      /names "latest", which changes under its checksum: artifacts are immutable, versioned URLs/,
+    ],
+    [
+      "without a version anywhere",
+      { url: "https://downloads.example.org/cloudflare/cloudflared/releases/download/cloudflared-linux-amd64.deb", version: undefined },
+      /has no version field and its url has no \/cloudflared\/<version>\/ segment/,
+    ],
+    ["for another arch", { arch: "arm64" }, /is for arch "arm64", not "amd64"/],
+  ])("refuses a manifest %s, naming it", async (_what, over, why) => {
+    srv.files.set(manifestPath("cloudflared"), { body: JSON.stringify(debManifest(over)) });
+    const err = (await assembleHostConfig(tunnelHost(), siteSettings(srv.baseUrl), fetcher()).catch((e: Error) => e)) as Error;
+    expect(err.name).toBe("ProvisionRefusedError");
+    expect(err.message).toContain(
+      `cannot assemble the host config (the record has a tunnel_hostname):\n  artifact manifest ${srv.baseUrl}/cloudflared/latest-linux-amd64.json: `,
+    );
+    expect(err.message).toMatch(why);
+  });
+
+  it("refuses a tunnel host when cloudflared has no manifest at all (HTTP 404)", async () => {
+    await expect(assembleHostConfig(tunnelHost(), siteSettings(srv.baseUrl), fetcher())).rejects.toThrow(
+      /tunnel_hostname\):\n {2}artifact manifest .*\/cloudflared\/latest-linux-amd64\.json: HTTP 404/,
+    );
+  });
+});
+
+describe("the metadata rule in the host record", () => {
+  it("blocks 169.254.169.254 by default; a provider's own addresses, or none", async () => {
+    const settings = siteSettings(srv.baseUrl);
+    expect((await assembleHostConfig(hostRecord(), settings, fetcher())).config.metadata_block).toEqual({ addresses: ["169.254.169.254"] });
+    const own = await assembleHostConfig(hostRecord({ metadata_addresses: ["169.254.169.254", "100.100.100.200"] }), settings, fetcher());
+    expect(own.config.metadata_block).toEqual({ addresses: ["169.254.169.254", "100.100.100.200"] });
+    expect((await assembleHostConfig(hostRecord({ metadata_addresses: [] }), settings, fetcher())).config.metadata_block).toBeNull();
+    await expect(assembleHostConfig(hostRecord({ metadata_addresses: ["169.254.169.254/32"] }), settings, fetcher())).rejects.toThrow(
+      /metadata_addresses\.0: must be an IPv4 address/,
+    );
+  });
+});

@@ -209,12 +209,14 @@ def member_parts(name: str, strip: int) -> list[str] | None:
     None when stripped away. Raises ValueError for absolute paths and `..`."""
     if name.startswith("/"):
         raise ValueError("absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
+    # GNU tar counts "." as a component when stripping (upstream's project-host bundle holds
+    # ./cocalc-project-host-<v>-<arch>-<os>/..., unpacked with strip 2) and skips empty ones.
+    counted = [p for p in name.split("/") if p != ""]
+    if ".." in counted:
         raise ValueError("'..' in the path")
-    if any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in parts) or len(os.fsencode(name)) > MAX_PATH_BYTES:
+    if any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in counted) or len(os.fsencode(name)) > MAX_PATH_BYTES:
         raise ValueError("name too long")
-    return parts[strip:] if len(parts) >= strip else None
+    return [p for p in counted[strip:] if p != "."] if len(counted) >= strip else None
 
 
 def link_stays_inside(depth: int, linkname: str) -> bool:

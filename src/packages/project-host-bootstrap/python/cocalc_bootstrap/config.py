@@ -429,6 +429,19 @@ class GpuSpec(ConfigSpec):
     cdi_interval_s: Annotated[int, Range(1, 86400)] = 300
 
 
+METADATA_ADDRESS = "169.254.169.254"  # every big cloud's metadata service (GCP, AWS, Azure, OpenStack)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetadataBlockSpec(ConfigSpec):
+    """Cloud metadata services serve user-data (the stub and its token) to any
+    process that asks: only root may reach these addresses (an nftables rule)."""
+
+    addresses: Annotated[tuple[Annotated[str, Matches(IPV4_RE, "must be an IPv4 address")], ...], Items(8, low=1)] = (
+        METADATA_ADDRESS,
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config(ConfigSpec):
     schema_version: Literal[1]
@@ -466,6 +479,7 @@ class Config(ConfigSpec):
     daemon: DaemonSpec = DaemonSpec()
     cloudflared: CloudflaredSpec | None = None
     gpu: GpuSpec | None = None
+    metadata_block: MetadataBlockSpec | None = MetadataBlockSpec()
     env: Mapping[EnvName, EnvValue] = field(default_factory=lambda: MappingProxyType({}))
 
     def cross_field_issues(self) -> Iterator[tuple[JsonPath, str, Any]]:

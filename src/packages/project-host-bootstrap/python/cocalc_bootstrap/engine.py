@@ -48,6 +48,7 @@ from .steps_install import (
     InstallToolsStep,
     NodeStep,
 )
+from .steps_network import MetadataBlockStep
 from .steps_platform import ChronyStep, ContainersStep, GpuStep, TunnelStep
 from .steps_system import BtrfsStep, FinalizeStep, ServiceStep
 
@@ -66,6 +67,7 @@ STEPS: tuple[type[Step], ...] = (
     InstallToolsStep,
     BtrfsStep,
     ContainersStep,
+    MetadataBlockStep,
     ChronyStep,
     TunnelStep,
     GpuStep,

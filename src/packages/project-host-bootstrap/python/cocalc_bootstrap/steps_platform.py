@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,47 @@ from .layout import (
     render_cloudflared_config,
     render_cloudflared_unit,
 )
-from .log import add_secret
+from .log import Log, add_secret
 from .step import Step, StepState, file_matches, make_root_dirs, write_root_file, write_user_file
 from .steps_host import fetch_secret
+
+# -- removing what a step installed ------------------------------------------------------
+
+
+def remove_installed(units: Sequence[str], paths: Sequence[Path], log: Log) -> list[str]:
+    """Stop and disable the units that are there, delete the files that are
+    there, reload systemd: what a step installed, when the config no longer
+    asks for it (and for deprovisioning). Returns what was removed."""
+    removed = []
+    for unit in units:
+        if (SYSTEMD_UNIT_DIR / unit).exists() or systemctl_state("is-active", unit) in ("active", "activating"):
+            run_command(["systemctl", "disable", "--now", unit], sudo=True, check=False, timeout_s=120)
+            log.info(f"stopped and disabled {unit}")
+            removed.append(unit)
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            run_command(["rm", "-f", "--", str(path)], sudo=True, timeout_s=30)
+            log.info(f"removed {path}")
+            removed.append(str(path))
+    if removed:
+        run_command(["systemctl", "daemon-reload"], sudo=True, timeout_s=120)
+    return removed
+
+
+def purge_packages(packages: Sequence[str], lock_timeout_s: int, log: Log) -> list[str]:
+    """`apt-get purge` the packages that are installed; which ones it purged."""
+    installed = [p for p in packages if p not in missing_packages([p])]
+    if installed:
+        wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
+        run_command(
+            apt_get_argv(["purge", *installed], lock_timeout_s),
+            sudo=True,
+            env=APT_ENV,
+            timeout_s=lock_timeout_s + 600,
+        )
+        log.info(f"purged {' '.join(installed)}")
+    return installed
+
 
 # -- rootless podman ------------------------------------------------------------------
 
@@ -280,10 +318,32 @@ def installed_version(package: str) -> str | None:
     return found.output.strip() if found.returncode == 0 and found.output.strip() else None
 
 
+def tunnel_leftovers() -> list[Path]:
+    """What a tunnel left behind (our unit, the token, our config.yml)."""
+    ours = [SYSTEMD_UNIT_DIR / f"{CLOUDFLARED_UNIT}.service", CLOUDFLARED_TOKEN_ENV]
+    if read_text_or(CLOUDFLARED_CONFIG).startswith("# Written by bootstrap.py"):
+        ours.append(CLOUDFLARED_CONFIG)
+    return [p for p in ours if p.exists()]
+
+
+def remove_tunnel(lock_timeout_s: int, log: Log) -> list[str]:
+    """Take a tunnel away: the unit (stopped, disabled, removed), the token env
+    file, our config.yml, and the cloudflared package we installed."""
+    left = tunnel_leftovers()
+    if not left:
+        return []
+    had_unit = (SYSTEMD_UNIT_DIR / f"{CLOUDFLARED_UNIT}.service").exists()
+    removed = remove_installed([f"{CLOUDFLARED_UNIT}.service"], left, log)
+    if had_unit:  # we installed cloudflared for our unit
+        removed += purge_packages(["cloudflared"], lock_timeout_s, log)
+    return removed
+
+
 class TunnelStep(Step):
     """cloudflared for a host reached through a Cloudflare tunnel: the pinned .deb
     (sha256 verified), the token in a root 0600 env file (TUNNEL_TOKEN, never an
-    argument), config.yml ingress to the daemon, and cocalc-cloudflared.service."""
+    argument), config.yml ingress to the daemon, and cocalc-cloudflared.service.
+    Taken away again (unit, token, package) when the config no longer has one."""
 
     name = "tunnel"
     deps = ("apt",)  # dpkg: one at a time
@@ -292,7 +352,7 @@ class TunnelStep(Step):
     hint = "See sudo journalctl -u cocalc-cloudflared -n 100 --no-pager; the token comes from the hub's secrets."
 
     def unit_path(self) -> Path:
-        return Path("/etc/systemd/system") / f"{CLOUDFLARED_UNIT}.service"
+        return SYSTEMD_UNIT_DIR / f"{CLOUDFLARED_UNIT}.service"
 
     def inputs(self) -> Mapping[str, Any]:
         cf = self.config.cloudflared
@@ -301,7 +361,8 @@ class TunnelStep(Step):
     def problems(self) -> list[str]:
         cf = self.config.cloudflared
         if cf is None:
-            return []
+            left = tunnel_leftovers()
+            return [f"left over from an earlier tunnel: {', '.join(map(str, left))}"] if left else []
         unit = f"{CLOUDFLARED_UNIT}.service"
         problems = []
         if installed_version("cloudflared") != cf.deb.version:
@@ -323,14 +384,16 @@ class TunnelStep(Step):
         return problems
 
     def check(self) -> StepState:
-        if self.config.cloudflared is None:
-            return StepState(True, "no tunnel configured")
         problems = self.problems()
+        if self.config.cloudflared is None and not problems:
+            return StepState(True, "no tunnel configured")
         return StepState(not problems, "; ".join(problems) or "cloudflared runs the tunnel")
 
     def apply(self) -> None:
         cf = self.config.cloudflared
         if cf is None:
+            removed = remove_tunnel(self.config.apt.lock_timeout_s, self.log)
+            self.log.info(f"removed the tunnel: {', '.join(removed)}" if removed else "no tunnel configured")
             return
         changed = False
         if installed_version("cloudflared") != cf.deb.version:
@@ -445,6 +508,26 @@ def render_cdi_units(interval_s: int) -> dict[str, str]:
     return {f"{CDI_UNIT}.service": service, f"{CDI_UNIT}.timer": timer}
 
 
+def gpu_leftovers() -> list[Path]:
+    """What a GPU config left behind: our units, helper, apt source, keyring, CDI spec."""
+    ours = [SYSTEMD_UNIT_DIR / n for n in render_cdi_units(300)] + [CDI_HELPER, NVIDIA_SOURCES]
+    if not any(p.exists() for p in ours):
+        return []  # not ours: the keyring and spec may be an operator's
+    return [p for p in (*ours, NVIDIA_KEYRING, Path(CDI_SPEC)) if p.exists()]
+
+
+def remove_gpu(lock_timeout_s: int, log: Log) -> list[str]:
+    """Take GPU support away: the timer and its service (stopped, disabled,
+    removed), the helper, the repository and its keyring, the CDI spec (stale
+    without the toolkit), and the toolkit package. The user stays in video
+    and render (harmless without a GPU; groups may be shared)."""
+    left = gpu_leftovers()
+    if not left:
+        return []
+    removed = remove_installed([f"{CDI_UNIT}.timer", f"{CDI_UNIT}.service"], left, log)
+    return removed + purge_packages(["nvidia-container-toolkit"], lock_timeout_s, log)
+
+
 def user_groups(user: str) -> set[str]:
     found = run_command(["id", "-nG", user], check=False, timeout_s=30)
     return set(found.output.split()) if found.returncode == 0 else set()
@@ -505,6 +588,8 @@ class GpuStep(Step):
 
     def check(self) -> StepState:
         why = self.skip_reason()
+        if self.config.gpu is None and gpu_leftovers():
+            return StepState(False, f"left over from an earlier GPU config: {', '.join(map(str, gpu_leftovers()))}")
         if why is not None:
             return StepState(True, why)
         problems = self.problems()
@@ -513,8 +598,12 @@ class GpuStep(Step):
     def apply(self) -> None:
         why = self.skip_reason()
         gpu = self.config.gpu
-        if why is not None or gpu is None:
-            self.log.info(why or "no GPU configured")
+        if gpu is None:
+            removed = remove_gpu(self.config.apt.lock_timeout_s, self.log)
+            self.log.info(f"removed GPU support: {', '.join(removed)}" if removed else "no GPU configured")
+            return
+        if why is not None:
+            self.log.info(why)
             return
         keyring = downloads_dir(self.config) / "nvidia-container-toolkit-keyring.gpg"
         download_verified(gpu.keyring_url, keyring, gpu.keyring_sha256, log=self.log)

@@ -279,6 +279,7 @@ class ServiceStep(Step):
         "node",
         "btrfs",
         "containers",
+        "metadata",  # projects never start before the metadata service is closed to them
         "files",
         "secrets",
     )

@@ -14,6 +14,7 @@ import {
   buildBootstrapConfig,
   type HostFacts,
   HttpUrl,
+  METADATA_ADDRESS,
   OsSchema,
   renderStub,
 } from "@cocalc/project-host-bootstrap";
@@ -23,6 +24,7 @@ import {
   HOST_NAME_RE,
   HOST_PORT_RE,
   IP_RE,
+  IPV4_RE,
   NODE_VERSION_RE,
   REGION_RE,
   SECRET_NAME_RE,
@@ -78,6 +80,14 @@ export const HostRecordSchema = z.strictObject({
   daemon_https: z.boolean().default(true),
   /** The host is reached through a Cloudflare tunnel at this name: cloudflared (the .deb from its manifest) is installed. */
   tunnel_hostname: z.string().min(1).max(253).regex(DNS_NAME_RE).nullable().default(null),
+  /**
+   * The cloud metadata service's addresses: only root on the host may reach them (user-data holds the
+   * stub and its token). [] for no rule (a provider without one).
+   */
+  metadata_addresses: z
+    .array(z.string().regex(IPV4_RE, { message: "must be an IPv4 address" }))
+    .max(8)
+    .default([METADATA_ADDRESS]),
   /** Extra entries for the daemon's env file (win over the derived ones). */
   env: z.record(z.string().regex(ENV_NAME_RE), z.string()).default({}),
 });
@@ -103,8 +113,8 @@ export const SiteSettingsSchema = z.strictObject({
   os: z.string().default("linux"),
   /** Expected OS release on the hosts (`ID`, lowest `VERSION_ID`); default Ubuntu 24.04 (the builders' default). */
   os_release: OsSchema.optional(),
-  /** Daemon executable inside the project-host bundle. */
-  project_host_exec: z.string().default("bin/project-host"),
+  /** Daemon executable inside the project-host bundle: upstream's single executable (a Node SEA). */
+  project_host_exec: z.string().default("cocalc-project-host"),
   health_path: z.string().startsWith("/").default("/healthz"),
   apt_packages: z.array(z.string()).optional(),
   parallel: z.boolean().default(true),
@@ -112,7 +122,12 @@ export const SiteSettingsSchema = z.strictObject({
   keep_versions: z.int().min(1).max(20).optional(),
   /** How long a host waits for the daemon's health check after a (re)start before it rolls an upgrade back. */
   health_timeout_s: z.int().min(1).max(3600).optional(),
-  layouts: z.partialRecord(z.enum(ARTIFACT_NAMES), ArtifactLayoutSchema).default({}),
+  /** How each bundle unpacks; upstream's by default (UPSTREAM.md: project-host strip 2, project and tools strip 1). */
+  layouts: z.partialRecord(z.enum(ARTIFACT_NAMES), ArtifactLayoutSchema).default({
+    project_host: { strip_components: 2, expected_files: [], executables: ["cocalc-project-host"] },
+    project: { strip_components: 1, expected_files: [], executables: [] },
+    tools: { strip_components: 1, expected_files: [], executables: [] },
+  }),
   /**
    * Offer bundle images (when a manifest names one) beside the archives; the
    * host mounts them when its kernel can. false: archives only.
@@ -203,6 +218,7 @@ export function hostFacts(
     const { url, sha256, version, size_bytes } = cloudflared;
     facts.cloudflared = { deb: { url, sha256, version, size_bytes }, hostname: record.tunnel_hostname };
   }
+  facts.metadata_block = record.metadata_addresses.length > 0 ? { addresses: record.metadata_addresses } : null;
   if (settings.apt_packages) facts.apt = { packages: settings.apt_packages };
   if (settings.os_release) facts.os = settings.os_release;
   if (record.data_disk_candidates.length > 0) {
@@ -224,6 +240,16 @@ export function withCallerAddress<C>(config: C, address: string | undefined): C 
   return IP_RE.test(ip) ? { ...config, daemon: { ...daemon, public_ip: ip } } : config;
 }
 
+/** cloudflared's .deb for a tunnel host: the fourth manifest, refused like the other three. */
+async function tunnelArtifact(fetcher: ManifestFetcher, settings: SiteSettings, arch: HostRecord["arch"]): Promise<ResolvedArtifact> {
+  try {
+    return await fetcher.artifact(settings.software_base_url, "cloudflared", settings.os, arch);
+  } catch (err) {
+    if (!(err instanceof ManifestError)) throw err;
+    throw new ProvisionRefusedError(`cannot assemble the host config (the record has a tunnel_hostname):\n  ${err.message}`);
+  }
+}
+
 /** Host record + site settings + manifests → validated config (throws with the reasons). */
 export async function assembleHostConfig(
   recordInput: HostRecordInput,
@@ -235,7 +261,7 @@ export async function assembleHostConfig(
   const record = parsed.data;
   const settings = SiteSettingsSchema.parse(settingsInput);
   const artifacts = await resolveArtifacts(fetcher, settings, record.arch);
-  const cloudflared = record.tunnel_hostname ? await fetcher.artifact(settings.software_base_url, "cloudflared", settings.os, record.arch) : null;
+  const cloudflared = record.tunnel_hostname ? await tunnelArtifact(fetcher, settings, record.arch) : null;
   try {
     return { record, config: buildBootstrapConfig(hostFacts(record, settings, artifacts, cloudflared)), artifacts };
   } catch (err) {

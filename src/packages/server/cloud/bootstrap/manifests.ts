@@ -90,7 +90,8 @@ export function versionFromUrl(url: string, artifact: HubArtifactName): string |
   const segments = new URL(url).pathname.split("/").map(decodeURIComponent);
   const i = segments.lastIndexOf(ARTIFACT_PATHS[artifact]);
   const candidate = i >= 0 && i + 2 < segments.length ? segments[i + 1]! : null;
-  return candidate !== null && VERSION_RE.test(candidate) ? candidate : null;
+  // a version has a digit: `…/cloudflared/releases/latest/…` names none
+  return candidate !== null && VERSION_RE.test(candidate) && /[0-9]/.test(candidate) ? candidate : null;
 }
 
 /** Check a parsed manifest body against what was asked for. */
@@ -100,6 +101,9 @@ export function resolveManifest(body: unknown, want: { url: string; artifact: Hu
     throw new ManifestError(want.url, r.error.issues.map((i) => `${i.path.join(".") || "(body)"} ${i.message}`).join("; "));
   }
   const m = r.data;
+  if (new URL(m.url).pathname.split("/").includes("latest")) {
+    throw new ManifestError(want.url, `url ${m.url} names "latest", which changes under its checksum: artifacts are immutable, versioned URLs`);
+  }
   if (m.os !== want.os) throw new ManifestError(want.url, `is for os ${JSON.stringify(m.os)}, not ${JSON.stringify(want.os)}`);
   if (ARCH_ALIASES[m.arch] !== want.arch) throw new ManifestError(want.url, `is for arch ${JSON.stringify(m.arch)}, not ${JSON.stringify(want.arch)}`);
   const version = m.version ?? versionFromUrl(m.url, want.artifact);
