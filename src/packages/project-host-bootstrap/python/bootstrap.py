@@ -3421,6 +3421,19 @@ def secrets_dir(config: Config) -> Path:
     return Path(config.btrfs.mount_point) / "data" / "secrets"
 
 
+def secrets_staging_dir(config: Config) -> Path:
+    """Where the secrets step puts what it fetched (0700, files 0600) until
+    /btrfs is mounted and install_secrets moves them to secrets_dir()."""
+    return Path(config.bootstrap_dir) / "secrets-staging"
+
+
+def btrfs_image_part(config: Config) -> Path:
+    """Where the loop image is made (truncate + mkfs.btrfs) before it is renamed
+    to btrfs.image_path: a killed mkfs leaves only this, which the next run removes."""
+    image = Path(config.btrfs.image_path)
+    return image.with_name(image.name + ".part")
+
+
 def nvm_dir(config: Config) -> Path:
     return Path(config.home) / ".nvm"
 
@@ -3699,6 +3712,9 @@ def render_env_helper(config: Config) -> str:
 # - install_archive: `.staging-*` directories beside the version directories
 #   (also removed before every install; here too, so a run whose install is
 #   already done cleans them as well).
+# - BtrfsStep.make_image: `<btrfs.image_path>.part`, root's (made with sudo):
+#   a loop image whose truncate or mkfs.btrfs was cut short;
+# - the secrets step: its staging directory's temporaries (atomic_write_text).
 # Partial downloads (`.part`) are not debris: the next download resumes them.
 
 ATOMIC_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -3712,7 +3728,8 @@ def our_dirs(config: Config) -> list[Path]:
     """Every directory of ours that atomic_write_text writes into."""
     root = Path(config.bootstrap_root)
     dirs = [root, *(root / d for d in BOOTSTRAP_SUBDIRS)]
-    dirs += [Path(config.bootstrap_dir), Path(config.bootstrap_dir) / EVENTS_SUBDIR, secrets_dir(config)]
+    dirs += [Path(config.bootstrap_dir), Path(config.bootstrap_dir) / EVENTS_SUBDIR]
+    dirs += [secrets_dir(config), secrets_staging_dir(config)]
     dirs += [downloads_dir(config), nvm_dir(config), nvm_dir(config) / "alias"]
     return dirs
 
@@ -3769,6 +3786,12 @@ def remove_debris(config: Config, log: Log) -> list[str]:
     for target in (FSTAB, ENV_FILE, SYSTEMD_UNIT_DIR / f"{config.service.unit}.service"):
         pattern = re.compile(ROOT_TMP_RE.format(name=re.escape(target.name)))
         root_debris += [e.path for e in _entries(target.parent) if pattern.match(e.name)]
+    # a loop image made at <image>.part whose mkfs a kill cut short (a regular file of root's)
+    part = btrfs_image_part(config)
+    with contextlib.suppress(OSError):
+        st = part.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+            root_debris.append(str(part))
     if root_debris:
         run_command(["rm", "-f", "--", *root_debris], sudo=True, check=False, timeout_s=30)
         removed += root_debris
@@ -4868,13 +4891,34 @@ class BtrfsStep(Step):
                 hint="btrfs.image_path must name a file bootstrap.py creates. Move that file away, "
                 "or choose another path inside bootstrap_root.",
             )
-        if not image.exists():
-            make_root_dirs(image.parent)
-            run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)
-            run_command(["chmod", "0600", str(image)], sudo=True, timeout_s=30)
-            self.log.info(f"created sparse image {image} ({b.image_size_gb} GB)")
-        self.make_btrfs(str(image))
+        if image.exists():
+            self.make_btrfs(str(image))  # ours: reused, or (holes only: an older interrupted run) formatted
+        else:
+            self.make_image(image)
         return fstab_entry(b.image_path, b.mount_point, loop=True)
+
+    def make_image(self, image: Path) -> None:
+        """A new sparse loop image with our btrfs on it, made at `<image>.part` and renamed
+        into place only when complete (synced): a run killed in truncate or mkfs.btrfs leaves
+        the .part (removed by the next run), never a half-made image at btrfs.image_path."""
+        b = self.config.btrfs
+        part = btrfs_image_part(self.config)
+        make_root_dirs(image.parent)
+        if os.path.lexists(part):  # normally removed by remove_debris already
+            if not stat.S_ISREG(part.lstat().st_mode):
+                raise BootstrapError(
+                    f"{part} exists and is not a regular file",
+                    hint="bootstrap.py makes the loop image there first; move that away.",
+                )
+            run_command(["rm", "-f", "--", str(part)], sudo=True, timeout_s=30)
+        run_command(["truncate", "-s", f"{b.image_size_gb}G", str(part)], sudo=True, timeout_s=60)
+        run_command(["chmod", "0600", str(part)], sudo=True, timeout_s=30)
+        # no -f: mkfs.btrfs itself refuses to overwrite a filesystem (there is none: a new file)
+        run_command(["mkfs.btrfs", "-q", "-L", BTRFS_LABEL, str(part)], sudo=True, timeout_s=300, hint=self.hint)
+        run_command(["sync", "--", str(part)], sudo=True, timeout_s=300)  # its blocks before its name
+        run_command(["mv", "-T", "--", str(part), str(image)], sudo=True, timeout_s=30)
+        run_command(["sync", "--", str(image.parent)], sudo=True, timeout_s=60)  # the rename
+        self.log.info(f"created sparse image {image} ({b.image_size_gb} GB) with a btrfs filesystem")
 
     def make_btrfs(self, device: str) -> None:
         """mkfs.btrfs on an empty device; reuse btrfs; refuse anything else."""
