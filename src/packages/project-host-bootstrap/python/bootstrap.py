@@ -3722,6 +3722,8 @@ ROOT_TMP_RE = r"^\.{name}\.[0-9a-f]{{8}}\.tmp$"
 ROOT_SOURCE_RE = re.compile(r"^cocalc-bootstrap-[a-z0-9_]{8}$")
 LINK_TMP_RE = re.compile(r"^\..+-[0-9a-f]{8}$")
 EVENTS_SUBDIR = "events"
+# Also searched for write_root_file's sources (the run's TMPDIR may differ from the last one's).
+SYSTEM_TMP = Path("/tmp")  # noqa: S108 - only our own are removed, by name and owner
 
 
 def our_dirs(config: Config) -> list[Path]:
@@ -3774,7 +3776,7 @@ def remove_debris(config: Config, log: Log) -> list[str]:
                     os.unlink(entry.path)
                     gone(entry.path)
     # write_root_file's sources: ours (our uid), in the temp directory
-    for directory in {Path(tempfile.gettempdir()), Path("/tmp")}:  # noqa: S108 - only our own, by name and owner
+    for directory in {Path(tempfile.gettempdir()), SYSTEM_TMP}:
         for entry in _entries(directory):
             if ROOT_SOURCE_RE.match(entry.name):
                 with contextlib.suppress(OSError):
@@ -4115,7 +4117,7 @@ def remove_image(config: Config, artifact: str, version: str, log: Log) -> bool:
 
 
 # ============================================================================
-# steps_host: Steps that prepare the host: preflight, directories, files, secrets.
+# steps_host: Steps that prepare the host: preflight, directories, files, secrets (and their installation on /btrfs).
 # ============================================================================
 
 # -- the steps ------------------------------------------------------------------------
@@ -4328,10 +4330,13 @@ class FilesStep(Step):
 
 class SecretsStep(Step):
     """The secrets the config names (upstream: conat-password), fetched once with
-    the bootstrap token into 0600 files in /btrfs/data/secrets (0700)."""
+    the bootstrap token early in the run (right after the directories: the hub
+    is needed only at the start) into 0600 files in a staging directory of ours
+    (bootstrap_dir/secrets-staging, 0700); install_secrets moves them onto
+    /btrfs/data/secrets once it is mounted. A secret already there is not fetched."""
 
     name = "secrets"
-    deps = ("directories", "btrfs")
+    deps = ("directories",)
     weight_s = 1.0
     phase = "preparing"
     hint = (
@@ -4339,23 +4344,19 @@ class SecretsStep(Step):
     )
 
     def path(self, name: str) -> Path:
-        return secrets_dir(self.config) / name
+        """Where a fetched secret waits for /btrfs."""
+        return secrets_staging_dir(self.config) / name
 
     def inputs(self) -> Mapping[str, Any]:
         return {"names": list(self.config.secrets), "url": self.config.hub.secrets_url}
 
     def missing(self) -> list[str]:
-        missing = []
-        for name in self.config.secrets:
-            try:
-                st, value = self.path(name).stat(), self.path(name).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                missing.append(name)
-                continue
-            add_secret(value)  # so that nothing logs it, even when this step is skipped
-            if stat.S_IMODE(st.st_mode) != 0o600 or not value.strip():
-                missing.append(name)
-        return missing
+        """The configured secrets neither installed on /btrfs nor staged."""
+        return [
+            name
+            for name in self.config.secrets
+            if not secret_file_ok(secrets_dir(self.config) / name) and not secret_file_ok(self.path(name))
+        ]
 
     def check(self) -> StepState:
         if not self.config.secrets:
@@ -4376,13 +4377,77 @@ class SecretsStep(Step):
                 f"no bootstrap token at {self.config.token_file}",
                 hint="The stub writes it; re-run the stub from the hub.",
             )
-        secrets_dir(self.config).mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(secrets_dir(self.config), 0o700)
+        staging = secrets_staging_dir(self.config)
+        staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(staging, 0o700)
         for name in missing:
             value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token)
             add_secret(value)
             atomic_write_text(self.path(name), value, 0o600)
-            self.log.info(f"fetched secret {name} into {self.path(name)} (0600)")
+            self.log.info(f"fetched secret {name} into {self.path(name)} (0600) until /btrfs is ready")
+
+
+class InstallSecretsStep(Step):
+    """The fetched secrets moved from the staging directory onto
+    /btrfs/data/secrets (0700; files 0600, written atomically and synced before
+    the staged copy is removed): one copy of each, where upstream's daemon reads it."""
+
+    name = "install_secrets"
+    deps = ("secrets", "btrfs")
+    weight_s = 0.2
+    phase = "preparing"
+    hint = "Re-run bootstrap.py: the secrets step fetches what is missing."
+
+    def path(self, name: str) -> Path:
+        return secrets_dir(self.config) / name
+
+    def staged(self) -> list[Path]:
+        try:
+            return sorted(p for p in secrets_staging_dir(self.config).iterdir() if not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"names": list(self.config.secrets), "dir": str(secrets_dir(self.config))}
+
+    def check(self) -> StepState:
+        problems = [f"{self.path(n)} is missing" for n in self.config.secrets if not secret_file_ok(self.path(n))]
+        staged = self.staged()
+        if staged:
+            problems.append(f"{len(staged)} staged secret(s) in {secrets_staging_dir(self.config)}")
+        if not self.config.secrets and not staged:
+            return StepState(True, "no secrets configured")
+        return StepState(not problems, "; ".join(problems) or f"{len(self.config.secrets)} secret(s) in place")
+
+    def apply(self) -> None:
+        target = secrets_dir(self.config)
+        if not target.is_dir():
+            raise BootstrapError(f"{target} does not exist", hint="The btrfs step makes it; re-run bootstrap.py.")
+        for staged in self.staged():
+            if staged.name in self.config.secrets and secret_file_ok(staged):
+                value = staged.read_text(encoding="utf-8")
+                add_secret(value)
+                atomic_write_text(self.path(staged.name), value, 0o600)  # synced before the staged copy goes
+                self.log.info(f"installed secret {staged.name} into {self.path(staged.name)} (0600)")
+            staged.unlink()
+        staging = secrets_staging_dir(self.config)
+        with contextlib.suppress(OSError):  # gone already, or not empty (a temporary of ours: debris)
+            staging.rmdir()
+            fsync_dir(staging.parent)
+        missing = [n for n in self.config.secrets if not secret_file_ok(self.path(n))]
+        if missing:
+            raise BootstrapError(f"secret(s) neither installed nor fetched: {', '.join(missing)}", hint=self.hint)
+
+
+def secret_file_ok(path: Path) -> bool:
+    """A secret file as we write it: a regular 0600 file, not empty (its value then redacted)."""
+    try:
+        st = path.lstat()
+        value = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    add_secret(value)  # so that nothing logs it, even when the step is skipped
+    return stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and bool(value.strip())
 
 
 def fetch_secret(url: str, token: str) -> str:
@@ -4982,6 +5047,7 @@ class ServiceStep(Step):
         "containers",
         "files",
         "secrets",
+        "install_secrets",
     )
     weight_s = 10.0
     phase = "starting services"
@@ -5658,6 +5724,7 @@ STEPS: tuple[type[Step], ...] = (
     InstallProjectStep,
     InstallToolsStep,
     BtrfsStep,
+    InstallSecretsStep,
     ContainersStep,
     ChronyStep,
     TunnelStep,

@@ -49,6 +49,8 @@ ROOT_TMP_RE = r"^\.{name}\.[0-9a-f]{{8}}\.tmp$"
 ROOT_SOURCE_RE = re.compile(r"^cocalc-bootstrap-[a-z0-9_]{8}$")
 LINK_TMP_RE = re.compile(r"^\..+-[0-9a-f]{8}$")
 EVENTS_SUBDIR = "events"
+# Also searched for write_root_file's sources (the run's TMPDIR may differ from the last one's).
+SYSTEM_TMP = Path("/tmp")  # noqa: S108 - only our own are removed, by name and owner
 
 
 def our_dirs(config: Config) -> list[Path]:
@@ -101,7 +103,7 @@ def remove_debris(config: Config, log: Log) -> list[str]:
                     os.unlink(entry.path)
                     gone(entry.path)
     # write_root_file's sources: ours (our uid), in the temp directory
-    for directory in {Path(tempfile.gettempdir()), Path("/tmp")}:  # noqa: S108 - only our own, by name and owner
+    for directory in {Path(tempfile.gettempdir()), SYSTEM_TMP}:
         for entry in _entries(directory):
             if ROOT_SOURCE_RE.match(entry.name):
                 with contextlib.suppress(OSError):

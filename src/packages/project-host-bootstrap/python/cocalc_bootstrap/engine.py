@@ -35,7 +35,7 @@ from .events import (
 )
 from .log import CURRENT_STEP, REDACTOR, utc_timestamp
 from .step import Context, Step, atomic_write_text
-from .steps_host import DirectoriesStep, FilesStep, PreflightStep, SecretsStep
+from .steps_host import DirectoriesStep, FilesStep, InstallSecretsStep, PreflightStep, SecretsStep
 from .steps_install import (
     AptStep,
     DownloadProjectHostStep,
@@ -63,6 +63,7 @@ STEPS: tuple[type[Step], ...] = (
     InstallProjectStep,
     InstallToolsStep,
     BtrfsStep,
+    InstallSecretsStep,
     ContainersStep,
     ChronyStep,
     TunnelStep,

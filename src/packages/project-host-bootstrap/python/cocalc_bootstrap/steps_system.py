@@ -292,6 +292,7 @@ class ServiceStep(Step):
         "containers",
         "files",
         "secrets",
+        "install_secrets",
     )
     weight_s = 10.0
     phase = "starting services"
