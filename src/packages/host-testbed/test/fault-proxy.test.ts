@@ -188,12 +188,16 @@ describe("fault proxy", () => {
   });
 
   it("refuseFor: connections are refused for the window, then accepted on the same port", async () => {
+    const t0 = Date.now();
     const window = proxy.refuseFor(600);
     await new Promise((r) => setTimeout(r, 50));
     expect(proxy.refusing).toBe(true);
+    expect(proxy.refusingSince).toBeGreaterThanOrEqual(t0);
+    expect(proxy.refusingSince).toBeLessThanOrEqual(Date.now());
     await expect(get(`${proxy.url}/file`)).rejects.toMatchObject({ code: "ECONNREFUSED" });
     await window;
     expect(proxy.refusing).toBe(false);
+    expect(proxy.refusingSince).toBeNull();
     expect((await get(`${proxy.url}/file`)).status).toBe(200);
   });
 

@@ -81,6 +81,8 @@ export interface FaultProxy {
   accept(): Promise<void>;
   /** True while connections are refused. */
   readonly refusing: boolean;
+  /** When the current refusal began (ms since the epoch), null while listening. */
+  readonly refusingSince: number | null;
   /** How many times each rule fired, by label. */
   fired(label: string): number;
   close(): Promise<void>;
@@ -190,7 +192,7 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     const entry: ProxyLogEntry = { method, path, range: req.headers.range ?? null, status: 0, bytes: 0, fault: rule ? labelOf(rule) : null, at: Date.now() };
     log.push(entry);
     const after = () => {
-      if (refuseAfter && refuseAfter.match.test(path) && entry.status >= 200 && entry.status < 300) {
+      if (refuseAfter?.match.test(path) && entry.status >= 200 && entry.status < 300) {
         const ms = refuseAfter.ms;
         refuseAfter = null; // once
         void refuseFor(ms);
@@ -356,7 +358,10 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     return new Promise((resolve) => server.close(() => resolve()));
   }
 
+  let refusedAt: number | null = null;
+
   async function refuse(): Promise<void> {
+    refusedAt ??= Date.now();
     await unlisten();
     // connections already open die too: a dead hub answers nothing
     for (const s of sockets) s.destroy();
@@ -368,6 +373,7 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     const done = refuseDone;
     refuseDone = null;
     if (!listening && !closed) await listen();
+    refusedAt = null;
     done?.();
   }
 
@@ -410,6 +416,9 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     accept,
     get refusing() {
       return !listening;
+    },
+    get refusingSince() {
+      return listening ? null : refusedAt;
     },
     fired(label) {
       return firedByLabel.get(label) ?? 0;
