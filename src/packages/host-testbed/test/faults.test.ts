@@ -394,16 +394,23 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
         // once the last secret is answered, the hub refuses every connection (for an hour, or until accept())
         const lastSecret = prov.config.secrets.at(-1)!;
         fb.hubProxy.refuseAfter(new RegExp(`/hosts/${prov.hostId}/secrets/${lastSecret}$`), 3600_000);
-        const down = await fb.run(host, prov, { log: linePrefixer("[hub down] ") });
+        let down: FaultRun;
+        let since: number | null;
+        try {
+          down = await fb.run(host, prov, { log: linePrefixer("[hub down] ") });
+          expect(fb.hubProxy.refusing, "the hub stayed unreachable to the end of the run").toBe(true);
+          since = fb.hubProxy.refusingSince;
+        } finally {
+          await fb.hubProxy.clear(); // the hub is back (also for the next cases when this one fails)
+        }
         await lock.done;
         expect(down.run.code, outputOf({ run: down.run } as Observed)).toBe(0);
-        expect(fb.hubProxy.refusing, "the hub stayed unreachable to the end of the run").toBe(true);
         // the outage began early: before apt (whose locks were held 30 s) was done
-        const since = fb.hubProxy.refusingSince!;
+        expect(since).not.toBeNull();
         const tsOf = (pred: (x: Record<string, unknown>) => boolean) => Date.parse(String(down.records.find(pred)?.ts));
         const runStart = tsOf((x) => typeof x.ts === "string");
         const aptEnd = tsOf((x) => x.event === "step_end" && x.step === "apt");
-        expect(since, "the hub went down before apt was done").toBeLessThan(aptEnd);
+        expect(since!, "the hub went down before apt was done").toBeLessThan(aptEnd);
         // the hub holds at most what was sent before: a gapless prefix of the run, never its end
         const early = (await hubEvents(prov)).get(down.runId!) ?? [];
         expect(early.map((e) => e.seq)).toEqual(early.map((_, i) => i));
@@ -420,10 +427,9 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
           wallS: down.run.wallMs / 1000,
         });
         log(
-          `hub down ${((since - runStart) / 1000).toFixed(1)} s into the run, to its end: exit ${down.run.code} in ${(down.run.wallMs / 1000).toFixed(1)} s; ${endDelay.toFixed(1)} s from the last step to the exit; the hub had ${early.length} events of it`,
+          `hub down ${((since! - runStart) / 1000).toFixed(1)} s into the run, to its end: exit ${down.run.code} in ${(down.run.wallMs / 1000).toFixed(1)} s; ${endDelay.toFixed(1)} s from the last step to the exit; the hub had ${early.length} events of it`,
         );
         // the hub is back: the next run sends the spooled events of the first, then its own
-        await fb.hubProxy.accept();
         const { r: again, hits } = await cleanRun(host, prov, "hub back");
         report.hubOutage.at(-1)!.referenceEndDelayS = endDelayS(again);
         await expectConverged(host, prov, again, found, hits);
@@ -537,9 +543,14 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
         const prov = await fb.provision(host);
         const c = prov.config;
         fb.hubProxy.refuseAfter(new RegExp(`/hosts/${prov.hostId}/config$`), 3600_000);
-        const down = await fb.run(host, prov, { log: linePrefixer("[hub down early] ") });
+        let down: FaultRun;
+        try {
+          down = await fb.run(host, prov, { log: linePrefixer("[hub down early] ") });
+          expect(fb.hubProxy.refusing, "the hub stayed unreachable to the end of the run").toBe(true);
+        } finally {
+          await fb.hubProxy.clear(); // the hub is back (also for the next cases when this one fails)
+        }
         expect(down.run.code, outputOf({ run: down.run } as Observed)).not.toBe(0);
-        expect(fb.hubProxy.refusing).toBe(true);
         const secretsEnd = down.records.find((x) => x.event === "step_end" && x.step === "secrets");
         expect(secretsEnd?.outcome, "the secrets step failed").toBe("failed");
         const out = down.run.stdout + down.run.stderr;
@@ -553,7 +564,6 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
           referenceEndDelayS: null,
           wallS: down.run.wallMs / 1000,
         });
-        await fb.hubProxy.accept();
         const { r: again, hits } = await cleanRun(host, prov, "hub back (secrets)");
         report.hubOutage.at(-1)!.referenceEndDelayS = endDelayS(again);
         await expectConverged(host, prov, again, found, hits);

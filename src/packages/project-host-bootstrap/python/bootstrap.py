@@ -4450,7 +4450,16 @@ def secret_file_ok(path: Path) -> bool:
     return stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and bool(value.strip())
 
 
+HUB_SECRETS_HINT = (
+    "bootstrap.py fetches the secrets from hub.secrets_url at the start of a run: check that the hub is up "
+    "and answers from this host. Nothing of the secret was written; the next run fetches it"
+)
+
+
 def fetch_secret(url: str, token: str) -> str:
+    """GET one secret with the bootstrap token; a failure's hint is about the hub
+    and its secrets (not a download's: nothing partial is kept)."""
+
     def attempt() -> str:
         with http_open(
             url, timeout_s=DOWNLOAD_ATTEMPT_TIMEOUT_S, headers={"Authorization": f"Bearer {token}"}
@@ -4460,7 +4469,20 @@ def fetch_secret(url: str, token: str) -> str:
             except (OSError, http.client.HTTPException, UnicodeDecodeError) as e:
                 raise TransientError(f"GET {url}: {e}") from None
 
-    value = retry(attempt, what=f"GET {url}", attempts=4, retry_if=lambda e: isinstance(e, TransientError))
+    try:
+        value = retry(attempt, what=f"GET {url}", attempts=4, retry_if=lambda e: isinstance(e, TransientError))
+    except RedirectRefused:
+        raise
+    except HttpStatusError as e:
+        if e.status in (401, 403):
+            hint = "The hub refused the bootstrap token (bootstrap-token): revoked or expired; the hub issues new ones."
+        elif e.status == 404:
+            hint = "The hub has no such secret for this host: check the host's secret names on the hub."
+        else:
+            hint = HUB_SECRETS_HINT
+        raise BootstrapError(e.message, hint=hint) from None
+    except BootstrapError as e:
+        raise BootstrapError(e.message, hint=f"{HUB_SECRETS_HINT} (curl -sI {url})") from None
     if not value.strip():
         raise BootstrapError(f"GET {url}: the hub answered with an empty secret")
     return value

@@ -284,3 +284,17 @@ def test_btrfs_sysfs_dir_is_found_by_fsid_not_by_device_name(tmp_path: Path) -> 
         assert bootstrap.btrfs_fsid(str(tmp_path)) is None  # not btrfs
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_secrets_step_unreachable_hub_fails_with_a_hint_about_the_hub_not_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bootstrap, "backoff_delay", lambda attempt, base_s, max_s: 0.01)
+    config = make_config(tmp_path, "http://127.0.0.1:9", secrets=["conat-password"])  # port 9: refused
+    Path(config.bootstrap_dir).mkdir(parents=True)
+    config.token_file.write_text("tok-0123456789abcdef\n")
+    with pytest.raises(bootstrap.BootstrapError) as failure:
+        bootstrap.SecretsStep(context(config)).apply()
+    assert "hub.secrets_url" in (failure.value.hint or "")
+    assert "partial download" not in (failure.value.hint or "")
+    assert not bootstrap.secrets_staging_dir(config).joinpath("conat-password").exists()
