@@ -362,6 +362,8 @@ def secret_file_ok(path: Path) -> bool:
     return stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and bool(value.strip())
 
 
+SECRET_ATTEMPTS = 10  # backoff 1, 2, 4, 8, then 15 s (with jitter): about a minute and a half at most
+SECRET_DEADLINE_S = 120.0
 HUB_SECRETS_HINT = (
     "bootstrap.py fetches the secrets from hub.secrets_url at the start of a run: check that the hub is up "
     "and answers from this host. Nothing of the secret was written; the next run fetches it"
@@ -382,7 +384,16 @@ def fetch_secret(url: str, token: str) -> str:
                 raise TransientError(f"GET {url}: {e}") from None
 
     try:
-        value = retry(attempt, what=f"GET {url}", attempts=4, retry_if=lambda e: isinstance(e, TransientError))
+        # a hub restarting (a minute or so) must not fail a run: the secrets are
+        # needed only by install_secrets, late; other steps go on meanwhile
+        value = retry(
+            attempt,
+            what=f"GET {url}",
+            attempts=SECRET_ATTEMPTS,
+            deadline_s=SECRET_DEADLINE_S,
+            max_s=15.0,
+            retry_if=lambda e: isinstance(e, TransientError),
+        )
     except RedirectRefused:
         raise
     except HttpStatusError as e:
