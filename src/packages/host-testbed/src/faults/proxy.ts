@@ -218,7 +218,9 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     const headers = { ...req.headers, host: upstream.host };
     const up = httpRequest(
       { protocol: upstream.protocol, hostname: upstream.hostname, port: upstream.port, method, path, headers },
-      (upRes) => void relay(upRes),
+      // a client that goes away mid-body destroys `up`: the upstream answer then ends in an
+      // error ("aborted"), which ends the relay too (never an unhandled rejection)
+      (upRes) => void relay(upRes).catch(() => res.destroy()),
     );
     up.on("error", () => {
       if (!res.headersSent) {
