@@ -3,10 +3,12 @@
  * and a real client (node:http), each fault seen the way a downloader sees it.
  */
 import { createHash } from "node:crypto";
+import { mkdtempSync, writeFileSync } from "node:fs";
 import { createServer, type IncomingHttpHeaders, request, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { type FaultProxy, startFaultProxy } from "../src/faults/proxy.js";
+import { type FaultProxy, startFaultProxy, unackedBytes } from "../src/faults/proxy.js";
 
 const BODY = Buffer.alloc(1 << 20);
 for (let i = 0; i < BODY.length; i++) BODY[i] = (i * 31 + 7) & 0xff;
@@ -20,7 +22,7 @@ interface Got {
   firstByteMs: number;
 }
 
-function get(url: string, opts: { method?: string; body?: string; headers?: Record<string, string> } = {}): Promise<Got> {
+function get(url: string, opts: { method?: string; body?: string; headers?: Record<string, string>; pauseMs?: number } = {}): Promise<Got> {
   return new Promise((resolve, reject) => {
     const t0 = Date.now();
     const req = request(url, { method: opts.method ?? "GET", headers: opts.headers, agent: false }, (res) => {
@@ -32,6 +34,19 @@ function get(url: string, opts: { method?: string; body?: string; headers?: Reco
         settled = true;
         resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks), ended, firstByteMs });
       };
+      // Node.js 22 also emits a reset after the head on the request (20 did not): once
+      // there is an answer, that error is how its body ended (settled by the
+      // response's close, after every byte that arrived), not a failed request.
+      let reqError: string | null = null;
+      req.off("error", reject);
+      req.on("error", (e: NodeJS.ErrnoException) => {
+        reqError = e.code ?? e.message;
+      });
+      // a slow reader: nothing read for pauseMs (its receive window fills up)
+      if (opts.pauseMs) {
+        res.pause();
+        setTimeout(() => res.resume(), opts.pauseMs);
+      }
       res.on("data", (c: Buffer) => {
         if (firstByteMs < 0) firstByteMs = Date.now() - t0;
         chunks.push(c);
@@ -39,7 +54,7 @@ function get(url: string, opts: { method?: string; body?: string; headers?: Reco
       res.on("end", () => done(res.complete ? "end" : "incomplete"));
       res.on("aborted", () => done("aborted"));
       res.on("error", (e: NodeJS.ErrnoException) => done(e.code ?? e.message));
-      res.on("close", () => done(res.complete ? "end" : "incomplete"));
+      res.on("close", () => done(res.complete ? "end" : (reqError ?? "incomplete")));
     });
     req.on("error", reject);
     req.end(opts.body);
@@ -117,6 +132,17 @@ describe("fault proxy", () => {
     expect((await get(`${proxy.url}/file`)).body.length).toBe(BODY.length); // times: 1
   });
 
+  it("reset: a client that reads slowly still gets exactly K bytes before the reset (more than its receive window)", async () => {
+    // K > a loopback receive window (64 KiB at first): an RST sent while the
+    // bytes wait in the proxy's send queue would discard them
+    proxy.add({ kind: "reset", afterBytes: 600_000, times: 1 });
+    const r = await get(`${proxy.url}/file`, { pauseMs: 300 });
+    expect(r.ended).not.toBe("end");
+    expect(r.body.length).toBe(600_000);
+    expect(r.body.equals(BODY.subarray(0, 600_000))).toBe(true);
+    expect(proxy.log.at(-1)).toMatchObject({ status: 200, bytes: 600_000, fault: "reset" });
+  });
+
   it("truncate: the full Content-Length, K bytes, then a clean close", async () => {
     proxy.add({ kind: "truncate", afterBytes: 300_000 });
     const r = await get(`${proxy.url}/file`);
@@ -162,12 +188,16 @@ describe("fault proxy", () => {
   });
 
   it("refuseFor: connections are refused for the window, then accepted on the same port", async () => {
+    const t0 = Date.now();
     const window = proxy.refuseFor(600);
     await new Promise((r) => setTimeout(r, 50));
     expect(proxy.refusing).toBe(true);
+    expect(proxy.refusingSince).toBeGreaterThanOrEqual(t0);
+    expect(proxy.refusingSince).toBeLessThanOrEqual(Date.now());
     await expect(get(`${proxy.url}/file`)).rejects.toMatchObject({ code: "ECONNREFUSED" });
     await window;
     expect(proxy.refusing).toBe(false);
+    expect(proxy.refusingSince).toBeNull();
     expect((await get(`${proxy.url}/file`)).status).toBe(200);
   });
 
@@ -183,5 +213,25 @@ describe("fault proxy", () => {
     } finally {
       await p.close();
     }
+  });
+
+  it("unackedBytes: the tx_queue of the established row local:port -> remote:port, null when absent", () => {
+    const table = `${mkdtempSync(`${tmpdir()}/proc-net-tcp-`)}/tcp`;
+    writeFileSync(
+      table,
+      [
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode",
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0",
+        "   1: 0100007F:1F90 0100007F:C350 01 000086A4:00000000 01:00000014 00000000     0        0 2 1 0",
+        "   2: 0100007F:C350 0100007F:1F90 01 00000000:00010000 00:00000000 00000000     0        0 3 1 0",
+        "   3: 0100007F:1F90 0100007F:C351 06 00000010:00000000 00:00000000 00000000     0        0 0 3 0",
+        "",
+      ].join("\n"),
+    );
+    expect(unackedBytes(8080, 50000, table)).toBe(0x86a4);
+    expect(unackedBytes(50000, 8080, table)).toBe(0);
+    expect(unackedBytes(8080, 50001, table)).toBeNull(); // TIME_WAIT: not a live connection
+    expect(unackedBytes(8080, 50002, table)).toBeNull();
+    expect(unackedBytes(8080, 50000, `${table}.missing`)).toBeNull();
   });
 });

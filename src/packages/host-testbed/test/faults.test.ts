@@ -5,8 +5,9 @@
  * (src/faults/leftovers.ts).
  *
  * FAULTS=subset (the default, what .ci/run runs): 6 kill points (5 SIGKILLs
- * and a power cut) in one chain, the hub down for a whole run, each kind of
- * artifact fault, the apt locks held 30 s, a full disk.
+ * and a power cut) in one chain, the hub down from the moment the host has its
+ * config and secrets to the end of a run, each kind of artifact fault, the apt
+ * locks held 30 s, a full disk, the hub's 409 for a conflicting repeat.
  * FAULTS=full (`pnpm test:faults`): the whole matrix. FAULTS=off skips it
  * (said so); so does SKIP_E2E=1.
  *
@@ -38,7 +39,6 @@ import {
 import { PowerCutDisk } from "../src/faults/power.js";
 import { ThrowawayHost } from "../src/host.js";
 import { whyNotSupported } from "../src/machine.js";
-import { sleep } from "../src/proc.js";
 import { type ProvisionedTestHost, STUB_PATH } from "../src/testbed.js";
 
 const MODE = (process.env.FAULTS ?? "subset").toLowerCase();
@@ -211,6 +211,7 @@ const ALL_STEPS = [
   "install_project",
   "install_tools",
   "btrfs",
+  "install_secrets",
   "service",
   "finalize",
 ];
@@ -378,52 +379,70 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
     });
   }
 
-  it("hub unreachable for the whole run (and the apt locks held 30 s): the run succeeds; every event arrives in order once the hub is back", async () => {
-    await counted("hub unreachable, whole run", async () => {
+  // "The hub down for the whole run" as it happens: the stub needs the hub for bootstrap.py
+  // and the config, bootstrap.py for the secrets (fetched first thing, right after the
+  // directories); a hub that goes down once a host has those must not stop the run. The hub
+  // down before the secrets is the other case: a clean failure at secrets (full matrix).
+  it("hub unreachable from the moment the host has its config and secrets to the end of the run (and the apt locks held 30 s): the run succeeds; every event arrives in order once the hub is back", async () => {
+    await counted("hub unreachable, the rest of the run", async () => {
       await counted("apt locks held 30 s", async () => {
         const host = await freshHost();
         const found = await foundState(host);
         const prov = await fb.provision(host);
-        // the stub gets bootstrap.py and its config; from then on the hub refuses every connection
+        expect(prov.config.secrets.length, "the test host has secrets to fetch").toBeGreaterThan(0);
         const lock = await holdLocks(host, [...DPKG_LOCKS, APT_LISTS_LOCK], 30);
-        const refuse = armRefuseAfterConfig(prov);
-        const down = await fb.run(host, prov, { log: linePrefixer("[hub down] ") });
+        // once the last secret is answered, the hub refuses every connection (for an hour, or until accept())
+        const lastSecret = prov.config.secrets.at(-1)!;
+        fb.hubProxy.refuseAfter(new RegExp(`/hosts/${prov.hostId}/secrets/${lastSecret}$`), 3600_000);
+        let down: FaultRun;
+        let since: number | null;
+        try {
+          down = await fb.run(host, prov, { log: linePrefixer("[hub down] ") });
+          expect(fb.hubProxy.refusing, "the hub stayed unreachable to the end of the run").toBe(true);
+          since = fb.hubProxy.refusingSince;
+        } finally {
+          await fb.hubProxy.clear(); // the hub is back (also for the next cases when this one fails)
+        }
         await lock.done;
-        refuse.stop();
         expect(down.run.code, outputOf({ run: down.run } as Observed)).toBe(0);
-        expect(fb.hubProxy.refusing, "the hub stayed unreachable for the whole run").toBe(true);
-        // nothing arrived
-        expect((await hubEvents(prov)).size).toBe(0);
+        // the outage began early: before apt (whose locks were held 30 s) was done
+        expect(since).not.toBeNull();
+        const tsOf = (pred: (x: Record<string, unknown>) => boolean) => Date.parse(String(down.records.find(pred)?.ts));
+        const runStart = tsOf((x) => typeof x.ts === "string");
+        const aptEnd = tsOf((x) => x.event === "step_end" && x.step === "apt");
+        expect(since!, "the hub went down before apt was done").toBeLessThan(aptEnd);
+        // the hub holds at most what was sent before: a gapless prefix of the run, never its end
+        const early = (await hubEvents(prov)).get(down.runId!) ?? [];
+        expect(early.map((e) => e.seq)).toEqual(early.map((_, i) => i));
+        expect(early.some((e) => e.type === "run_end")).toBe(false);
         // the lock: waited for, holder named
         const waits = down.records.filter((r) => r.event === "lock_wait");
         expect(waits.length, "no lock_wait record").toBeGreaterThan(0);
         expect(String(waits[0]!.message)).toContain(LOCK_HOLDER);
         const endDelay = endDelayS(down);
-        report.hubOutage.push({ case: "whole run", endDelayS: endDelay, referenceEndDelayS: null, wallS: down.run.wallMs / 1000 });
+        report.hubOutage.push({
+          case: "the rest of the run (from the secrets on)",
+          endDelayS: endDelay,
+          referenceEndDelayS: null,
+          wallS: down.run.wallMs / 1000,
+        });
         log(
-          `hub down for the whole run: exit ${down.run.code} in ${(down.run.wallMs / 1000).toFixed(1)} s; ${endDelay.toFixed(1)} s from the last step to the exit`,
+          `hub down ${((since! - runStart) / 1000).toFixed(1)} s into the run, to its end: exit ${down.run.code} in ${(down.run.wallMs / 1000).toFixed(1)} s; ${endDelay.toFixed(1)} s from the last step to the exit; the hub had ${early.length} events of it`,
         );
         // the hub is back: the next run sends the spooled events of the first, then its own
-        await fb.hubProxy.accept();
         const { r: again, hits } = await cleanRun(host, prov, "hub back");
-        const reference = endDelayS(again);
-        report.hubOutage.at(-1)!.referenceEndDelayS = reference;
+        report.hubOutage.at(-1)!.referenceEndDelayS = endDelayS(again);
         await expectConverged(host, prov, again, found, hits);
         const runs = await hubEvents(prov);
         expect([...runs.keys()]).toEqual(expect.arrayContaining([down.runId, again.runId]));
         const first = runs.get(down.runId!)!;
+        expect(first.length).toBeGreaterThan(early.length);
         expect(first.at(-1)!.type).toBe("run_end");
         expect(first.at(-1)!.body.ok).toBe(true);
         await takeDown(host);
       });
     });
   });
-
-  /** Once the stub has its config, the hub proxy refuses connections (for an hour, or until accept()). */
-  function armRefuseAfterConfig(prov: ProvisionedTestHost): { stop(): void } {
-    fb.hubProxy.refuseAfter(new RegExp(`/hosts/${prov.hostId}/config$`), 3600_000);
-    return { stop: () => {} };
-  }
 
   /** Seconds from the run's last step_end record to the stub's exit. */
   function endDelayS(r: FaultRun): number {
@@ -517,6 +536,44 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
   });
 
   if (FULL) {
+    it("hub unreachable from the config on (before the secrets): a clean failure at secrets naming hub.secrets_url, nothing of a secret written; the hub back, the next run converges and every event arrives", async () => {
+      await counted("hub unreachable before the secrets", async () => {
+        const host = await freshHost();
+        const found = await foundState(host);
+        const prov = await fb.provision(host);
+        const c = prov.config;
+        fb.hubProxy.refuseAfter(new RegExp(`/hosts/${prov.hostId}/config$`), 3600_000);
+        let down: FaultRun;
+        try {
+          down = await fb.run(host, prov, { log: linePrefixer("[hub down early] ") });
+          expect(fb.hubProxy.refusing, "the hub stayed unreachable to the end of the run").toBe(true);
+        } finally {
+          await fb.hubProxy.clear(); // the hub is back (also for the next cases when this one fails)
+        }
+        expect(down.run.code, outputOf({ run: down.run } as Observed)).not.toBe(0);
+        const secretsEnd = down.records.find((x) => x.event === "step_end" && x.step === "secrets");
+        expect(secretsEnd?.outcome, "the secrets step failed").toBe("failed");
+        const out = down.run.stdout + down.run.stderr;
+        expect(out).toContain("hint:");
+        expect(out).toContain("hub.secrets_url");
+        const written = await host.sh(`find ${c.bootstrap_dir}/secrets-staging ${c.btrfs.mount_point}/data/secrets -type f 2>/dev/null; true`);
+        expect(written.trim(), "nothing of a secret written").toBe("");
+        report.hubOutage.push({
+          case: "from the config on (fails at secrets)",
+          endDelayS: endDelayS(down),
+          referenceEndDelayS: null,
+          wallS: down.run.wallMs / 1000,
+        });
+        const { r: again, hits } = await cleanRun(host, prov, "hub back (secrets)");
+        report.hubOutage.at(-1)!.referenceEndDelayS = endDelayS(again);
+        await expectConverged(host, prov, again, found, hits);
+        const first = (await hubEvents(prov)).get(down.runId!)!;
+        expect(first.at(-1)!.type).toBe("run_end");
+        expect(first.at(-1)!.body.ok).toBe(false);
+        await takeDown(host);
+      });
+    });
+
     it("hub unreachable for a window in the middle of the run: success, every event delivered in order, the added delay bounded", async () => {
       await counted("hub unreachable, window", async () => {
         const host = await freshHost();
@@ -577,29 +634,27 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
     });
   }
 
-  it("a batch that repeats a stored (host, run, seq) with other content: the hub refuses it, the host logs the refusal", async (ctx) => {
-    // Needs the hub's 409 for a conflicting repeat; probe this tree's hub first.
+  it("a batch that repeats a stored (host, run, seq) with other content: the hub refuses it, the host logs the refusal", async () => {
     const host = await freshHost();
     const prov = await fb.provision(host);
-    const probeRun = "20000101T000000000000Z-00000000";
-    const ev = (phase: string) => ({ run_id: probeRun, seq: 0, ts: 946684800, type: "progress", phase, percent: 1 });
-    const post = (msg: string) =>
-      fetch(prov.config.hub.events_url.replace(fb.hubProxy.url, prov.hub.url), {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Authorization: `Bearer ${prov.token}` },
-        body: JSON.stringify({ host_id: prov.hostId, events: [ev(msg)] }),
-      });
-    const a = await post("first");
-    const b = await post("second, different");
-    if (a.status >= 400) log(`probe: the hub refused a plain event (${a.status} ${await a.text()}); the probe event may not fit the schema`);
-    if (b.status !== 409) {
-      const reason = `this tree's hub answers a batch that repeats a stored (host, run, seq) with other content with ${b.status}, not 409 (the hub's refusal is another change of issue 14)`;
-      log(`skipped: ${reason}`);
-      await takeDown(host);
-      ctx.skip(reason);
-      return;
-    }
     await counted("hub refuses a conflicting repeat (409)", async () => {
+      // the hub itself, over HTTP: the same (run, seq) again with other content is a 409, not a silent first-write-wins
+      const probeRun = "20000101T000000000000Z-00000000";
+      const ev = (phase: string) => ({ run_id: probeRun, seq: 0, ts: 946684800, type: "progress", phase, percent: 1 });
+      const post = (msg: string) =>
+        fetch(prov.config.hub.events_url.replace(fb.hubProxy.url, prov.hub.url), {
+          method: "POST",
+          headers: { "Content-Type": "application/json", Authorization: `Bearer ${prov.token}` },
+          body: JSON.stringify({ host_id: prov.hostId, events: [ev(msg)] }),
+        });
+      const a = await post("first");
+      expect(a.status, `a plain event: ${await a.text()}`).toBe(200);
+      const same = await post("first");
+      expect(same.status, "the same event again is a duplicate, not a conflict").toBe(200);
+      const b = await post("second, different");
+      expect(b.status, `other content for a stored (run, seq): ${await b.text()}`).toBe(409);
+      await prov.hub.db.query("DELETE FROM bootstrap_events WHERE host_id = $1 AND run_id = $2", [prov.hostId, probeRun]);
+
       // a run whose events cannot be sent, killed; the hub then holds other content for its seq 0
       fb.hubProxy.add({ kind: "drop", match: (r) => r.method === "POST" && r.path.endsWith("/events"), label: "events dropped" });
       const killed = await fb.run(host, prov, { kill: { name: "apt:start", trigger: { kind: "step-start", step: "apt" } } });
@@ -642,7 +697,7 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
     lines.push(`timings: ${JSON.stringify(report.timings)}`);
     log(lines.join("\n"));
     if (process.env.FAULTS_REPORT) {
-      writeFileSync(process.env.FAULTS_REPORT, JSON.stringify({ ...report, rows: [...report.rows.values()] }, null, 2) + "\n");
+      writeFileSync(process.env.FAULTS_REPORT, `${JSON.stringify({ ...report, rows: [...report.rows.values()] }, null, 2)}\n`);
     }
   }
 });

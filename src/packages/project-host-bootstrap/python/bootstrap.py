@@ -3756,6 +3756,19 @@ def secrets_dir(config: Config) -> Path:
     return Path(config.btrfs.mount_point) / "data" / "secrets"
 
 
+def secrets_staging_dir(config: Config) -> Path:
+    """Where the secrets step puts what it fetched (0700, files 0600) until
+    /btrfs is mounted and install_secrets moves them to secrets_dir()."""
+    return Path(config.bootstrap_dir) / "secrets-staging"
+
+
+def btrfs_image_part(config: Config) -> Path:
+    """Where the loop image is made (truncate + mkfs.btrfs) before it is renamed
+    to btrfs.image_path: a killed mkfs leaves only this, which the next run removes."""
+    image = Path(config.btrfs.image_path)
+    return image.with_name(image.name + ".part")
+
+
 def nvm_dir(config: Config) -> Path:
     return Path(config.home) / ".nvm"
 
@@ -4141,6 +4154,9 @@ def rotate_if_due(
 # - install_archive: `.staging-*` directories beside the version directories
 #   (also removed before every install; here too, so a run whose install is
 #   already done cleans them as well).
+# - BtrfsStep.make_image: `<btrfs.image_path>.part`, root's (made with sudo):
+#   a loop image whose truncate or mkfs.btrfs was cut short;
+# - the secrets step: its staging directory's temporaries (atomic_write_text).
 # Partial downloads (`.part`) are not debris: the next download resumes them.
 
 ATOMIC_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -4148,13 +4164,16 @@ ROOT_TMP_RE = r"^\.{name}\.[0-9a-f]{{8}}\.tmp$"
 ROOT_SOURCE_RE = re.compile(r"^cocalc-bootstrap-[a-z0-9_]{8}$")
 LINK_TMP_RE = re.compile(r"^\..+-[0-9a-f]{8}$")
 EVENTS_SUBDIR = "events"
+# Also searched for write_root_file's sources (the run's TMPDIR may differ from the last one's).
+SYSTEM_TMP = Path("/tmp")  # noqa: S108 - only our own are removed, by name and owner
 
 
 def our_dirs(config: Config) -> list[Path]:
     """Every directory of ours that atomic_write_text writes into."""
     root = Path(config.bootstrap_root)
     dirs = [root, *(root / d for d in BOOTSTRAP_SUBDIRS)]
-    dirs += [Path(config.bootstrap_dir), Path(config.bootstrap_dir) / EVENTS_SUBDIR, secrets_dir(config)]
+    dirs += [Path(config.bootstrap_dir), Path(config.bootstrap_dir) / EVENTS_SUBDIR]
+    dirs += [secrets_dir(config), secrets_staging_dir(config)]
     dirs += [downloads_dir(config), nvm_dir(config), nvm_dir(config) / "alias"]
     return dirs
 
@@ -4199,7 +4218,7 @@ def remove_debris(config: Config, log: Log) -> list[str]:
                     os.unlink(entry.path)
                     gone(entry.path)
     # write_root_file's sources: ours (our uid), in the temp directory
-    for directory in {Path(tempfile.gettempdir()), Path("/tmp")}:  # noqa: S108 - only our own, by name and owner
+    for directory in {Path(tempfile.gettempdir()), SYSTEM_TMP}:
         for entry in _entries(directory):
             if ROOT_SOURCE_RE.match(entry.name):
                 with contextlib.suppress(OSError):
@@ -4211,6 +4230,12 @@ def remove_debris(config: Config, log: Log) -> list[str]:
     for target in (FSTAB, ENV_FILE, SYSTEMD_UNIT_DIR / f"{config.service.unit}.service"):
         pattern = re.compile(ROOT_TMP_RE.format(name=re.escape(target.name)))
         root_debris += [e.path for e in _entries(target.parent) if pattern.match(e.name)]
+    # a loop image made at <image>.part whose mkfs a kill cut short (a regular file of root's)
+    part = btrfs_image_part(config)
+    with contextlib.suppress(OSError):
+        st = part.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+            root_debris.append(str(part))
     if root_debris:
         run_command(["rm", "-f", "--", *root_debris], sudo=True, check=False, timeout_s=30)
         removed += root_debris
@@ -4526,7 +4551,7 @@ def remove_image(config: Config, artifact: str, version: str, log: Log) -> bool:
 
 
 # ============================================================================
-# steps_host: Steps that prepare the host: preflight, directories, files, secrets.
+# steps_host: Steps that prepare the host: preflight, directories, files, secrets (and their installation on /btrfs).
 # ============================================================================
 
 # -- the steps ------------------------------------------------------------------------
@@ -4740,10 +4765,13 @@ class FilesStep(Step):
 
 class SecretsStep(Step):
     """The secrets the config names (upstream: conat-password), fetched once with
-    the host credential into 0600 files in /btrfs/data/secrets (0700)."""
+    the host credential early in the run (right after the directories: the hub
+    is needed only at the start) into 0600 files in a staging directory of ours
+    (bootstrap_dir/secrets-staging, 0700); install_secrets moves them onto
+    /btrfs/data/secrets once it is mounted. A secret already there is not fetched."""
 
     name = "secrets"
-    deps = ("directories", "btrfs")
+    deps = ("directories",)
     weight_s = 1.0
     phase = "preparing"
     hint = (
@@ -4752,23 +4780,19 @@ class SecretsStep(Step):
     )
 
     def path(self, name: str) -> Path:
-        return secrets_dir(self.config) / name
+        """Where a fetched secret waits for /btrfs."""
+        return secrets_staging_dir(self.config) / name
 
     def inputs(self) -> Mapping[str, Any]:
         return {"names": list(self.config.secrets), "url": self.config.hub.secrets_url}
 
     def missing(self) -> list[str]:
-        missing = []
-        for name in self.config.secrets:
-            try:
-                st, value = self.path(name).stat(), self.path(name).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                missing.append(name)
-                continue
-            add_secret(value)  # so that nothing logs it, even when this step is skipped
-            if stat.S_IMODE(st.st_mode) != 0o600 or not value.strip():
-                missing.append(name)
-        return missing
+        """The configured secrets neither installed on /btrfs nor staged."""
+        return [
+            name
+            for name in self.config.secrets
+            if not secret_file_ok(secrets_dir(self.config) / name) and not secret_file_ok(self.path(name))
+        ]
 
     def check(self) -> StepState:
         if not self.config.secrets:
@@ -4789,16 +4813,92 @@ class SecretsStep(Step):
                 f"no host credential ({credential_path(self.config)}) nor bootstrap token ({self.config.token_file})",
                 hint="The stub gets the credential for the bootstrap token; re-run the stub from the hub.",
             )
-        secrets_dir(self.config).mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(secrets_dir(self.config), 0o700)
+        staging = secrets_staging_dir(self.config)
+        staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(staging, 0o700)
         for name in missing:
             value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token)
             add_secret(value)
             atomic_write_text(self.path(name), value, 0o600)
-            self.log.info(f"fetched secret {name} into {self.path(name)} (0600)")
+            self.log.info(f"fetched secret {name} into {self.path(name)} (0600) until /btrfs is ready")
+
+
+class InstallSecretsStep(Step):
+    """The fetched secrets moved from the staging directory onto
+    /btrfs/data/secrets (0700; files 0600, written atomically and synced before
+    the staged copy is removed): one copy of each, where upstream's daemon reads it."""
+
+    name = "install_secrets"
+    deps = ("secrets", "btrfs")
+    weight_s = 0.2
+    phase = "preparing"
+    hint = "Re-run bootstrap.py: the secrets step fetches what is missing."
+
+    def path(self, name: str) -> Path:
+        return secrets_dir(self.config) / name
+
+    def staged(self) -> list[Path]:
+        try:
+            return sorted(p for p in secrets_staging_dir(self.config).iterdir() if not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"names": list(self.config.secrets), "dir": str(secrets_dir(self.config))}
+
+    def check(self) -> StepState:
+        problems = [f"{self.path(n)} is missing" for n in self.config.secrets if not secret_file_ok(self.path(n))]
+        staged = self.staged()
+        if staged:
+            problems.append(f"{len(staged)} staged secret(s) in {secrets_staging_dir(self.config)}")
+        if not self.config.secrets and not staged:
+            return StepState(True, "no secrets configured")
+        return StepState(not problems, "; ".join(problems) or f"{len(self.config.secrets)} secret(s) in place")
+
+    def apply(self) -> None:
+        target = secrets_dir(self.config)
+        if not target.is_dir():
+            raise BootstrapError(f"{target} does not exist", hint="The btrfs step makes it; re-run bootstrap.py.")
+        for staged in self.staged():
+            if staged.name in self.config.secrets and secret_file_ok(staged):
+                value = staged.read_text(encoding="utf-8")
+                add_secret(value)
+                atomic_write_text(self.path(staged.name), value, 0o600)  # synced before the staged copy goes
+                self.log.info(f"installed secret {staged.name} into {self.path(staged.name)} (0600)")
+            staged.unlink()
+        staging = secrets_staging_dir(self.config)
+        with contextlib.suppress(OSError):  # gone already, or not empty (a temporary of ours: debris)
+            staging.rmdir()
+            fsync_dir(staging.parent)
+        missing = [n for n in self.config.secrets if not secret_file_ok(self.path(n))]
+        if missing:
+            raise BootstrapError(f"secret(s) neither installed nor fetched: {', '.join(missing)}", hint=self.hint)
+
+
+def secret_file_ok(path: Path) -> bool:
+    """A secret file as we write it: a regular 0600 file, not empty (its value then redacted)."""
+    try:
+        st = path.lstat()
+        value = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    add_secret(value)  # so that nothing logs it, even when the step is skipped
+    return stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and bool(value.strip())
+
+
+SECRET_ATTEMPTS = 10  # backoff 1, 2, 4, 8, then 15 s (with jitter): about a minute and a half at most
+SECRET_DEADLINE_S = 120.0
+HUB_SECRETS_HINT = (
+    "bootstrap.py fetches the secrets from hub.secrets_url at the start of a run: check that the hub is up "
+    "and answers from this host. Nothing of the secret was written; the next run fetches it"
+)
 
 
 def fetch_secret(url: str, token: str) -> str:
+    """GET one secret with the host credential (or the bootstrap token before its
+    exchange); a failure's hint is about the hub and its secrets (not a
+    download's: nothing partial is kept)."""
+
     def attempt() -> str:
         with http_open(
             url, timeout_s=DOWNLOAD_ATTEMPT_TIMEOUT_S, headers={"Authorization": f"Bearer {token}"}
@@ -4808,7 +4908,32 @@ def fetch_secret(url: str, token: str) -> str:
             except (OSError, http.client.HTTPException, UnicodeDecodeError) as e:
                 raise TransientError(f"GET {url}: {e}") from None
 
-    value = retry(attempt, what=f"GET {url}", attempts=4, retry_if=lambda e: isinstance(e, TransientError))
+    try:
+        # a hub restarting (a minute or so) must not fail a run: the secrets are
+        # needed only by install_secrets, late; other steps go on meanwhile
+        value = retry(
+            attempt,
+            what=f"GET {url}",
+            attempts=SECRET_ATTEMPTS,
+            deadline_s=SECRET_DEADLINE_S,
+            max_s=15.0,
+            retry_if=lambda e: isinstance(e, TransientError),
+        )
+    except RedirectRefused:
+        raise
+    except HttpStatusError as e:
+        if e.status in (401, 403):
+            hint = (
+                "The hub refused the host credential (host-credential) or bootstrap token: revoked or expired; "
+                "re-provision the host on the hub."
+            )
+        elif e.status == 404:
+            hint = "The hub has no such secret for this host: check the host's secret names on the hub."
+        else:
+            hint = HUB_SECRETS_HINT
+        raise BootstrapError(e.message, hint=hint) from None
+    except BootstrapError as e:
+        raise BootstrapError(e.message, hint=f"{HUB_SECRETS_HINT} (curl -sI {url})") from None
     if not value.strip():
         raise BootstrapError(f"GET {url}: the hub answered with an empty secret")
     return value
@@ -5597,13 +5722,34 @@ class BtrfsStep(Step):
                 hint="btrfs.image_path must name a file bootstrap.py creates. Move that file away, "
                 "or choose another path inside bootstrap_root.",
             )
-        if not image.exists():
-            make_root_dirs(image.parent)
-            run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)
-            run_command(["chmod", "0600", str(image)], sudo=True, timeout_s=30)
-            self.log.info(f"created sparse image {image} ({b.image_size_gb} GB)")
-        self.make_btrfs(str(image))
+        if image.exists():
+            self.make_btrfs(str(image))  # ours: reused, or (holes only: an older interrupted run) formatted
+        else:
+            self.make_image(image)
         return fstab_entry(b.image_path, b.mount_point, loop=True)
+
+    def make_image(self, image: Path) -> None:
+        """A new sparse loop image with our btrfs on it, made at `<image>.part` and renamed
+        into place only when complete (synced): a run killed in truncate or mkfs.btrfs leaves
+        the .part (removed by the next run), never a half-made image at btrfs.image_path."""
+        b = self.config.btrfs
+        part = btrfs_image_part(self.config)
+        make_root_dirs(image.parent)
+        if os.path.lexists(part):  # normally removed by remove_debris already
+            if not stat.S_ISREG(part.lstat().st_mode):
+                raise BootstrapError(
+                    f"{part} exists and is not a regular file",
+                    hint="bootstrap.py makes the loop image there first; move that away.",
+                )
+            run_command(["rm", "-f", "--", str(part)], sudo=True, timeout_s=30)
+        run_command(["truncate", "-s", f"{b.image_size_gb}G", str(part)], sudo=True, timeout_s=60)
+        run_command(["chmod", "0600", str(part)], sudo=True, timeout_s=30)
+        # no -f: mkfs.btrfs itself refuses to overwrite a filesystem (there is none: a new file)
+        run_command(["mkfs.btrfs", "-q", "-L", BTRFS_LABEL, str(part)], sudo=True, timeout_s=300, hint=self.hint)
+        run_command(["sync", "--", str(part)], sudo=True, timeout_s=300)  # its blocks before its name
+        run_command(["mv", "-T", "--", str(part), str(image)], sudo=True, timeout_s=30)
+        run_command(["sync", "--", str(image.parent)], sudo=True, timeout_s=60)  # the rename
+        self.log.info(f"created sparse image {image} ({b.image_size_gb} GB) with a btrfs filesystem")
 
     def make_btrfs(self, device: str) -> None:
         """mkfs.btrfs on an empty device; reuse btrfs; refuse anything else."""
@@ -5668,6 +5814,7 @@ class ServiceStep(Step):
         "metadata",  # projects never start before the metadata service is closed to them
         "files",
         "secrets",
+        "install_secrets",
     )
     weight_s = 10.0
     phase = "starting services"
@@ -6655,6 +6802,7 @@ STEPS: tuple[type[Step], ...] = (
     InstallProjectStep,
     InstallToolsStep,
     BtrfsStep,
+    InstallSecretsStep,
     ContainersStep,
     MetadataBlockStep,
     ChronyStep,

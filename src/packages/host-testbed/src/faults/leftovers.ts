@@ -54,6 +54,10 @@ export async function expectNothingLeftOver(host: ThrowawayHost, prov: Provision
   const c = prov.config;
   expect(await debrisOnHost(host, c), "debris of a killed run").toEqual([]);
 
+  // the secrets: on /btrfs, nothing left in the staging directory
+  const staged = await host.sh(`find ${c.bootstrap_dir}/secrets-staging -type f 2>/dev/null; true`);
+  expect(staged.trim(), "secrets still staged outside /btrfs").toBe("");
+
   // every `current` points to a complete version (its install marker is there)
   for (const a of ["project_host", "project", "tools"] as const) {
     const dir = `${c.bootstrap_root}/bundles/${a}`;

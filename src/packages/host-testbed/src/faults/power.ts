@@ -56,8 +56,9 @@ export class PowerCutDisk {
   };
 
   /**
-   * Attach the image to a loop device above the 8 the hosts get bound in
-   * (/dev/loop8 and up), so the host's own disk never takes one of theirs.
+   * Attach the image to a loop device above the LOOP_DEVICES every host gets
+   * bound in (/dev/loop0..LOOP_DEVICES-1, machine.ts), so the host's own disk
+   * never takes one that a host (this one or another) mounts its btrfs image on.
    */
   private async attach(): Promise<string> {
     for (let n = LOOP_DEVICES; n < 64; n++) {
@@ -67,7 +68,7 @@ export class PowerCutDisk {
       const r = await run(["losetup", dev, this.image], { allowFailure: true });
       if (r.code === 0) return dev;
     }
-    throw new Error("power-cut disk: no free loop device among /dev/loop8..63");
+    throw new Error(`power-cut disk: no free loop device among /dev/loop${LOOP_DEVICES}..63`);
   }
 
   private async mount(): Promise<void> {

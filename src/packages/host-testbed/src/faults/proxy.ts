@@ -4,7 +4,9 @@
  * body) to the upstream; per-request rules break some of them on the way:
  *
  * - `status`:   answer with this status (the upstream is not asked);
- * - `reset`:    forward the head and `afterBytes` of the body, then reset the connection (RST);
+ * - `reset`:    forward the head and `afterBytes` of the body, then reset the connection (RST)
+ *               once the client has received them (an RST discards whatever the sender's kernel
+ *               still holds, so resetting at once would deliver less than `afterBytes`);
  * - `truncate`: forward the head (full Content-Length) and `afterBytes`, then close cleanly (FIN);
  * - `corrupt`:  forward everything, every body byte from `fromByte` on inverted (same length);
  * - `stall`:    forward the head and `afterBytes`, then send nothing for `ms` (and go on);
@@ -18,6 +20,8 @@
  * listens again on the same port; a rule `refuseAfter` does that right after
  * a matching request was answered (e.g. once the stub has its config).
  */
+
+import { readFileSync } from "node:fs";
 import { createServer, request as httpRequest, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 
@@ -77,6 +81,8 @@ export interface FaultProxy {
   accept(): Promise<void>;
   /** True while connections are refused. */
   readonly refusing: boolean;
+  /** When the current refusal began (ms since the epoch), null while listening. */
+  readonly refusingSince: number | null;
   /** How many times each rule fired, by label. */
   fired(label: string): number;
   close(): Promise<void>;
@@ -103,6 +109,48 @@ function matches(rule: FaultRule, method: string, path: string): boolean {
 
 function labelOf(rule: FaultRule): string {
   return rule.label ?? rule.kind;
+}
+
+/**
+ * Bytes of a 127.0.0.1 connection's send queue the peer has not acknowledged
+ * yet (Linux: /proc/net/tcp's tx_queue of the row local:port -> remote:port);
+ * null if the connection is not there (closed) or the table is unreadable.
+ */
+export function unackedBytes(localPort: number, remotePort: number, table = "/proc/net/tcp"): number | null {
+  let text: string;
+  try {
+    text = readFileSync(table, "utf8");
+  } catch {
+    return null;
+  }
+  const hexPort = (p: number) => p.toString(16).toUpperCase().padStart(4, "0");
+  const local = `:${hexPort(localPort)}`;
+  const remote = `:${hexPort(remotePort)}`;
+  for (const line of text.split("\n").slice(1)) {
+    const f = line.trim().split(/\s+/);
+    // sl local rem st tx_queue:rx_queue ...; 01 = ESTABLISHED
+    if (f.length > 4 && f[1]!.endsWith(local) && f[2]!.endsWith(remote) && f[3] === "01") {
+      return Number.parseInt(f[4]!.split(":")[0]!, 16);
+    }
+  }
+  return null;
+}
+
+/**
+ * Resolve once everything written to `sock` has reached the peer: Node's own
+ * buffer is flushed to the kernel and the kernel's send queue acknowledged
+ * (the client may be slow to read: its window then keeps bytes here). Gives
+ * up after `timeoutMs` (a client that stopped reading).
+ */
+export async function delivered(sock: Socket, timeoutMs = 30_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!sock.destroyed && Date.now() < until) {
+    if (sock.writableLength === 0) {
+      const left = sock.localPort && sock.remotePort ? unackedBytes(sock.localPort, sock.remotePort) : null;
+      if (!left) return;
+    }
+    await new Promise((r) => setTimeout(r, 5));
+  }
 }
 
 export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<FaultProxy> {
@@ -144,7 +192,7 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     const entry: ProxyLogEntry = { method, path, range: req.headers.range ?? null, status: 0, bytes: 0, fault: rule ? labelOf(rule) : null, at: Date.now() };
     log.push(entry);
     const after = () => {
-      if (refuseAfter && refuseAfter.match.test(path) && entry.status >= 200 && entry.status < 300) {
+      if (refuseAfter?.match.test(path) && entry.status >= 200 && entry.status < 300) {
         const ms = refuseAfter.ms;
         refuseAfter = null; // once
         void refuseFor(ms);
@@ -170,7 +218,9 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     const headers = { ...req.headers, host: upstream.host };
     const up = httpRequest(
       { protocol: upstream.protocol, hostname: upstream.hostname, port: upstream.port, method, path, headers },
-      (upRes) => void relay(upRes),
+      // a client that goes away mid-body destroys `up`: the upstream answer then ends in an
+      // error ("aborted"), which ends the relay too (never an unhandled rejection)
+      (upRes) => void relay(upRes).catch(() => res.destroy()),
     );
     up.on("error", () => {
       if (!res.headersSent) {
@@ -225,7 +275,9 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
             sent += head.length;
             entry.bytes = sent;
             if (rule.kind === "reset") {
-              res.socket?.resetAndDestroy();
+              const sock = res.socket;
+              if (sock) await delivered(sock);
+              sock?.resetAndDestroy();
               upRes.destroy();
               return;
             }
@@ -308,7 +360,10 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     return new Promise((resolve) => server.close(() => resolve()));
   }
 
+  let refusedAt: number | null = null;
+
   async function refuse(): Promise<void> {
+    refusedAt ??= Date.now();
     await unlisten();
     // connections already open die too: a dead hub answers nothing
     for (const s of sockets) s.destroy();
@@ -320,6 +375,7 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     const done = refuseDone;
     refuseDone = null;
     if (!listening && !closed) await listen();
+    refusedAt = null;
     done?.();
   }
 
@@ -362,6 +418,9 @@ export async function startFaultProxy(opts: FaultProxyOptions = {}): Promise<Fau
     accept,
     get refusing() {
       return !listening;
+    },
+    get refusingSince() {
+      return listening ? null : refusedAt;
     },
     fired(label) {
       return firedByLabel.get(label) ?? 0;

@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,7 +15,15 @@ from .archive import STAGING_PREFIX
 from .commands import run_command
 from .config import Config
 from .facts import ENV_FILE, FSTAB, SYSTEMD_UNIT_DIR
-from .layout import BOOTSTRAP_SUBDIRS, bundles_dir, downloads_dir, nvm_dir, secrets_dir
+from .layout import (
+    BOOTSTRAP_SUBDIRS,
+    btrfs_image_part,
+    bundles_dir,
+    downloads_dir,
+    nvm_dir,
+    secrets_dir,
+    secrets_staging_dir,
+)
 from .log import Log
 
 # A run killed (SIGKILL, power cut) between creating a temporary and renaming
@@ -30,6 +39,9 @@ from .log import Log
 # - install_archive: `.staging-*` directories beside the version directories
 #   (also removed before every install; here too, so a run whose install is
 #   already done cleans them as well).
+# - BtrfsStep.make_image: `<btrfs.image_path>.part`, root's (made with sudo):
+#   a loop image whose truncate or mkfs.btrfs was cut short;
+# - the secrets step: its staging directory's temporaries (atomic_write_text).
 # Partial downloads (`.part`) are not debris: the next download resumes them.
 
 ATOMIC_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -37,13 +49,16 @@ ROOT_TMP_RE = r"^\.{name}\.[0-9a-f]{{8}}\.tmp$"
 ROOT_SOURCE_RE = re.compile(r"^cocalc-bootstrap-[a-z0-9_]{8}$")
 LINK_TMP_RE = re.compile(r"^\..+-[0-9a-f]{8}$")
 EVENTS_SUBDIR = "events"
+# Also searched for write_root_file's sources (the run's TMPDIR may differ from the last one's).
+SYSTEM_TMP = Path("/tmp")  # noqa: S108 - only our own are removed, by name and owner
 
 
 def our_dirs(config: Config) -> list[Path]:
     """Every directory of ours that atomic_write_text writes into."""
     root = Path(config.bootstrap_root)
     dirs = [root, *(root / d for d in BOOTSTRAP_SUBDIRS)]
-    dirs += [Path(config.bootstrap_dir), Path(config.bootstrap_dir) / EVENTS_SUBDIR, secrets_dir(config)]
+    dirs += [Path(config.bootstrap_dir), Path(config.bootstrap_dir) / EVENTS_SUBDIR]
+    dirs += [secrets_dir(config), secrets_staging_dir(config)]
     dirs += [downloads_dir(config), nvm_dir(config), nvm_dir(config) / "alias"]
     return dirs
 
@@ -88,7 +103,7 @@ def remove_debris(config: Config, log: Log) -> list[str]:
                     os.unlink(entry.path)
                     gone(entry.path)
     # write_root_file's sources: ours (our uid), in the temp directory
-    for directory in {Path(tempfile.gettempdir()), Path("/tmp")}:  # noqa: S108 - only our own, by name and owner
+    for directory in {Path(tempfile.gettempdir()), SYSTEM_TMP}:
         for entry in _entries(directory):
             if ROOT_SOURCE_RE.match(entry.name):
                 with contextlib.suppress(OSError):
@@ -100,6 +115,12 @@ def remove_debris(config: Config, log: Log) -> list[str]:
     for target in (FSTAB, ENV_FILE, SYSTEMD_UNIT_DIR / f"{config.service.unit}.service"):
         pattern = re.compile(ROOT_TMP_RE.format(name=re.escape(target.name)))
         root_debris += [e.path for e in _entries(target.parent) if pattern.match(e.name)]
+    # a loop image made at <image>.part whose mkfs a kill cut short (a regular file of root's)
+    part = btrfs_image_part(config)
+    with contextlib.suppress(OSError):
+        st = part.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+            root_debris.append(str(part))
     if root_debris:
         run_command(["rm", "-f", "--", *root_debris], sudo=True, check=False, timeout_s=30)
         removed += root_debris

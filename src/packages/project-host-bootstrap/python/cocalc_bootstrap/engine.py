@@ -37,7 +37,7 @@ from .lifecycle import PruneStep
 from .log import CURRENT_STEP, REDACTOR, utc_timestamp
 from .slots import CpuSlots
 from .step import Context, Step, atomic_write_text
-from .steps_host import DirectoriesStep, FilesStep, PreflightStep, SecretsStep
+from .steps_host import DirectoriesStep, FilesStep, InstallSecretsStep, PreflightStep, SecretsStep
 from .steps_install import (
     AptStep,
     DownloadProjectHostStep,
@@ -66,6 +66,7 @@ STEPS: tuple[type[Step], ...] = (
     InstallProjectStep,
     InstallToolsStep,
     BtrfsStep,
+    InstallSecretsStep,
     ContainersStep,
     MetadataBlockStep,
     ChronyStep,

@@ -53,6 +53,19 @@ def secrets_dir(config: Config) -> Path:
     return Path(config.btrfs.mount_point) / "data" / "secrets"
 
 
+def secrets_staging_dir(config: Config) -> Path:
+    """Where the secrets step puts what it fetched (0700, files 0600) until
+    /btrfs is mounted and install_secrets moves them to secrets_dir()."""
+    return Path(config.bootstrap_dir) / "secrets-staging"
+
+
+def btrfs_image_part(config: Config) -> Path:
+    """Where the loop image is made (truncate + mkfs.btrfs) before it is renamed
+    to btrfs.image_path: a killed mkfs leaves only this, which the next run removes."""
+    image = Path(config.btrfs.image_path)
+    return image.with_name(image.name + ".part")
+
+
 def nvm_dir(config: Config) -> Path:
     return Path(config.home) / ".nvm"
 

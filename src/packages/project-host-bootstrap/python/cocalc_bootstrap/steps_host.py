@@ -1,7 +1,8 @@
-"""Steps that prepare the host: preflight, directories, files, secrets."""
+"""Steps that prepare the host: preflight, directories, files, secrets (and their installation on /btrfs)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -13,14 +14,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .archive import decompressor_problems
+from .archive import decompressor_problems, fsync_dir
 from .commands import retry, run_command
 from .config import Config
 from .credentials import credential_path, host_auth
 from .errors import MIN_PYTHON, BootstrapError
 from .facts import ENV_FILE, machine_arch, passwd_entry, read_os_release, systemd_is_pid1, user_ids, version_tuple
-from .fetch import DOWNLOAD_ATTEMPT_TIMEOUT_S, TransientError, http_open
-from .layout import BOOTSTRAP_SUBDIRS, render_env_file, render_env_helper, render_readme, secrets_dir
+from .fetch import DOWNLOAD_ATTEMPT_TIMEOUT_S, HttpStatusError, RedirectRefused, TransientError, http_open
+from .layout import (
+    BOOTSTRAP_SUBDIRS,
+    render_env_file,
+    render_env_helper,
+    render_readme,
+    secrets_dir,
+    secrets_staging_dir,
+)
 from .log import add_secret
 from .step import Step, StepState, atomic_write_text, file_matches, write_root_file, write_user_file
 
@@ -235,10 +243,13 @@ class FilesStep(Step):
 
 class SecretsStep(Step):
     """The secrets the config names (upstream: conat-password), fetched once with
-    the host credential into 0600 files in /btrfs/data/secrets (0700)."""
+    the host credential early in the run (right after the directories: the hub
+    is needed only at the start) into 0600 files in a staging directory of ours
+    (bootstrap_dir/secrets-staging, 0700); install_secrets moves them onto
+    /btrfs/data/secrets once it is mounted. A secret already there is not fetched."""
 
     name = "secrets"
-    deps = ("directories", "btrfs")
+    deps = ("directories",)
     weight_s = 1.0
     phase = "preparing"
     hint = (
@@ -247,23 +258,19 @@ class SecretsStep(Step):
     )
 
     def path(self, name: str) -> Path:
-        return secrets_dir(self.config) / name
+        """Where a fetched secret waits for /btrfs."""
+        return secrets_staging_dir(self.config) / name
 
     def inputs(self) -> Mapping[str, Any]:
         return {"names": list(self.config.secrets), "url": self.config.hub.secrets_url}
 
     def missing(self) -> list[str]:
-        missing = []
-        for name in self.config.secrets:
-            try:
-                st, value = self.path(name).stat(), self.path(name).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                missing.append(name)
-                continue
-            add_secret(value)  # so that nothing logs it, even when this step is skipped
-            if stat.S_IMODE(st.st_mode) != 0o600 or not value.strip():
-                missing.append(name)
-        return missing
+        """The configured secrets neither installed on /btrfs nor staged."""
+        return [
+            name
+            for name in self.config.secrets
+            if not secret_file_ok(secrets_dir(self.config) / name) and not secret_file_ok(self.path(name))
+        ]
 
     def check(self) -> StepState:
         if not self.config.secrets:
@@ -284,16 +291,92 @@ class SecretsStep(Step):
                 f"no host credential ({credential_path(self.config)}) nor bootstrap token ({self.config.token_file})",
                 hint="The stub gets the credential for the bootstrap token; re-run the stub from the hub.",
             )
-        secrets_dir(self.config).mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(secrets_dir(self.config), 0o700)
+        staging = secrets_staging_dir(self.config)
+        staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(staging, 0o700)
         for name in missing:
             value = fetch_secret(f"{self.config.hub.secrets_url.rstrip('/')}/{name}", token)
             add_secret(value)
             atomic_write_text(self.path(name), value, 0o600)
-            self.log.info(f"fetched secret {name} into {self.path(name)} (0600)")
+            self.log.info(f"fetched secret {name} into {self.path(name)} (0600) until /btrfs is ready")
+
+
+class InstallSecretsStep(Step):
+    """The fetched secrets moved from the staging directory onto
+    /btrfs/data/secrets (0700; files 0600, written atomically and synced before
+    the staged copy is removed): one copy of each, where upstream's daemon reads it."""
+
+    name = "install_secrets"
+    deps = ("secrets", "btrfs")
+    weight_s = 0.2
+    phase = "preparing"
+    hint = "Re-run bootstrap.py: the secrets step fetches what is missing."
+
+    def path(self, name: str) -> Path:
+        return secrets_dir(self.config) / name
+
+    def staged(self) -> list[Path]:
+        try:
+            return sorted(p for p in secrets_staging_dir(self.config).iterdir() if not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def inputs(self) -> Mapping[str, Any]:
+        return {"names": list(self.config.secrets), "dir": str(secrets_dir(self.config))}
+
+    def check(self) -> StepState:
+        problems = [f"{self.path(n)} is missing" for n in self.config.secrets if not secret_file_ok(self.path(n))]
+        staged = self.staged()
+        if staged:
+            problems.append(f"{len(staged)} staged secret(s) in {secrets_staging_dir(self.config)}")
+        if not self.config.secrets and not staged:
+            return StepState(True, "no secrets configured")
+        return StepState(not problems, "; ".join(problems) or f"{len(self.config.secrets)} secret(s) in place")
+
+    def apply(self) -> None:
+        target = secrets_dir(self.config)
+        if not target.is_dir():
+            raise BootstrapError(f"{target} does not exist", hint="The btrfs step makes it; re-run bootstrap.py.")
+        for staged in self.staged():
+            if staged.name in self.config.secrets and secret_file_ok(staged):
+                value = staged.read_text(encoding="utf-8")
+                add_secret(value)
+                atomic_write_text(self.path(staged.name), value, 0o600)  # synced before the staged copy goes
+                self.log.info(f"installed secret {staged.name} into {self.path(staged.name)} (0600)")
+            staged.unlink()
+        staging = secrets_staging_dir(self.config)
+        with contextlib.suppress(OSError):  # gone already, or not empty (a temporary of ours: debris)
+            staging.rmdir()
+            fsync_dir(staging.parent)
+        missing = [n for n in self.config.secrets if not secret_file_ok(self.path(n))]
+        if missing:
+            raise BootstrapError(f"secret(s) neither installed nor fetched: {', '.join(missing)}", hint=self.hint)
+
+
+def secret_file_ok(path: Path) -> bool:
+    """A secret file as we write it: a regular 0600 file, not empty (its value then redacted)."""
+    try:
+        st = path.lstat()
+        value = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    add_secret(value)  # so that nothing logs it, even when the step is skipped
+    return stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and bool(value.strip())
+
+
+SECRET_ATTEMPTS = 10  # backoff 1, 2, 4, 8, then 15 s (with jitter): about a minute and a half at most
+SECRET_DEADLINE_S = 120.0
+HUB_SECRETS_HINT = (
+    "bootstrap.py fetches the secrets from hub.secrets_url at the start of a run: check that the hub is up "
+    "and answers from this host. Nothing of the secret was written; the next run fetches it"
+)
 
 
 def fetch_secret(url: str, token: str) -> str:
+    """GET one secret with the host credential (or the bootstrap token before its
+    exchange); a failure's hint is about the hub and its secrets (not a
+    download's: nothing partial is kept)."""
+
     def attempt() -> str:
         with http_open(
             url, timeout_s=DOWNLOAD_ATTEMPT_TIMEOUT_S, headers={"Authorization": f"Bearer {token}"}
@@ -303,7 +386,32 @@ def fetch_secret(url: str, token: str) -> str:
             except (OSError, http.client.HTTPException, UnicodeDecodeError) as e:
                 raise TransientError(f"GET {url}: {e}") from None
 
-    value = retry(attempt, what=f"GET {url}", attempts=4, retry_if=lambda e: isinstance(e, TransientError))
+    try:
+        # a hub restarting (a minute or so) must not fail a run: the secrets are
+        # needed only by install_secrets, late; other steps go on meanwhile
+        value = retry(
+            attempt,
+            what=f"GET {url}",
+            attempts=SECRET_ATTEMPTS,
+            deadline_s=SECRET_DEADLINE_S,
+            max_s=15.0,
+            retry_if=lambda e: isinstance(e, TransientError),
+        )
+    except RedirectRefused:
+        raise
+    except HttpStatusError as e:
+        if e.status in (401, 403):
+            hint = (
+                "The hub refused the host credential (host-credential) or bootstrap token: revoked or expired; "
+                "re-provision the host on the hub."
+            )
+        elif e.status == 404:
+            hint = "The hub has no such secret for this host: check the host's secret names on the hub."
+        else:
+            hint = HUB_SECRETS_HINT
+        raise BootstrapError(e.message, hint=hint) from None
+    except BootstrapError as e:
+        raise BootstrapError(e.message, hint=f"{HUB_SECRETS_HINT} (curl -sI {url})") from None
     if not value.strip():
         raise BootstrapError(f"GET {url}: the hub answered with an empty secret")
     return value

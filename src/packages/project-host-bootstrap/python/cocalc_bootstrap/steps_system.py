@@ -30,6 +30,7 @@ from .layout import (
     GROW_HELPER,
     GROW_UNIT,
     SYSTEM_DONE_MARKER,
+    btrfs_image_part,
     bundles_dir,
     data_dir,
     done_marker,
@@ -211,13 +212,34 @@ class BtrfsStep(Step):
                 hint="btrfs.image_path must name a file bootstrap.py creates. Move that file away, "
                 "or choose another path inside bootstrap_root.",
             )
-        if not image.exists():
-            make_root_dirs(image.parent)
-            run_command(["truncate", "-s", f"{b.image_size_gb}G", str(image)], sudo=True, timeout_s=60)
-            run_command(["chmod", "0600", str(image)], sudo=True, timeout_s=30)
-            self.log.info(f"created sparse image {image} ({b.image_size_gb} GB)")
-        self.make_btrfs(str(image))
+        if image.exists():
+            self.make_btrfs(str(image))  # ours: reused, or (holes only: an older interrupted run) formatted
+        else:
+            self.make_image(image)
         return fstab_entry(b.image_path, b.mount_point, loop=True)
+
+    def make_image(self, image: Path) -> None:
+        """A new sparse loop image with our btrfs on it, made at `<image>.part` and renamed
+        into place only when complete (synced): a run killed in truncate or mkfs.btrfs leaves
+        the .part (removed by the next run), never a half-made image at btrfs.image_path."""
+        b = self.config.btrfs
+        part = btrfs_image_part(self.config)
+        make_root_dirs(image.parent)
+        if os.path.lexists(part):  # normally removed by remove_debris already
+            if not stat.S_ISREG(part.lstat().st_mode):
+                raise BootstrapError(
+                    f"{part} exists and is not a regular file",
+                    hint="bootstrap.py makes the loop image there first; move that away.",
+                )
+            run_command(["rm", "-f", "--", str(part)], sudo=True, timeout_s=30)
+        run_command(["truncate", "-s", f"{b.image_size_gb}G", str(part)], sudo=True, timeout_s=60)
+        run_command(["chmod", "0600", str(part)], sudo=True, timeout_s=30)
+        # no -f: mkfs.btrfs itself refuses to overwrite a filesystem (there is none: a new file)
+        run_command(["mkfs.btrfs", "-q", "-L", BTRFS_LABEL, str(part)], sudo=True, timeout_s=300, hint=self.hint)
+        run_command(["sync", "--", str(part)], sudo=True, timeout_s=300)  # its blocks before its name
+        run_command(["mv", "-T", "--", str(part), str(image)], sudo=True, timeout_s=30)
+        run_command(["sync", "--", str(image.parent)], sudo=True, timeout_s=60)  # the rename
+        self.log.info(f"created sparse image {image} ({b.image_size_gb} GB) with a btrfs filesystem")
 
     def make_btrfs(self, device: str) -> None:
         """mkfs.btrfs on an empty device; reuse btrfs; refuse anything else."""
@@ -282,6 +304,7 @@ class ServiceStep(Step):
         "metadata",  # projects never start before the metadata service is closed to them
         "files",
         "secrets",
+        "install_secrets",
     )
     weight_s = 10.0
     phase = "starting services"

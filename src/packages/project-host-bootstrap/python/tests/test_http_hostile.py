@@ -36,7 +36,7 @@ def secrets_step(tmp_path: Path, hub: Origin) -> tuple[bootstrap.SecretsStep, Pa
     config = make_config(tmp_path, hub.url, secrets=["conat-password"])
     Path(config.bootstrap_dir).mkdir(parents=True)
     config.token_file.write_text(TOKEN + "\n")
-    return bootstrap.SecretsStep(context(config)), bootstrap.secrets_dir(config)
+    return bootstrap.SecretsStep(context(config)), bootstrap.secrets_staging_dir(config)  # where it writes
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])

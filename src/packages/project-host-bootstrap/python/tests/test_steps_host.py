@@ -130,12 +130,53 @@ def test_secrets_step_fetches_with_the_token_into_0600_files(tmp_path: Path) -> 
         assert not step.check().satisfied
         step.apply()
         assert step.check().satisfied
-    path = Path(config.btrfs.mount_point) / "data" / "secrets" / "conat-password"  # where upstream's daemon reads it
-    assert path.read_text() == "hunter2-long-secret"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    # fetched early, before /btrfs exists: staged in a 0700 directory of ours
+    staged = Path(config.bootstrap_dir) / "secrets-staging" / "conat-password"
+    assert staged.read_text() == "hunter2-long-secret"
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o600
+    assert stat.S_IMODE(staged.parent.stat().st_mode) == 0o700
     assert behaviour.headers_seen[0]["Authorization"] == f"Bearer {token}"
     assert bootstrap.REDACTOR("x hunter2-long-secret y") == "x *** y"
+    # /btrfs mounted (here: its data/secrets directory made as the btrfs step does): moved there
+    install = bootstrap.InstallSecretsStep(context(config))
+    assert not install.check().satisfied
+    target = Path(config.btrfs.mount_point) / "data" / "secrets"
+    target.mkdir(mode=0o700, parents=True)
+    install.apply()
+    assert install.check().satisfied and step.check().satisfied
+    path = target / "conat-password"  # where upstream's daemon reads it
+    assert path.read_text() == "hunter2-long-secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not staged.parent.exists()  # one copy only
+    assert len(behaviour.headers_seen) == 1  # and a re-run fetches nothing
+    step.apply()
+    assert len(behaviour.headers_seen) == 1
+
+
+def test_install_secrets_after_a_kill_between_install_and_unlink_keeps_one_copy(tmp_path: Path) -> None:
+    config = make_config(tmp_path, secrets=["conat-password"])
+    staging = bootstrap.secrets_staging_dir(config)
+    target = bootstrap.secrets_dir(config)
+    for d in (staging, target):
+        d.mkdir(mode=0o700, parents=True)
+    for d in (staging, target):  # installed, and still staged: killed before the unlink
+        (d / "conat-password").write_text("pw-0123456789")
+        (d / "conat-password").chmod(0o600)
+    (staging / "old-name").write_text("no longer configured")
+    (staging / "old-name").chmod(0o600)
+    install = bootstrap.InstallSecretsStep(context(config))
+    assert not install.check().satisfied
+    install.apply()
+    assert install.check().satisfied
+    assert (target / "conat-password").read_text() == "pw-0123456789"
+    assert not staging.exists() and not (target / "old-name").exists()
+
+
+def test_install_secrets_fails_clearly_when_a_secret_was_never_fetched(tmp_path: Path) -> None:
+    config = make_config(tmp_path, secrets=["conat-password"])
+    bootstrap.secrets_dir(config).mkdir(mode=0o700, parents=True)
+    with pytest.raises(bootstrap.BootstrapError, match="conat-password"):
+        bootstrap.InstallSecretsStep(context(config)).apply()
 
 
 def test_secrets_step_without_secrets_is_satisfied(tmp_path: Path) -> None:
@@ -150,8 +191,11 @@ def test_step_graph_starts_apt_downloads_and_node_at_once() -> None:
     assert "btrfs" in by_name["service"].deps and "apt" in by_name["btrfs"].deps
     assert by_name["finalize"].deps == ("service", "chrony", "tunnel", "gpu")
     # what upstream's daemon needs exists before it starts
-    assert {"containers", "btrfs", "secrets", "files"} <= set(by_name["service"].deps)
-    assert {"apt", "btrfs"} <= set(by_name["containers"].deps) and "btrfs" in by_name["secrets"].deps
+    assert {"containers", "btrfs", "secrets", "install_secrets", "files"} <= set(by_name["service"].deps)
+    assert {"apt", "btrfs"} <= set(by_name["containers"].deps)
+    # the hub is needed only at the start: secrets are fetched right after the directories
+    assert set(by_name["secrets"].deps) <= {"preflight", "directories"}
+    assert {"secrets", "btrfs"} <= set(by_name["install_secrets"].deps)
 
 
 needs_sudo = pytest.mark.skipif(
@@ -257,3 +301,17 @@ def test_preflight_needs_zstd_for_a_zstd_archive_without_an_image(
     assert problems == [("artifacts project is .tar.zst and the zstd command is missing", bootstrap.ZSTD_HINT)]
     assert problems[0] in bootstrap.preflight_problems(config)
     assert bootstrap.decompressor_problems(make_config(tmp_path)) == []  # .tar.xz: Python's lzma reads it
+
+
+def test_secrets_step_unreachable_hub_fails_with_a_hint_about_the_hub_not_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bootstrap, "backoff_delay", lambda attempt, base_s, max_s: 0.01)
+    config = make_config(tmp_path, "http://127.0.0.1:9", secrets=["conat-password"])  # port 9: refused
+    Path(config.bootstrap_dir).mkdir(parents=True)
+    config.token_file.write_text("tok-0123456789abcdef\n")
+    with pytest.raises(bootstrap.BootstrapError) as failure:
+        bootstrap.SecretsStep(context(config)).apply()
+    assert "hub.secrets_url" in (failure.value.hint or "")
+    assert "partial download" not in (failure.value.hint or "")
+    assert not bootstrap.secrets_staging_dir(config).joinpath("conat-password").exists()
