@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .commands import MeteredPopen, charge_child
 from .errors import BootstrapError
 from .fetch import DOWNLOAD_CHUNK
 from .step import atomic_write_text
@@ -137,7 +138,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
         return
     with tempfile.TemporaryFile() as errors:
         # Streaming, so not run_command: the tar reader consumes stdout as it comes.
-        proc = subprocess.Popen(
+        proc = MeteredPopen(
             [*tool, "--", str(archive)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
         )
         assert proc.stdout is not None
@@ -149,6 +150,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
             while reader.read(DOWNLOAD_CHUNK):  # the padding after the tar's end marker
                 pass
             returncode = proc.wait(timeout=60)
+            charge_child(proc.rusage)
         except BaseException:
             proc.kill()  # we stopped reading early (a refused member, an interrupt)
             proc.wait()
