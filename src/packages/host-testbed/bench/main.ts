@@ -146,17 +146,6 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
   const why = whyNotSupported();
   if (why) throw new Error(`the benchmark needs throwaway hosts: ${why}`);
   const log = opts.log ?? ((line: string) => process.stderr.write(`bench: ${line}\n`));
-  const run = await runBench({
-    runs: cli.runs,
-    scale: cli.scale,
-    blocks: cli.blocks,
-    latencyMs: cli.latency,
-    aptPackages: cli.apt,
-    kinds: cli.kinds,
-    formats: cli.formats,
-    xzAtStart: cli.xzAtStart,
-    log,
-  });
   const settings: BenchSettings = {
     command: ["pnpm bench", ...argv].join(" "),
     runs: cli.runs,
@@ -169,6 +158,23 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     xz_at_start: cli.xzAtStart,
     machine: { cpus: cpus().length, kernel: release(), node: process.version },
   };
+  const run = await runBench({
+    runs: cli.runs,
+    scale: cli.scale,
+    blocks: cli.blocks,
+    latencyMs: cli.latency,
+    aptPackages: cli.apt,
+    kinds: cli.kinds,
+    formats: cli.formats,
+    xzAtStart: cli.xzAtStart,
+    log,
+    // a partial results folder after every iteration: a long run cut short still leaves its figures
+    onIteration: (partial) => {
+      writeResults(cli.out, buildResult(partial, { ...settings, partial: true }));
+      log(`partial results in ${cli.out}`);
+    },
+  });
+
   const markdown = writeResults(cli.out, buildResult(run, settings));
   return { dir: cli.out, markdown };
 }

@@ -22,6 +22,8 @@ export interface BenchSettings {
   latency_ms: number;
   xz_at_start?: boolean;
   machine: { cpus: number; kernel: string; node: string };
+  /** Written after an iteration, before the whole run finished. */
+  partial?: boolean;
 }
 
 /** A figure: how to read it off a run, and how to show it. */
@@ -190,7 +192,10 @@ function columnsOf(result: BenchResult, block: string): string[] {
 export function markdown(result: BenchResult): string {
   const { settings, summary, workload } = result;
   const lines: string[] = [];
-  lines.push(`# Bootstrap benchmark ${settings.smoke ? "(smoke)" : ""}`.trim(), "");
+  lines.push(
+    `# Bootstrap benchmark ${settings.smoke ? "(smoke)" : ""}${settings.partial ? " (partial: written after an iteration, the run went on)" : ""}`.trim(),
+    "",
+  );
   lines.push(
     `\`${settings.command}\` — ${result.started_at} — ${settings.runs} run(s) per kind and block, scale ${settings.scale}, ` +
       `first-byte latency ${settings.latency_ms} ms${settings.xz_at_start ? ", xz in the host from the start" : ""}; ` +

@@ -106,6 +106,8 @@ export interface BenchOptions {
    * extracted before apt installed xz-utils use Python's lzma).
    */
   xzAtStart?: boolean;
+  /** Called with everything so far after each iteration (the CLI writes the results folder each time). */
+  onIteration?: (partial: BenchRun) => void;
 }
 
 export interface RunRecord {
@@ -235,6 +237,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchRun> {
         const out = await iteration(ctx, i);
         runs.push(...out.runs);
         if (out.isolated) isolated.push(out.isolated);
+        opts.onIteration?.({ workload, runs: [...runs], isolated: [...isolated], cores, started_at, finished_at: new Date().toISOString() });
       }
     } finally {
       await bed.close();
