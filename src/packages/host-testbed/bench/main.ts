@@ -28,6 +28,8 @@ and cold serial runs.
                       ext4 image each, on a loop device) (default root,ext4)
   --blocks LIST       explicit blocks instead of bandwidths × fs, e.g. 50:root,50:ext4,200:ext4
   --formats LIST      ${FORMATS.join(",")} (default: both)
+  --image-level N     zstd level of the bundle images (default: the converter's, 19); a lower one
+                      builds much faster and makes a slightly bigger image
   --latency MS        first-byte latency of every artifact response (default 0)
   --apt real|test     the old bootstrap's package list (default), or the tests' small one
   --kinds LIST        comma-separated subset of ${RUN_KINDS.join(",")} (default: all)
@@ -48,6 +50,7 @@ interface Cli {
   formats: Format[];
   smoke: boolean;
   xzAtStart: boolean;
+  imageLevel: number | undefined;
   out: string;
 }
 
@@ -67,6 +70,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
       kinds: { type: "string" },
       smoke: { type: "boolean", default: false },
       "xz-at-start": { type: "boolean", default: false },
+      "image-level": { type: "string" },
       out: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -132,6 +136,8 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
     formats,
     smoke,
     xzAtStart: values["xz-at-start"] ?? false,
+    imageLevel:
+      values["image-level"] === undefined ? undefined : number("image-level", values["image-level"], 19, (x) => Number.isInteger(x) && x >= 1 && x <= 22),
     out: resolve(values.out ?? join(repoRoot, "results", `bench-${smoke ? "smoke-" : ""}${stamp}`)),
   };
 }
@@ -156,6 +162,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     kinds: cli.kinds,
     latency_ms: cli.latency,
     xz_at_start: cli.xzAtStart,
+    image_level: cli.imageLevel ?? null,
     machine: { cpus: cpus().length, kernel: release(), node: process.version },
   };
   const run = await runBench({
@@ -167,6 +174,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     kinds: cli.kinds,
     formats: cli.formats,
     xzAtStart: cli.xzAtStart,
+    imageLevel: cli.imageLevel,
     log,
     // a partial results folder after every iteration: a long run cut short still leaves its figures
     onIteration: (partial) => {

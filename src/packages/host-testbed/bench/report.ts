@@ -21,6 +21,8 @@ export interface BenchSettings {
   kinds: RunKind[];
   latency_ms: number;
   xz_at_start?: boolean;
+  /** zstd level of the images; null: the converter's default (19). */
+  image_level?: number | null;
   machine: { cpus: number; kernel: string; node: string };
   /** Written after an iteration, before the whole run finished. */
   partial?: boolean;
@@ -198,7 +200,8 @@ export function markdown(result: BenchResult): string {
   );
   lines.push(
     `\`${settings.command}\` — ${result.started_at} — ${settings.runs} run(s) per kind and block, scale ${settings.scale}, ` +
-      `first-byte latency ${settings.latency_ms} ms${settings.xz_at_start ? ", xz in the host from the start" : ""}; ` +
+      `first-byte latency ${settings.latency_ms} ms${settings.xz_at_start ? ", xz in the host from the start" : ""}` +
+      `${settings.image_level ? `, images at zstd level ${settings.image_level}` : ""}; ` +
       `${settings.machine.cpus} CPUs, Linux ${settings.machine.kernel}, Node ${settings.machine.node}.`,
     "",
   );

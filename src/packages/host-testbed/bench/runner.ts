@@ -106,6 +106,8 @@ export interface BenchOptions {
    * extracted before apt installed xz-utils use Python's lzma).
    */
   xzAtStart?: boolean;
+  /** zstd level of the bundle images (default: the converter's, 19, as a release would publish them). */
+  imageLevel?: number;
   /** Called with everything so far after each iteration (the CLI writes the results folder each time). */
   onIteration?: (partial: BenchRun) => void;
 }
@@ -202,7 +204,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchRun> {
   const bundles: WorkloadBundle[] = [];
   for (const spec of workloadSpecs(opts.scale)) bundles.push(await buildWorkloadBundle(spec, log));
   const images: Partial<Record<BundleName, BuiltFile>> = {};
-  if (opts.formats.includes("image")) for (const b of bundles) images[b.spec.artifact] = await buildBundleImage(b, log);
+  if (opts.formats.includes("image")) for (const b of bundles) images[b.spec.artifact] = await buildBundleImage(b, log, opts.imageLevel);
   const runs: RunRecord[] = [];
   const isolated: IsolatedCosts[] = [];
   let workload: WorkloadInfo | null = null;

@@ -160,13 +160,17 @@ async function packTarXz(cwd: string, entry: string, out: string, level: number)
 
 // --- bundle images ---------------------------------------------------------------
 
-/** The bundle's squashfs image, next to its archive in the cache (the converter is reproducible). */
-export async function buildBundleImage(b: BuiltBundle, log: (line: string) => void = () => {}): Promise<BuiltFile> {
-  const path = b.path.replace(/\.tar\.xz$/, ".sqfs");
+/**
+ * The bundle's squashfs image, next to its archive in the cache (the converter is reproducible).
+ * `level`: zstd level (the converter's default when absent; another level is cached as `.z<level>.sqfs`).
+ */
+export async function buildBundleImage(b: BuiltBundle, log: (line: string) => void = () => {}, level?: number): Promise<BuiltFile> {
+  const path = b.path.replace(/\.tar\.xz$/, level === undefined ? ".sqfs" : `.z${level}.sqfs`);
   if (!existsSync(path)) {
-    log(`building ${b.fileName.replace(/\.tar\.xz$/, ".sqfs")}`);
+    log(`building ${b.fileName.replace(/\.tar\.xz$/, ".sqfs")}${level === undefined ? "" : ` (zstd level ${level})`}`);
     const part = `${path}.${process.pid}.tmp.sqfs`; // unique: another process may build the same file
-    await run(["python3", IMAGE_CONVERTER, b.path, part, "--strip", "1"], { timeoutMs: 30 * 60_000 });
+    const levelArgs = level === undefined ? [] : ["--level", String(level)];
+    await run(["python3", IMAGE_CONVERTER, b.path, part, "--strip", "1", ...levelArgs], { timeoutMs: 60 * 60_000 });
     renameSync(part, path);
   }
   return builtFile(path);
