@@ -176,7 +176,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     xzAtStart: cli.xzAtStart,
     imageLevel: cli.imageLevel,
     log,
-    // a partial results folder after every iteration: a long run cut short still leaves its figures
+    // a partial results folder after every host's runs: a long run cut short still leaves its figures
     onIteration: (partial) => {
       writeResults(cli.out, buildResult(partial, { ...settings, partial: true }));
       log(`partial results in ${cli.out}`);

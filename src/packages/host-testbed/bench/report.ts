@@ -195,7 +195,7 @@ export function markdown(result: BenchResult): string {
   const { settings, summary, workload } = result;
   const lines: string[] = [];
   lines.push(
-    `# Bootstrap benchmark ${settings.smoke ? "(smoke)" : ""}${settings.partial ? " (partial: written after an iteration, the run went on)" : ""}`.trim(),
+    `# Bootstrap benchmark ${settings.smoke ? "(smoke)" : ""}${settings.partial ? " (partial: written after a host's runs, the run went on)" : ""}`.trim(),
     "",
   );
   lines.push(

@@ -108,7 +108,7 @@ export interface BenchOptions {
   xzAtStart?: boolean;
   /** zstd level of the bundle images (default: the converter's, 19, as a release would publish them). */
   imageLevel?: number;
-  /** Called with everything so far after each iteration (the CLI writes the results folder each time). */
+  /** Called with everything so far after each host's runs (the CLI writes the results folder each time). */
   onIteration?: (partial: BenchRun) => void;
 }
 
@@ -236,10 +236,12 @@ export async function runBench(opts: BenchOptions): Promise<BenchRun> {
     try {
       for (let i = 1; i <= opts.runs; i++) {
         log(`--- iteration ${i}/${opts.runs}`);
-        const out = await iteration(ctx, i);
+        const out = await iteration(ctx, i, (now, iso) => {
+          const partial = { workload: workload!, runs: [...runs, ...now], isolated: [...isolated, ...(iso ? [iso] : [])], cores, started_at };
+          opts.onIteration?.({ ...partial, finished_at: new Date().toISOString() });
+        });
         runs.push(...out.runs);
         if (out.isolated) isolated.push(out.isolated);
-        opts.onIteration?.({ workload, runs: [...runs], isolated: [...isolated], cores, started_at, finished_at: new Date().toISOString() });
       }
     } finally {
       await bed.close();
@@ -306,17 +308,29 @@ async function freshHost(ctx: RunContext): Promise<BenchHost> {
  * (each host parked after its runs), then every host deleted and the disk
  * given a moment (sync) before the next block or iteration brings up hosts.
  */
-async function iteration(ctx: RunContext, i: number): Promise<{ runs: RunRecord[]; isolated: IsolatedCosts | null }> {
+async function iteration(
+  ctx: RunContext,
+  i: number,
+  progress: (runs: RunRecord[], isolated: IsolatedCosts | null) => void,
+): Promise<{ runs: RunRecord[]; isolated: IsolatedCosts | null }> {
   const { opts } = ctx;
+  // legacy first (its isolated costs bound the others), the serial runs last (a run cut short keeps the rest)
   const wanted: { kind: "legacy" | "cold_parallel" | "cold_serial"; format: Format }[] = [];
   if (opts.kinds.includes("legacy")) wanted.push({ kind: "legacy", format: "archive" });
-  for (const format of opts.formats) {
-    if (opts.kinds.includes("cold_parallel")) wanted.push({ kind: "cold_parallel", format });
-    if (opts.kinds.includes("cold_serial")) wanted.push({ kind: "cold_serial", format });
+  for (const kind of ["cold_parallel", "cold_serial"] as const) {
+    if (opts.kinds.includes(kind)) for (const format of opts.formats) wanted.push({ kind, format });
   }
   const hosts: BenchHost[] = [];
   const runs: RunRecord[] = [];
   let isolated: IsolatedCosts | null = null;
+  const bound = (list: RunRecord[]) => {
+    // The lower bounds rest on this iteration's isolated costs.
+    for (const r of list) {
+      r.lower_bound = isolated ? boundFor({ ...ctx, nodeBytes: ctx.bed.node.size_bytes }, r.kind, r.format, isolated.pieces) : null;
+      r.wall_over_bound = overBound(r.wall_s, r.lower_bound);
+    }
+    return list;
+  };
   try {
     for (let n = 0; n < wanted.length; n++) hosts.push(await freshHost(ctx));
     await runProc(["sync"]);
@@ -324,23 +338,19 @@ async function iteration(ctx: RunContext, i: number): Promise<{ runs: RunRecord[
       const { host } = hosts[n]!;
       if (w.kind === "legacy") {
         const out = await legacyRun(ctx, i, host);
-        runs.push(out.record);
         isolated = out.isolated;
+        runs.push(...bound([out.record]));
       } else if (w.kind === "cold_parallel") {
-        runs.push(...(await parallelHostRuns(ctx, i, host, w.format)));
+        runs.push(...bound(await parallelHostRuns(ctx, i, host, w.format)));
       } else {
-        runs.push(...(await serialHostRun(ctx, i, host, w.format)));
+        runs.push(...bound(await serialHostRun(ctx, i, host, w.format)));
       }
       await host.park();
+      progress(runs, isolated);
     }
   } finally {
     for (const h of hosts) await h.teardown().catch((e) => opts.log(`teardown: ${e instanceof Error ? e.message : String(e)}`));
     await runProc(["sync"], { allowFailure: true });
-  }
-  // The lower bounds rest on this iteration's isolated costs.
-  for (const r of runs) {
-    r.lower_bound = isolated ? boundFor({ ...ctx, nodeBytes: ctx.bed.node.size_bytes }, r.kind, r.format, isolated.pieces) : null;
-    r.wall_over_bound = overBound(r.wall_s, r.lower_bound);
   }
   return { runs, isolated };
 }
