@@ -1,7 +1,7 @@
 /**
  * Test artifacts, built by the tests themselves and cached by their inputs:
  *
- * - the three bundles (.tar.xz, one top directory, stripped with
+ * - the three bundles (.tar.xz, or .tar.zst with `compression: "zstd"`; one top directory, stripped with
  *   strip_components 1): project-host carries a small real daemon
  *   (`bin/project-host`, python3) with a health endpoint; every bundle can
  *   be padded with code-like text so it compresses like real software;
@@ -41,6 +41,20 @@ export interface BundleSpec {
   paddingBytes: number;
   /** xz preset; 6 is xz's default and what release tarballs use. */
   xzLevel?: number;
+  /** `.tar.xz` (the default) or `.tar.zst` (zstd -19: as small as xz -6, far cheaper to decompress). */
+  compression?: "xz" | "zstd";
+  /** zstd level when compression is zstd (default 19). */
+  zstdLevel?: number;
+}
+
+/** The archive's file-name suffix for a bundle spec. */
+export function archiveSuffix(spec: Pick<BundleSpec, "compression">): ".tar.xz" | ".tar.zst" {
+  return spec.compression === "zstd" ? ".tar.zst" : ".tar.xz";
+}
+
+/** A bundle archive's name with its compression suffix replaced (e.g. by `.sqfs`). */
+function withoutArchiveSuffix(name: string, replacement: string): string {
+  return name.replace(/\.tar\.(xz|zst)$/, replacement);
 }
 
 export interface BuiltFile {
@@ -114,7 +128,7 @@ export async function buildBundle(spec: BundleSpec, log: (line: string) => void 
   const key = keyOf({ spec, daemon });
   const name = dashName(spec.artifact);
   const topDir = `${name}-${spec.version}`;
-  const fileName = `${name}-${spec.version}-linux-amd64.tar.xz`;
+  const fileName = `${name}-${spec.version}-linux-amd64${archiveSuffix(spec)}`;
   const dir = join(cacheDir(), "artifacts", name, `${spec.version}-${key}`);
   const path = join(dir, fileName);
   const expectedFiles = ["VERSION", "README.md"];
@@ -131,7 +145,8 @@ export async function buildBundle(spec: BundleSpec, log: (line: string) => void 
     writeFileSync(exe, daemon ? daemon.replace("@VERSION@", spec.version) : `#!/bin/sh\necho ${name} ${spec.version}\n`);
     chmodSync(exe, 0o755);
     writePadding(join(top, "lib"), spec.paddingBytes, `${spec.artifact}-${spec.version}`);
-    await packTarXz(staging, topDir, path, spec.xzLevel ?? 6);
+    if (spec.compression === "zstd") await packTar(staging, topDir, path, ["zstd", "-T0", `-${spec.zstdLevel ?? 19}`, "-q", "-c"]);
+    else await packTarXz(staging, topDir, path, spec.xzLevel ?? 6);
     rmSync(staging, { recursive: true, force: true });
   }
   return { ...(await builtFile(path)), spec, fileName, topDir, expectedFiles, executables };
@@ -139,19 +154,25 @@ export async function buildBundle(spec: BundleSpec, log: (line: string) => void 
 
 /** tar (reproducible: sorted, fixed owner and mtime) piped into multi-threaded xz. */
 async function packTarXz(cwd: string, entry: string, out: string, level: number): Promise<void> {
+  await packTar(cwd, entry, out, ["xz", "-T0", `-${level}`, "-c"]);
+}
+
+/** tar (reproducible: sorted, fixed owner and mtime) piped into a compressor (argv, writing to stdout). */
+async function packTar(cwd: string, entry: string, out: string, compressor: string[]): Promise<void> {
   mkdirSync(dirname(out), { recursive: true });
   const part = `${out}.${process.pid}.part`; // unique: another process may build the same file
   await run(
     [
       "bash",
       "-c",
-      'set -o pipefail; tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="$4" -C "$1" -cf - "$2" | xz -T0 -"$5" -c > "$3"',
+      // biome-ignore lint/suspicious/noTemplateCurlyInString: bash's own ${@:5} (the compressor's argv), not a template
+      'set -o pipefail; tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="$4" -C "$1" -cf - "$2" | "${@:5}" > "$3"',
       "bash",
       cwd,
       entry,
       part,
       MTIME,
-      String(level),
+      ...compressor,
     ],
     { timeoutMs: 30 * 60_000 },
   );
@@ -165,9 +186,10 @@ async function packTarXz(cwd: string, entry: string, out: string, level: number)
  * `level`: zstd level (the converter's default when absent; another level is cached as `.z<level>.sqfs`).
  */
 export async function buildBundleImage(b: BuiltBundle, log: (line: string) => void = () => {}, level?: number): Promise<BuiltFile> {
-  const path = b.path.replace(/\.tar\.xz$/, level === undefined ? ".sqfs" : `.z${level}.sqfs`);
+  const suffix = level === undefined ? ".sqfs" : `.z${level}.sqfs`;
+  const path = withoutArchiveSuffix(b.path, suffix);
   if (!existsSync(path)) {
-    log(`building ${b.fileName.replace(/\.tar\.xz$/, ".sqfs")}${level === undefined ? "" : ` (zstd level ${level})`}`);
+    log(`building ${withoutArchiveSuffix(b.fileName, ".sqfs")}${level === undefined ? "" : ` (zstd level ${level})`}`);
     const part = `${path}.${process.pid}.tmp.sqfs`; // unique: another process may build the same file
     const levelArgs = level === undefined ? [] : ["--level", String(level)];
     await run(["python3", IMAGE_CONVERTER, b.path, part, "--strip", "1", ...levelArgs], { timeoutMs: 60 * 60_000 });
@@ -407,7 +429,7 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
   const out = {} as Record<BundleName, PublishedBundle>;
   for (const b of bundles) {
     const name = dashName(b.spec.artifact);
-    const fileName = `${name}-${b.spec.version}-linux-${arch}.tar.xz`;
+    const fileName = `${name}-${b.spec.version}-linux-${arch}${archiveSuffix(b.spec)}`;
     const rel = `${name}/${b.spec.version}/${fileName}`;
     mkdirSync(join(dir, name, b.spec.version), { recursive: true });
     symlinkSync(b.path, join(dir, rel));
@@ -417,7 +439,7 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
     const built = opts.images?.[b.spec.artifact];
     let image: PublishedBundle["image"] = null;
     if (built) {
-      const imageRel = `${name}/${b.spec.version}/${fileName.replace(/\.tar\.xz$/, ".sqfs")}`;
+      const imageRel = `${name}/${b.spec.version}/${withoutArchiveSuffix(fileName, ".sqfs")}`;
       if (opts.corruptImage === b.spec.artifact) {
         const bytes = readFileSync(built.path);
         for (let i = 1024; i < bytes.length; i += 4096) bytes[i] = bytes[i]! ^ 0xff;

@@ -90,6 +90,8 @@ export interface HubVariant {
   parallel?: boolean;
   /** This bundle's manifest carries a wrong sha256. */
   wrongChecksum?: BundleName;
+  /** Publish every bundle as `.tar.zst` (zstd -19) instead of `.tar.xz`. */
+  zstd?: boolean;
   /** Publish each bundle's squashfs image beside its archive (manifests name it). */
   images?: boolean;
   /** With images: this bundle's image is served corrupted (its manifest keeps the true sha256). */
@@ -189,14 +191,15 @@ export class Testbed {
 
   private async startVariant(variant: HubVariant): Promise<RunningHub> {
     let site = this.site;
-    if (variant.wrongChecksum || variant.images || variant.upgrade || variant.artifactUrl) {
+    if (variant.wrongChecksum || variant.images || variant.upgrade || variant.artifactUrl || variant.zstd) {
       const name = variantKey(variant)
         .replace(/[^a-z0-9]+/gi, "-")
         .replace(/^-|-$/g, "");
       const bundles: BuiltBundle[] = [];
       for (const b of this.bundles) {
         const version = variant.upgrade?.[b.spec.artifact];
-        bundles.push(version ? await buildBundle({ ...b.spec, version }, this.log) : b);
+        const compression = variant.zstd ? { compression: "zstd" as const } : {};
+        bundles.push(version || variant.zstd ? await buildBundle({ ...b.spec, ...compression, ...(version ? { version } : {}) }, this.log) : b);
       }
       const images: Partial<Record<BundleName, BuiltFile>> = {};
       if (variant.images) for (const b of bundles) images[b.spec.artifact] = await buildBundleImage(b, this.log);
@@ -334,6 +337,7 @@ function variantKey(v: HubVariant): string {
   return JSON.stringify({
     parallel: v.parallel ?? true,
     wrong: v.wrongChecksum ?? null,
+    ...(v.zstd ? { zstd: true } : {}),
     ...(v.images ? { images: true, corrupt: v.corruptImage ?? null } : {}),
     ...(v.upgrade ? { upgrade: v.upgrade } : {}),
     ...(v.artifactUrl || v.publicUrl ? { via: [v.artifactUrl ?? null, v.publicUrl ?? null] } : {}),

@@ -73,6 +73,24 @@ describe("bundles", () => {
     expect(readFileSync(join(site, "node", `v${node.spec.version}`, "SHASUMS256.txt"), "utf8")).toBe(`${node.sha256}  ${node.fileName}\n`);
   });
 
+  it("can be zstd archives (.tar.zst, zstd -19): same files, reproducible, published and manifested as such", async () => {
+    const spec = { ...testBundleSpecs("2.3.4", 300_000)[1]!, compression: "zstd" as const };
+    const zst = await buildBundle(spec);
+    expect(zst.fileName).toBe("project-2.3.4-linux-amd64.tar.zst");
+    expect(readFileSync(zst.path).subarray(0, 4)).toEqual(Buffer.from([0x28, 0xb5, 0x2f, 0xfd])); // zstd's magic
+    const xz = bundles.find((b) => b.spec.artifact === "project")!;
+    const list = async (path: string, flag: string) => (await run(["tar", "-tv", flag, "-f", path])).stdout;
+    expect(await list(zst.path, "--zstd")).toBe(await list(xz.path, "-J"));
+    rmSync(zst.path);
+    rmSync(`${zst.path}.meta.json`);
+    expect((await buildBundle(spec)).sha256).toBe(zst.sha256);
+    const site = mkdtempSync(join(scratch, "site-"));
+    const published = publishSite(site, "http://127.0.0.1:9", [zst], node);
+    expect(published.bundles.project.url).toBe("http://127.0.0.1:9/project/2.3.4/project-2.3.4-linux-amd64.tar.zst");
+    const manifest = JSON.parse(readFileSync(join(site, "project", "latest-linux-amd64.json"), "utf8"));
+    expect(manifest).toMatchObject({ url: published.bundles.project.url, sha256: zst.sha256, size_bytes: zst.size_bytes });
+  });
+
   it("can be published with a wrong checksum on purpose", () => {
     const site = mkdtempSync(join(scratch, "site-"));
     const published = publishSite(site, "http://127.0.0.1:9", bundles, node, { wrongChecksum: "tools" });

@@ -30,6 +30,7 @@ import grp
 import gzip
 import hashlib
 import http.client
+import itertools
 import json
 import lzma
 import math
@@ -963,6 +964,19 @@ def kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+@contextlib.contextmanager
+def tracked_process(pgid: int) -> Iterator[None]:
+    """A process group started elsewhere (e.g. an extraction worker) that an
+    interrupt stops like a command: terminate_running_commands() reaches it."""
+    with _running_groups_lock:
+        _running_groups.add(pgid)
+    try:
+        yield
+    finally:
+        with _running_groups_lock:
+            _running_groups.discard(pgid)
+
+
 def terminate_running_commands() -> None:
     """On an interrupt: SIGTERM every running command's group, so steps end."""
     with _running_groups_lock:
@@ -1002,6 +1016,106 @@ def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
     """Exponential, capped, with jitter so parallel retries spread out."""
     delay: float = min(max_s, base_s * 2 ** (attempt - 1))
     return delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+
+
+# ============================================================================
+# slots: CPU slots: CPU-heavy work (decompressing and extracting archives) limited to what the cores do at once.
+# ============================================================================
+
+# The engine runs every ready step at once (they mostly wait: network, apt,
+# locks), but four extractions on two cores only slow each other down and
+# push the one on the critical path back. So CPU-heavy work takes a slot
+# first: at most `slots` hold one (os.cpu_count() unless the config says),
+# and a free slot goes to the waiter with the highest priority (the biggest
+# archive: the longest install is on the critical path), first come first
+# served among equals. Downloads and apt (waiting on the network and on
+# dpkg's locks) take no slot.
+
+
+@dataclass(order=True)
+class SlotWaiter:
+    key: tuple[float, int]  # (-priority, arrival): the smallest is served first
+    who: str = field(compare=False)
+
+
+class CpuSlots:
+    """A counting semaphore served by priority; `granted` records who got a
+    slot, in order, and `peak` the most slots held at once (for the tests and
+    the log). on_wait(who, holders) is called when a request has to wait,
+    on_granted(who, waited_s) when a waiting request gets its slot."""
+
+    def __init__(
+        self,
+        slots: int,
+        *,
+        on_wait: Callable[[str, list[str]], None] | None = None,
+        on_granted: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.slots = max(1, slots)
+        self.on_wait = on_wait
+        self.on_granted = on_granted
+        self._cond = threading.Condition()
+        self._holders: list[str] = []
+        self._waiting: list[SlotWaiter] = []
+        self._arrivals = itertools.count()
+        self.granted: list[str] = []
+        self.peak = 0
+
+    def waiting(self) -> list[str]:
+        with self._cond:
+            return [w.who for w in sorted(self._waiting)]
+
+    def holders(self) -> list[str]:
+        with self._cond:
+            return list(self._holders)
+
+    @contextlib.contextmanager
+    def slot(self, who: str, priority: float = 0.0) -> Iterator[None]:
+        me = SlotWaiter((-priority, next(self._arrivals)), who)
+        start = time.monotonic()
+        with self._cond:
+            self._waiting.append(me)
+            waited = not self._my_turn(me)
+            holders = list(self._holders)
+        try:
+            if waited and self.on_wait is not None:
+                self.on_wait(who, holders)  # outside the lock: it logs and emits events
+        except BaseException:
+            with self._cond:
+                self._waiting.remove(me)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            try:
+                while not self._my_turn(me):
+                    self._cond.wait()
+            finally:
+                self._waiting.remove(me)
+                self._cond.notify_all()  # the next waiter may be served now (or we left the queue)
+            self._holders.append(who)
+            self.granted.append(who)
+            self.peak = max(self.peak, len(self._holders))
+        if waited and self.on_granted is not None:
+            self.on_granted(who, time.monotonic() - start)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders.remove(who)
+                self._cond.notify_all()
+
+    def _my_turn(self, me: SlotWaiter) -> bool:
+        return len(self._holders) < self.slots and min(self._waiting) is me
+
+
+@contextlib.contextmanager
+def cpu_slot(slots: CpuSlots | None, who: str, priority: float = 0.0) -> Iterator[None]:
+    """A slot of `slots`, or no limit at all when there is none (a step run outside the engine)."""
+    if slots is None:
+        yield
+        return
+    with slots.slot(who, priority):
+        yield
 
 
 # ============================================================================
@@ -1805,6 +1919,7 @@ class Config(ConfigSpec):
     arch: Arch
     os: OsSpec
     parallel: bool = True
+    cpu_slots: Annotated[int, Range(1, 256)] | None = None
     hub: HubSpec
     conat_urls: Annotated[tuple[Url, ...], Items(8, low=1)]
     secrets: Annotated[tuple[Annotated[str, Matches(SECRET_NAME_RE)], ...], Items(16)] = ()
@@ -2164,10 +2279,12 @@ class StepState:
 
 @dataclass
 class Context:
-    """What every step gets: the validated config and the logger."""
+    """What every step gets: the validated config and the logger (and, in
+    the engine, the CPU slots its CPU-heavy work takes; None: no limit)."""
 
     config: Config
     log: Log
+    cpu: CpuSlots | None = None
 
 
 class Step:
@@ -2668,6 +2785,30 @@ class ExtractBudget:
 ARCHIVE_MAGIC = ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gz"), (b"\x28\xb5\x2f\xfd", "zst"), (b"BZh", "bz2"))
 
 
+ZSTD_URL_RE = re.compile(r"\.(?:tar\.zst|tar\.zstd|tzst)$")
+ZSTD_HINT = (
+    "Install zstd on the host before the bootstrap (in its image, or cloud-init's packages: the install "
+    "steps do not wait for the apt step), or publish .tar.xz bundles."
+)
+
+
+def decompressor_problems(config: Config) -> list[tuple[str, str]]:
+    """Preflight: a bundle published as .tar.zst (without an image to mount instead) needs the zstd
+    command, since Python reads zstd only from 3.14 on. (what is wrong, what to do) for each."""
+    if shutil.which("zstd") is not None:
+        return []
+    zstd = [
+        name
+        for name in ("project_host", "project", "tools")
+        if getattr(config.artifacts, name).image is None
+        and ZSTD_URL_RE.search(urllib.parse.urlsplit(getattr(config.artifacts, name).url).path)
+    ]
+    if not zstd:
+        return []
+    what = f"artifacts {', '.join(zstd)} {'is' if len(zstd) == 1 else 'are'} .tar.zst and the zstd command is missing"
+    return [(what, ZSTD_HINT)]
+
+
 def archive_compression(path: Path) -> str:
     """'xz', 'gz', 'zst', 'bz2' or '' (plain tar), from the file's magic bytes."""
     with open(path, "rb") as f:
@@ -2720,7 +2861,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
         if kind == "zst":
             raise BootstrapError(
                 f"{archive.name} is zstd-compressed and zstd is not installed",
-                hint="Add zstd to apt.packages, or publish .tar.xz bundles.",
+                hint=ZSTD_HINT,
             )
         with open_decompressed(archive, kind) as raw:
             reader = BudgetedReader(raw, archive, total_limit)
@@ -3012,11 +3153,134 @@ def extract_safely(archive: Path, dest: Path, *, strip: int = 0, budget: Extract
     budget = budget or ExtractBudget()
     extraction = Extraction(archive, dest, strip, budget)
     count = 0
-    with open_tar_stream(archive, budget.max_bytes + budget.max_entries * 4096) as (tar, reader):
-        for member in tar:
-            if extraction.member(tar, member, reader):
-                count += 1
+    try:
+        with open_tar_stream(archive, budget.max_bytes + budget.max_entries * 4096) as (tar, reader):
+            for member in tar:
+                if extraction.member(tar, member, reader):
+                    count += 1
+    except tarfile.TarError as e:  # a truncated or garbled stream (not a refusal: those are checked)
+        raise BootstrapError(
+            f"could not read {archive.name} as a tar archive: {e}",
+            hint="The archive is damaged; delete it and run again.",
+        ) from None
     return count
+
+
+# -- extraction in a worker process -------------------------------------------------
+#
+# Installs run as threads of one process; extracting in them would serialise
+# on the interpreter lock (tarfile's parsing, the checks, the writes' Python
+# side). So each extraction runs in its own process: bootstrap.py itself,
+# imported by a fresh `python3 -I` (importing it does nothing), running the
+# very same extract_safely: every check of the hostile-input work is the one
+# code path, only its process differs. The request goes in on stdin and the
+# outcome comes back as one JSON line on stdout; an error is rebuilt in the
+# parent as the same exception with the same message (UnsafeArchiveError,
+# BootstrapError, OSError), so a step says what it said in-process.
+
+WORKER_HINT = "The extraction worker (python3 running bootstrap.py) died; see its output above and run again."
+
+
+def worker_argv() -> list[str]:
+    """python3 importing this very code: the built bootstrap.py, or (in development) the package."""
+    package = __spec__.parent if __spec__ is not None else ""
+    if package:
+        root = str(Path(__file__).resolve().parents[1])
+        code = (
+            f"import sys; sys.path.insert(0, {root!r}); "
+            f"from {package}.archive import extract_worker_main; sys.exit(extract_worker_main())"
+        )
+    else:
+        code = (
+            "import importlib.util as u, sys; s = u.spec_from_file_location('cocalc_bootstrap_worker', "
+            f"{str(Path(__file__).resolve())!r}); m = sys.modules[s.name] = u.module_from_spec(s); "
+            "s.loader.exec_module(m); "
+            "sys.exit(m.extract_worker_main())"
+        )
+    return [sys.executable or "python3", "-I", "-c", code]
+
+
+def extract_worker_main() -> int:
+    """The worker: one request on stdin, one JSON outcome on stdout."""
+    request = json.loads(sys.stdin.read())
+    archive = Path(request["archive"])
+    try:
+        count = extract_safely(
+            archive, Path(request["dest"]), strip=int(request["strip"]), budget=ExtractBudget(**request["budget"])
+        )
+        outcome: dict[str, Any] = {"ok": True, "count": count}
+    except UnsafeArchiveError as e:
+        outcome = {"kind": "unsafe", "member": e.member, "why": e.why}
+    except BootstrapError as e:
+        outcome = {"kind": "bootstrap", "message": e.message, "hint": e.hint, "log_tail": e.log_tail}
+    except OSError as e:
+        outcome = {"kind": "os", "errno": e.errno, "strerror": e.strerror, "filename": e.filename, "text": str(e)}
+    except Exception as e:  # a bug: still one clear message
+        outcome = {"kind": "other", "text": f"{type(e).__name__}: {e}"}
+    sys.stdout.write(json.dumps(outcome) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def worker_error(archive: Path, outcome: Mapping[str, Any]) -> BaseException:
+    kind = outcome.get("kind")
+    if kind == "unsafe":
+        return UnsafeArchiveError(archive, str(outcome["member"]), str(outcome["why"]))
+    if kind == "bootstrap":
+        return BootstrapError(str(outcome["message"]), hint=outcome.get("hint"), log_tail=outcome.get("log_tail"))
+    if kind == "os" and outcome.get("errno") is not None:
+        return OSError(outcome["errno"], outcome.get("strerror") or "", outcome.get("filename"))
+    text = str(outcome.get("text", outcome))
+    return BootstrapError(
+        f"extracting {archive.name} failed: {text}",
+        hint="An unexpected error in bootstrap.py's extraction (a bug); nothing was installed.",
+    )
+
+
+def extract_in_worker(archive: Path, dest: Path, *, strip: int = 0, budget: ExtractBudget | None = None) -> int:
+    """extract_safely in a separate python3 process (outside this one's
+    interpreter lock); same result, same errors. Interrupting the caller
+    kills the worker (it is a tracked process group, like any command)."""
+    request = {
+        "archive": str(archive),
+        "dest": str(dest),
+        "strip": strip,
+        "budget": dataclasses.asdict(budget or ExtractBudget()),
+    }
+    with tempfile.TemporaryFile() as errors:
+        proc = MeteredPopen(
+            worker_argv(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+        )
+        with tracked_process(proc.pid):
+            try:
+                out, _ = proc.communicate(json.dumps(request).encode())
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        charge_child(proc.rusage)  # the worker's CPU-seconds count to the installing step
+        lines = out.decode("utf-8", "replace").strip().splitlines()
+        try:
+            outcome = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            outcome = None
+        if not isinstance(outcome, dict):
+            errors.seek(0)
+            said = errors.read().decode("utf-8", "replace").strip()[-2000:]
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            raise BootstrapError(
+                f"extracting {archive.name} failed: the worker ended ({how}) without an answer",
+                hint=WORKER_HINT,
+                log_tail=said or None,
+            )
+    if outcome.get("ok") is True:
+        return int(outcome["count"])
+    raise worker_error(archive, outcome)
 
 
 def bundle_problems(root: Path, expected_files: Sequence[str], executables: Sequence[str]) -> list[str]:
@@ -3048,6 +3312,7 @@ def install_archive(
     marker: Mapping[str, Any],
     verify: Callable[[Path], None] | None = None,
     budget: ExtractBudget | None = None,
+    in_process: bool = False,
 ) -> None:
     """Extract into `<parent>/.staging-<name>-<random>`, check it, mark it
     complete, and rename it to `final` in one step. A failure anywhere leaves
@@ -3058,7 +3323,7 @@ def install_archive(
     staging = parent / f"{STAGING_PREFIX}{final.name}-{secrets.token_hex(4)}"
     staging.mkdir(mode=0o755)
     try:
-        extract_safely(archive, staging, strip=strip, budget=budget)
+        (extract_safely if in_process else extract_in_worker)(archive, staging, strip=strip, budget=budget)
         problems = bundle_problems(staging, expected_files, executables)
         if problems:
             raise BootstrapError(
@@ -4251,6 +4516,7 @@ def preflight_problems(config: Config) -> list[tuple[str, str]]:
             )
         )
     problems += user_problems(config)
+    problems += decompressor_problems(config)
     if sys.version_info < MIN_PYTHON:
         found = ".".join(map(str, sys.version_info[:3]))
         problems.append(
@@ -4637,12 +4903,20 @@ class InstallBundleStep(Step):
 
     def check(self) -> StepState:
         s = self.spec
-        if not (bundle_installed(self.config, self.artifact, s) or image_installed(self.config, self.artifact, s)):
+        how = (
+            "a mounted image"
+            if image_installed(self.config, self.artifact, s)
+            else "an extracted archive"
+            if bundle_installed(self.config, self.artifact, s)
+            else None
+        )
+        if how is None:
             return StepState(False, f"{self.artifact} {s.version} is not installed")
         current = read_link(self.current_link())
         if current != s.version:
             return StepState(False, f"current points to {current or 'nothing'}, not {s.version}")
-        return StepState(True, f"{self.artifact} {s.version} is installed and current")
+        # the step's message (the hub shows it) says which of the two the host chose
+        return StepState(True, f"{self.artifact} {s.version} is installed ({how}) and current")
 
     def apply(self) -> None:
         s = self.spec
@@ -4668,22 +4942,24 @@ class InstallBundleStep(Step):
                 f"{archive} is missing or unverified", hint="Run the bootstrap again: the download step fetches it."
             )
         recorded = parse_sha256_file(checksum_path(archive).read_text(encoding="utf-8"), archive.name)
-        actual = file_sha256(archive)  # again: verified before use, not just when downloaded
-        if actual != recorded:
-            remove_download(archive)
-            raise BootstrapError(
-                f"{archive} changed on disk since it was verified",
-                hint="Run the bootstrap again: it downloads it anew.",
+        # CPU-heavy from here (hashing, decompressing, writing files): one CPU slot, the biggest archive first
+        with cpu_slot(self.ctx.cpu, self.name, archive.stat().st_size):
+            actual = file_sha256(archive)  # again: verified before use, not just when downloaded
+            if actual != recorded:
+                remove_download(archive)
+                raise BootstrapError(
+                    f"{archive} changed on disk since it was verified",
+                    hint="Run the bootstrap again: it downloads it anew.",
+                )
+            start = time.monotonic()
+            install_archive(
+                archive,
+                bundle_version_dir(self.config, self.artifact, s),
+                strip=s.strip_components,
+                expected_files=s.expected_files,
+                executables=s.executables,
+                marker={"artifact": self.artifact, "version": s.version, "url": s.url, "sha256": actual},
             )
-        start = time.monotonic()
-        install_archive(
-            archive,
-            bundle_version_dir(self.config, self.artifact, s),
-            strip=s.strip_components,
-            expected_files=s.expected_files,
-            executables=s.executables,
-            marker={"artifact": self.artifact, "version": s.version, "url": s.url, "sha256": actual},
-        )
         self.log.info(f"installed {self.artifact} {s.version} in {time.monotonic() - start:.1f}s")
 
 
@@ -4785,14 +5061,15 @@ class NodeStep(Step):
                     f"{name}: bin/node --version says {found.output.strip()[:100]!r}, not v{version}", hint=self.hint
                 )
 
-        install_archive(
-            archive,
-            node_dir(self.config),
-            strip=1,
-            executables=("bin/node",),
-            marker={"artifact": "node", "version": version, "sha256": sha256},
-            verify=answers_version,
-        )
+        with cpu_slot(self.ctx.cpu, self.name, archive.stat().st_size):
+            install_archive(
+                archive,
+                node_dir(self.config),
+                strip=1,
+                executables=("bin/node",),
+                marker={"artifact": "node", "version": version, "sha256": sha256},
+                verify=answers_version,
+            )
         remove_download(archive)
         self.log.info(f"installed node v{version} into {node_dir(self.config)}")
 
@@ -6061,16 +6338,35 @@ class Runner:
         self, plan: Plan, ctx: Context, *, state: StateStore, events: EventSink | None = None, jobs: int | None = None
     ) -> None:
         self.plan = plan
-        self.ctx = ctx
         self.log = ctx.log
-        self.state = state
         self.events = events or EventSink()
+        if ctx.cpu is None:
+            slots = CpuSlots(cpu_slots(ctx.config), on_wait=self._cpu_wait, on_granted=self._cpu_granted)
+            ctx = dataclasses.replace(ctx, cpu=slots)
+        self.ctx = ctx
+        self.state = state
         self.jobs = max(1, jobs if jobs is not None else default_jobs(plan, ctx.config))
         self.progress = Progress(plan, state)
         self.steps = {name: StepRun(name) for name in plan.names()}
         self.t0 = time.monotonic()
         self._running: set[str] = set()
         self._lock = threading.Lock()
+
+    # -- CPU slots (slots.py) ----------------------------------------------
+
+    def _cpu_wait(self, who: str, holders: list[str]) -> None:
+        assert self.ctx.cpu is not None
+        self.log.info(
+            f"waiting for a CPU slot ({len(holders)} of {self.ctx.cpu.slots} busy: {', '.join(holders)})",
+            event="cpu_wait",
+            holders=holders,
+        )
+        self.events.emit(ProgressEvent(phase=f"{who}: waiting for a CPU slot", percent=self.progress.percent()))
+
+    def _cpu_granted(self, who: str, waited_s: float) -> None:
+        self.log.info(f"got a CPU slot after waiting {waited_s:.1f}s", event="cpu_slot", waited_s=round(waited_s, 3))
+        phase = self.plan.classes[who].phase if who in self.plan.classes else "bootstrapping"
+        self.events.emit(ProgressEvent(phase=phase, percent=self.progress.percent()))
 
     # -- the executor ------------------------------------------------------
 
@@ -6234,6 +6530,11 @@ class Runner:
             return Outcome.UNCHANGED, why
         self.log.info(f"applied and verified: {after.detail}", event="verified")
         return Outcome.CHANGED, why
+
+
+def cpu_slots(config: Config) -> int:
+    """How many CPU-heavy jobs (extractions) run at once: the config's cpu_slots, else one per core."""
+    return config.cpu_slots or os.cpu_count() or 1
 
 
 def default_jobs(plan: Plan, config: Config) -> int:

@@ -38,6 +38,7 @@ MODULES = (
     "log",
     "events",
     "commands",
+    "slots",
     "config_rules",
     "config",
     "facts",

@@ -475,6 +475,10 @@ export const BootstrapConfigSchema = z
     arch: z.enum(ARCHES).describe("Expected CPU architecture (Debian naming)."),
     os: OsSchema,
     parallel: z.boolean().default(true).describe("Run independent steps concurrently; false walks the same graph serially."),
+    cpu_slots: PosInt(256)
+      .nullable()
+      .default(null)
+      .describe("How many CPU-heavy jobs (decompressing and extracting archives) run at once, the biggest first; null: one per core."),
     hub: HubSchema,
     conat_urls: BoundedArray(HttpUrl, { min: 1, max: 8 }).describe("Conat server URLs the daemon connects to; reachability is checked."),
     secrets: BoundedArray(z.string().regex(SECRET_NAME_RE), { max: 16 })

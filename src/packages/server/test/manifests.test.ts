@@ -90,6 +90,15 @@ describe("host config assembly from manifests", () => {
     );
   });
 
+  it("passes a zstd archive (.tar.zst) through as the bundle's url", async () => {
+    const url = `${srv.baseUrl}/project/1.2.3/project-linux-amd64.tar.zst`;
+    srv.files.set(manifestPath("project"), { body: JSON.stringify({ ...goodManifest(srv.baseUrl, "project", "amd64"), url }) });
+    const { config } = await assembleHostConfig(hostRecord(), siteSettings(srv.baseUrl), fetcher());
+    expect(BootstrapConfigSchema.parse(config)).toEqual(config);
+    expect(config.artifacts.project).toMatchObject({ url, version: "1.2.3" });
+    expect(config.artifacts.tools.url).toMatch(/\.tar\.xz$/);
+  });
+
   it("refuses a manifest without a checksum", async () => {
     const m = goodManifest(srv.baseUrl, "project", "amd64");
     delete m.sha256;

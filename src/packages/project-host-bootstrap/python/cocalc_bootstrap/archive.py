@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import dataclasses
 import gzip
 import json
 import lzma
 import os
+import re
 import secrets
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .commands import MeteredPopen, charge_child
+from .commands import MeteredPopen, charge_child, tracked_process
+from .config import Config
 from .errors import BootstrapError
 from .fetch import DOWNLOAD_CHUNK
 from .step import atomic_write_text
@@ -65,6 +70,30 @@ class ExtractBudget:
 
 
 ARCHIVE_MAGIC = ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gz"), (b"\x28\xb5\x2f\xfd", "zst"), (b"BZh", "bz2"))
+
+
+ZSTD_URL_RE = re.compile(r"\.(?:tar\.zst|tar\.zstd|tzst)$")
+ZSTD_HINT = (
+    "Install zstd on the host before the bootstrap (in its image, or cloud-init's packages: the install "
+    "steps do not wait for the apt step), or publish .tar.xz bundles."
+)
+
+
+def decompressor_problems(config: Config) -> list[tuple[str, str]]:
+    """Preflight: a bundle published as .tar.zst (without an image to mount instead) needs the zstd
+    command, since Python reads zstd only from 3.14 on. (what is wrong, what to do) for each."""
+    if shutil.which("zstd") is not None:
+        return []
+    zstd = [
+        name
+        for name in ("project_host", "project", "tools")
+        if getattr(config.artifacts, name).image is None
+        and ZSTD_URL_RE.search(urllib.parse.urlsplit(getattr(config.artifacts, name).url).path)
+    ]
+    if not zstd:
+        return []
+    what = f"artifacts {', '.join(zstd)} {'is' if len(zstd) == 1 else 'are'} .tar.zst and the zstd command is missing"
+    return [(what, ZSTD_HINT)]
 
 
 def archive_compression(path: Path) -> str:
@@ -119,7 +148,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
         if kind == "zst":
             raise BootstrapError(
                 f"{archive.name} is zstd-compressed and zstd is not installed",
-                hint="Add zstd to apt.packages, or publish .tar.xz bundles.",
+                hint=ZSTD_HINT,
             )
         with open_decompressed(archive, kind) as raw:
             reader = BudgetedReader(raw, archive, total_limit)
@@ -411,11 +440,134 @@ def extract_safely(archive: Path, dest: Path, *, strip: int = 0, budget: Extract
     budget = budget or ExtractBudget()
     extraction = Extraction(archive, dest, strip, budget)
     count = 0
-    with open_tar_stream(archive, budget.max_bytes + budget.max_entries * 4096) as (tar, reader):
-        for member in tar:
-            if extraction.member(tar, member, reader):
-                count += 1
+    try:
+        with open_tar_stream(archive, budget.max_bytes + budget.max_entries * 4096) as (tar, reader):
+            for member in tar:
+                if extraction.member(tar, member, reader):
+                    count += 1
+    except tarfile.TarError as e:  # a truncated or garbled stream (not a refusal: those are checked)
+        raise BootstrapError(
+            f"could not read {archive.name} as a tar archive: {e}",
+            hint="The archive is damaged; delete it and run again.",
+        ) from None
     return count
+
+
+# -- extraction in a worker process -------------------------------------------------
+#
+# Installs run as threads of one process; extracting in them would serialise
+# on the interpreter lock (tarfile's parsing, the checks, the writes' Python
+# side). So each extraction runs in its own process: bootstrap.py itself,
+# imported by a fresh `python3 -I` (importing it does nothing), running the
+# very same extract_safely: every check of the hostile-input work is the one
+# code path, only its process differs. The request goes in on stdin and the
+# outcome comes back as one JSON line on stdout; an error is rebuilt in the
+# parent as the same exception with the same message (UnsafeArchiveError,
+# BootstrapError, OSError), so a step says what it said in-process.
+
+WORKER_HINT = "The extraction worker (python3 running bootstrap.py) died; see its output above and run again."
+
+
+def worker_argv() -> list[str]:
+    """python3 importing this very code: the built bootstrap.py, or (in development) the package."""
+    package = __spec__.parent if __spec__ is not None else ""
+    if package:
+        root = str(Path(__file__).resolve().parents[1])
+        code = (
+            f"import sys; sys.path.insert(0, {root!r}); "
+            f"from {package}.archive import extract_worker_main; sys.exit(extract_worker_main())"
+        )
+    else:
+        code = (
+            "import importlib.util as u, sys; s = u.spec_from_file_location('cocalc_bootstrap_worker', "
+            f"{str(Path(__file__).resolve())!r}); m = sys.modules[s.name] = u.module_from_spec(s); "
+            "s.loader.exec_module(m); "
+            "sys.exit(m.extract_worker_main())"
+        )
+    return [sys.executable or "python3", "-I", "-c", code]
+
+
+def extract_worker_main() -> int:
+    """The worker: one request on stdin, one JSON outcome on stdout."""
+    request = json.loads(sys.stdin.read())
+    archive = Path(request["archive"])
+    try:
+        count = extract_safely(
+            archive, Path(request["dest"]), strip=int(request["strip"]), budget=ExtractBudget(**request["budget"])
+        )
+        outcome: dict[str, Any] = {"ok": True, "count": count}
+    except UnsafeArchiveError as e:
+        outcome = {"kind": "unsafe", "member": e.member, "why": e.why}
+    except BootstrapError as e:
+        outcome = {"kind": "bootstrap", "message": e.message, "hint": e.hint, "log_tail": e.log_tail}
+    except OSError as e:
+        outcome = {"kind": "os", "errno": e.errno, "strerror": e.strerror, "filename": e.filename, "text": str(e)}
+    except Exception as e:  # a bug: still one clear message
+        outcome = {"kind": "other", "text": f"{type(e).__name__}: {e}"}
+    sys.stdout.write(json.dumps(outcome) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def worker_error(archive: Path, outcome: Mapping[str, Any]) -> BaseException:
+    kind = outcome.get("kind")
+    if kind == "unsafe":
+        return UnsafeArchiveError(archive, str(outcome["member"]), str(outcome["why"]))
+    if kind == "bootstrap":
+        return BootstrapError(str(outcome["message"]), hint=outcome.get("hint"), log_tail=outcome.get("log_tail"))
+    if kind == "os" and outcome.get("errno") is not None:
+        return OSError(outcome["errno"], outcome.get("strerror") or "", outcome.get("filename"))
+    text = str(outcome.get("text", outcome))
+    return BootstrapError(
+        f"extracting {archive.name} failed: {text}",
+        hint="An unexpected error in bootstrap.py's extraction (a bug); nothing was installed.",
+    )
+
+
+def extract_in_worker(archive: Path, dest: Path, *, strip: int = 0, budget: ExtractBudget | None = None) -> int:
+    """extract_safely in a separate python3 process (outside this one's
+    interpreter lock); same result, same errors. Interrupting the caller
+    kills the worker (it is a tracked process group, like any command)."""
+    request = {
+        "archive": str(archive),
+        "dest": str(dest),
+        "strip": strip,
+        "budget": dataclasses.asdict(budget or ExtractBudget()),
+    }
+    with tempfile.TemporaryFile() as errors:
+        proc = MeteredPopen(
+            worker_argv(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+        )
+        with tracked_process(proc.pid):
+            try:
+                out, _ = proc.communicate(json.dumps(request).encode())
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        charge_child(proc.rusage)  # the worker's CPU-seconds count to the installing step
+        lines = out.decode("utf-8", "replace").strip().splitlines()
+        try:
+            outcome = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            outcome = None
+        if not isinstance(outcome, dict):
+            errors.seek(0)
+            said = errors.read().decode("utf-8", "replace").strip()[-2000:]
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            raise BootstrapError(
+                f"extracting {archive.name} failed: the worker ended ({how}) without an answer",
+                hint=WORKER_HINT,
+                log_tail=said or None,
+            )
+    if outcome.get("ok") is True:
+        return int(outcome["count"])
+    raise worker_error(archive, outcome)
 
 
 def bundle_problems(root: Path, expected_files: Sequence[str], executables: Sequence[str]) -> list[str]:
@@ -447,6 +599,7 @@ def install_archive(
     marker: Mapping[str, Any],
     verify: Callable[[Path], None] | None = None,
     budget: ExtractBudget | None = None,
+    in_process: bool = False,
 ) -> None:
     """Extract into `<parent>/.staging-<name>-<random>`, check it, mark it
     complete, and rename it to `final` in one step. A failure anywhere leaves
@@ -457,7 +610,7 @@ def install_archive(
     staging = parent / f"{STAGING_PREFIX}{final.name}-{secrets.token_hex(4)}"
     staging.mkdir(mode=0o755)
     try:
-        extract_safely(archive, staging, strip=strip, budget=budget)
+        (extract_safely if in_process else extract_in_worker)(archive, staging, strip=strip, budget=budget)
         problems = bundle_problems(staging, expected_files, executables)
         if problems:
             raise BootstrapError(

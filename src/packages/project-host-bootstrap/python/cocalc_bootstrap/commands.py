@@ -11,7 +11,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import BootstrapError, T
@@ -229,6 +229,19 @@ def kill_group(pgid: int, sig: int) -> None:
     # PermissionError: members running as root under sudo; sudo relays SIGTERM to them.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+@contextlib.contextmanager
+def tracked_process(pgid: int) -> Iterator[None]:
+    """A process group started elsewhere (e.g. an extraction worker) that an
+    interrupt stops like a command: terminate_running_commands() reaches it."""
+    with _running_groups_lock:
+        _running_groups.add(pgid)
+    try:
+        yield
+    finally:
+        with _running_groups_lock:
+            _running_groups.discard(pgid)
 
 
 def terminate_running_commands() -> None:

@@ -450,6 +450,7 @@ class Config(ConfigSpec):
     arch: Arch
     os: OsSpec
     parallel: bool = True
+    cpu_slots: Annotated[int, Range(1, 256)] | None = None
     hub: HubSpec
     conat_urls: Annotated[tuple[Url, ...], Items(8, low=1)]
     secrets: Annotated[tuple[Annotated[str, Matches(SECRET_NAME_RE)], ...], Items(16)] = ()

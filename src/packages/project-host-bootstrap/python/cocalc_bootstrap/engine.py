@@ -35,6 +35,7 @@ from .events import (
     StepStartEvent,
 )
 from .log import CURRENT_STEP, REDACTOR, utc_timestamp
+from .slots import CpuSlots
 from .step import Context, Step, atomic_write_text
 from .steps_host import DirectoriesStep, FilesStep, PreflightStep, SecretsStep
 from .steps_install import (
@@ -422,16 +423,35 @@ class Runner:
         self, plan: Plan, ctx: Context, *, state: StateStore, events: EventSink | None = None, jobs: int | None = None
     ) -> None:
         self.plan = plan
-        self.ctx = ctx
         self.log = ctx.log
-        self.state = state
         self.events = events or EventSink()
+        if ctx.cpu is None:
+            slots = CpuSlots(cpu_slots(ctx.config), on_wait=self._cpu_wait, on_granted=self._cpu_granted)
+            ctx = dataclasses.replace(ctx, cpu=slots)
+        self.ctx = ctx
+        self.state = state
         self.jobs = max(1, jobs if jobs is not None else default_jobs(plan, ctx.config))
         self.progress = Progress(plan, state)
         self.steps = {name: StepRun(name) for name in plan.names()}
         self.t0 = time.monotonic()
         self._running: set[str] = set()
         self._lock = threading.Lock()
+
+    # -- CPU slots (slots.py) ----------------------------------------------
+
+    def _cpu_wait(self, who: str, holders: list[str]) -> None:
+        assert self.ctx.cpu is not None
+        self.log.info(
+            f"waiting for a CPU slot ({len(holders)} of {self.ctx.cpu.slots} busy: {', '.join(holders)})",
+            event="cpu_wait",
+            holders=holders,
+        )
+        self.events.emit(ProgressEvent(phase=f"{who}: waiting for a CPU slot", percent=self.progress.percent()))
+
+    def _cpu_granted(self, who: str, waited_s: float) -> None:
+        self.log.info(f"got a CPU slot after waiting {waited_s:.1f}s", event="cpu_slot", waited_s=round(waited_s, 3))
+        phase = self.plan.classes[who].phase if who in self.plan.classes else "bootstrapping"
+        self.events.emit(ProgressEvent(phase=phase, percent=self.progress.percent()))
 
     # -- the executor ------------------------------------------------------
 
@@ -595,6 +615,11 @@ class Runner:
             return Outcome.UNCHANGED, why
         self.log.info(f"applied and verified: {after.detail}", event="verified")
         return Outcome.CHANGED, why
+
+
+def cpu_slots(config: Config) -> int:
+    """How many CPU-heavy jobs (extractions) run at once: the config's cpu_slots, else one per core."""
+    return config.cpu_slots or os.cpu_count() or 1
 
 
 def default_jobs(plan: Plan, config: Config) -> int:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from .commands import run_command
 from .config import Config
 from .log import Log
+from .slots import CpuSlots
 
 # (steps) one class per step of the flow, each a subclass of Step; the
 # tuple STEPS lists them all and is what the plan is built from.
@@ -30,10 +31,12 @@ class StepState:
 
 @dataclass
 class Context:
-    """What every step gets: the validated config and the logger."""
+    """What every step gets: the validated config and the logger (and, in
+    the engine, the CPU slots its CPU-heavy work takes; None: no limit)."""
 
     config: Config
     log: Log
+    cpu: CpuSlots | None = None
 
 
 class Step:

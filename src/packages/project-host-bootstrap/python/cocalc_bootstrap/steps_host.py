@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .archive import decompressor_problems
 from .commands import retry, run_command
 from .config import Config
 from .errors import MIN_PYTHON, BootstrapError
@@ -89,6 +90,7 @@ def preflight_problems(config: Config) -> list[tuple[str, str]]:
             )
         )
     problems += user_problems(config)
+    problems += decompressor_problems(config)
     if sys.version_info < MIN_PYTHON:
         found = ".".join(map(str, sys.version_info[:3]))
         problems.append(

@@ -42,6 +42,7 @@ from .layout import (
     node_dir,
     nvm_dir,
 )
+from .slots import cpu_slot
 from .step import Step, StepState, atomic_write_text, write_user_file
 
 
@@ -210,12 +211,20 @@ class InstallBundleStep(Step):
 
     def check(self) -> StepState:
         s = self.spec
-        if not (bundle_installed(self.config, self.artifact, s) or image_installed(self.config, self.artifact, s)):
+        how = (
+            "a mounted image"
+            if image_installed(self.config, self.artifact, s)
+            else "an extracted archive"
+            if bundle_installed(self.config, self.artifact, s)
+            else None
+        )
+        if how is None:
             return StepState(False, f"{self.artifact} {s.version} is not installed")
         current = read_link(self.current_link())
         if current != s.version:
             return StepState(False, f"current points to {current or 'nothing'}, not {s.version}")
-        return StepState(True, f"{self.artifact} {s.version} is installed and current")
+        # the step's message (the hub shows it) says which of the two the host chose
+        return StepState(True, f"{self.artifact} {s.version} is installed ({how}) and current")
 
     def apply(self) -> None:
         s = self.spec
@@ -241,22 +250,24 @@ class InstallBundleStep(Step):
                 f"{archive} is missing or unverified", hint="Run the bootstrap again: the download step fetches it."
             )
         recorded = parse_sha256_file(checksum_path(archive).read_text(encoding="utf-8"), archive.name)
-        actual = file_sha256(archive)  # again: verified before use, not just when downloaded
-        if actual != recorded:
-            remove_download(archive)
-            raise BootstrapError(
-                f"{archive} changed on disk since it was verified",
-                hint="Run the bootstrap again: it downloads it anew.",
+        # CPU-heavy from here (hashing, decompressing, writing files): one CPU slot, the biggest archive first
+        with cpu_slot(self.ctx.cpu, self.name, archive.stat().st_size):
+            actual = file_sha256(archive)  # again: verified before use, not just when downloaded
+            if actual != recorded:
+                remove_download(archive)
+                raise BootstrapError(
+                    f"{archive} changed on disk since it was verified",
+                    hint="Run the bootstrap again: it downloads it anew.",
+                )
+            start = time.monotonic()
+            install_archive(
+                archive,
+                bundle_version_dir(self.config, self.artifact, s),
+                strip=s.strip_components,
+                expected_files=s.expected_files,
+                executables=s.executables,
+                marker={"artifact": self.artifact, "version": s.version, "url": s.url, "sha256": actual},
             )
-        start = time.monotonic()
-        install_archive(
-            archive,
-            bundle_version_dir(self.config, self.artifact, s),
-            strip=s.strip_components,
-            expected_files=s.expected_files,
-            executables=s.executables,
-            marker={"artifact": self.artifact, "version": s.version, "url": s.url, "sha256": actual},
-        )
         self.log.info(f"installed {self.artifact} {s.version} in {time.monotonic() - start:.1f}s")
 
 
@@ -358,14 +369,15 @@ class NodeStep(Step):
                     f"{name}: bin/node --version says {found.output.strip()[:100]!r}, not v{version}", hint=self.hint
                 )
 
-        install_archive(
-            archive,
-            node_dir(self.config),
-            strip=1,
-            executables=("bin/node",),
-            marker={"artifact": "node", "version": version, "sha256": sha256},
-            verify=answers_version,
-        )
+        with cpu_slot(self.ctx.cpu, self.name, archive.stat().st_size):
+            install_archive(
+                archive,
+                node_dir(self.config),
+                strip=1,
+                executables=("bin/node",),
+                marker={"artifact": "node", "version": version, "sha256": sha256},
+                verify=answers_version,
+            )
         remove_download(archive)
         self.log.info(f"installed node v{version} into {node_dir(self.config)}")
 

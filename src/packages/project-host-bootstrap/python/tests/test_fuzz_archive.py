@@ -218,12 +218,16 @@ def fresh_box(tmp: Path, name: str) -> tuple[Path, Path]:
     return box, box / "dest"
 
 
-def extract(tmp: Path, name: str, items: list[Any]) -> tuple[Path, Path, BaseException | None]:
+def extract(
+    tmp: Path, name: str, items: list[Any], *, worker: bool = False
+) -> tuple[Path, Path, bootstrap.UnsafeArchiveError | None]:
+    """Extract in this process, or (worker=True) as installs do: in a separate
+    python3 process (extract_in_worker), whose refusal comes back as the same error."""
     box, dest = fresh_box(tmp, name)
     archive = tmp / f"{name}.tar"
     archive.write_bytes(archive_bytes(items))
     try:
-        bootstrap.extract_safely(archive, dest, strip=1, budget=BUDGET)
+        (bootstrap.extract_in_worker if worker else bootstrap.extract_safely)(archive, dest, strip=1, budget=BUDGET)
     except bootstrap.UnsafeArchiveError as e:
         return box, dest, e
     return box, dest, None
@@ -288,12 +292,25 @@ def simple_files(items: list[Any]) -> dict[str, bytes]:
     return out
 
 
+def refusal(e: bootstrap.UnsafeArchiveError | None) -> tuple[Any, ...] | None:
+    """What a refusal says, but the archive's name (the two extractions read two copies)."""
+    return None if e is None else (type(e), e.member, e.why, e.hint, str(e).split(": ", 1)[1])
+
+
 @seed(SEED)
-@given(archives())
-def test_generated_archives_keep_the_extraction_invariants(tmp_path_factory: Any, items: list[Any]) -> None:
+@given(archives(), st.integers(0, 3))
+def test_generated_archives_keep_the_extraction_invariants(tmp_path_factory: Any, items: list[Any], how: int) -> None:
+    """One archive in four goes through the worker process (the install path); its tree and its
+    refusal must equal the in-process extraction's, and the invariants are checked on its tree."""
     with seed_printed(items):
         tmp = tmp_path_factory.mktemp("fuzz")
-        box, dest, refused = extract(tmp, "full", items)
+        worker = how == 1
+        box, dest, refused = extract(tmp, "full", items, worker=worker)
+        event("via the worker process" if worker else "in process")
+        if worker:
+            _, same, in_process = extract(tmp, "in-process", items)
+            assert snapshot(dest) == snapshot(same)
+            assert refusal(refused) == refusal(in_process)
         assert outside_state(box) == (["dest", "outdir", "sentinel"], [], b"untouched", 1)
         check_extracted_tree(dest)
         event(

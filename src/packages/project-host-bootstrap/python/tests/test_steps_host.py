@@ -240,3 +240,20 @@ def test_btrfs_sysfs_dir_is_found_by_fsid_not_by_device_name(tmp_path: Path) -> 
         assert bootstrap.btrfs_fsid(str(tmp_path)) is None  # not btrfs
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_preflight_needs_zstd_for_a_zstd_archive_without_an_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python reads zstd only from 3.14 on: a .tar.zst bundle needs the zstd command, found before anything
+    changes; a bundle with an image (mounted by the kernel) or a .tar.xz does not."""
+    zst = "http://127.0.0.1:9/project/1.0.0/project.tar.zst?x=1"
+    image = {"url": "http://127.0.0.1:9/project/1.0.0/project.sqfs", "sha256": "a" * 64}
+    config = make_config(tmp_path, artifacts={"project": {"url": zst}, "tools": {"url": zst, "image": image}})
+    if shutil.which("zstd") is not None:
+        assert bootstrap.decompressor_problems(config) == []
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no zstd on PATH
+    problems = bootstrap.decompressor_problems(config)
+    assert problems == [("artifacts project is .tar.zst and the zstd command is missing", bootstrap.ZSTD_HINT)]
+    assert problems[0] in bootstrap.preflight_problems(config)
+    assert bootstrap.decompressor_problems(make_config(tmp_path)) == []  # .tar.xz: Python's lzma reads it
