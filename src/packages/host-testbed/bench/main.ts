@@ -6,37 +6,51 @@ import { cpus, release } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { whyNotSupported } from "../src/machine.js";
+import type { Format } from "./metrics.js";
 import { type BenchSettings, buildResult, writeResults } from "./report.js";
-import { defaultAptPackages, RUN_KINDS, type RunKind, runBench } from "./runner.js";
+import { type Block, defaultAptPackages, FILE_SYSTEMS, FORMATS, type HostFs, RUN_KINDS, type RunKind, runBench } from "./runner.js";
 
 const HELP = `usage: pnpm bench [options]
 
 Bootstraps throwaway hosts (Debian in systemd-nspawn; needs root) with the
 reference workload and writes result.json, result.md (printed) and the cold
-runs' waterfalls (SVG) into a results folder.
+runs' waterfalls (SVG) into a results folder. Every bandwidth × host file
+system is a block; each block runs the legacy reference (which also measures
+the isolated costs) and, per format, cold parallel, warm, one-bundle upgrade
+and cold serial runs.
 
-  --runs N          runs of each kind; each figure is the median with min and max (default 3)
-  --scale X         bundle size factor: 1 = project-host 100 MB, project 250 MB,
-                    tools 50 MB of .tar.xz (default 1)
-  --bandwidth MB/s  artifact server limit shared by all downloads, 0 = none (default 50)
-  --latency MS      first-byte latency of every artifact response (default 0)
-  --apt real|test   the old bootstrap's package list (default), or the tests' small one
-  --kinds LIST      comma-separated subset of ${RUN_KINDS.join(",")} (default: all)
-  --xz-at-start     copy this machine's xz into each host first (Ubuntu images ship xz;
-                    the testbed's Debian minbase does not)
-  --smoke           quick check that the bench works: --runs 1 --scale 0.01 --apt test
-  --out DIR         results folder (default: results/bench-<timestamp> in the repository)
-  -h, --help        this text`;
+  --runs N            runs of each kind per block; each figure is the median with min and max (default 3)
+  --scale X           bundle size factor: 1 = project-host 100 MB, project 250 MB,
+                      tools 50 MB of .tar.xz (default 1)
+  --bandwidths LIST   MB/s limits shared by all downloads, 0 = none (default 50,200)
+  --bandwidth MB/s    one bandwidth (same as --bandwidths MB/s)
+  --fs LIST           where the hosts live: root (this machine's root fs), ext4 (a journaled
+                      ext4 image each, on a loop device) (default root,ext4)
+  --blocks LIST       explicit blocks instead of bandwidths × fs, e.g. 50:root,50:ext4,200:ext4
+  --formats LIST      ${FORMATS.join(",")} (default: both)
+  --image-level N     zstd level of the bundle images (default: the converter's, 19); a lower one
+                      builds much faster and makes a slightly bigger image
+  --latency MS        first-byte latency of every artifact response (default 0)
+  --apt real|test     the old bootstrap's package list (default), or the tests' small one
+  --kinds LIST        comma-separated subset of ${RUN_KINDS.join(",")} (default: all)
+  --xz-at-start       copy this machine's xz into each host first (Ubuntu images ship xz;
+                      the testbed's Debian minbase does not)
+  --smoke             quick check that the bench works: --runs 1 --scale 0.01 --apt test
+                      --blocks 50:ext4 --kinds legacy,cold_parallel,warm,version_change
+  --out DIR           results folder (default: results/bench-<timestamp> in the repository)
+  -h, --help          this text`;
 
 interface Cli {
   runs: number;
   scale: number;
-  bandwidth: number;
+  blocks: Block[];
   latency: number;
   apt: string[];
   kinds: RunKind[];
+  formats: Format[];
   smoke: boolean;
   xzAtStart: boolean;
+  imageLevel: number | undefined;
   out: string;
 }
 
@@ -47,11 +61,16 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
       runs: { type: "string" },
       scale: { type: "string" },
       bandwidth: { type: "string" },
+      bandwidths: { type: "string" },
+      fs: { type: "string" },
+      blocks: { type: "string" },
+      formats: { type: "string" },
       latency: { type: "string" },
       apt: { type: "string" },
       kinds: { type: "string" },
       smoke: { type: "boolean", default: false },
       "xz-at-start": { type: "boolean", default: false },
+      "image-level": { type: "string" },
       out: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -68,12 +87,41 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
   };
   const apt = values.apt ?? (smoke ? "test" : "real");
   if (apt !== "real" && apt !== "test") throw new Error(`--apt: real or test, not ${JSON.stringify(apt)}`);
-  const kinds = (values.kinds ?? RUN_KINDS.join(","))
-    .split(",")
-    .map((k) => k.trim())
-    .filter(Boolean);
-  const unknown = kinds.filter((k) => !(RUN_KINDS as readonly string[]).includes(k));
-  if (unknown.length) throw new Error(`--kinds: unknown ${unknown.join(", ")} (known: ${RUN_KINDS.join(", ")})`);
+  const list = <T extends string>(name: string, text: string, known: readonly T[]): T[] => {
+    const items = text
+      .split(",")
+      .map((k) => k.trim())
+      .filter(Boolean);
+    const unknown = items.filter((k) => !(known as readonly string[]).includes(k));
+    if (unknown.length) throw new Error(`--${name}: unknown ${unknown.join(", ")} (known: ${known.join(", ")})`);
+    if (items.length === 0) throw new Error(`--${name}: empty list`);
+    return [...new Set(items)] as T[];
+  };
+  const kinds = list("kinds", values.kinds ?? (smoke ? "legacy,cold_parallel,warm,version_change" : RUN_KINDS.join(",")), RUN_KINDS);
+  const formats = list("formats", values.formats ?? FORMATS.join(","), FORMATS);
+  const bandwidth = (text: string, name: string) => number(name, text, 0, (x) => x >= 0 && x <= 100_000);
+  if (values.bandwidth !== undefined && values.bandwidths !== undefined) throw new Error("--bandwidth and --bandwidths: give one of them");
+  let blocks: Block[];
+  if (values.blocks !== undefined) {
+    if (values.bandwidth !== undefined || values.bandwidths !== undefined || values.fs !== undefined) {
+      throw new Error("--blocks: give it instead of --bandwidth(s) and --fs, not with them");
+    }
+    blocks = values.blocks
+      .split(",")
+      .map((b) => b.trim())
+      .filter(Boolean)
+      .map((b) => {
+        const m = /^([0-9.]+):(\w+)$/.exec(b);
+        if (!m || !(FILE_SYSTEMS as readonly string[]).includes(m[2]!))
+          throw new Error(`--blocks: ${JSON.stringify(b)} is not MB/s:fs (fs: ${FILE_SYSTEMS.join(", ")})`);
+        return { bandwidthMBps: bandwidth(m[1]!, "blocks"), fs: m[2] as HostFs };
+      });
+    if (blocks.length === 0) throw new Error("--blocks: empty list");
+  } else {
+    const bws = (values.bandwidths ?? values.bandwidth ?? (smoke ? "50" : "50,200")).split(",").map((b) => bandwidth(b.trim(), "bandwidths"));
+    const fss = list("fs", values.fs ?? (smoke ? "ext4" : FILE_SYSTEMS.join(",")), FILE_SYSTEMS);
+    blocks = bws.flatMap((bandwidthMBps) => fss.map((fs) => ({ bandwidthMBps, fs })));
+  }
   const stamp = now
     .toISOString()
     .replace(/[-:]/g, "")
@@ -81,12 +129,15 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
   return {
     runs: number("runs", values.runs, smoke ? 1 : 3, (x) => Number.isInteger(x) && x >= 1 && x <= 50),
     scale: number("scale", values.scale, smoke ? 0.01 : 1, (x) => x > 0 && x <= 10),
-    bandwidth: number("bandwidth", values.bandwidth, 50, (x) => x >= 0),
+    blocks,
     latency: number("latency", values.latency, 0, (x) => x >= 0 && x <= 60_000),
     apt: defaultAptPackages(apt === "test"),
-    kinds: kinds as RunKind[],
+    kinds,
+    formats,
     smoke,
     xzAtStart: values["xz-at-start"] ?? false,
+    imageLevel:
+      values["image-level"] === undefined ? undefined : number("image-level", values["image-level"], 19, (x) => Number.isInteger(x) && x >= 1 && x <= 22),
     out: resolve(values.out ?? join(repoRoot, "results", `bench-${smoke ? "smoke-" : ""}${stamp}`)),
   };
 }
@@ -101,26 +152,37 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
   const why = whyNotSupported();
   if (why) throw new Error(`the benchmark needs throwaway hosts: ${why}`);
   const log = opts.log ?? ((line: string) => process.stderr.write(`bench: ${line}\n`));
-  const run = await runBench({
-    runs: cli.runs,
-    scale: cli.scale,
-    bandwidthMBps: cli.bandwidth,
-    latencyMs: cli.latency,
-    aptPackages: cli.apt,
-    kinds: cli.kinds,
-    xzAtStart: cli.xzAtStart,
-    log,
-  });
   const settings: BenchSettings = {
     command: ["pnpm bench", ...argv].join(" "),
     runs: cli.runs,
     scale: cli.scale,
     smoke: cli.smoke,
-    bandwidth_mb_per_s: cli.bandwidth,
+    blocks: cli.blocks,
+    formats: cli.formats,
+    kinds: cli.kinds,
     latency_ms: cli.latency,
     xz_at_start: cli.xzAtStart,
+    image_level: cli.imageLevel ?? null,
     machine: { cpus: cpus().length, kernel: release(), node: process.version },
   };
+  const run = await runBench({
+    runs: cli.runs,
+    scale: cli.scale,
+    blocks: cli.blocks,
+    latencyMs: cli.latency,
+    aptPackages: cli.apt,
+    kinds: cli.kinds,
+    formats: cli.formats,
+    xzAtStart: cli.xzAtStart,
+    imageLevel: cli.imageLevel,
+    log,
+    // a partial results folder after every host's runs: a long run cut short still leaves its figures
+    onIteration: (partial) => {
+      writeResults(cli.out, buildResult(partial, { ...settings, partial: true }));
+      log(`partial results in ${cli.out}`);
+    },
+  });
+
   const markdown = writeResults(cli.out, buildResult(run, settings));
   return { dir: cli.out, markdown };
 }

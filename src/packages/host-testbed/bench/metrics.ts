@@ -219,3 +219,193 @@ export function stat(values: readonly (number | null | undefined)[]): Stat | nul
   const max = xs[xs.length - 1]!;
   return { median, min, max, n: xs.length, spread: median !== 0 ? (max - min) / Math.abs(median) : 0 };
 }
+
+// --- CPU-seconds per step (the step_end events' `cpu`) -----------------------------------
+
+export interface StepCpuSeconds {
+  user_s: number;
+  sys_s: number;
+  children_user_s: number;
+  children_sys_s: number;
+}
+
+/** Each step's CPU-seconds from a run's event lines (steps without a measurement are left out). */
+export function stepCpu(lines: readonly string[]): Record<string, StepCpuSeconds> {
+  const out: Record<string, StepCpuSeconds> = {};
+  for (const line of lines) {
+    let e: { type?: string; step?: string; cpu?: StepCpuSeconds | null };
+    try {
+      e = JSON.parse(line);
+    } catch {
+      break; // a torn last line
+    }
+    if (e.type === "step_end" && typeof e.step === "string" && e.cpu) out[e.step] = e.cpu;
+  }
+  return out;
+}
+
+export function cpuTotal(c: StepCpuSeconds): number {
+  return c.user_s + c.sys_s + c.children_user_s + c.children_sys_s;
+}
+
+// --- isolated costs and the resource lower bound -----------------------------------------
+
+/** One heavy piece measured alone (the legacy host runs each command by itself). */
+export interface Piece {
+  name: string;
+  /** apt, node, a bundle's name, or image_<bundle> */
+  group: string;
+  wall_s: number;
+  user_s: number;
+  sys_s: number;
+  bytes: number | null;
+}
+
+/** A stage of a chain: one or more pieces that run at once (xz and tar in a pipe share one wall time). */
+export interface Stage {
+  name: string;
+  wall_s: number;
+  cpu_s: number;
+}
+
+export type Format = "archive" | "image";
+
+/**
+ * The dependency chains of a run's heavy work, as isolated stages: apt
+ * (update → install); per bundle download → verify → install (archive:
+ * decompress | write, one pipe; image: mount); Node download → verify →
+ * install. Chains do not depend on each other. `bundles` are the bundles
+ * the run installs (all for a cold run, the changed one for an upgrade);
+ * `withBase` adds apt and Node (a cold run).
+ */
+export function chains(pieces: readonly Piece[], format: Format, bundles: readonly string[], withBase: boolean): Stage[][] {
+  const by = new Map(pieces.map((p) => [p.name, p]));
+  const stage = (name: string, ...names: string[]): Stage | null => {
+    const ps = names.map((n) => by.get(n)).filter((p): p is Piece => p !== undefined);
+    if (ps.length !== names.length) return null;
+    return { name, wall_s: Math.max(...ps.map((p) => p.wall_s)), cpu_s: ps.reduce((a, p) => a + p.user_s + p.sys_s, 0) };
+  };
+  const chain = (...stages: (Stage | null)[]): Stage[] => {
+    if (stages.some((s) => s === null)) throw new Error(`isolated costs lack a piece of ${stages.map((s) => s?.name ?? "?").join(" → ")}`);
+    return stages as Stage[];
+  };
+  const out: Stage[][] = [];
+  if (withBase) {
+    out.push(chain(stage("apt_update", "apt_update"), stage("apt_install", "apt_install")));
+    const sums = by.has("download_node_sums") ? ["download_node_sums"] : [];
+    out.push(
+      chain(stage("download_node", "download_node", ...sums), stage("verify_node", "verify_node"), stage("install_node", "decompress_node", "write_node")),
+    );
+  }
+  for (const a of bundles) {
+    if (format === "archive") {
+      out.push(chain(stage(`download_${a}`, `download_${a}`), stage(`verify_${a}`, `verify_${a}`), stage(`install_${a}`, `decompress_${a}`, `write_${a}`)));
+    } else {
+      out.push(chain(stage(`download_${a}`, `image_download_${a}`), stage(`verify_${a}`, `image_verify_${a}`), stage(`install_${a}`, `image_mount_${a}`)));
+    }
+  }
+  return out;
+}
+
+export interface LowerBound {
+  /** max(bandwidth_s, chain_s, cpu_bound_s); 0 when there is no work. */
+  seconds: number;
+  /** Which term sets it. */
+  binding: "bandwidth" | "chain" | "cpu" | "none";
+  /** bytes ÷ bandwidth (0 without a limit). */
+  bandwidth_s: number;
+  bytes: number;
+  /** The longest chain of isolated wall times, and its stages. */
+  chain_s: number;
+  chain: string[];
+  /** Σ isolated CPU-seconds of every stage, and that ÷ cores. */
+  cpu_s: number;
+  cpu_bound_s: number;
+  cores: number;
+}
+
+/**
+ * The resource lower bound of a run: no schedule can beat the link
+ * (bytes ÷ bandwidth), the longest dependency chain of isolated costs, or
+ * the CPU (total isolated CPU-seconds ÷ cores).
+ */
+export function lowerBound(stages: readonly Stage[][], bytes: number, bandwidthBytesPerSec: number | null, cores: number): LowerBound {
+  if (!(cores >= 1)) throw new Error(`cores must be >= 1, got ${cores}`);
+  const bandwidth_s = bandwidthBytesPerSec && bandwidthBytesPerSec > 0 ? bytes / bandwidthBytesPerSec : 0;
+  let chain_s = 0;
+  let chain: string[] = [];
+  for (const c of stages) {
+    const s = c.reduce((a, x) => a + x.wall_s, 0);
+    if (s > chain_s) {
+      chain_s = s;
+      chain = c.map((x) => x.name);
+    }
+  }
+  const cpu_s = stages.flat().reduce((a, x) => a + x.cpu_s, 0);
+  const cpu_bound_s = cpu_s / cores;
+  const seconds = Math.max(bandwidth_s, chain_s, cpu_bound_s);
+  const binding = seconds <= 0 ? "none" : seconds === bandwidth_s ? "bandwidth" : seconds === chain_s ? "chain" : "cpu";
+  return { seconds, binding, bandwidth_s, bytes, chain_s, chain, cpu_s, cpu_bound_s, cores };
+}
+
+/** wall ÷ lower bound; null when the bound is 0 (nothing to do: a warm re-run). */
+export function overBound(wall_s: number, lb: LowerBound | null): number | null {
+  return lb && lb.seconds > 0 ? wall_s / lb.seconds : null;
+}
+
+// --- machine noise: /proc/stat and the host's processes ----------------------------------
+
+/** The aggregate `cpu` line of /proc/stat, in clock ticks. */
+export interface CpuTicks {
+  busy: number;
+  total: number;
+}
+
+/** busy = user + nice + system + irq + softirq + steal; total adds idle and iowait (guest time is inside user). */
+export function parseProcStat(text: string): CpuTicks {
+  const line = text.split("\n").find((l) => /^cpu\s/.test(l));
+  if (!line) throw new Error("/proc/stat has no aggregate cpu line");
+  const f = line.trim().split(/\s+/).slice(1).map(Number);
+  const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = f;
+  const busy = user + nice + system + irq + softirq + steal;
+  return { busy, total: busy + idle + iowait };
+}
+
+/** utime + stime + cutime + cstime of one /proc/<pid>/stat line, in clock ticks (the name may hold spaces and parentheses). */
+export function procStatTicks(text: string): number {
+  const rest = text
+    .slice(text.lastIndexOf(")") + 2)
+    .trim()
+    .split(/\s+/);
+  // rest[0] is field 3 (state); utime is field 14 → rest[11]
+  const f = (i: number) => Number(rest[i]) || 0;
+  return f(11) + f(12) + f(13) + f(14);
+}
+
+export interface Noise {
+  wall_s: number;
+  /** CPU-seconds the whole machine spent during the run (all cores). */
+  machine_cpu_s: number;
+  /** CPU-seconds of the run itself: the bootstrap's process tree, the host's processes, the bench's own process (artifact server, hub). */
+  ours_cpu_s: number;
+  /** machine − ours (≥ 0): other work on the machine. */
+  not_ours_cpu_s: number;
+  /** not ours ÷ machine. */
+  not_ours_fraction: number;
+  /** machine CPU-seconds ÷ (wall × cores): how busy the cores were. */
+  cores_busy: number;
+}
+
+export function noise(before: CpuTicks, after: CpuTicks, oursCpuS: number, wallS: number, cores: number, ticksPerSecond = 100): Noise {
+  const machine = Math.max(0, after.busy - before.busy) / ticksPerSecond;
+  const ours = Math.max(0, oursCpuS);
+  const notOurs = Math.max(0, machine - ours);
+  return {
+    wall_s: wallS,
+    machine_cpu_s: machine,
+    ours_cpu_s: ours,
+    not_ours_cpu_s: notOurs,
+    not_ours_fraction: machine > 0 ? notOurs / machine : 0,
+    cores_busy: wallS > 0 ? machine / (wallS * cores) : 0,
+  };
+}

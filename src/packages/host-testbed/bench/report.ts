@@ -1,23 +1,31 @@
 /**
- * The benchmark's output: result.json (every run and the summary), a
- * Markdown table (median, min–max of each figure per run kind; also
- * printed) and the cold runs' waterfalls as SVG.
+ * The benchmark's output: result.json (every run, the isolated costs and the
+ * summary), a Markdown report (per block: the headline table with wall ÷
+ * lower bound and legacy ÷ new, the isolated costs, every figure as median
+ * and min–max per kind of run, the machine's load; also printed) and the
+ * median cold runs' waterfalls as SVG.
  */
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { type Stat, type StepTiming, stat } from "./metrics.js";
-import type { BenchRun, RunKind, RunRecord } from "./runner.js";
-import { RUN_KINDS } from "./runner.js";
+import { type Format, type Stat, type StepTiming, stat } from "./metrics.js";
+import type { BenchRun, Block, IsolatedCosts, RunKind, RunRecord } from "./runner.js";
+import { fsLabel, RUN_KINDS } from "./runner.js";
 
 export interface BenchSettings {
   command: string;
   runs: number;
   scale: number;
   smoke: boolean;
-  bandwidth_mb_per_s: number;
+  blocks: Block[];
+  formats: Format[];
+  kinds: RunKind[];
   latency_ms: number;
   xz_at_start?: boolean;
+  /** zstd level of the images; null: the converter's default (19). */
+  image_level?: number | null;
   machine: { cpus: number; kernel: string; node: string };
+  /** Written after an iteration, before the whole run finished. */
+  partial?: boolean;
 }
 
 /** A figure: how to read it off a run, and how to show it. */
@@ -31,11 +39,21 @@ interface Figure {
 
 export const FIGURES: Figure[] = [
   { key: "wall_s", label: "wall time (stub, end to end)", unit: "s", digits: 1, of: (r) => r.wall_s },
+  { key: "lower_bound_s", label: "resource lower bound", unit: "s", digits: 1, of: (r) => r.lower_bound?.seconds ?? null },
+  { key: "wall_over_bound", label: "wall ÷ lower bound", unit: "", digits: 2, of: (r) => r.wall_over_bound },
+  { key: "bound_bandwidth_s", label: "bound: bytes ÷ bandwidth", unit: "s", digits: 1, of: (r) => r.lower_bound?.bandwidth_s ?? null },
+  { key: "bound_chain_s", label: "bound: longest chain of isolated costs", unit: "s", digits: 1, of: (r) => r.lower_bound?.chain_s ?? null },
+  { key: "bound_cpu_s", label: "bound: isolated CPU-s ÷ cores", unit: "s", digits: 1, of: (r) => r.lower_bound?.cpu_bound_s ?? null },
   { key: "engine_wall_s", label: "wall time (bootstrap.py)", unit: "s", digits: 1, of: (r) => r.engine_wall_s },
-  { key: "critical_path_s", label: "critical path (step timings)", unit: "s", digits: 1, of: (r) => r.critical_path_s },
-  { key: "wall_over_critical", label: "wall ÷ critical path", unit: "", digits: 2, of: (r) => r.wall_over_critical },
-  { key: "engine_overhead_s", label: "engine overhead (no step running)", unit: "s", digits: 2, of: (r) => r.engine_overhead_s },
-  { key: "stub_overhead_s", label: "stub overhead (outside bootstrap.py)", unit: "s", digits: 2, of: (r) => r.stub_overhead_s },
+  { key: "critical_path_s", label: "critical path (diagnostic: contended step times)", unit: "s", digits: 1, of: (r) => r.critical_path_s },
+  { key: "wall_over_critical", label: "wall ÷ critical path (diagnostic)", unit: "", digits: 2, of: (r) => r.wall_over_critical },
+  { key: "steps_cpu_s", label: "CPU-seconds the steps report", unit: "s", digits: 1, of: (r) => r.steps_cpu_s },
+  { key: "ours_cpu_s", label: "CPU-seconds of the run (host + bench)", unit: "s", digits: 1, of: (r) => r.cpu.ours_cpu_s },
+  { key: "machine_cpu_s", label: "CPU-seconds of the whole machine", unit: "s", digits: 1, of: (r) => r.cpu.machine_cpu_s },
+  { key: "not_ours_fraction", label: "share of the machine's CPU not ours", unit: "", digits: 2, of: (r) => r.cpu.not_ours_fraction },
+  { key: "cores_busy", label: "cores busy (machine)", unit: "", digits: 2, of: (r) => r.cpu.cores_busy },
+  { key: "engine_overhead_s", label: "engine overhead (no step running)", unit: "s", digits: 2, of: (r) => (r.kind === "legacy" ? null : r.engine_overhead_s) },
+  { key: "stub_overhead_s", label: "stub overhead (outside bootstrap.py)", unit: "s", digits: 2, of: (r) => (r.kind === "legacy" ? null : r.stub_overhead_s) },
   { key: "downloads_done_s", label: "downloads finished at", unit: "s", digits: 1, of: (r) => r.milestones.downloads_s },
   { key: "apt_done_s", label: "apt finished at", unit: "s", digits: 1, of: (r) => r.milestones.apt_s },
   { key: "node_done_s", label: "node finished at", unit: "s", digits: 1, of: (r) => r.milestones.node_s },
@@ -43,62 +61,91 @@ export const FIGURES: Figure[] = [
   { key: "apt_install_s", label: "apt-get install", unit: "s", digits: 1, of: (r) => r.apt_install_s },
   { key: "download_mb_per_s", label: "download throughput", unit: "MB/s", digits: 1, of: (r) => (r.download ? r.download.bytes_per_s / 1e6 : null) },
   { key: "download_fraction", label: "download throughput ÷ limit", unit: "", digits: 2, of: (r) => r.download?.fraction_of_limit ?? null },
-  { key: "download_mb", label: "downloaded from the artifact server", unit: "MB", digits: 1, of: (r) => (r.download ? r.download.bytes / 1e6 : 0) },
+  {
+    key: "download_mb",
+    label: "downloaded from the artifact server",
+    unit: "MB",
+    digits: 1,
+    of: (r) => (r.kind === "legacy" ? null : r.download ? r.download.bytes / 1e6 : 0),
+  },
   { key: "extraction_mb_per_s", label: "extraction rate (MB/s of archive)", unit: "MB/s", digits: 1, of: (r) => r.extraction_mb_per_s },
   { key: "peak_rss_mb", label: "peak memory of bootstrap.py (VmHWM)", unit: "MB", digits: 1, of: (r) => r.peak_rss_mb },
-  { key: "changed_steps", label: "steps that did work", unit: "", digits: 0, of: (r) => r.changed_steps.length },
-  { key: "service_restarts", label: "daemon (re)started (runs)", unit: "", digits: 0, of: (r) => (r.service_restarted ? 1 : 0) },
+  { key: "changed_steps", label: "steps that did work", unit: "", digits: 0, of: (r) => (r.kind === "legacy" ? null : r.changed_steps.length) },
+  { key: "service_restarts", label: "daemon (re)started (runs)", unit: "", digits: 0, of: (r) => (r.kind === "legacy" ? null : r.service_restarted ? 1 : 0) },
   { key: "loadavg_1m", label: "machine load (1-min avg) at start", unit: "", digits: 1, of: (r) => r.noise.loadavg_1m },
   { key: "cpu_probe_ms", label: "CPU probe (sha256 32 MB)", unit: "ms", digits: 0, of: (r) => r.noise.cpu_probe_ms },
   { key: "disk_probe_ms", label: "disk probe (64 MB + fsync)", unit: "ms", digits: 0, of: (r) => r.noise.disk_probe_ms },
 ];
 
-export type Summary = Record<RunKind, Record<string, Stat | null>>;
+/** A kind of run within a block: the legacy run, or a format's kind. */
+export function columnKey(r: Pick<RunRecord, "kind" | "format">): string {
+  return r.kind === "legacy" ? "legacy" : `${r.format}:${r.kind}`;
+}
 
-export interface Headline {
-  wall_over_critical_parallel: Stat | null;
-  serial_over_parallel: { median: number; min: number; max: number } | null;
-  warm_wall_s: Stat | null;
-  download_fraction: Stat | null;
+export function blockKey(b: { bandwidth_mb_per_s: number; fs: string }): string {
+  return `${b.bandwidth_mb_per_s}:${b.fs}`;
+}
+
+/** block → column → figure → median (min–max). */
+export type Summary = Record<string, Record<string, Record<string, Stat | null>>>;
+
+export interface BlockHeadline {
+  block: string;
+  bandwidth_mb_per_s: number;
+  fs: string;
+  /** legacy wall ÷ cold parallel wall of the same iteration, per format. */
+  legacy_over_new: Partial<Record<Format, Stat | null>>;
+  /** cold serial wall ÷ cold parallel wall of the same iteration, per format. */
+  serial_over_parallel: Partial<Record<Format, Stat | null>>;
 }
 
 export interface BenchResult extends BenchRun {
   settings: BenchSettings;
   summary: Summary;
-  headline: Headline;
+  headline: BlockHeadline[];
 }
 
 export function summarize(runs: readonly RunRecord[]): Summary {
-  const out = {} as Summary;
-  for (const kind of RUN_KINDS) {
-    const mine = runs.filter((r) => r.kind === kind);
-    out[kind] = Object.fromEntries(FIGURES.map((f) => [f.key, stat(mine.map(f.of))]));
+  const out: Summary = {};
+  for (const r of runs) {
+    const b = blockKey(r);
+    const c = columnKey(r);
+    out[b] ??= {};
+    if (out[b][c]) continue;
+    const mine = runs.filter((x) => blockKey(x) === b && columnKey(x) === c);
+    out[b][c] = Object.fromEntries(FIGURES.map((f) => [f.key, stat(mine.map(f.of))]));
   }
   return out;
 }
 
-/**
- * The figures the issue asks about. serial ÷ parallel pairs the runs of the
- * same iteration (they ran back to back), so min and max are real pairs.
- */
-export function headline(runs: readonly RunRecord[], summary: Summary): Headline {
+/** a.wall ÷ b.wall over the iterations where both ran in the block (they ran back to back, so min and max are real pairs). */
+export function pairedRatio(runs: readonly RunRecord[], block: string, top: (r: RunRecord) => boolean, bottom: (r: RunRecord) => boolean): Stat | null {
   const ratios: number[] = [];
-  for (const s of runs.filter((r) => r.kind === "cold_serial")) {
-    const p = runs.find((r) => r.kind === "cold_parallel" && r.iteration === s.iteration);
-    if (p && p.wall_s > 0) ratios.push(s.wall_s / p.wall_s);
+  for (const a of runs.filter((r) => blockKey(r) === block && top(r))) {
+    const b = runs.find((r) => blockKey(r) === block && bottom(r) && r.iteration === a.iteration);
+    if (b && b.wall_s > 0) ratios.push(a.wall_s / b.wall_s);
   }
-  const sp = stat(ratios);
-  return {
-    wall_over_critical_parallel: summary.cold_parallel.wall_over_critical ?? null,
-    serial_over_parallel: sp ? { median: sp.median, min: sp.min, max: sp.max } : null,
-    warm_wall_s: summary.warm.wall_s ?? null,
-    download_fraction: summary.cold_parallel.download_fraction ?? null,
-  };
+  return stat(ratios);
+}
+
+export function headline(runs: readonly RunRecord[]): BlockHeadline[] {
+  const blocks = [...new Set(runs.map(blockKey))];
+  return blocks.map((block) => {
+    const first = runs.find((r) => blockKey(r) === block)!;
+    const formats = [...new Set(runs.filter((r) => blockKey(r) === block && r.kind !== "legacy").map((r) => r.format))];
+    const legacy_over_new: BlockHeadline["legacy_over_new"] = {};
+    const serial_over_parallel: BlockHeadline["serial_over_parallel"] = {};
+    for (const f of formats) {
+      const cold = (r: RunRecord) => r.kind === "cold_parallel" && r.format === f;
+      legacy_over_new[f] = pairedRatio(runs, block, (r) => r.kind === "legacy", cold);
+      serial_over_parallel[f] = pairedRatio(runs, block, (r) => r.kind === "cold_serial" && r.format === f, cold);
+    }
+    return { block, bandwidth_mb_per_s: first.bandwidth_mb_per_s, fs: first.fs, legacy_over_new, serial_over_parallel };
+  });
 }
 
 export function buildResult(run: BenchRun, settings: BenchSettings): BenchResult {
-  const summary = summarize(run.runs);
-  return { ...run, settings, summary, headline: headline(run.runs, summary) };
+  return { ...run, settings, summary: summarize(run.runs), headline: headline(run.runs) };
 }
 
 // --- Markdown ---------------------------------------------------------------------------
@@ -110,54 +157,104 @@ function fmt(s: Stat | null | undefined, digits: number): string {
 }
 
 const KIND_LABEL: Record<RunKind, string> = {
+  legacy: "legacy (old serial flow)",
   cold_parallel: "cold, parallel",
   cold_serial: "cold, serial",
   warm: "warm re-run",
-  version_change: "project version changed",
+  version_change: "one-bundle upgrade (project)",
 };
 
+export function columnLabel(key: string): string {
+  if (key === "legacy") return KIND_LABEL.legacy;
+  const [format, kind] = key.split(":") as [Format, RunKind];
+  return `${format === "image" ? "images" : "archives"}: ${KIND_LABEL[kind]}`;
+}
+
+/** The issue's aims on this machine (default workload), per column. */
+function aim(key: string, figure: "bound" | "legacy" | "wall"): { text: string; ok: (x: number) => boolean } | null {
+  if (figure === "wall" && key.endsWith(":warm")) return { text: "≤ 0.5 s", ok: (x) => x <= 0.5 };
+  if (figure === "bound" && key === "image:cold_parallel") return { text: "≤ 1.15", ok: (x) => x <= 1.15 };
+  if (figure === "bound" && key === "archive:cold_parallel") return { text: "≤ 1.3", ok: (x) => x <= 1.3 };
+  if (figure === "bound" && key.endsWith(":version_change")) return { text: "≤ 1.1", ok: (x) => x <= 1.1 };
+  if (figure === "legacy" && key === "image:cold_parallel") return { text: "≥ 2", ok: (x) => x >= 2 };
+  return null;
+}
+
+function withAim(s: Stat | null | undefined, digits: number, a: ReturnType<typeof aim>): string {
+  const text = fmt(s, digits);
+  return a && s ? `${text} ${a.ok(s.median) ? "✓" : "✗"} (aim ${a.text})` : text;
+}
+
+function columnsOf(result: BenchResult, block: string): string[] {
+  const present = new Set(result.runs.filter((r) => blockKey(r) === block).map(columnKey));
+  const order = ["legacy", ...(["archive", "image"] as const).flatMap((f) => RUN_KINDS.filter((k) => k !== "legacy").map((k) => `${f}:${k}`))];
+  return order.filter((k) => present.has(k));
+}
+
 export function markdown(result: BenchResult): string {
-  const { settings, summary, headline: h, workload } = result;
-  const kinds = RUN_KINDS.filter((k) => result.runs.some((r) => r.kind === k));
+  const { settings, summary, workload } = result;
   const lines: string[] = [];
-  lines.push(`# Bootstrap benchmark ${settings.smoke ? "(smoke)" : ""}`.trim(), "");
   lines.push(
-    `\`${settings.command}\` — ${result.started_at} — ${settings.runs} run(s) per kind, scale ${settings.scale}, ` +
-      `bandwidth ${settings.bandwidth_mb_per_s > 0 ? `${settings.bandwidth_mb_per_s} MB/s shared` : "unlimited"}, ` +
-      `first-byte latency ${settings.latency_ms} ms${settings.xz_at_start ? ", xz in the host from the start" : ""}; ${settings.machine.cpus} CPUs, Linux ${settings.machine.kernel}, Node ${settings.machine.node}.`,
+    `# Bootstrap benchmark ${settings.smoke ? "(smoke)" : ""}${settings.partial ? " (partial: written after a host's runs, the run went on)" : ""}`.trim(),
     "",
   );
-  const bundles = workload.bundles.map((b) => `${b.artifact} ${(b.size_bytes / 1e6).toFixed(1)} MB (${b.ratio.toFixed(1)}x, ${b.files} files)`);
+  lines.push(
+    `\`${settings.command}\` — ${result.started_at} — ${settings.runs} run(s) per kind and block, scale ${settings.scale}, ` +
+      `first-byte latency ${settings.latency_ms} ms${settings.xz_at_start ? ", xz in the host from the start" : ""}` +
+      `${settings.image_level ? `, images at zstd level ${settings.image_level}` : ""}; ` +
+      `${settings.machine.cpus} CPUs, Linux ${settings.machine.kernel}, Node ${settings.machine.node}.`,
+    "",
+  );
+  const bundles = workload.bundles.map(
+    (b) =>
+      `${b.artifact} ${(b.size_bytes / 1e6).toFixed(1)} MB .tar.xz${b.image_bytes ? ` / ${(b.image_bytes / 1e6).toFixed(1)} MB image` : ""} (${b.ratio.toFixed(1)}x, ${b.files} files)`,
+  );
   lines.push(
     `Workload: ${bundles.join(", ")}; node ${workload.node.version} ${(workload.node.size_bytes / 1e6).toFixed(1)} MB; ` +
       `apt: ${workload.apt_packages.join(" ")}.`,
     "",
+    "Each figure: median (min–max) over the runs. Lower bound = max(bytes ÷ bandwidth, longest chain of isolated costs, " +
+      "isolated CPU-seconds ÷ cores), from the same block and iteration's legacy host (see the README).",
+    "",
   );
-  lines.push("## Headline", "");
-  const sp = h.serial_over_parallel;
-  lines.push("| figure | value | aim |", "|---|---|---|");
-  lines.push(
-    `| wall ÷ critical path, cold parallel | ${fmt(h.wall_over_critical_parallel, 2)} | ≤ 1.10 ${mark(h.wall_over_critical_parallel?.median, (x) => x <= 1.1)} |`,
-  );
-  lines.push(
-    `| serial ÷ parallel (wall) | ${sp ? (sp.min !== sp.max ? `${sp.median.toFixed(2)} (${sp.min.toFixed(2)}–${sp.max.toFixed(2)})` : sp.median.toFixed(2)) : "–"} | > 1 |`,
-  );
-  lines.push(`| warm re-run wall | ${fmt(h.warm_wall_s, 2)} s | < 2 s ${mark(h.warm_wall_s?.median, (x) => x < 2)} |`);
-  lines.push(
-    `| download throughput ÷ bandwidth, cold parallel | ${fmt(h.download_fraction, 2)} | ≥ 0.9 ${mark(h.download_fraction?.median, (x) => x >= 0.9)} |`,
-  );
-  lines.push("", "## All figures (median, min–max)", "");
-  lines.push(`| figure | ${kinds.map((k) => KIND_LABEL[k]).join(" | ")} |`);
-  lines.push(`|---|${kinds.map(() => "---").join("|")}|`);
-  for (const f of FIGURES) {
-    const unit = f.unit ? ` (${f.unit})` : "";
-    lines.push(`| ${f.label}${unit} | ${kinds.map((k) => fmt(summary[k][f.key], f.digits)).join(" | ")} |`);
+  for (const h of result.headline) {
+    const block = h.block;
+    const cols = columnsOf(result, block);
+    const sum = summary[block] ?? {};
+    lines.push(`## ${h.bandwidth_mb_per_s > 0 ? `${h.bandwidth_mb_per_s} MB/s` : "unlimited bandwidth"}, hosts on ${fsLabel(h.fs as Block["fs"])}`, "");
+    lines.push("| run | wall (s) | lower bound (s) | wall ÷ lower bound | legacy ÷ new | serial ÷ parallel |", "|---|---|---|---|---|---|");
+    for (const c of cols) {
+      const s = sum[c] ?? {};
+      const format = c.split(":")[0] as Format;
+      const legacy = c.endsWith(":cold_parallel") ? withAim(h.legacy_over_new[format], 2, aim(c, "legacy")) : "";
+      const serial = c.endsWith(":cold_serial") ? fmt(h.serial_over_parallel[format], 2) : "";
+      const binding = boundBinding(result.runs, block, c);
+      lines.push(
+        `| ${columnLabel(c)} | ${withAim(s.wall_s, c.endsWith(":warm") ? 2 : 1, aim(c, "wall"))} | ${fmt(s.lower_bound_s, 1)}${binding ? ` (${binding})` : ""} | ` +
+          `${withAim(s.wall_over_bound, 2, aim(c, "bound"))} | ${legacy} | ${serial} |`,
+      );
+    }
+    const iso = result.isolated.filter((x) => blockKey(x) === block);
+    if (iso.length) {
+      lines.push("", "Isolated costs (each piece alone on the legacy host; CPU = user + system of the process and its reaped children):", "");
+      lines.push(isolatedTable(iso));
+    }
+    lines.push("", "<details><summary>All figures</summary>", "");
+    lines.push(`| figure | ${cols.map(columnLabel).join(" | ")} |`);
+    lines.push(`|---|${cols.map(() => "---").join("|")}|`);
+    for (const f of FIGURES) {
+      const unit = f.unit ? ` (${f.unit})` : "";
+      lines.push(`| ${f.label}${unit} | ${cols.map((c) => fmt(sum[c]?.[f.key], f.digits)).join(" | ")} |`);
+    }
+    lines.push("", "</details>", "");
+    lines.push(noiseNote(result, block), "");
   }
-  lines.push("", "## Machine noise", "");
-  lines.push(noiseNote(result));
-  const cold = medianRun(result.runs, "cold_parallel");
+  const cold = medianRun(
+    result.runs.filter((r) => blockKey(r) === result.headline[0]?.block),
+    "cold_parallel",
+  );
   if (cold) {
-    lines.push("", `## Critical path of the median cold parallel run (#${cold.iteration})`, "");
+    lines.push(`## Critical path (diagnostic) of the median cold parallel run (${cold.format}, #${cold.iteration})`, "");
     lines.push(cold.critical_path.map((n) => `${n} ${cold.steps.find((s) => s.name === n)?.duration_s.toFixed(1)} s`).join(" → "));
     lines.push("", "![waterfall](waterfall-cold-parallel.svg)");
   }
@@ -165,21 +262,45 @@ export function markdown(result: BenchResult): string {
   return lines.join("\n");
 }
 
-function mark(x: number | undefined, ok: (x: number) => boolean): string {
-  return x === undefined ? "" : ok(x) ? "✓" : "✗";
+/** The term that set the bound in most of the column's runs. */
+function boundBinding(runs: readonly RunRecord[], block: string, column: string): string {
+  const counts = new Map<string, number>();
+  for (const r of runs) {
+    if (blockKey(r) !== block || columnKey(r) !== column || !r.lower_bound || r.lower_bound.binding === "none") continue;
+    const text = r.lower_bound.binding === "chain" ? `chain: ${r.lower_bound.chain.join(" → ")}` : r.lower_bound.binding;
+    counts.set(text, (counts.get(text) ?? 0) + 1);
+  }
+  return [...counts.entries()].sort((a, b) => b[1] - a[1])[0]?.[0] ?? "";
 }
 
-function noiseNote(result: BenchResult): string {
-  const load = stat(result.runs.map((r) => r.noise.loadavg_1m));
-  const cpu = stat(result.runs.map((r) => r.noise.cpu_probe_ms));
-  const disk = stat(result.runs.map((r) => r.noise.disk_probe_ms));
-  const walls = RUN_KINDS.map((k) => [k, result.summary[k].wall_s] as const).filter(([, s]) => s && s.n > 1);
+function isolatedTable(iso: readonly IsolatedCosts[]): string {
+  const names = [...new Set(iso.flatMap((x) => x.pieces.map((p) => p.name)))];
+  const rows = ["| piece | wall (s) | CPU (s) | of which system (s) |", "|---|---|---|---|"];
+  for (const n of names) {
+    const ps = iso.map((x) => x.pieces.find((p) => p.name === n)).filter((p) => p !== undefined);
+    rows.push(
+      `| ${n} | ${fmt(stat(ps.map((p) => p.wall_s)), 1)} | ${fmt(stat(ps.map((p) => p.user_s + p.sys_s)), 1)} | ${fmt(stat(ps.map((p) => p.sys_s)), 1)} |`,
+    );
+  }
+  rows.push(`| (legacy flow, whole) | ${fmt(stat(iso.map((x) => x.legacy_wall_s)), 1)} | | |`);
+  return rows.join("\n");
+}
+
+function noiseNote(result: BenchResult, block: string): string {
+  const mine = result.runs.filter((r) => blockKey(r) === block);
+  const load = stat(mine.map((r) => r.noise.loadavg_1m));
+  const notOurs = stat(mine.map((r) => r.cpu.not_ours_fraction));
+  const busy = stat(mine.map((r) => r.cpu.cores_busy));
+  const cpu = stat(mine.map((r) => r.noise.cpu_probe_ms));
+  const disk = stat(mine.map((r) => r.noise.disk_probe_ms));
+  const cols = columnsOf(result, block);
+  const spreads = cols.map((c) => [c, result.summary[block]?.[c]?.wall_s] as const).filter(([, s]) => s && s.n > 1);
   const parts = [
-    `Load average at run start ${fmt(load, 1)} on ${result.settings.machine.cpus} CPUs` +
-      ` (other work on the machine shares the CPUs and the disk with the host under test).`,
-    `CPU probe ${fmt(cpu, 0)} ms, disk probe ${fmt(disk, 0)} ms (spread ${pct(cpu?.spread)} and ${pct(disk?.spread)}).`,
+    `Machine during the runs: cores busy ${fmt(busy, 2)}, share of the machine's CPU-seconds that was not ours ${fmt(notOurs, 2)}, ` +
+      `load average at run start ${fmt(load, 1)} on ${result.settings.machine.cpus} CPUs.`,
+    `CPU probe ${fmt(cpu, 0)} ms, disk probe ${fmt(disk, 0)} ms.`,
   ];
-  if (walls.length) parts.push(`Wall-time spread (max − min) ÷ median: ${walls.map(([k, s]) => `${KIND_LABEL[k]} ${pct(s!.spread)}`).join(", ")}.`);
+  if (spreads.length) parts.push(`Wall-time spread (max − min) ÷ median: ${spreads.map(([c, s]) => `${columnLabel(c)} ${pct(s!.spread)}`).join(", ")}.`);
   else parts.push("One run per kind: no spread to report (use --runs 3 or more).");
   return parts.join(" ");
 }
@@ -188,9 +309,10 @@ function pct(x: number | undefined): string {
   return x === undefined ? "–" : `${(x * 100).toFixed(0)}%`;
 }
 
-/** The run whose wall time is the median of its kind (lower middle for even counts). */
-export function medianRun(runs: readonly RunRecord[], kind: RunKind): RunRecord | null {
-  const mine = runs.filter((r) => r.kind === kind).sort((a, b) => a.wall_s - b.wall_s);
+/** The run whose wall time is the median of its kind (lower middle for even counts); archives first. */
+export function medianRun(runs: readonly RunRecord[], kind: RunKind, format?: Format): RunRecord | null {
+  const pick = format ?? (runs.some((r) => r.kind === kind && r.format === "archive") ? "archive" : "image");
+  const mine = runs.filter((r) => r.kind === kind && r.format === pick).sort((a, b) => a.wall_s - b.wall_s);
   return mine.length ? mine[(mine.length - 1) >> 1]! : null;
 }
 
@@ -256,10 +378,15 @@ export function writeResults(dir: string, result: BenchResult): string {
   const md = markdown(result);
   writeFileSync(join(dir, "result.md"), md);
   for (const kind of ["cold_parallel", "cold_serial"] as const) {
-    const run = medianRun(result.runs, kind);
-    if (run) {
-      const title = `${KIND_LABEL[kind]} bootstrap, run #${run.iteration} (median wall of ${result.runs.filter((r) => r.kind === kind).length})`;
-      writeFileSync(join(dir, `waterfall-${kind.replace("_", "-")}.svg`), waterfallSvg(run, title));
+    for (const format of ["archive", "image"] as const) {
+      // the first block's runs (the default: 50 MB/s on the root fs)
+      const first = result.runs.filter((r) => blockKey(r) === result.headline[0]?.block);
+      const run = medianRun(first, kind, format);
+      if (!run) continue;
+      const n = first.filter((r) => r.kind === kind && r.format === format).length;
+      const title = `${KIND_LABEL[kind]} bootstrap (${format}s), run #${run.iteration}, ${run.bandwidth_mb_per_s} MB/s, ${run.fs} fs (median wall of ${n})`;
+      const svg = waterfallSvg(run, title);
+      writeFileSync(join(dir, `waterfall-${kind.replace("_", "-")}${format === "image" ? "-images" : ""}.svg`), svg);
     }
   }
   return md;

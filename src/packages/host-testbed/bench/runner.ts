@@ -4,23 +4,34 @@
  * first-byte latency), the testbed's hub on PGlite, a fresh throwaway host
  * per cold run, the hub's real stub run inside it as root.
  *
- * One iteration = a cold run with `parallel: true` on a fresh host, a warm
- * re-run there (nothing to do), a re-run after only the project bundle's
- * version changed (re-provisioned: the hub's config now names the new
- * version), then a cold run with `parallel: false` on another fresh host.
+ * A block = one bandwidth × one file system the hosts live on (this
+ * machine's root fs, or a journaled ext4 image of their own). One iteration
+ * of a block: every fresh host it needs is brought up first; then the
+ * legacy reference run (the old serial flow, bench/legacy.py, which also
+ * measures each heavy piece alone: the isolated costs), then per format
+ * (archives, images) a cold run with `parallel: true`, a warm re-run there
+ * (nothing to do), a re-run after only the project bundle's version changed,
+ * and a cold run with `parallel: false` on another fresh host. A host is
+ * parked (stopped, loop devices released) after its runs and deleted only
+ * when the iteration is over, so no teardown lands right before a timed run.
  * Iterations interleave the kinds, so slow phases of the machine hit all of
  * them alike.
  */
-import { chmodSync, copyFileSync, mkdirSync } from "node:fs";
-import { type BundleName, publishSite } from "../src/artifacts.js";
+import { chmodSync, copyFileSync, mkdirSync, readFileSync } from "node:fs";
+import { cpus } from "node:os";
+import { type BuiltFile, type BundleName, buildBundleImage, publishSite } from "../src/artifacts.js";
 import { newestRunEvents } from "../src/end-state.js";
+import { PowerCutDisk } from "../src/faults/power.js";
 import { ThrowawayHost } from "../src/host.js";
 import { hostsDir } from "../src/paths.js";
-import { type BootstrapRun, type ProvisionedTestHost, TEST_APT_PACKAGES, Testbed, testHostRecord, testSecrets } from "../src/testbed.js";
+import { run as runProc } from "../src/proc.js";
+import { type ProvisionedTestHost, TEST_APT_PACKAGES, Testbed, testHostRecord, testSecrets } from "../src/testbed.js";
 import {
   aptCommands,
   type ByteSample,
+  chains,
   changedSteps,
+  cpuTotal,
   criticalPath,
   downloadThroughput,
   type EngineRun,
@@ -29,14 +40,22 @@ import {
   engineRunFromEvents,
   extractionRate,
   extractions,
+  type Format,
   type LogRecord,
+  type LowerBound,
   logRecords,
+  lowerBound,
   type Milestones,
   milestones,
+  type Noise,
+  overBound,
+  type Piece,
+  type StepCpuSeconds,
   type StepTiming,
+  stepCpu,
   type Throughput,
 } from "./metrics.js";
-import { ByteSampler, type MachineNoise, MemorySampler, probeMachine } from "./samplers.js";
+import { ByteSampler, CpuAccount, type MachineNoise, MemorySampler, probeMachine } from "./samplers.js";
 import { asVersion, BASE_VERSION, buildWorkloadBundle, type WorkloadBundle, workloadSpecs } from "./workload.js";
 
 /** The apt list of the old bootstrap (what a real project host installs). */
@@ -56,17 +75,28 @@ export const REAL_APT_PACKAGES = [
   "chrony",
 ];
 
-export const RUN_KINDS = ["cold_parallel", "cold_serial", "warm", "version_change"] as const;
+export const RUN_KINDS = ["legacy", "cold_parallel", "cold_serial", "warm", "version_change"] as const;
 export type RunKind = (typeof RUN_KINDS)[number];
+export const FORMATS: readonly Format[] = ["archive", "image"];
+export const FILE_SYSTEMS = ["root", "ext4"] as const;
+/** Where the hosts live: this machine's root file system, or a journaled ext4 image each (on a loop device). */
+export type HostFs = (typeof FILE_SYSTEMS)[number];
+
+/** One bandwidth × one host file system: the runs that share isolated costs. */
+export interface Block {
+  bandwidthMBps: number;
+  fs: HostFs;
+}
 
 export interface BenchOptions {
   runs: number;
   scale: number;
-  /** MB/s (10^6 bytes) shared by all downloads from the artifact server; 0 = unlimited. */
-  bandwidthMBps: number;
+  /** Bandwidth (MB/s, 10^6 bytes, shared by all downloads; 0 = unlimited) × host file system, in this order. */
+  blocks: Block[];
   latencyMs: number;
   aptPackages: string[];
   kinds: RunKind[];
+  formats: Format[];
   log: (line: string) => void;
   /** Per bootstrap run. */
   timeoutMs?: number;
@@ -76,10 +106,18 @@ export interface BenchOptions {
    * extracted before apt installed xz-utils use Python's lzma).
    */
   xzAtStart?: boolean;
+  /** zstd level of the bundle images (default: the converter's, 19, as a release would publish them). */
+  imageLevel?: number;
+  /** Called with everything so far after each host's runs (the CLI writes the results folder each time). */
+  onIteration?: (partial: BenchRun) => void;
 }
 
 export interface RunRecord {
   kind: RunKind;
+  /** archive or image (the legacy run installs archives). */
+  format: Format;
+  bandwidth_mb_per_s: number;
+  fs: HostFs;
   iteration: number;
   host: string;
   ok: boolean;
@@ -92,8 +130,16 @@ export interface RunRecord {
   stub_overhead_s: number;
   critical_path_s: number;
   critical_path: string[];
-  /** engine_wall_s ÷ critical_path_s: 1.0 is a perfect scheduler. */
+  /** engine_wall_s ÷ critical_path_s: a diagnostic (the path is made of the same run's contended step times). */
   wall_over_critical: number | null;
+  /** The resource lower bound from this block and iteration's isolated costs (null without a legacy run). */
+  lower_bound: LowerBound | null;
+  /** wall_s ÷ lower_bound.seconds. */
+  wall_over_bound: number | null;
+  /** Σ CPU-seconds the steps report (thread + reaped children); the legacy run: Σ of its commands. */
+  steps_cpu_s: number | null;
+  /** Machine CPU during the run: ours and not ours, cores busy. */
+  cpu: Noise;
   engine_overhead_s: number;
   milestones: Milestones;
   apt_update_s: number | null;
@@ -106,14 +152,34 @@ export interface RunRecord {
   /** The daemon was (re)started by this run (its unit, env file or bundle changed). */
   service_restarted: boolean;
   steps: StepTiming[];
+  /** Each step's CPU-seconds, as its step_end event says. */
+  step_cpu: Record<string, StepCpuSeconds>;
   noise: MachineNoise;
   /** Output tail when the run failed. */
   failure?: string;
 }
 
+/** The legacy host's measurements: its own wall time, and every piece alone. */
+export interface IsolatedCosts {
+  bandwidth_mb_per_s: number;
+  fs: HostFs;
+  iteration: number;
+  legacy_wall_s: number;
+  pieces: Piece[];
+}
+
 export interface WorkloadInfo {
   scale: number;
-  bundles: { artifact: BundleName; version: string; size_bytes: number; content_bytes: number; files: number; ratio: number; sha256: string }[];
+  bundles: {
+    artifact: BundleName;
+    version: string;
+    size_bytes: number;
+    content_bytes: number;
+    files: number;
+    ratio: number;
+    sha256: string;
+    image_bytes: number | null;
+  }[];
   node: { version: string; size_bytes: number };
   apt_packages: string[];
 }
@@ -121,6 +187,8 @@ export interface WorkloadInfo {
 export interface BenchRun {
   workload: WorkloadInfo;
   runs: RunRecord[];
+  isolated: IsolatedCosts[];
+  cores: number;
   started_at: string;
   finished_at: string;
 }
@@ -131,47 +199,68 @@ export async function runBench(opts: BenchOptions): Promise<BenchRun> {
   if (!opts.kinds.includes("cold_parallel") && (opts.kinds.includes("warm") || opts.kinds.includes("version_change"))) {
     throw new Error("warm and version_change re-run the cold_parallel host: include cold_parallel");
   }
+  if (opts.blocks.length === 0) throw new Error("no bandwidth × file system block to run");
+  const cores = cpus().length;
   const bundles: WorkloadBundle[] = [];
   for (const spec of workloadSpecs(opts.scale)) bundles.push(await buildWorkloadBundle(spec, log));
-  const bed = await Testbed.start({
-    log,
-    aptPackages: opts.aptPackages,
-    bandwidthBytesPerSec: opts.bandwidthMBps > 0 ? opts.bandwidthMBps * 1e6 : undefined,
-    latencyMs: opts.latencyMs || undefined,
-  });
-  const workload: WorkloadInfo = {
-    scale: opts.scale,
-    bundles: bundles.map((b) => ({
-      artifact: b.spec.artifact,
-      version: b.spec.version,
-      size_bytes: b.size_bytes,
-      content_bytes: b.contentBytes,
-      files: b.files,
-      ratio: b.contentBytes / b.size_bytes,
-      sha256: b.sha256,
-    })),
-    node: { version: bed.node.spec.version, size_bytes: bed.node.size_bytes },
-    apt_packages: opts.aptPackages,
-  };
+  const images: Partial<Record<BundleName, BuiltFile>> = {};
+  if (opts.formats.includes("image")) for (const b of bundles) images[b.spec.artifact] = await buildBundleImage(b, log, opts.imageLevel);
   const runs: RunRecord[] = [];
-  const ctx: RunContext = { bed, bundles, opts, archiveBytes: Object.fromEntries(bundles.map((b) => [b.spec.artifact, b.size_bytes])) };
-  checkLayout(bed, bundles);
-  try {
-    for (let i = 1; i <= opts.runs; i++) {
-      log(`--- iteration ${i}/${opts.runs}`);
-      if (opts.kinds.includes("cold_parallel")) runs.push(...(await parallelHostRuns(ctx, i)));
-      if (opts.kinds.includes("cold_serial")) runs.push(...(await serialHostRun(ctx, i)));
+  const isolated: IsolatedCosts[] = [];
+  let workload: WorkloadInfo | null = null;
+  for (const block of opts.blocks) {
+    log(`=== ${block.bandwidthMBps > 0 ? `${block.bandwidthMBps} MB/s` : "unlimited bandwidth"}, hosts on ${fsLabel(block.fs)}`);
+    const bed = await Testbed.start({
+      log,
+      aptPackages: opts.aptPackages,
+      bandwidthBytesPerSec: block.bandwidthMBps > 0 ? block.bandwidthMBps * 1e6 : undefined,
+      latencyMs: opts.latencyMs || undefined,
+    });
+    workload ??= {
+      scale: opts.scale,
+      bundles: bundles.map((b) => ({
+        artifact: b.spec.artifact,
+        version: b.spec.version,
+        size_bytes: b.size_bytes,
+        content_bytes: b.contentBytes,
+        files: b.files,
+        ratio: b.contentBytes / b.size_bytes,
+        sha256: b.sha256,
+        image_bytes: images[b.spec.artifact]?.size_bytes ?? null,
+      })),
+      node: { version: bed.node.spec.version, size_bytes: bed.node.size_bytes },
+      apt_packages: opts.aptPackages,
+    };
+    const ctx: RunContext = { bed, bundles, images, opts, block, cores, archiveBytes: Object.fromEntries(bundles.map((b) => [b.spec.artifact, b.size_bytes])) };
+    checkLayout(bed, bundles);
+    try {
+      for (let i = 1; i <= opts.runs; i++) {
+        log(`--- iteration ${i}/${opts.runs}`);
+        const out = await iteration(ctx, i, (now, iso) => {
+          const partial = { workload: workload!, runs: [...runs, ...now], isolated: [...isolated, ...(iso ? [iso] : [])], cores, started_at };
+          opts.onIteration?.({ ...partial, finished_at: new Date().toISOString() });
+        });
+        runs.push(...out.runs);
+        if (out.isolated) isolated.push(out.isolated);
+      }
+    } finally {
+      await bed.close();
     }
-  } finally {
-    await bed.close();
   }
-  return { workload, runs, started_at, finished_at: new Date().toISOString() };
+  return { workload: workload!, runs, isolated, cores, started_at, finished_at: new Date().toISOString() };
+}
+
+export function fsLabel(fs: HostFs): string {
+  return fs === "root" ? "this machine's root fs" : "a journaled ext4 image";
 }
 
 interface RunContext {
   bed: Testbed;
   bundles: WorkloadBundle[];
+  images: Partial<Record<BundleName, BuiltFile>>;
   opts: BenchOptions;
+  block: Block;
+  cores: number;
   archiveBytes: Record<string, number>;
 }
 
@@ -184,62 +273,219 @@ function checkLayout(bed: Testbed, bundles: WorkloadBundle[]): void {
   }
 }
 
-/** Point the testbed's site at the bench bundles (the project bundle at `projectVersion`). */
-function publish(ctx: RunContext, projectVersion = BASE_VERSION): void {
+/** Point the testbed's site at the bench bundles (the project bundle at `projectVersion`), with images for the image format. */
+function publish(ctx: RunContext, format: Format, projectVersion = BASE_VERSION): void {
   const site = ctx.bed.site;
   const list = ctx.bundles.map((b) => (b.spec.artifact === "project" && projectVersion !== BASE_VERSION ? asVersion(b, projectVersion) : b));
-  publishSite(site.dir, site.baseUrl, list, ctx.bed.node);
+  publishSite(site.dir, site.baseUrl, list, ctx.bed.node, format === "image" ? { images: ctx.images } : {});
 }
 
-async function withHost<T>(ctx: RunContext, fn: (host: ThrowawayHost) => Promise<T>): Promise<T> {
-  const host = await ThrowawayHost.up({ log: ctx.opts.log });
-  try {
-    if (ctx.opts.xzAtStart) {
-      // Same Debian release as the host; liblzma5 is there (dpkg needs it).
-      copyFileSync("/usr/bin/xz", host.path("/usr/bin/xz"));
-      chmodSync(host.path("/usr/bin/xz"), 0o755);
-    }
-    return await fn(host);
-  } finally {
-    await host.down();
+/** A fresh host on the block's file system; `teardown` deletes it (and frees its disk image). */
+interface BenchHost {
+  host: ThrowawayHost;
+  teardown: () => Promise<void>;
+}
+
+async function freshHost(ctx: RunContext): Promise<BenchHost> {
+  const disk = ctx.block.fs === "ext4" ? new PowerCutDisk({ sizeGb: Math.max(8, Math.ceil(8 * ctx.opts.scale)), commitS: 5 }) : null;
+  const host = await ThrowawayHost.up({ log: ctx.opts.log, ...(disk ? { prepareRootfs: disk.prepare } : {}) });
+  if (ctx.opts.xzAtStart) {
+    // Same Debian release as the host; liblzma5 is there (dpkg needs it).
+    copyFileSync("/usr/bin/xz", host.path("/usr/bin/xz"));
+    chmodSync(host.path("/usr/bin/xz"), 0o755);
   }
+  return {
+    host,
+    teardown: async () => {
+      await host.down();
+      await disk?.detach();
+    },
+  };
 }
 
-async function parallelHostRuns(ctx: RunContext, iteration: number): Promise<RunRecord[]> {
-  return withHost(ctx, async (host) => {
-    const out: RunRecord[] = [];
-    publish(ctx);
-    const p = await ctx.bed.provision(host);
-    out.push(await measure(ctx, "cold_parallel", iteration, host, p));
-    if (ctx.opts.kinds.includes("warm")) out.push(await measure(ctx, "warm", iteration, host, p));
-    if (ctx.opts.kinds.includes("version_change")) {
-      publish(ctx, `1.0.${iteration}`);
-      // Re-register the same host: the hub assembles its config from the new manifests.
-      const again = await p.hub.provisionHost({ ...testHostRecord(host, new URL(p.healthUrl).origin), id: p.hostId }, { secrets: testSecrets() });
-      out.push(await measure(ctx, "version_change", iteration, host, { ...p, token: again.token, stub: again.stub, config: again.config }));
+/**
+ * One iteration of a block: all fresh hosts up first, then the timed runs
+ * (each host parked after its runs), then every host deleted and the disk
+ * given a moment (sync) before the next block or iteration brings up hosts.
+ */
+async function iteration(
+  ctx: RunContext,
+  i: number,
+  progress: (runs: RunRecord[], isolated: IsolatedCosts | null) => void,
+): Promise<{ runs: RunRecord[]; isolated: IsolatedCosts | null }> {
+  const { opts } = ctx;
+  // legacy first (its isolated costs bound the others), the serial runs last (a run cut short keeps the rest)
+  const wanted: { kind: "legacy" | "cold_parallel" | "cold_serial"; format: Format }[] = [];
+  if (opts.kinds.includes("legacy")) wanted.push({ kind: "legacy", format: "archive" });
+  for (const kind of ["cold_parallel", "cold_serial"] as const) {
+    if (opts.kinds.includes(kind)) for (const format of opts.formats) wanted.push({ kind, format });
+  }
+  const hosts: BenchHost[] = [];
+  const runs: RunRecord[] = [];
+  let isolated: IsolatedCosts | null = null;
+  const bound = (list: RunRecord[]) => {
+    // The lower bounds rest on this iteration's isolated costs.
+    for (const r of list) {
+      r.lower_bound = isolated ? boundFor({ ...ctx, nodeBytes: ctx.bed.node.size_bytes }, r.kind, r.format, isolated.pieces) : null;
+      r.wall_over_bound = overBound(r.wall_s, r.lower_bound);
     }
-    return out;
-  });
+    return list;
+  };
+  try {
+    for (let n = 0; n < wanted.length; n++) hosts.push(await freshHost(ctx));
+    await runProc(["sync"]);
+    for (const [n, w] of wanted.entries()) {
+      const { host } = hosts[n]!;
+      if (w.kind === "legacy") {
+        const out = await legacyRun(ctx, i, host);
+        isolated = out.isolated;
+        runs.push(...bound([out.record]));
+      } else if (w.kind === "cold_parallel") {
+        runs.push(...bound(await parallelHostRuns(ctx, i, host, w.format)));
+      } else {
+        runs.push(...bound(await serialHostRun(ctx, i, host, w.format)));
+      }
+      await host.park();
+      progress(runs, isolated);
+    }
+  } finally {
+    for (const h of hosts) await h.teardown().catch((e) => opts.log(`teardown: ${e instanceof Error ? e.message : String(e)}`));
+    await runProc(["sync"], { allowFailure: true });
+  }
+  return { runs, isolated };
 }
 
-async function serialHostRun(ctx: RunContext, iteration: number): Promise<RunRecord[]> {
-  return withHost(ctx, async (host) => {
-    publish(ctx);
-    const p = await ctx.bed.provision(host, { parallel: false });
-    return [await measure(ctx, "cold_serial", iteration, host, p)];
-  });
+/** The bound of one kind of run: what it has to download and install, from the isolated costs. */
+export function boundFor(
+  ctx: Pick<RunContext, "block" | "cores" | "archiveBytes" | "images"> & { nodeBytes: number },
+  kind: RunKind,
+  format: Format,
+  pieces: Piece[],
+): LowerBound {
+  const bw = ctx.block.bandwidthMBps > 0 ? ctx.block.bandwidthMBps * 1e6 : null;
+  const bytesOf = (a: string) => (format === "image" ? (ctx.images[a as BundleName]?.size_bytes ?? 0) : (ctx.archiveBytes[a] ?? 0));
+  const all = Object.keys(ctx.archiveBytes);
+  if (kind === "warm") return lowerBound([], 0, bw, ctx.cores);
+  if (kind === "version_change") return lowerBound(chains(pieces, format, ["project"], false), bytesOf("project"), bw, ctx.cores);
+  const bytes = all.reduce((a, b) => a + bytesOf(b), 0) + ctx.nodeBytes;
+  return lowerBound(chains(pieces, format, all, true), bytes, bw, ctx.cores);
 }
 
-async function measure(ctx: RunContext, kind: RunKind, iteration: number, host: ThrowawayHost, p: ProvisionedTestHost): Promise<RunRecord> {
+async function parallelHostRuns(ctx: RunContext, iteration: number, host: ThrowawayHost, format: Format): Promise<RunRecord[]> {
+  const out: RunRecord[] = [];
+  publish(ctx, format);
+  const p = await ctx.bed.provision(host);
+  out.push(await measure(ctx, "cold_parallel", format, iteration, host, p));
+  if (ctx.opts.kinds.includes("warm")) out.push(await measure(ctx, "warm", format, iteration, host, p));
+  if (ctx.opts.kinds.includes("version_change")) {
+    publish(ctx, format, `1.0.${iteration}`);
+    // Re-register the same host: the hub assembles its config from the new manifests.
+    const again = await p.hub.provisionHost({ ...testHostRecord(host, new URL(p.healthUrl).origin), id: p.hostId }, { secrets: testSecrets() });
+    out.push(await measure(ctx, "version_change", format, iteration, host, { ...p, token: again.token, stub: again.stub, config: again.config }));
+  }
+  return out;
+}
+
+async function serialHostRun(ctx: RunContext, iteration: number, host: ThrowawayHost, format: Format): Promise<RunRecord[]> {
+  publish(ctx, format);
+  const p = await ctx.bed.provision(host, { parallel: false });
+  return [await measure(ctx, "cold_serial", format, iteration, host, p)];
+}
+
+const LEGACY_SCRIPT = new URL("./legacy.py", import.meta.url);
+
+/**
+ * The old serial flow on a fresh host (bench/legacy.py), with the same
+ * workload from the same server at the same bandwidth; its commands' times
+ * are the isolated costs. The images are measured after it, alone.
+ */
+async function legacyRun(ctx: RunContext, iteration: number, host: ThrowawayHost): Promise<{ record: RunRecord; isolated: IsolatedCosts }> {
+  const { bed, opts, block } = ctx;
+  publish(ctx, opts.formats.includes("image") ? "image" : "archive");
+  const p = await bed.provision(host);
+  const c = p.config;
+  const nodeFile = `node-v${c.node.version}-linux-${bed.node.spec.arch}.tar.xz`;
+  const nodeBase = `${c.node.dist_url.replace(/\/+$/, "")}/v${c.node.version}`;
+  const spec = {
+    work_dir: "/root/legacy",
+    apt_packages: opts.aptPackages,
+    bundles: ctx.bundles.map((b) => {
+      const a = c.artifacts[b.spec.artifact];
+      return { artifact: b.spec.artifact, url: a.url, sha256: b.sha256, dest: `/opt/legacy/${b.spec.artifact}`, strip: a.strip_components };
+    }),
+    node: { url: `${nodeBase}/${nodeFile}`, shasums_url: `${nodeBase}/SHASUMS256.txt`, file: nodeFile, dest: "/opt/legacy/node" },
+    images: opts.formats.includes("image")
+      ? ctx.bundles.map((b) => ({ artifact: b.spec.artifact, url: c.artifacts[b.spec.artifact].image!.url, sha256: ctx.images[b.spec.artifact]!.sha256 }))
+      : [],
+  };
+  host.writeFile("/root/legacy-spec.json", JSON.stringify(spec), { mode: 0o600, owner: "root" });
+  host.writeFile("/root/legacy.py", readFileSync(LEGACY_SCRIPT, "utf8"), { mode: 0o700, owner: "root" });
+  mkdirSync(hostsDir(), { recursive: true });
+  const probe = probeMachine(hostsDir());
+  opts.log(`legacy #${iteration} on ${host.name} (load ${probe.loadavg_1m.toFixed(1)}) ...`);
+  const bytes = new ByteSampler(bed.artifactServer.requests);
+  const account = new CpuAccount(host.rootfs, ctx.cores);
+  bytes.start();
+  const t0 = Date.now();
+  const r = await host.exec(["python3", "/root/legacy.py", "/root/legacy-spec.json"], { allowFailure: true, timeoutMs: 30 * 60_000 });
+  const wallMs = Date.now() - t0;
+  bytes.stop();
+  const cpu = account.finish();
+  if (r.code !== 0) throw new Error(`legacy run #${iteration} on ${host.name} failed (exit ${r.code}):\n${(r.stderr || r.stdout).slice(-3000)}`);
+  const parsed = JSON.parse(r.stdout.trim().split("\n").pop()!) as { legacy_wall_s: number; pieces: Piece[] };
+  const legacyPieces = parsed.pieces.filter((x) => !x.group.startsWith("image_"));
+  const record: RunRecord = {
+    kind: "legacy",
+    format: "archive",
+    bandwidth_mb_per_s: block.bandwidthMBps,
+    fs: block.fs,
+    iteration,
+    host: host.name,
+    ok: true,
+    exit_code: 0,
+    // the legacy flow's own time (the images measured after it are not part of it)
+    wall_s: parsed.legacy_wall_s,
+    engine_wall_s: parsed.legacy_wall_s,
+    stub_overhead_s: 0,
+    critical_path_s: parsed.legacy_wall_s,
+    critical_path: legacyPieces.map((x) => x.name),
+    wall_over_critical: null,
+    lower_bound: null,
+    wall_over_bound: null,
+    steps_cpu_s: legacyPieces.reduce((a, x) => a + x.user_s + x.sys_s, 0),
+    cpu: { ...cpu, wall_s: wallMs / 1000 },
+    engine_overhead_s: 0,
+    milestones: { downloads_s: null, apt_s: null, node_s: null },
+    apt_update_s: legacyPieces.find((x) => x.name === "apt_update")?.wall_s ?? null,
+    apt_install_s: legacyPieces.find((x) => x.name === "apt_install")?.wall_s ?? null,
+    download: null,
+    extractions: [],
+    extraction_mb_per_s: null,
+    peak_rss_mb: null,
+    changed_steps: [],
+    service_restarted: false,
+    steps: [],
+    step_cpu: {},
+    noise: probe,
+  };
+  opts.log(`legacy #${iteration}: ${parsed.legacy_wall_s.toFixed(1)} s (whole script with images ${(wallMs / 1000).toFixed(1)} s)`);
+  return {
+    record,
+    isolated: { bandwidth_mb_per_s: block.bandwidthMBps, fs: block.fs, iteration, legacy_wall_s: parsed.legacy_wall_s, pieces: parsed.pieces },
+  };
+}
+
+async function measure(ctx: RunContext, kind: RunKind, format: Format, iteration: number, host: ThrowawayHost, p: ProvisionedTestHost): Promise<RunRecord> {
   const { bed, opts } = ctx;
   mkdirSync(hostsDir(), { recursive: true });
   const noise = probeMachine(hostsDir());
   const bytes = new ByteSampler(bed.artifactServer.requests);
   const memory = new MemorySampler(host.rootfs);
-  opts.log(`${kind} #${iteration} on ${host.name} (load ${noise.loadavg_1m.toFixed(1)}) ...`);
+  opts.log(`${format} ${kind} #${iteration} on ${host.name} (load ${noise.loadavg_1m.toFixed(1)}) ...`);
+  const account = new CpuAccount(host.rootfs, ctx.cores);
   bytes.start();
   memory.start();
-  let result: BootstrapRun;
+  let result: Awaited<ReturnType<Testbed["bootstrap"]>>;
   let peakKb: number | null;
   try {
     result = await bed.bootstrap(host, p, { timeoutMs: opts.timeoutMs });
@@ -247,30 +493,32 @@ async function measure(ctx: RunContext, kind: RunKind, iteration: number, host: 
     peakKb = memory.stop();
     bytes.stop();
   }
+  const cpu = account.finish();
   if (result.code !== 0) {
     const tail = (result.stderr || result.stdout).split("\n").slice(-30).join("\n");
-    throw new Error(`${kind} run #${iteration} on ${host.name} failed (exit ${result.code}):\n${tail}`);
+    throw new Error(`${format} ${kind} run #${iteration} on ${host.name} failed (exit ${result.code}):\n${tail}`);
   }
-  const engine = readEngineRun(host, p.config.bootstrap_dir);
+  const lines = newestRunEvents(host, p.config.bootstrap_dir);
+  const engine = engineRunFromEvents(lines);
   const records = logRecords(readOr(host, `${p.config.bootstrap_root}/logs/bootstrap.log`), engine.run_id);
   const record = runRecord(kind, iteration, host.name, result, engine, records, {
     samples: bytes.samples,
-    limit: opts.bandwidthMBps > 0 ? opts.bandwidthMBps * 1e6 : null,
+    limit: ctx.block.bandwidthMBps > 0 ? ctx.block.bandwidthMBps * 1e6 : null,
     archiveBytes: ctx.archiveBytes,
     peakKb,
     noise,
+    cpu,
+    stepCpu: stepCpu(lines),
+    format,
+    block: ctx.block,
   });
   opts.log(
-    `${kind} #${iteration}: ${record.ok ? "ok" : "FAILED"} in ${record.wall_s.toFixed(1)} s` +
-      ` (critical path ${record.critical_path_s.toFixed(1)} s, changed: ${record.changed_steps.join(" ") || "nothing"}` +
-      `${record.service_restarted ? "; daemon restarted" : ""})`,
+    `${format} ${kind} #${iteration}: ${record.ok ? "ok" : "FAILED"} in ${record.wall_s.toFixed(1)} s` +
+      ` (steps ${record.steps_cpu_s?.toFixed(1) ?? "?"} CPU-s; machine ${cpu.machine_cpu_s.toFixed(1)} CPU-s, not ours ${(cpu.not_ours_fraction * 100).toFixed(0)}%;` +
+      ` changed: ${record.changed_steps.join(" ") || "nothing"}${record.service_restarted ? "; daemon restarted" : ""})`,
   );
   if (!record.ok) throw new Error(`${kind} run #${iteration} failed: ${engine.status}`);
   return record;
-}
-
-function readEngineRun(host: ThrowawayHost, bootstrapDir: string): EngineRun {
-  return engineRunFromEvents(newestRunEvents(host, bootstrapDir));
 }
 
 function readOr(host: ThrowawayHost, path: string): string {
@@ -287,6 +535,10 @@ export interface Observed {
   archiveBytes: Record<string, number>;
   peakKb: number | null;
   noise: MachineNoise;
+  cpu: Noise;
+  stepCpu: Record<string, StepCpuSeconds>;
+  format: Format;
+  block: Block;
 }
 
 /** One run's figures from the stub's exit, the engine's state and log, and the samplers. */
@@ -304,8 +556,12 @@ export function runRecord(
   const apt = aptCommands(records);
   const wall_s = result.wallMs / 1000;
   const ok = result.code === 0 && engine.ok;
+  const measured = Object.values(seen.stepCpu);
   return {
     kind,
+    format: seen.format,
+    bandwidth_mb_per_s: seen.block.bandwidthMBps,
+    fs: seen.block.fs,
     iteration,
     host: hostName,
     ok,
@@ -316,6 +572,10 @@ export function runRecord(
     critical_path_s: cp.seconds,
     critical_path: cp.path,
     wall_over_critical: cp.seconds > 0 ? engine.wall_s / cp.seconds : null,
+    lower_bound: null,
+    wall_over_bound: null,
+    steps_cpu_s: measured.length ? measured.reduce((a, c) => a + cpuTotal(c), 0) : null,
+    cpu: seen.cpu,
     engine_overhead_s: engineOverheadSeconds(engine),
     milestones: milestones(engine),
     apt_update_s: apt.update_s,
@@ -327,6 +587,7 @@ export function runRecord(
     changed_steps: changedSteps(engine),
     service_restarted: records.some((r) => r.step === "service" && /^\(re\)started /.test(r.message ?? "")),
     steps: engine.steps,
+    step_cpu: seen.stepCpu,
     noise: seen.noise,
     ...(ok ? {} : { failure: (result.stderr || result.stdout).split("\n").slice(-30).join("\n") }),
   };

@@ -8,7 +8,7 @@ import { closeSync, fsyncSync, openSync, readdirSync, readFileSync, rmSync, stat
 import { loadavg } from "node:os";
 import { join } from "node:path";
 import type { RequestLogEntry } from "../src/artifact-server.js";
-import type { ByteSample } from "./metrics.js";
+import { type ByteSample, type CpuTicks, type Noise, noise, parseProcStat, procStatTicks } from "./metrics.js";
 
 /** Samples the cumulative bytes of the server's requests made after start(). */
 export class ByteSampler {
@@ -139,4 +139,58 @@ export function probeMachine(dir: string): MachineNoise {
   }
   const disk = performance.now() - t1;
   return { loadavg_1m: loadavg()[0]!, cpu_probe_ms: Math.round(cpu), disk_probe_ms: Math.round(disk) };
+}
+
+// --- CPU accounting: the machine, the host under test, this process ------------------------
+
+/** The machine's CPU ticks so far (/proc/stat). */
+export function machineTicks(): CpuTicks {
+  return parseProcStat(readFileSync("/proc/stat", "utf8"));
+}
+
+/**
+ * CPU ticks of every process whose root directory is `rootfs` (the host's
+ * processes: its systemd tree and the daemon), each counting its own time
+ * and the time of the children it reaped.
+ */
+export function hostTreeTicks(rootfs: string): number {
+  const root = statSync(rootfs);
+  let ticks = 0;
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const r = statSync(`/proc/${entry}/root`);
+      if (r.dev !== root.dev || r.ino !== root.ino) continue;
+      ticks += procStatTicks(readFileSync(`/proc/${entry}/stat`, "utf8"));
+    } catch {
+      // gone, or not ours to read
+    }
+  }
+  return ticks;
+}
+
+/** This process's CPU ticks and those of the children it reaped (nsenter and the bootstrap's whole tree under it). */
+export function selfTicks(): number {
+  return procStatTicks(readFileSync("/proc/self/stat", "utf8"));
+}
+
+/** Snapshot before a run; `finish()` after it gives the run's noise figures. */
+export class CpuAccount {
+  private readonly machine0 = machineTicks();
+  private readonly host0: number;
+  private readonly self0 = selfTicks();
+  private readonly t0 = performance.now();
+
+  constructor(
+    private readonly rootfs: string,
+    private readonly cores: number,
+  ) {
+    this.host0 = hostTreeTicks(rootfs);
+  }
+
+  finish(): Noise {
+    const wall = (performance.now() - this.t0) / 1000;
+    const ours = (hostTreeTicks(this.rootfs) - this.host0 + selfTicks() - this.self0) / 100;
+    return noise(this.machine0, machineTicks(), ours, wall, this.cores);
+  }
 }

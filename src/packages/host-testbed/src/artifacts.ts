@@ -259,13 +259,18 @@ async function packTar(cwd: string, entry: string, out: string, compressor: stri
 
 // --- bundle images ---------------------------------------------------------------
 
-/** The bundle's squashfs image, next to its archive in the cache (the converter is reproducible). */
-export async function buildBundleImage(b: BuiltBundle, log: (line: string) => void = () => {}): Promise<BuiltFile> {
-  const path = withoutArchiveSuffix(b.path, ".sqfs");
+/**
+ * The bundle's squashfs image, next to its archive in the cache (the converter is reproducible).
+ * `level`: zstd level (the converter's default when absent; another level is cached as `.z<level>.sqfs`).
+ */
+export async function buildBundleImage(b: BuiltBundle, log: (line: string) => void = () => {}, level?: number): Promise<BuiltFile> {
+  const suffix = level === undefined ? ".sqfs" : `.z${level}.sqfs`;
+  const path = withoutArchiveSuffix(b.path, suffix);
   if (!existsSync(path)) {
-    log(`building ${withoutArchiveSuffix(b.fileName, ".sqfs")}`);
+    log(`building ${withoutArchiveSuffix(b.fileName, ".sqfs")}${level === undefined ? "" : ` (zstd level ${level})`}`);
     const part = `${path}.${process.pid}.tmp.sqfs`; // unique: another process may build the same file
-    await run(["python3", IMAGE_CONVERTER, b.path, part, "--strip", String(b.stripComponents)], { timeoutMs: 30 * 60_000 });
+    const levelArgs = level === undefined ? [] : ["--level", String(level)];
+    await run(["python3", IMAGE_CONVERTER, b.path, part, "--strip", String(b.stripComponents), ...levelArgs], { timeoutMs: 60 * 60_000 });
     renameSync(part, path);
   }
   return builtFile(path);

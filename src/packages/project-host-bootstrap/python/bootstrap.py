@@ -40,6 +40,7 @@ import platform
 import pwd
 import random
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -538,6 +539,16 @@ class StepStartEvent:
 
 
 @dataclass(frozen=True)
+class StepCpuSeconds:
+    """CPU-seconds of one step: its thread and the child processes it reaped."""
+
+    user_s: float
+    sys_s: float
+    children_user_s: float
+    children_sys_s: float
+
+
+@dataclass(frozen=True)
 class StepEndEvent:
     type: ClassVar[EventType] = EventType.STEP_END
     step: str
@@ -546,6 +557,7 @@ class StepEndEvent:
     message: str = ""
     hint: str | None = None
     log_tail: str | None = None
+    cpu: StepCpuSeconds | None = None  # null: not measured (a blocked step, an older bootstrap.py)
 
 
 @dataclass(frozen=True)
@@ -680,6 +692,15 @@ _EV_STEP_INFO = _ev_object(
         "weight": (_ev_number(minimum=0), _EV_REQUIRED),
     }
 )
+_EV_SECONDS = _ev_number(minimum=0)
+_EV_STEP_CPU = _ev_object(
+    {
+        "user_s": (_EV_SECONDS, _EV_REQUIRED),
+        "sys_s": (_EV_SECONDS, _EV_REQUIRED),
+        "children_user_s": (_EV_SECONDS, _EV_REQUIRED),
+        "children_sys_s": (_EV_SECONDS, _EV_REQUIRED),
+    }
+)
 _EV_FIELDS: dict[EventType, dict[str, EventField]] = {
     EventType.RUN_START: {
         "version": (_ev_string(max_len=64), _EV_REQUIRED),
@@ -694,6 +715,7 @@ _EV_FIELDS: dict[EventType, dict[str, EventField]] = {
         "message": (_EV_TEXT, ""),
         "hint": (_ev_nullable(_EV_TEXT), None),
         "log_tail": (_ev_nullable(_EV_TEXT), None),
+        "cpu": (_ev_nullable(_EV_STEP_CPU), None),
     },
     EventType.PROGRESS: {
         "phase": (_ev_string(max_len=128), _EV_REQUIRED),
@@ -741,6 +763,10 @@ def event_fields(event: Event) -> dict[str, Any]:
     if isinstance(event, RunStartEvent):
         steps = [{"name": s.name, "deps": list(s.deps), "weight": s.weight} for s in event.steps]
         return {"version": event.version, "parallel": event.parallel, "steps": steps}
+    if isinstance(event, StepEndEvent):
+        fields = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in vars(event).items()}
+        fields["cpu"] = None if event.cpu is None else dict(vars(event.cpu))
+        return fields
     return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in vars(event).items()}
 
 
@@ -784,6 +810,67 @@ class CommandResult:
     output: str  # stdout and stderr, interleaved (not redacted: the caller's data)
     tail: str  # last lines of output, redacted, for error messages
     timed_out: bool = False
+
+
+class StepCpu:
+    """CPU-seconds one step used: its own thread (RUSAGE_THREAD around the
+    step's work, engine.py) and the child processes it waited for (their
+    wait4 rusage, which includes the grandchildren they reaped). Helper
+    threads a step starts are not counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._start = resource.getrusage(resource.RUSAGE_THREAD)
+        self.user_s = 0.0
+        self.sys_s = 0.0
+        self.children_user_s = 0.0
+        self.children_sys_s = 0.0
+
+    def add_child(self, ru: resource.struct_rusage) -> None:
+        with self._lock:
+            self.children_user_s += ru.ru_utime
+            self.children_sys_s += ru.ru_stime
+
+    def stop(self) -> dict[str, float]:
+        """Call from the step's own thread: its CPU since the meter was made."""
+        now = resource.getrusage(resource.RUSAGE_THREAD)
+        self.user_s = max(0.0, now.ru_utime - self._start.ru_utime)
+        self.sys_s = max(0.0, now.ru_stime - self._start.ru_stime)
+        with self._lock:
+            return {
+                "user_s": round(self.user_s, 3),
+                "sys_s": round(self.sys_s, 3),
+                "children_user_s": round(self.children_user_s, 3),
+                "children_sys_s": round(self.children_sys_s, 3),
+            }
+
+
+STEP_CPU: contextvars.ContextVar[StepCpu | None] = contextvars.ContextVar("bootstrap_step_cpu", default=None)
+
+
+def charge_child(ru: resource.struct_rusage | None) -> None:
+    """Count a reaped child's rusage to the current step (no step: nothing)."""
+    meter = STEP_CPU.get()
+    if meter is not None and ru is not None:
+        meter.add_child(ru)
+
+
+class MeteredPopen(subprocess.Popen[bytes]):
+    """Popen that reaps its child with os.wait4, keeping the child's rusage
+    (CPU of the child and of every descendant it waited for). Popen.wait()
+    and communicate() reap through _try_wait; a child reaped by poll() is
+    not metered (rusage stays None)."""
+
+    rusage: resource.struct_rusage | None = None
+
+    def _try_wait(self, wait_flags: int) -> tuple[int, int]:
+        try:
+            pid, sts, ru = os.wait4(self.pid, wait_flags)
+        except ChildProcessError:  # as Popen: SIGCHLD ignored, the status is lost
+            return self.pid, 0
+        if pid == self.pid:
+            self.rusage = ru
+        return pid, sts
 
 
 class CommandError(BootstrapError):
@@ -832,7 +919,7 @@ def run_command(
     cmd = sudo_argv(args, full_env) if sudo else list(args)
     start = time.monotonic()
     try:
-        proc = subprocess.Popen(
+        proc = MeteredPopen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -856,6 +943,7 @@ def run_command(
     finally:
         with _running_groups_lock:
             _running_groups.discard(proc.pid)
+    charge_child(proc.rusage)
     output = raw.decode("utf-8", "replace")
     result = CommandResult(
         args, proc.returncode, time.monotonic() - start, output, REDACTOR(output_tail(output)), timed_out
@@ -2850,7 +2938,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
         return
     with tempfile.TemporaryFile() as errors:
         # Streaming, so not run_command: the tar reader consumes stdout as it comes.
-        proc = subprocess.Popen(
+        proc = MeteredPopen(
             [*tool, "--", str(archive)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
         )
         assert proc.stdout is not None
@@ -2862,6 +2950,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
             while reader.read(DOWNLOAD_CHUNK):  # the padding after the tar's end marker
                 pass
             returncode = proc.wait(timeout=60)
+            charge_child(proc.rusage)
         except BaseException:
             proc.kill()  # we stopped reading early (a refused member, an interrupt)
             proc.wait()
@@ -3219,7 +3308,7 @@ def extract_in_worker(archive: Path, dest: Path, *, strip: int = 0, budget: Extr
         "budget": dataclasses.asdict(budget or ExtractBudget()),
     }
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(
+        proc = MeteredPopen(
             worker_argv(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -3234,6 +3323,7 @@ def extract_in_worker(archive: Path, dest: Path, *, strip: int = 0, budget: Extr
                 proc.kill()
                 proc.wait()
                 raise
+        charge_child(proc.rusage)  # the worker's CPU-seconds count to the installing step
         lines = out.decode("utf-8", "replace").strip().splitlines()
         try:
             outcome = json.loads(lines[-1]) if lines else None
@@ -7277,6 +7367,8 @@ class Runner:
 
     def _run_step(self, name: str) -> bool:
         CURRENT_STEP.set(name)
+        meter = StepCpu()
+        STEP_CPU.set(meter)
         record = self.steps[name]
         record.start_s = self._now()
         cls = self.plan.classes[name]
@@ -7297,6 +7389,7 @@ class Runner:
             record.log_tail = e.log_tail if isinstance(e, BootstrapError) else None
             self.log.debug("step failed", event="traceback", traceback=traceback.format_exc())
         record.end_s = self._now()
+        cpu = StepCpuSeconds(**meter.stop())
         duration = record.end_s - record.start_s
         if record.outcome is not Outcome.FAILED:
             self.progress.finish(name)
@@ -7311,6 +7404,7 @@ class Runner:
                 message=record.message,
                 hint=record.hint,
                 log_tail=record.log_tail,
+                cpu=cpu,
             )
         )
         self.events.emit(ProgressEvent(phase=cls.phase, percent=self.progress.percent()))

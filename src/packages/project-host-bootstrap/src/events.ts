@@ -73,6 +73,15 @@ export const StepStartEvent = z.strictObject({
   step: z.string().regex(STEP_NAME_RE),
 });
 
+/** CPU-seconds of one step: its own thread (RUSAGE_THREAD) and the child processes it reaped (wait4 rusage). */
+export const StepCpuSchema = z.strictObject({
+  user_s: z.number().min(0),
+  sys_s: z.number().min(0),
+  children_user_s: z.number().min(0),
+  children_sys_s: z.number().min(0),
+});
+export type StepCpu = z.output<typeof StepCpuSchema>;
+
 export const StepEndEvent = z.strictObject({
   ...Base,
   type: z.literal("step_end"),
@@ -82,6 +91,7 @@ export const StepEndEvent = z.strictObject({
   message: Text.default(""),
   hint: Text.nullable().default(null),
   log_tail: Text.nullable().default(null),
+  cpu: StepCpuSchema.nullable().default(null).describe("CPU-seconds the step used; null when not measured (blocked, older bootstrap.py)."),
 });
 
 export const ProgressEvent = z.strictObject({

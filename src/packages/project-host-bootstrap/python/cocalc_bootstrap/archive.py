@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .commands import tracked_process
+from .commands import MeteredPopen, charge_child, tracked_process
 from .config import Config
 from .errors import BootstrapError
 from .fetch import DOWNLOAD_CHUNK
@@ -167,7 +167,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
         return
     with tempfile.TemporaryFile() as errors:
         # Streaming, so not run_command: the tar reader consumes stdout as it comes.
-        proc = subprocess.Popen(
+        proc = MeteredPopen(
             [*tool, "--", str(archive)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
         )
         assert proc.stdout is not None
@@ -179,6 +179,7 @@ def open_tar_stream(archive: Path, total_limit: int = EXTRACT_MAX_BYTES) -> Iter
             while reader.read(DOWNLOAD_CHUNK):  # the padding after the tar's end marker
                 pass
             returncode = proc.wait(timeout=60)
+            charge_child(proc.rusage)
         except BaseException:
             proc.kill()  # we stopped reading early (a refused member, an interrupt)
             proc.wait()
@@ -536,7 +537,7 @@ def extract_in_worker(archive: Path, dest: Path, *, strip: int = 0, budget: Extr
         "budget": dataclasses.asdict(budget or ExtractBudget()),
     }
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(
+        proc = MeteredPopen(
             worker_argv(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -551,6 +552,7 @@ def extract_in_worker(archive: Path, dest: Path, *, strip: int = 0, budget: Extr
                 proc.kill()
                 proc.wait()
                 raise
+        charge_child(proc.rusage)  # the worker's CPU-seconds count to the installing step
         lines = out.decode("utf-8", "replace").strip().splitlines()
         try:
             outcome = json.loads(lines[-1]) if lines else None

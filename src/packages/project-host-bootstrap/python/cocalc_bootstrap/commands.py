@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import random
+import resource
 import signal
 import subprocess
 import threading
@@ -34,6 +36,67 @@ class CommandResult:
     output: str  # stdout and stderr, interleaved (not redacted: the caller's data)
     tail: str  # last lines of output, redacted, for error messages
     timed_out: bool = False
+
+
+class StepCpu:
+    """CPU-seconds one step used: its own thread (RUSAGE_THREAD around the
+    step's work, engine.py) and the child processes it waited for (their
+    wait4 rusage, which includes the grandchildren they reaped). Helper
+    threads a step starts are not counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._start = resource.getrusage(resource.RUSAGE_THREAD)
+        self.user_s = 0.0
+        self.sys_s = 0.0
+        self.children_user_s = 0.0
+        self.children_sys_s = 0.0
+
+    def add_child(self, ru: resource.struct_rusage) -> None:
+        with self._lock:
+            self.children_user_s += ru.ru_utime
+            self.children_sys_s += ru.ru_stime
+
+    def stop(self) -> dict[str, float]:
+        """Call from the step's own thread: its CPU since the meter was made."""
+        now = resource.getrusage(resource.RUSAGE_THREAD)
+        self.user_s = max(0.0, now.ru_utime - self._start.ru_utime)
+        self.sys_s = max(0.0, now.ru_stime - self._start.ru_stime)
+        with self._lock:
+            return {
+                "user_s": round(self.user_s, 3),
+                "sys_s": round(self.sys_s, 3),
+                "children_user_s": round(self.children_user_s, 3),
+                "children_sys_s": round(self.children_sys_s, 3),
+            }
+
+
+STEP_CPU: contextvars.ContextVar[StepCpu | None] = contextvars.ContextVar("bootstrap_step_cpu", default=None)
+
+
+def charge_child(ru: resource.struct_rusage | None) -> None:
+    """Count a reaped child's rusage to the current step (no step: nothing)."""
+    meter = STEP_CPU.get()
+    if meter is not None and ru is not None:
+        meter.add_child(ru)
+
+
+class MeteredPopen(subprocess.Popen[bytes]):
+    """Popen that reaps its child with os.wait4, keeping the child's rusage
+    (CPU of the child and of every descendant it waited for). Popen.wait()
+    and communicate() reap through _try_wait; a child reaped by poll() is
+    not metered (rusage stays None)."""
+
+    rusage: resource.struct_rusage | None = None
+
+    def _try_wait(self, wait_flags: int) -> tuple[int, int]:
+        try:
+            pid, sts, ru = os.wait4(self.pid, wait_flags)
+        except ChildProcessError:  # as Popen: SIGCHLD ignored, the status is lost
+            return self.pid, 0
+        if pid == self.pid:
+            self.rusage = ru
+        return pid, sts
 
 
 class CommandError(BootstrapError):
@@ -82,7 +145,7 @@ def run_command(
     cmd = sudo_argv(args, full_env) if sudo else list(args)
     start = time.monotonic()
     try:
-        proc = subprocess.Popen(
+        proc = MeteredPopen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -106,6 +169,7 @@ def run_command(
     finally:
         with _running_groups_lock:
             _running_groups.discard(proc.pid)
+    charge_child(proc.rusage)
     output = raw.decode("utf-8", "replace")
     result = CommandResult(
         args, proc.returncode, time.monotonic() - start, output, REDACTOR(output_tail(output)), timed_out

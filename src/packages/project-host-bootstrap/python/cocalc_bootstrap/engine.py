@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .commands import terminate_running_commands
+from .commands import STEP_CPU, StepCpu, terminate_running_commands
 from .config import Config
 from .errors import EXIT_LOCKED, BootstrapError, UsageError, __version__
 from .events import (
@@ -29,6 +29,7 @@ from .events import (
     Outcome,
     ProgressEvent,
     RunStartEvent,
+    StepCpuSeconds,
     StepEndEvent,
     StepInfo,
     StepStartEvent,
@@ -541,6 +542,8 @@ class Runner:
 
     def _run_step(self, name: str) -> bool:
         CURRENT_STEP.set(name)
+        meter = StepCpu()
+        STEP_CPU.set(meter)
         record = self.steps[name]
         record.start_s = self._now()
         cls = self.plan.classes[name]
@@ -561,6 +564,7 @@ class Runner:
             record.log_tail = e.log_tail if isinstance(e, BootstrapError) else None
             self.log.debug("step failed", event="traceback", traceback=traceback.format_exc())
         record.end_s = self._now()
+        cpu = StepCpuSeconds(**meter.stop())
         duration = record.end_s - record.start_s
         if record.outcome is not Outcome.FAILED:
             self.progress.finish(name)
@@ -575,6 +579,7 @@ class Runner:
                 message=record.message,
                 hint=record.hint,
                 log_tail=record.log_tail,
+                cpu=cpu,
             )
         )
         self.events.emit(ProgressEvent(phase=cls.phase, percent=self.progress.percent()))

@@ -75,6 +75,16 @@ class StepStartEvent:
 
 
 @dataclass(frozen=True)
+class StepCpuSeconds:
+    """CPU-seconds of one step: its thread and the child processes it reaped."""
+
+    user_s: float
+    sys_s: float
+    children_user_s: float
+    children_sys_s: float
+
+
+@dataclass(frozen=True)
 class StepEndEvent:
     type: ClassVar[EventType] = EventType.STEP_END
     step: str
@@ -83,6 +93,7 @@ class StepEndEvent:
     message: str = ""
     hint: str | None = None
     log_tail: str | None = None
+    cpu: StepCpuSeconds | None = None  # null: not measured (a blocked step, an older bootstrap.py)
 
 
 @dataclass(frozen=True)
@@ -217,6 +228,15 @@ _EV_STEP_INFO = _ev_object(
         "weight": (_ev_number(minimum=0), _EV_REQUIRED),
     }
 )
+_EV_SECONDS = _ev_number(minimum=0)
+_EV_STEP_CPU = _ev_object(
+    {
+        "user_s": (_EV_SECONDS, _EV_REQUIRED),
+        "sys_s": (_EV_SECONDS, _EV_REQUIRED),
+        "children_user_s": (_EV_SECONDS, _EV_REQUIRED),
+        "children_sys_s": (_EV_SECONDS, _EV_REQUIRED),
+    }
+)
 _EV_FIELDS: dict[EventType, dict[str, EventField]] = {
     EventType.RUN_START: {
         "version": (_ev_string(max_len=64), _EV_REQUIRED),
@@ -231,6 +251,7 @@ _EV_FIELDS: dict[EventType, dict[str, EventField]] = {
         "message": (_EV_TEXT, ""),
         "hint": (_ev_nullable(_EV_TEXT), None),
         "log_tail": (_ev_nullable(_EV_TEXT), None),
+        "cpu": (_ev_nullable(_EV_STEP_CPU), None),
     },
     EventType.PROGRESS: {
         "phase": (_ev_string(max_len=128), _EV_REQUIRED),
@@ -278,6 +299,10 @@ def event_fields(event: Event) -> dict[str, Any]:
     if isinstance(event, RunStartEvent):
         steps = [{"name": s.name, "deps": list(s.deps), "weight": s.weight} for s in event.steps]
         return {"version": event.version, "parallel": event.parallel, "steps": steps}
+    if isinstance(event, StepEndEvent):
+        fields = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in vars(event).items()}
+        fields["cpu"] = None if event.cpu is None else dict(vars(event.cpu))
+        return fields
     return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in vars(event).items()}
 
 
