@@ -182,7 +182,7 @@ describe.skipIf(skip)("bundle images on a throwaway host", () => {
     expect(await current(c, "project_host")).toBe("1.0.1");
     expect(await current(c, "project_host", "previous")).toBe(old.version);
     await expectDaemonFromImage(p, "1.0.1");
-    expect(up.fetched.filter((x) => !x.includes("/latest-"))).toEqual([expect.stringMatching(/project-host-1\.0\.1-linux-amd64\.sqfs$/)]);
+    expect(up.fetched.filter((x) => !x.includes("/latest-"))).toEqual([expect.stringMatching(/cocalc-project-host-1\.0\.1-amd64-linux\.sqfs$/)]);
   });
 
   it("a corrupted image is refused before mounting; the running version stays", async () => {

@@ -481,7 +481,7 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     expect(serial.prov.config.parallel).toBe(false);
     await expectBootstrappedHost(serial);
     if (zstd) {
-      const bundles = bed.artifactServer.requests.slice(before).filter((r) => /\/(project-host|project|tools)-[^/]*\.tar\.[a-z]+$/.test(r.path));
+      const bundles = bed.artifactServer.requests.slice(before).filter((r) => /\/(project-host|project|tools)\/[^/]+\/[^/]+\.tar\.[a-z]+$/.test(r.path));
       expect(bundles.map((r) => r.path.replace(/^.*\.tar\./, ""))).toEqual(["zst", "zst", "zst"]);
       for (const a of ["project_host", "project", "tools"]) {
         const marker = JSON.parse(await host.sh(`cat ${serial.prov.config.bootstrap_root}/bundles/${a}/current/.bootstrap-installed.json`));
