@@ -137,7 +137,7 @@ const P = {
   aptDpkg: { name: "apt:dpkg", step: "apt", trigger: () => ({ kind: "process", pattern: /\bdpkg .*--(unpack|configure)\b/ }) } as PointSpec,
   midDownload: (artifact: "project" | "tools" | "project_host", how?: "sigkill" | "power"): PointSpec => {
     const dash = artifact.replace("_", "-");
-    const stall = new RegExp(`/${dash}/[^/]+/${dash}-[^/]+\\.tar\\.xz$`);
+    const stall = new RegExp(`/${dash}/[^/]+/[^/]+\\.tar\\.xz$`); // <artifact>/<version>/<the real bundle's file name>
     return {
       name: `download_${artifact}:mid-download`,
       step: `download_${artifact}`,
@@ -455,7 +455,7 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
     const host = await freshHost();
     const found = await foundState(host);
     const prov = await fb.provision(host);
-    const bundle = (a: string) => new RegExp(`/${a}/[^/]+/${a}-[^/]+\\.tar\\.xz$`);
+    const bundle = (a: string) => new RegExp(`/${a}/[^/]+/[^/]+\\.tar\\.xz$`); // <artifact>/<version>/<file>
     fb.art.add({ kind: "status", status: 503, times: 3, match: bundle("project-host"), label: "5xx" });
     fb.art.add({ kind: "reset", afterBytes: 2_500_000, times: 2, match: bundle("project"), label: "reset" });
     fb.art.add({ kind: "truncate", afterBytes: 500_000, times: 1, match: bundle("tools"), label: "truncate" });
@@ -495,7 +495,7 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
     const prov = await fb.provision(host);
     const c = prov.config;
     await counted("artifact: wrong bytes", async () => {
-      fb.art.add({ kind: "corrupt", fromByte: 100_000, match: /\/project\/[^/]+\/project-[^/]+\.tar\.xz$/, label: "corrupt" });
+      fb.art.add({ kind: "corrupt", fromByte: 100_000, match: /\/project\/[^/]+\/[^/]+\.tar\.xz$/, label: "corrupt" });
       let r: FaultRun;
       try {
         r = await fb.run(host, prov, { log: linePrefixer("[wrong bytes] ") });
