@@ -45,6 +45,7 @@ export const REAL_APT_PACKAGES = [
   "btrfs-progs",
   "uidmap",
   "slirp4netns",
+  "passt",
   "fuse-overlayfs",
   "curl",
   "xz-utils",

@@ -43,7 +43,7 @@ import type { RunResult } from "./proc.js";
  * rootless container run and time sync need (the parity with upstream's list;
  * curl, rsync, vim and cron are left out: nothing here uses them).
  */
-export const TEST_APT_PACKAGES = ["btrfs-progs", "xz-utils", "podman", "crun", "uidmap", "slirp4netns", "fuse-overlayfs", "chrony"];
+export const TEST_APT_PACKAGES = ["btrfs-progs", "xz-utils", "podman", "crun", "uidmap", "slirp4netns", "passt", "fuse-overlayfs", "chrony"];
 
 /**
  * Extra env entries the hub adds for every test host: values that systemd's

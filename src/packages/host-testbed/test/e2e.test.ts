@@ -17,6 +17,8 @@
  * hosts' Debian release and arch; scripts/test.sh runs both releases, and
  * `pnpm test:arm64` the whole suite on arm64.
  */
+
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { watchArgv } from "../src/argv-watch.js";
@@ -273,7 +275,9 @@ describe.skipIf(skip)(`bootstrap on a throwaway host (${target.suite}, ${target.
     await a.host.sh(`mkdir -p ${dir} && truncate -s 1G ${dir}/blank.img ${dir}/ext4.img && truncate -s 512M ${dir}/small.img`);
     const attach = async (img: string) => (await a.host.sh(`losetup -f --show ${dir}/${img}`)).trim();
     const [blank, ext4, small] = [await attach("blank.img"), await attach("ext4.img"), await attach("small.img")];
-    await a.host.sh(`mkfs.ext4 -q ${ext4} && mkdir -p /mnt/e && mount ${ext4} /mnt/e && echo precious > /mnt/e/file && umount /mnt/e`);
+    // Formatted from this machine: the loop device is the same kernel object, and a minimal
+    // trixie host has no e2fsprogs.
+    execFileSync("sh", ["-c", `mkfs.ext4 -q ${ext4} && d=$(mktemp -d) && mount ${ext4} "$d" && echo precious > "$d/file" && umount "$d" && rmdir "$d"`]);
     const ext4Before = await a.host.sh(`blkid -p -o value -s UUID ${ext4}; sha256sum ${ext4}`);
     const configPath = `${c.bootstrap_dir}/disk-test-config.json`;
     const runBtrfs = async (candidates: string[], waitS: number) => {

@@ -47,6 +47,7 @@ export const defaultAptPackages: readonly string[] = Object.freeze([
   "btrfs-progs",
   "uidmap",
   "slirp4netns",
+  "passt", // podman 5's default rootless network (pasta); podman 4 uses slirp4netns
   "fuse-overlayfs",
   "curl",
   "xz-utils",
