@@ -10,7 +10,9 @@ as what it is, `xz -dc | tar -x` (GNU tar forks xz the same way), so the
 decompression (xz) and the file writing (tar) are measured apart.
 
 After the legacy run (not part of its wall time) the bundles' squashfs images
-are measured the same way: download, sha256, mount read-only, unmount.
+are measured the same way: download, sha256, mount read-only, unmount; and the
+bundles' `.tar.zst` archives (same tar content): download, sha256,
+`zstd -dc | tar -x` (zstd and tar measured apart, like xz and tar).
 
 Usage: legacy.py SPEC.json; prints one JSON object on stdout:
 {"legacy_wall_s": ..., "pieces": [{"name", "group", "wall_s", "user_s", "sys_s", "bytes"}]}
@@ -85,11 +87,20 @@ def sha256_check(path: str, want: str, pieces: Pieces, name: str, group: str) ->
     pieces.add(name, group, time.monotonic() - t0, user, sys_, os.path.getsize(path))
 
 
-def extract(archive: str, dest: str, strip: int, pieces: Pieces, artifact: str, group: str) -> None:
-    """tar -xJf archive -C dest --strip-components=strip, as xz -dc | tar -x."""
+def extract(
+    archive: str,
+    dest: str,
+    strip: int,
+    pieces: Pieces,
+    artifact: str,
+    group: str,
+    decompressor: str = "xz",
+    prefix: str = "",
+) -> None:
+    """tar -xJf archive -C dest --strip-components=strip, as xz -dc | tar -x (or zstd -dc | tar -x)."""
     os.makedirs(dest, exist_ok=True)
     t0 = time.monotonic()
-    xz = subprocess.Popen(["xz", "-dc", "--", archive], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    xz = subprocess.Popen([decompressor, "-dc", "--", archive], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     tar = subprocess.Popen(
         ["tar", "-x", "-f", "-", "-C", dest, f"--strip-components={strip}", "--no-same-owner"],
         stdin=xz.stdout,
@@ -104,9 +115,9 @@ def extract(archive: str, dest: str, strip: int, pieces: Pieces, artifact: str, 
     wall = time.monotonic() - t0
     if tar_code != 0 or xz_code != 0:
         tail = err.decode(errors="replace")[-2000:]
-        raise SystemExit(f"legacy: extracting {archive}: xz {xz_code}, tar {tar_code}: {tail}")
-    pieces.add(f"decompress_{artifact}", group, wall, xz_user, xz_sys)
-    pieces.add(f"write_{artifact}", group, wall, tar_user, tar_sys)
+        raise SystemExit(f"legacy: extracting {archive}: {decompressor} {xz_code}, tar {tar_code}: {tail}")
+    pieces.add(f"{prefix}decompress_{artifact}", group, wall, xz_user, xz_sys)
+    pieces.add(f"{prefix}write_{artifact}", group, wall, tar_user, tar_sys)
 
 
 def download(url: str, path: str, pieces: Pieces, name: str, group: str) -> None:
@@ -157,6 +168,13 @@ def main(spec_path: str) -> None:
             f"image_{a}",
         )
         subprocess.run(["umount", mnt], check=False)
+    # 5. not legacy: the .tar.zst archives, measured alone (download, sha256, zstd -dc | tar -x)
+    for z in spec.get("zst", []):
+        a = z["artifact"]
+        path = os.path.join(work, os.path.basename(z["url"]))
+        download(z["url"], path, pieces, f"zst_download_{a}", f"zst_{a}")
+        sha256_check(path, z["sha256"], pieces, f"zst_verify_{a}", f"zst_{a}")
+        extract(path, z["dest"], z["strip"], pieces, a, f"zst_{a}", decompressor="zstd", prefix="zst_")
     print(json.dumps({"legacy_wall_s": round(legacy_wall, 3), "pieces": pieces.items}))
 
 

@@ -8,7 +8,20 @@ import { parseArgs } from "node:util";
 import { whyNotSupported } from "../src/machine.js";
 import type { Format } from "./metrics.js";
 import { type BenchSettings, buildResult, writeResults } from "./report.js";
-import { type Block, defaultAptPackages, FILE_SYSTEMS, FORMATS, type HostFs, RUN_KINDS, type RunKind, runBench } from "./runner.js";
+import {
+  type BenchRun,
+  type Block,
+  buildZstArchives,
+  DEFAULT_FORMATS,
+  defaultAptPackages,
+  FILE_SYSTEMS,
+  FORMATS,
+  type HostFs,
+  RUN_KINDS,
+  type RunKind,
+  runBench,
+} from "./runner.js";
+import { buildWorkloadBundle, DEFAULT_ZSTD_LEVEL, workloadSpecs } from "./workload.js";
 
 const HELP = `usage: pnpm bench [options]
 
@@ -27,9 +40,11 @@ and cold serial runs.
   --fs LIST           where the hosts live: root (this machine's root fs), ext4 (a journaled
                       ext4 image each, on a loop device) (default root,ext4)
   --blocks LIST       explicit blocks instead of bandwidths × fs, e.g. 50:root,50:ext4,200:ext4
-  --formats LIST      ${FORMATS.join(",")} (default: both)
+  --formats LIST      ${FORMATS.join(",")} (default: ${DEFAULT_FORMATS.join(",")});
+                      archive-zst: the same tar content as .tar.zst (built once and cached)
   --image-level N     zstd level of the bundle images (default: the converter's, 19); a lower one
                       builds much faster and makes a slightly bigger image
+  --zstd-level N      zstd level of the .tar.zst archives (default ${DEFAULT_ZSTD_LEVEL}; built with -T0)
   --latency MS        first-byte latency of every artifact response (default 0)
   --apt real|test     the old bootstrap's package list (default), or the tests' small one
   --kinds LIST        comma-separated subset of ${RUN_KINDS.join(",")} (default: all)
@@ -51,6 +66,7 @@ interface Cli {
   smoke: boolean;
   xzAtStart: boolean;
   imageLevel: number | undefined;
+  zstdLevel: number;
   out: string;
 }
 
@@ -71,6 +87,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
       smoke: { type: "boolean", default: false },
       "xz-at-start": { type: "boolean", default: false },
       "image-level": { type: "string" },
+      "zstd-level": { type: "string" },
       out: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -98,7 +115,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
     return [...new Set(items)] as T[];
   };
   const kinds = list("kinds", values.kinds ?? (smoke ? "legacy,cold_parallel,warm,version_change" : RUN_KINDS.join(",")), RUN_KINDS);
-  const formats = list("formats", values.formats ?? FORMATS.join(","), FORMATS);
+  const formats = list("formats", values.formats ?? DEFAULT_FORMATS.join(","), FORMATS);
   const bandwidth = (text: string, name: string) => number(name, text, 0, (x) => x >= 0 && x <= 100_000);
   if (values.bandwidth !== undefined && values.bandwidths !== undefined) throw new Error("--bandwidth and --bandwidths: give one of them");
   let blocks: Block[];
@@ -138,6 +155,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
     xzAtStart: values["xz-at-start"] ?? false,
     imageLevel:
       values["image-level"] === undefined ? undefined : number("image-level", values["image-level"], 19, (x) => Number.isInteger(x) && x >= 1 && x <= 22),
+    zstdLevel: number("zstd-level", values["zstd-level"], DEFAULT_ZSTD_LEVEL, (x) => Number.isInteger(x) && x >= 1 && x <= 22),
     out: resolve(values.out ?? join(repoRoot, "results", `bench-${smoke ? "smoke-" : ""}${stamp}`)),
   };
 }
@@ -163,8 +181,18 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     latency_ms: cli.latency,
     xz_at_start: cli.xzAtStart,
     image_level: cli.imageLevel ?? null,
+    zstd_level: cli.formats.includes("archive-zst") ? cli.zstdLevel : null,
     machine: { cpus: cpus().length, kernel: release(), node: process.version },
   };
+  // the .tar.zst archives, built (or found in the cache) before any host is up; their sizes go into the workload
+  let zst: Awaited<ReturnType<typeof buildZstArchives>> | undefined;
+  if (cli.formats.includes("archive-zst")) {
+    const bundles = [];
+    for (const spec of workloadSpecs(cli.scale)) bundles.push(await buildWorkloadBundle(spec, log));
+    zst = await buildZstArchives(bundles, cli.zstdLevel, log);
+  }
+  const withZst = (r: BenchRun): BenchRun =>
+    zst ? { ...r, workload: { ...r.workload, bundles: r.workload.bundles.map((b) => ({ ...b, zst_bytes: zst[b.artifact]?.size_bytes ?? null })) } } : r;
   const run = await runBench({
     runs: cli.runs,
     scale: cli.scale,
@@ -175,14 +203,16 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     formats: cli.formats,
     xzAtStart: cli.xzAtStart,
     imageLevel: cli.imageLevel,
+    zstdLevel: cli.zstdLevel,
+    zstArchives: zst,
     log,
     // a partial results folder after every host's runs: a long run cut short still leaves its figures
     onIteration: (partial) => {
-      writeResults(cli.out, buildResult(partial, { ...settings, partial: true }));
+      writeResults(cli.out, buildResult(withZst(partial), { ...settings, partial: true }));
       log(`partial results in ${cli.out}`);
     },
   });
 
-  const markdown = writeResults(cli.out, buildResult(run, settings));
+  const markdown = writeResults(cli.out, buildResult(withZst(run), settings));
   return { dir: cli.out, markdown };
 }

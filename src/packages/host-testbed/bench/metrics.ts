@@ -268,12 +268,13 @@ export interface Stage {
   cpu_s: number;
 }
 
-export type Format = "archive" | "image";
+/** `.tar.xz` archives, `.tar.zst` archives (same tar content), squashfs images. */
+export type Format = "archive" | "archive-zst" | "image";
 
 /**
  * The dependency chains of a run's heavy work, as isolated stages: apt
  * (update → install); per bundle download → verify → install (archive:
- * decompress | write, one pipe; image: mount); Node download → verify →
+ * decompress | write, one pipe, xz or zstd; image: mount); Node download → verify →
  * install. Chains do not depend on each other. `bundles` are the bundles
  * the run installs (all for a cold run, the changed one for an upgrade);
  * `withBase` adds apt and Node (a cold run).
@@ -300,11 +301,76 @@ export function chains(pieces: readonly Piece[], format: Format, bundles: readon
   for (const a of bundles) {
     if (format === "archive") {
       out.push(chain(stage(`download_${a}`, `download_${a}`), stage(`verify_${a}`, `verify_${a}`), stage(`install_${a}`, `decompress_${a}`, `write_${a}`)));
+    } else if (format === "archive-zst") {
+      out.push(
+        chain(
+          stage(`download_${a}`, `zst_download_${a}`),
+          stage(`verify_${a}`, `zst_verify_${a}`),
+          stage(`install_${a}`, `zst_decompress_${a}`, `zst_write_${a}`),
+        ),
+      );
     } else {
       out.push(chain(stage(`download_${a}`, `image_download_${a}`), stage(`verify_${a}`, `image_verify_${a}`), stage(`install_${a}`, `image_mount_${a}`)));
     }
   }
   return out;
+}
+
+/** A piece that moves bytes over the block's link (its wall time cannot beat bytes ÷ bandwidth). */
+export function isDownload(p: Pick<Piece, "name">): boolean {
+  return /(^|_)download_/.test(p.name);
+}
+
+/**
+ * The isolated costs of a block from its iterations' measurements: per piece,
+ * the minimum wall time and, separately, the minimum CPU-seconds (user and
+ * system as that measurement split them) over the iterations that measured
+ * it. Contention only ever adds time, so the least contended measurement of
+ * each is the best estimate of its cost alone.
+ */
+export function minimumPieces(iterations: readonly (readonly Piece[])[]): Piece[] {
+  const out = new Map<string, Piece>();
+  for (const pieces of iterations) {
+    for (const p of pieces) {
+      const seen = out.get(p.name);
+      if (!seen) {
+        out.set(p.name, { ...p });
+        continue;
+      }
+      const cpu = p.user_s + p.sys_s < seen.user_s + seen.sys_s ? { user_s: p.user_s, sys_s: p.sys_s } : {};
+      out.set(p.name, { ...seen, ...cpu, wall_s: Math.min(seen.wall_s, p.wall_s), bytes: seen.bytes ?? p.bytes });
+    }
+  }
+  return [...out.values()];
+}
+
+/**
+ * The artifact server's token bucket holds a tenth of a second's worth of
+ * bytes: a download can beat bytes ÷ bandwidth by that burst, not more.
+ */
+export const BUCKET_BURST_S = 0.1;
+
+/**
+ * Each download piece's wall time floored at bytes ÷ bandwidth (a download
+ * cannot be faster than the link), and a warning for every measurement that
+ * was faster than the link allows even with the bucket's burst (then the
+ * measurement is wrong: a cache, a wrong size, a clock). No limit: unchanged.
+ */
+export function floorDownloads(pieces: readonly Piece[], bandwidthBytesPerSec: number | null): { pieces: Piece[]; warnings: string[] } {
+  const warnings: string[] = [];
+  if (!(bandwidthBytesPerSec && bandwidthBytesPerSec > 0)) return { pieces: pieces.map((p) => ({ ...p })), warnings };
+  const out = pieces.map((p) => {
+    if (!isDownload(p) || p.bytes === null || !(p.bytes > 0)) return { ...p };
+    const floor = p.bytes / bandwidthBytesPerSec;
+    if (p.wall_s < floor - BUCKET_BURST_S) {
+      warnings.push(
+        `${p.name}: ${p.wall_s.toFixed(2)} s for ${(p.bytes / 1e6).toFixed(1)} MB is faster than the link allows ` +
+          `(${floor.toFixed(2)} s at ${(bandwidthBytesPerSec / 1e6).toFixed(0)} MB/s): measurement suspect, floored`,
+      );
+    }
+    return { ...p, wall_s: Math.max(p.wall_s, floor) };
+  });
+  return { pieces: out, warnings };
 }
 
 export interface LowerBound {

@@ -17,9 +17,10 @@
  * Iterations interleave the kinds, so slow phases of the machine hit all of
  * them alike.
  */
-import { chmodSync, copyFileSync, mkdirSync, readFileSync } from "node:fs";
+import { chmodSync, copyFileSync, mkdirSync, readFileSync, symlinkSync } from "node:fs";
 import { cpus } from "node:os";
-import { type BuiltFile, type BundleName, buildBundleImage, publishSite } from "../src/artifacts.js";
+import { join } from "node:path";
+import { type BuiltFile, type BundleName, buildBundleImage, dashName, publishSite } from "../src/artifacts.js";
 import { newestRunEvents } from "../src/end-state.js";
 import { PowerCutDisk } from "../src/faults/power.js";
 import { ThrowawayHost } from "../src/host.js";
@@ -41,12 +42,14 @@ import {
   extractionRate,
   extractions,
   type Format,
+  floorDownloads,
   type LogRecord,
   type LowerBound,
   logRecords,
   lowerBound,
   type Milestones,
   milestones,
+  minimumPieces,
   type Noise,
   overBound,
   type Piece,
@@ -56,7 +59,7 @@ import {
   type Throughput,
 } from "./metrics.js";
 import { ByteSampler, CpuAccount, type MachineNoise, MemorySampler, probeMachine } from "./samplers.js";
-import { asVersion, BASE_VERSION, buildWorkloadBundle, type WorkloadBundle, workloadSpecs } from "./workload.js";
+import { asVersion, BASE_VERSION, buildWorkloadBundle, buildWorkloadZst, DEFAULT_ZSTD_LEVEL, type WorkloadBundle, workloadSpecs } from "./workload.js";
 
 /** The apt list of the old bootstrap (what a real project host installs). */
 export const REAL_APT_PACKAGES = [
@@ -77,7 +80,9 @@ export const REAL_APT_PACKAGES = [
 
 export const RUN_KINDS = ["legacy", "cold_parallel", "cold_serial", "warm", "version_change"] as const;
 export type RunKind = (typeof RUN_KINDS)[number];
-export const FORMATS: readonly Format[] = ["archive", "image"];
+export const FORMATS: readonly Format[] = ["archive", "archive-zst", "image"];
+/** What `--formats` runs unless told: the `.tar.xz` archives and the images. */
+export const DEFAULT_FORMATS: readonly Format[] = ["archive", "image"];
 export const FILE_SYSTEMS = ["root", "ext4"] as const;
 /** Where the hosts live: this machine's root file system, or a journaled ext4 image each (on a loop device). */
 export type HostFs = (typeof FILE_SYSTEMS)[number];
@@ -108,13 +113,17 @@ export interface BenchOptions {
   xzAtStart?: boolean;
   /** zstd level of the bundle images (default: the converter's, 19, as a release would publish them). */
   imageLevel?: number;
+  /** zstd level of the `.tar.zst` archives of the archive-zst format (default 19). */
+  zstdLevel?: number;
+  /** The `.tar.zst` archives, when built beforehand (`buildZstArchives`); else built at the first archive-zst use. */
+  zstArchives?: Partial<Record<BundleName, WorkloadBundle>>;
   /** Called with everything so far after each host's runs (the CLI writes the results folder each time). */
   onIteration?: (partial: BenchRun) => void;
 }
 
 export interface RunRecord {
   kind: RunKind;
-  /** archive or image (the legacy run installs archives). */
+  /** archive, archive-zst or image (the legacy run installs .tar.xz archives). */
   format: Format;
   bandwidth_mb_per_s: number;
   fs: HostFs;
@@ -132,10 +141,19 @@ export interface RunRecord {
   critical_path: string[];
   /** engine_wall_s ÷ critical_path_s: a diagnostic (the path is made of the same run's contended step times). */
   wall_over_critical: number | null;
-  /** The resource lower bound from this block and iteration's isolated costs (null without a legacy run). */
+  /**
+   * The resource lower bound from the block's isolated costs: each piece's minimum over the block's iterations
+   * (recomputed after every iteration; final at the end of the block). Null without a legacy run.
+   */
   lower_bound: LowerBound | null;
   /** wall_s ÷ lower_bound.seconds. */
   wall_over_bound: number | null;
+  /** The bound from this iteration's isolated costs alone (what a single measurement gives; kept to compare). */
+  lower_bound_iteration: LowerBound | null;
+  /** wall_s ÷ lower_bound_iteration.seconds. */
+  wall_over_bound_iteration: number | null;
+  /** Bytes apt downloaded in this run (through the block's link); null when unknown. Part of the bound's bytes term. */
+  apt_bytes: number | null;
   /** Σ CPU-seconds the steps report (thread + reaped children); the legacy run: Σ of its commands. */
   steps_cpu_s: number | null;
   /** Machine CPU during the run: ours and not ours, cores busy. */
@@ -179,6 +197,8 @@ export interface WorkloadInfo {
     ratio: number;
     sha256: string;
     image_bytes: number | null;
+    /** The .tar.zst archive's size (archive-zst format), when built. */
+    zst_bytes?: number | null;
   }[];
   node: { version: string; size_bytes: number };
   apt_packages: string[];
@@ -262,6 +282,40 @@ interface RunContext {
   block: Block;
   cores: number;
   archiveBytes: Record<string, number>;
+  /** The block's isolated costs and runs so far (attached by the first iteration of the block). */
+  blockState?: { isolated: IsolatedCosts[]; runs: RunRecord[] };
+}
+
+/** The `.tar.zst` archives of the workload's bundles (built once, cached on disk beside the .tar.xz). */
+export async function buildZstArchives(
+  bundles: readonly WorkloadBundle[],
+  level: number = DEFAULT_ZSTD_LEVEL,
+  log: (line: string) => void = () => {},
+): Promise<Partial<Record<BundleName, WorkloadBundle>>> {
+  const out: Partial<Record<BundleName, WorkloadBundle>> = {};
+  for (const b of bundles) out[b.spec.artifact] = await buildWorkloadZst(b, level, log);
+  return out;
+}
+
+async function zstArchives(ctx: RunContext): Promise<Partial<Record<BundleName, WorkloadBundle>>> {
+  ctx.opts.zstArchives ??= await buildZstArchives(ctx.bundles, ctx.opts.zstdLevel, ctx.opts.log);
+  return ctx.opts.zstArchives;
+}
+
+function zstBytesOf(ctx: RunContext): Record<string, number> | undefined {
+  const zst = ctx.opts.zstArchives;
+  return zst ? Object.fromEntries(Object.entries(zst).map(([a, b]) => [a, b!.size_bytes])) : undefined;
+}
+
+/**
+ * Copy this machine's zstd into a host (Ubuntu cloud images ship it; the testbed's Debian minbase does not, and
+ * bootstrap.py needs the command for .tar.zst bundles: Python reads zstd only from 3.14 on).
+ */
+async function zstdIntoHost(host: ThrowawayHost): Promise<void> {
+  copyFileSync("/usr/bin/zstd", host.path("/usr/bin/zstd"));
+  chmodSync(host.path("/usr/bin/zstd"), 0o755);
+  const r = await host.exec(["zstd", "--version"], { allowFailure: true });
+  if (r.code !== 0) throw new Error(`this machine's zstd does not run in host ${host.name} (a library missing?): ${(r.stderr || r.stdout).trim()}`);
 }
 
 /** The hub's site settings carry the testbed's bundle layout; ours must be the same. */
@@ -273,10 +327,16 @@ function checkLayout(bed: Testbed, bundles: WorkloadBundle[]): void {
   }
 }
 
-/** Point the testbed's site at the bench bundles (the project bundle at `projectVersion`), with images for the image format. */
+/**
+ * Point the testbed's site at the bench bundles (the project bundle at `projectVersion`): the `.tar.xz` archives,
+ * the `.tar.zst` ones (published under the real bundles' `.tar.zst` names) or the archives with images.
+ */
 function publish(ctx: RunContext, format: Format, projectVersion = BASE_VERSION): void {
   const site = ctx.bed.site;
-  const list = ctx.bundles.map((b) => (b.spec.artifact === "project" && projectVersion !== BASE_VERSION ? asVersion(b, projectVersion) : b));
+  const zst = ctx.opts.zstArchives;
+  if (format === "archive-zst" && !zst) throw new Error("the .tar.zst archives are not built (zstArchives first)");
+  const base = format === "archive-zst" ? ctx.bundles.map((b) => zst![b.spec.artifact]!) : ctx.bundles;
+  const list = base.map((b) => (b.spec.artifact === "project" && projectVersion !== BASE_VERSION ? asVersion(b, projectVersion) : b));
   publishSite(site.dir, site.baseUrl, list, ctx.bed.node, format === "image" ? { images: ctx.images } : {});
 }
 
@@ -323,31 +383,40 @@ async function iteration(
   const hosts: BenchHost[] = [];
   const runs: RunRecord[] = [];
   let isolated: IsolatedCosts | null = null;
-  const bound = (list: RunRecord[]) => {
-    // The lower bounds rest on this iteration's isolated costs.
-    for (const r of list) {
-      r.lower_bound = isolated ? boundFor({ ...ctx, nodeBytes: ctx.bed.node.size_bytes }, r.kind, r.format, isolated.pieces) : null;
-      r.wall_over_bound = overBound(r.wall_s, r.lower_bound);
-    }
-    return list;
-  };
+  const block = (ctx.blockState ??= { isolated: [], runs: [] });
+  const zst = opts.formats.includes("archive-zst");
+  if (zst) await zstArchives(ctx);
+  // Every run of the block so far is bounded again from the minima over the block's iterations so far
+  // (at the block's last iteration: over all of them); each keeps its own iteration's bound beside it.
+  const rebound = () =>
+    reboundBlock([...block.runs, ...runs], [...block.isolated, ...(isolated ? [isolated] : [])], {
+      ...ctx,
+      nodeBytes: ctx.bed.node.size_bytes,
+      zstBytes: zstBytesOf(ctx),
+    });
   try {
     for (let n = 0; n < wanted.length; n++) hosts.push(await freshHost(ctx));
+    // the archive-zst hosts need zstd before the bootstrap, the legacy host to measure the .tar.zst pieces
+    if (zst) for (const [n, w] of wanted.entries()) if (w.kind === "legacy" || w.format === "archive-zst") await zstdIntoHost(hosts[n]!.host);
     await runProc(["sync"]);
     for (const [n, w] of wanted.entries()) {
       const { host } = hosts[n]!;
       if (w.kind === "legacy") {
         const out = await legacyRun(ctx, i, host);
         isolated = out.isolated;
-        runs.push(...bound([out.record]));
+        runs.push(out.record);
       } else if (w.kind === "cold_parallel") {
-        runs.push(...bound(await parallelHostRuns(ctx, i, host, w.format)));
+        runs.push(...(await parallelHostRuns(ctx, i, host, w.format)));
       } else {
-        runs.push(...bound(await serialHostRun(ctx, i, host, w.format)));
+        runs.push(...(await serialHostRun(ctx, i, host, w.format)));
       }
       await host.park();
+      rebound();
       progress(runs, isolated);
     }
+    rebound();
+    block.runs.push(...runs);
+    if (isolated) block.isolated.push(isolated);
   } finally {
     for (const h of hosts) await h.teardown().catch((e) => opts.log(`teardown: ${e instanceof Error ? e.message : String(e)}`));
     await runProc(["sync"], { allowFailure: true });
@@ -355,20 +424,52 @@ async function iteration(
   return { runs, isolated };
 }
 
-/** The bound of one kind of run: what it has to download and install, from the isolated costs. */
-export function boundFor(
-  ctx: Pick<RunContext, "block" | "cores" | "archiveBytes" | "images"> & { nodeBytes: number },
-  kind: RunKind,
-  format: Format,
-  pieces: Piece[],
-): LowerBound {
+export type BoundContext = Pick<RunContext, "block" | "cores" | "archiveBytes" | "images"> & {
+  nodeBytes: number;
+  /** Sizes of the .tar.zst archives (the archive-zst format), by bundle. */
+  zstBytes?: Record<string, number>;
+};
+
+/**
+ * The bound of one kind of run: what it has to download and install, from the isolated costs (each download
+ * piece's wall floored at bytes ÷ bandwidth). `aptBytes`: what apt downloaded in that run through the same link
+ * (0 when unknown); it adds to the bytes term (apt's CPU and wall are in its chain already).
+ */
+export function boundFor(ctx: BoundContext, kind: RunKind, format: Format, pieces: readonly Piece[], aptBytes = 0): LowerBound {
+  if (!(aptBytes >= 0)) throw new Error(`aptBytes must be >= 0, got ${aptBytes}`);
   const bw = ctx.block.bandwidthMBps > 0 ? ctx.block.bandwidthMBps * 1e6 : null;
-  const bytesOf = (a: string) => (format === "image" ? (ctx.images[a as BundleName]?.size_bytes ?? 0) : (ctx.archiveBytes[a] ?? 0));
+  const floored = floorDownloads(pieces, bw).pieces;
+  const bytesOf = (a: string) => {
+    if (format === "image") return ctx.images[a as BundleName]?.size_bytes ?? 0;
+    if (format === "archive-zst") {
+      const z = ctx.zstBytes?.[a];
+      if (z === undefined) throw new Error(`no .tar.zst size for ${a}: the archive-zst bound needs the zst archives`);
+      return z;
+    }
+    return ctx.archiveBytes[a] ?? 0;
+  };
   const all = Object.keys(ctx.archiveBytes);
-  if (kind === "warm") return lowerBound([], 0, bw, ctx.cores);
-  if (kind === "version_change") return lowerBound(chains(pieces, format, ["project"], false), bytesOf("project"), bw, ctx.cores);
-  const bytes = all.reduce((a, b) => a + bytesOf(b), 0) + ctx.nodeBytes;
-  return lowerBound(chains(pieces, format, all, true), bytes, bw, ctx.cores);
+  if (kind === "warm") return lowerBound([], aptBytes, bw, ctx.cores);
+  if (kind === "version_change") return lowerBound(chains(floored, format, ["project"], false), bytesOf("project") + aptBytes, bw, ctx.cores);
+  const bytes = all.reduce((a, b) => a + bytesOf(b), 0) + ctx.nodeBytes + aptBytes;
+  return lowerBound(chains(floored, format, all, true), bytes, bw, ctx.cores);
+}
+
+/**
+ * Bound every run of a block from the minima of its isolated costs over the given iterations (`lower_bound`), and
+ * from its own iteration's costs alone (`lower_bound_iteration`); both with the run's apt bytes. Runs without
+ * isolated costs (no legacy run) keep null bounds.
+ */
+export function reboundBlock(runs: readonly RunRecord[], isolated: readonly IsolatedCosts[], ctx: BoundContext): void {
+  const min = isolated.length ? minimumPieces(isolated.map((x) => x.pieces)) : null;
+  for (const r of runs) {
+    const own = isolated.find((x) => x.iteration === r.iteration);
+    const apt = r.apt_bytes ?? 0;
+    r.lower_bound = min ? boundFor(ctx, r.kind, r.format, min, apt) : null;
+    r.wall_over_bound = overBound(r.wall_s, r.lower_bound);
+    r.lower_bound_iteration = own ? boundFor(ctx, r.kind, r.format, own.pieces, apt) : null;
+    r.wall_over_bound_iteration = overBound(r.wall_s, r.lower_bound_iteration);
+  }
 }
 
 async function parallelHostRuns(ctx: RunContext, iteration: number, host: ThrowawayHost, format: Format): Promise<RunRecord[]> {
@@ -402,6 +503,13 @@ const LEGACY_SCRIPT = new URL("./legacy.py", import.meta.url);
 async function legacyRun(ctx: RunContext, iteration: number, host: ThrowawayHost): Promise<{ record: RunRecord; isolated: IsolatedCosts }> {
   const { bed, opts, block } = ctx;
   publish(ctx, opts.formats.includes("image") ? "image" : "archive");
+  if (opts.formats.includes("archive-zst")) {
+    // the .tar.zst archives beside the .tar.xz ones, for the legacy host to measure alone
+    for (const b of ctx.bundles) {
+      const z = opts.zstArchives![b.spec.artifact]!;
+      symlinkSync(z.path, join(bed.site.dir, dashName(b.spec.artifact), b.spec.version, z.fileName));
+    }
+  }
   const p = await bed.provision(host);
   const c = p.config;
   const nodeFile = `node-v${c.node.version}-linux-${bed.node.spec.arch}.tar.xz`;
@@ -416,6 +524,20 @@ async function legacyRun(ctx: RunContext, iteration: number, host: ThrowawayHost
     node: { url: `${nodeBase}/${nodeFile}`, shasums_url: `${nodeBase}/SHASUMS256.txt`, file: nodeFile, dest: "/opt/legacy/node" },
     images: opts.formats.includes("image")
       ? ctx.bundles.map((b) => ({ artifact: b.spec.artifact, url: c.artifacts[b.spec.artifact].image!.url, sha256: ctx.images[b.spec.artifact]!.sha256 }))
+      : [],
+    // the .tar.zst archives: published beside the .tar.xz ones (same directory), measured after the legacy flow
+    zst: opts.formats.includes("archive-zst")
+      ? ctx.bundles.map((b) => {
+          const z = opts.zstArchives![b.spec.artifact]!;
+          const url = c.artifacts[b.spec.artifact].url.replace(/[^/]+$/, z.fileName);
+          return {
+            artifact: b.spec.artifact,
+            url,
+            sha256: z.sha256,
+            dest: `/opt/legacy-zst/${b.spec.artifact}`,
+            strip: c.artifacts[b.spec.artifact].strip_components,
+          };
+        })
       : [],
   };
   host.writeFile("/root/legacy-spec.json", JSON.stringify(spec), { mode: 0o600, owner: "root" });
@@ -433,7 +555,7 @@ async function legacyRun(ctx: RunContext, iteration: number, host: ThrowawayHost
   const cpu = account.finish();
   if (r.code !== 0) throw new Error(`legacy run #${iteration} on ${host.name} failed (exit ${r.code}):\n${(r.stderr || r.stdout).slice(-3000)}`);
   const parsed = JSON.parse(r.stdout.trim().split("\n").pop()!) as { legacy_wall_s: number; pieces: Piece[] };
-  const legacyPieces = parsed.pieces.filter((x) => !x.group.startsWith("image_"));
+  const legacyPieces = parsed.pieces.filter((x) => !x.group.startsWith("image_") && !x.group.startsWith("zst_"));
   const record: RunRecord = {
     kind: "legacy",
     format: "archive",
@@ -452,6 +574,9 @@ async function legacyRun(ctx: RunContext, iteration: number, host: ThrowawayHost
     wall_over_critical: null,
     lower_bound: null,
     wall_over_bound: null,
+    lower_bound_iteration: null,
+    wall_over_bound_iteration: null,
+    apt_bytes: null,
     steps_cpu_s: legacyPieces.reduce((a, x) => a + x.user_s + x.sys_s, 0),
     cpu: { ...cpu, wall_s: wallMs / 1000 },
     engine_overhead_s: 0,
@@ -574,6 +699,9 @@ export function runRecord(
     wall_over_critical: cp.seconds > 0 ? engine.wall_s / cp.seconds : null,
     lower_bound: null,
     wall_over_bound: null,
+    lower_bound_iteration: null,
+    wall_over_bound_iteration: null,
+    apt_bytes: null,
     steps_cpu_s: measured.length ? measured.reduce((a, c) => a + cpuTotal(c), 0) : null,
     cpu: seen.cpu,
     engine_overhead_s: engineOverheadSeconds(engine),

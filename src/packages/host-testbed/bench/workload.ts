@@ -20,6 +20,7 @@ import { fileURLToPath } from "node:url";
 import { type BuiltBundle, type BundleName, bundleLayout, dashName, PROJECT_HOST_EXEC, sha256File, TOOL_NAMES } from "../src/artifacts.js";
 import { cacheDir } from "../src/paths.js";
 import { Prng } from "../src/prng.js";
+import { run } from "../src/proc.js";
 
 export { Prng };
 
@@ -118,7 +119,45 @@ export async function buildWorkloadBundle(spec: WorkloadBundleSpec, log: (line: 
  * all the same), new URL path, so the hub derives the new version.
  */
 export function asVersion(bundle: WorkloadBundle, version: string): WorkloadBundle {
-  return { ...bundle, spec: { ...bundle.spec, version }, fileName: bundleLayout(bundle.spec.artifact, version).fileName };
+  return { ...bundle, spec: { ...bundle.spec, version }, fileName: bundleLayout(bundle.spec.artifact, version, "amd64", bundle.spec.compression).fileName };
+}
+
+/** zstd level of the bench's `.tar.zst` archives unless `--zstd-level` says otherwise (as small as xz -6 on this content). */
+export const DEFAULT_ZSTD_LEVEL = 19;
+
+/**
+ * The same tar content as `bundle`'s `.tar.xz`, as a `.tar.zst` (`xz -dc | zstd -T0 -<level>`), cached beside the
+ * `.tar.xz` keyed by level (`<name>.z<level>.tar.zst`), like the images. Published under the real bundle's `.tar.zst`
+ * name (`bundleLayout` with zstd): spec.compression says so.
+ */
+export async function buildWorkloadZst(bundle: WorkloadBundle, level = DEFAULT_ZSTD_LEVEL, log: (line: string) => void = () => {}): Promise<WorkloadBundle> {
+  if (!Number.isInteger(level) || level < 1 || level > 22) throw new Error(`zstd level must be an integer 1..22, got ${level}`);
+  if (!bundle.path.endsWith(".tar.xz")) throw new Error(`${bundle.path}: not a .tar.xz`);
+  const path = bundle.path.replace(/\.tar\.xz$/, `.z${level}.tar.zst`);
+  const metaPath = `${path}.meta.json`;
+  if (!existsSync(metaPath)) {
+    const t0 = Date.now();
+    log(`building ${bundle.fileName.replace(/\.tar\.xz$/, ".tar.zst")} (zstd -T0 -${level} of the same tar) ...`);
+    const part = `${path}.${process.pid}.part`; // unique: another process may build the same file
+    // --ultra: levels above 19 need it (and it is harmless below)
+    await run(["bash", "-c", 'set -o pipefail; xz -dc -- "$1" | zstd -T0 --ultra -"$2" -q -c > "$3"', "bash", bundle.path, String(level), part], {
+      timeoutMs: 3 * 60 * 60_000,
+    });
+    renameSync(part, path);
+    const meta = { sha256: await sha256File(path), size_bytes: statSync(path).size };
+    writeFileSync(`${metaPath}.${process.pid}`, JSON.stringify(meta));
+    renameSync(`${metaPath}.${process.pid}`, metaPath);
+    log(`built ${path}: ${(meta.size_bytes / MB).toFixed(1)} MB (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+  }
+  const meta = JSON.parse(readFileSync(metaPath, "utf8")) as { sha256: string; size_bytes: number };
+  return {
+    ...bundle,
+    path,
+    sha256: meta.sha256,
+    size_bytes: meta.size_bytes,
+    spec: { ...bundle.spec, compression: "zstd", zstdLevel: level },
+    fileName: bundleLayout(bundle.spec.artifact, bundle.spec.version, "amd64", "zstd").fileName,
+  };
 }
 
 // --- the tar stream --------------------------------------------------------------

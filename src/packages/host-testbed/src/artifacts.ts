@@ -53,14 +53,17 @@ export interface BundleSpec {
   /** project_host only: a daemon that starts and listens but answers /healthz with 503 (the rollback tests). */
   unhealthy?: boolean;
   /** `.tar.xz` (the default) or `.tar.zst` (zstd -19: as small as xz -6, far cheaper to decompress). */
-  compression?: "xz" | "zstd";
+  compression?: Compression;
   /** zstd level when compression is zstd (default 19). */
   zstdLevel?: number;
 }
 
-/** The archive's file-name suffix for a bundle spec. */
-export function archiveSuffix(spec: Pick<BundleSpec, "compression">): ".tar.xz" | ".tar.zst" {
-  return spec.compression === "zstd" ? ".tar.zst" : ".tar.xz";
+/** How a bundle archive is compressed: `.tar.xz` or `.tar.zst`. */
+export type Compression = "xz" | "zstd";
+
+/** The archive's file-name suffix for a compression (xz when absent). */
+export function archiveSuffix(compression: Compression = "xz"): ".tar.xz" | ".tar.zst" {
+  return compression === "zstd" ? ".tar.zst" : ".tar.xz";
 }
 
 /** A bundle archive's name with its compression suffix replaced (e.g. by `.sqfs`). */
@@ -102,24 +105,34 @@ export interface BundleLayout {
   executables: string[];
 }
 
-/** The real bundles' names and inner layouts (UPSTREAM.md "Bundles and manifests"). */
-export function bundleLayout(artifact: BundleName, version: string, arch: Arch = "amd64"): BundleLayout {
+/**
+ * The real bundles' names and inner layouts (UPSTREAM.md "Bundles and manifests"); the one place an archive's file
+ * name is computed (`compression` picks its suffix).
+ */
+export function bundleLayout(artifact: BundleName, version: string, arch: Arch = "amd64", compression: Compression = "xz"): BundleLayout {
+  const suffix = archiveSuffix(compression);
   switch (artifact) {
     case "project_host": {
       // `tar Jcf <dir>.tar.xz ./<dir>`: the "./" is a component, hence strip 2
       const dir = `cocalc-project-host-${version}-${arch}-linux`;
-      return { fileName: `${dir}.tar.xz`, top: `./${dir}`, strip_components: 2, expected_files: [PROJECT_HOST_EXEC, "node"], executables: [PROJECT_HOST_EXEC] };
+      return {
+        fileName: `${dir}${suffix}`,
+        top: `./${dir}`,
+        strip_components: 2,
+        expected_files: [PROJECT_HOST_EXEC, "node"],
+        executables: [PROJECT_HOST_EXEC],
+      };
     }
     case "project":
       return {
-        fileName: `bundle-linux-${arch}.tar.xz`,
+        fileName: `bundle-linux-${arch}${suffix}`,
         top: "bundle",
         strip_components: 1,
         expected_files: ["index.js", "package.json"],
         executables: [PROJECT_BIN],
       };
     case "tools":
-      return { fileName: `tools-linux-${arch}.tar.xz`, top: "bin", strip_components: 1, expected_files: [...TOOL_NAMES], executables: [...TOOL_NAMES] };
+      return { fileName: `tools-linux-${arch}${suffix}`, top: "bin", strip_components: 1, expected_files: [...TOOL_NAMES], executables: [...TOOL_NAMES] };
   }
 }
 
@@ -177,8 +190,8 @@ export async function buildBundle(spec: BundleSpec, log: (line: string) => void 
   const daemon = spec.artifact === "project_host" ? readFileSync(DAEMON_SOURCE, "utf8") : "";
   const key = keyOf({ spec, daemon, layout: BUNDLE_LAYOUT_VERSION });
   const name = dashName(spec.artifact);
-  const layout = bundleLayout(spec.artifact, spec.version);
-  const fileName = withoutArchiveSuffix(layout.fileName, archiveSuffix(spec));
+  const layout = bundleLayout(spec.artifact, spec.version, "amd64", spec.compression);
+  const fileName = layout.fileName;
   const dir = join(cacheDir(), "artifacts", name, `${spec.version}-${key}`);
   const path = join(dir, fileName);
   if (!existsSync(path)) {
@@ -521,7 +534,7 @@ export function publishSite(dir: string, baseUrl: string, bundles: BuiltBundle[]
   const out = {} as Record<BundleName, PublishedBundle>;
   for (const b of bundles) {
     const name = dashName(b.spec.artifact);
-    const fileName = withoutArchiveSuffix(bundleLayout(b.spec.artifact, b.spec.version, arch).fileName, archiveSuffix(b.spec));
+    const fileName = bundleLayout(b.spec.artifact, b.spec.version, arch, b.spec.compression).fileName;
     const rel = `${name}/${b.spec.version}/${fileName}`;
     mkdirSync(join(dir, name, b.spec.version), { recursive: true });
     symlinkSync(b.path, join(dir, rel));

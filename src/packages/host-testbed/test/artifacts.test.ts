@@ -8,7 +8,17 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type BuiltBundle, type BuiltNode, buildBundle, buildNodeMirror, publishSite, sha256File, testBundleSpecs } from "../src/artifacts.js";
+import {
+  BUNDLES,
+  type BuiltBundle,
+  type BuiltNode,
+  buildBundle,
+  buildNodeMirror,
+  bundleLayout,
+  publishSite,
+  sha256File,
+  testBundleSpecs,
+} from "../src/artifacts.js";
 import { run } from "../src/proc.js";
 
 let scratch: string;
@@ -111,6 +121,21 @@ describe("bundles", () => {
     expect(published.bundles.project.url).toBe("http://127.0.0.1:9/project/2.3.4/bundle-linux-amd64.tar.zst");
     const manifest = JSON.parse(readFileSync(join(site, "project", "latest-linux-amd64.json"), "utf8"));
     expect(manifest).toMatchObject({ url: published.bundles.project.url, sha256: zst.sha256, size_bytes: zst.size_bytes });
+  });
+
+  it("name their archive in one place: bundleLayout with the compression (xz by default)", () => {
+    expect(BUNDLES.map((a) => bundleLayout(a, "2.3.4").fileName)).toEqual([
+      "cocalc-project-host-2.3.4-amd64-linux.tar.xz",
+      "bundle-linux-amd64.tar.xz",
+      "tools-linux-amd64.tar.xz",
+    ]);
+    expect(BUNDLES.map((a) => bundleLayout(a, "2.3.4", "arm64", "zstd").fileName)).toEqual([
+      "cocalc-project-host-2.3.4-arm64-linux.tar.zst",
+      "bundle-linux-arm64.tar.zst",
+      "tools-linux-arm64.tar.zst",
+    ]);
+    // the compression changes the name only, never the inside
+    for (const a of BUNDLES) expect({ ...bundleLayout(a, "1", "amd64", "zstd"), fileName: "" }).toEqual({ ...bundleLayout(a, "1"), fileName: "" });
   });
 
   it("can be published with a wrong checksum on purpose", () => {

@@ -7,6 +7,7 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { parseCli } from "../bench/main.js";
 import {
@@ -20,9 +21,12 @@ import {
   engineRunFromEvents,
   extractionRate,
   extractions,
+  floorDownloads,
+  isDownload,
   logRecords,
   lowerBound,
   milestones,
+  minimumPieces,
   noise,
   overBound,
   type Piece,
@@ -33,9 +37,10 @@ import {
   stepCpu,
   unionSeconds,
 } from "../bench/metrics.js";
-import { type BenchSettings, buildResult, markdown, waterfallSvg, writeResults } from "../bench/report.js";
-import { type Block, boundFor, type IsolatedCosts, type RunRecord, runRecord } from "../bench/runner.js";
-import { Prng, TarWriter } from "../bench/workload.js";
+import { type BenchSettings, blockCosts, buildResult, markdown, waterfallSvg, writeResults } from "../bench/report.js";
+import { type Block, type BoundContext, boundFor, type IsolatedCosts, type RunRecord, reboundBlock, runRecord } from "../bench/runner.js";
+import { asVersion, buildWorkloadZst, Prng, TarWriter, type WorkloadBundle } from "../bench/workload.js";
+import { bundleLayout } from "../src/artifacts.js";
 import { TEST_APT_PACKAGES } from "../src/testbed.js";
 
 function step(name: string, deps: string[], start: number, end: number, outcome = "changed"): StepTiming {
@@ -193,6 +198,10 @@ const PIECES: Piece[] = [
   piece("image_download_project", "image_project", 5.2, 0.5, 0.5, 260e6),
   piece("image_verify_project", "image_project", 1.1, 1, 0.1),
   piece("image_mount_project", "image_project", 0.05, 0, 0.02),
+  piece("zst_download_project", "zst_project", 5.1, 0.5, 0.5, 255e6),
+  piece("zst_verify_project", "zst_project", 1, 0.9, 0.1),
+  piece("zst_decompress_project", "zst_project", 9, 2, 0.5),
+  piece("zst_write_project", "zst_project", 9, 2, 4),
 ];
 
 describe("resource lower bound", () => {
@@ -230,6 +239,24 @@ describe("resource lower bound", () => {
       ),
     ).toThrow(/lack a piece/);
     expect(() => chains(PIECES, "image", ["tools"], false)).toThrow(/lack a piece/);
+    expect(() =>
+      chains(
+        PIECES.filter((p) => p.name !== "zst_write_project"),
+        "archive-zst",
+        ["project"],
+        false,
+      ),
+    ).toThrow(/lack a piece/);
+  });
+
+  it("chains .tar.zst archives from their own pieces: download → verify → zstd | tar", () => {
+    expect(chains(PIECES, "archive-zst", ["project"], false)).toEqual([
+      [
+        { name: "download_project", wall_s: 5.1, cpu_s: 1 },
+        { name: "verify_project", wall_s: 1, cpu_s: 1 },
+        { name: "install_project", wall_s: 9, cpu_s: 8.5 },
+      ],
+    ]);
   });
 
   it("is the largest of bytes ÷ bandwidth, the longest chain and CPU ÷ cores, and says which", () => {
@@ -272,12 +299,13 @@ describe("resource lower bound", () => {
   });
 
   it("bounds each kind of run by what it has to do", () => {
-    const ctx = {
+    const ctx: BoundContext = {
       block: { bandwidthMBps: 50, fs: "root" } as Block,
       cores: 2,
       archiveBytes: { project: 250e6 },
       images: { project: { path: "/x.sqfs", sha256: "0".repeat(64), size_bytes: 260e6 } },
       nodeBytes: 30e6,
+      zstBytes: { project: 255e6 },
     };
     const cold = boundFor(ctx, "cold_parallel", "archive", PIECES);
     expect(cold.bytes).toBe(280e6);
@@ -291,6 +319,188 @@ describe("resource lower bound", () => {
     const up = boundFor(ctx, "version_change", "archive", PIECES);
     expect(up).toMatchObject({ bytes: 250e6, seconds: 24, binding: "chain" });
     expect(boundFor(ctx, "warm", "image", PIECES).seconds).toBe(0);
+    // zstd archives: their own size and pieces (chain 5.1 + 1 + 9 = 15.1 s)
+    expect(boundFor(ctx, "version_change", "archive-zst", PIECES)).toMatchObject({ bytes: 255e6, seconds: 15.1, binding: "chain" });
+    expect(boundFor(ctx, "cold_parallel", "archive-zst", PIECES).bytes).toBe(285e6);
+    expect(() => boundFor({ ...ctx, zstBytes: undefined }, "cold_parallel", "archive-zst", PIECES)).toThrow(/zst/);
+  });
+
+  it("counts apt's bytes in the bytes term, nowhere else", () => {
+    const ctx: BoundContext = {
+      block: { bandwidthMBps: 50, fs: "root" } as Block,
+      cores: 2,
+      archiveBytes: { project: 250e6 },
+      images: {},
+      nodeBytes: 30e6,
+    };
+    const without = boundFor(ctx, "cold_parallel", "archive", PIECES);
+    expect(boundFor(ctx, "cold_parallel", "archive", PIECES, 0)).toEqual(without);
+    // 2 GB of packages at 50 MB/s: the link sets the bound (2.28 GB ÷ 50 MB/s = 45.6 s)
+    const heavy = boundFor(ctx, "cold_parallel", "archive", PIECES, 2e9);
+    expect(heavy).toMatchObject({ bytes: 2.28e9, binding: "bandwidth" });
+    expect(heavy.seconds).toBeCloseTo(45.6);
+    expect({ ...heavy, bytes: 0, bandwidth_s: 0, seconds: 0, binding: "" }).toEqual({ ...without, bytes: 0, bandwidth_s: 0, seconds: 0, binding: "" });
+    expect(() => boundFor(ctx, "cold_parallel", "archive", PIECES, -1)).toThrow(/aptBytes/);
+    expect(() => boundFor(ctx, "cold_parallel", "archive", PIECES, Number.NaN)).toThrow(/aptBytes/);
+    fc.assert(
+      fc.property(fc.double({ min: 0, max: 1e10, noNaN: true }), fc.double({ min: 0, max: 1e10, noNaN: true }), (a, b) => {
+        const [lo, hi] = a <= b ? [a, b] : [b, a];
+        const x = boundFor(ctx, "version_change", "archive", PIECES, lo);
+        const y = boundFor(ctx, "version_change", "archive", PIECES, hi);
+        // more bytes never lower the bound, and the bytes term is exactly the sum ÷ the link
+        expect(y.seconds).toBeGreaterThanOrEqual(x.seconds);
+        expect(y.bandwidth_s).toBeCloseTo((250e6 + hi) / 50e6, 6);
+        expect(y.chain_s).toBe(x.chain_s);
+        expect(y.cpu_s).toBe(x.cpu_s);
+      }),
+    );
+  });
+});
+
+// --- robust isolated costs: minima over iterations, link floors -----------------------------------
+
+const arbPiece = (name: string) =>
+  fc.record({
+    name: fc.constant(name),
+    group: fc.constant("g"),
+    wall_s: fc.double({ min: 0, max: 100, noNaN: true }),
+    user_s: fc.double({ min: 0, max: 100, noNaN: true }),
+    sys_s: fc.double({ min: 0, max: 100, noNaN: true }),
+    bytes: fc.option(fc.integer({ min: 1, max: 1e9 }), { nil: null }),
+  });
+const PIECE_NAMES = ["apt_install", "download_project", "write_project", "image_download_tools"];
+const arbIteration = fc.tuple(...PIECE_NAMES.map(arbPiece)).map((ps) => ps as Piece[]);
+
+describe("isolated costs over iterations", () => {
+  it("take each piece's minimum wall and, separately, its minimum CPU (hand-made case)", () => {
+    const a = [piece("download_project", "project", 9, 0.5, 0.5, 250e6), piece("write_project", "project", 18, 2, 15)];
+    const b = [piece("download_project", "project", 5, 0.9, 0.9, 250e6), piece("write_project", "project", 25, 1, 10)];
+    expect(minimumPieces([a, b])).toEqual([
+      piece("download_project", "project", 5, 0.5, 0.5, 250e6), // wall from b, CPU from a
+      piece("write_project", "project", 18, 1, 10), // wall from a, CPU (and its user/system split) from b
+    ]);
+    // a piece measured in one iteration only is kept as measured
+    expect(minimumPieces([a, [piece("apt_install", "apt", 17, 6, 4)]]).map((p) => p.name)).toEqual(["download_project", "write_project", "apt_install"]);
+    expect(minimumPieces([])).toEqual([]);
+  });
+
+  it("minima: never above any iteration, each equal to one measured value, order of iterations irrelevant (property)", () => {
+    fc.assert(
+      fc.property(fc.array(arbIteration, { minLength: 1, maxLength: 6 }), (iterations) => {
+        const min = minimumPieces(iterations);
+        const rev = minimumPieces([...iterations].reverse());
+        for (const m of min) {
+          const all = iterations.map((it) => it.find((p) => p.name === m.name)!);
+          expect(all.every((p) => m.wall_s <= p.wall_s)).toBe(true);
+          expect(all.some((p) => p.wall_s === m.wall_s)).toBe(true);
+          expect(all.every((p) => m.user_s + m.sys_s <= p.user_s + p.sys_s)).toBe(true);
+          // the CPU split is a real measurement's, not a mix of two
+          expect(all.some((p) => p.user_s === m.user_s && p.sys_s === m.sys_s)).toBe(true);
+          const r = rev.find((p) => p.name === m.name)!;
+          expect(r.wall_s).toBe(m.wall_s);
+          expect(r.user_s + r.sys_s).toBe(m.user_s + m.sys_s);
+        }
+        expect(min.map((p) => p.name).sort()).toEqual([...PIECE_NAMES].sort());
+      }),
+    );
+  });
+
+  it("a bound from the minima is never above the bound of any single iteration (property)", () => {
+    const ctx: BoundContext = { block: { bandwidthMBps: 50, fs: "root" } as Block, cores: 2, archiveBytes: { project: 250e6 }, images: {}, nodeBytes: 30e6 };
+    const jitter = (p: Piece, f: number[]) => ({ ...p, wall_s: p.wall_s * f[0]!, user_s: p.user_s * f[1]!, sys_s: p.sys_s * f[2]! });
+    const factors = fc.array(fc.array(fc.double({ min: 1, max: 3, noNaN: true }), { minLength: 3, maxLength: 3 }), {
+      minLength: PIECES.length,
+      maxLength: PIECES.length,
+    });
+    fc.assert(
+      fc.property(fc.array(factors, { minLength: 1, maxLength: 5 }), (its) => {
+        const iterations = its.map((f) => PIECES.map((p, i) => jitter(p, f[i]!)));
+        const min = boundFor(ctx, "cold_parallel", "archive", minimumPieces(iterations));
+        for (const it of iterations) expect(min.seconds).toBeLessThanOrEqual(boundFor(ctx, "cold_parallel", "archive", it).seconds + 1e-9);
+        // and never below the bound of the unjittered costs (the jitter only adds)
+        expect(min.seconds).toBeGreaterThanOrEqual(boundFor(ctx, "cold_parallel", "archive", PIECES).seconds - 1e-9);
+      }),
+    );
+  });
+
+  it("floor a download's wall at bytes ÷ bandwidth and warn when a measurement beat the link", () => {
+    const ps = [
+      piece("download_project", "project", 2, 0.5, 0.5, 250e6), // 250 MB in 2 s at 50 MB/s: impossible
+      piece("image_download_tools", "image_tools", 1.02, 0, 0, 55e6), // 1.1 s floor, within the bucket's burst
+      piece("zst_download_project", "zst_project", 7, 0, 0, 255e6), // slower than the link: as measured
+      piece("write_project", "project", 1, 0, 0, 250e6), // not a download
+      piece("download_node_sums", "node", 0.01, 0, 0, null), // size unknown: as measured
+    ];
+    const { pieces, warnings } = floorDownloads(ps, 50e6);
+    expect(pieces.map((p) => p.wall_s)).toEqual([5, 1.1, 7, 1, 0.01]);
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toMatch(/^download_project: 2\.00 s for 250\.0 MB is faster than the link allows \(5\.00 s at 50 MB\/s\)/);
+    expect(floorDownloads(ps, null)).toEqual({ pieces: ps, warnings: [] });
+    expect(ps[0]!.wall_s).toBe(2); // the input is not changed
+    expect(["download_x", "image_download_x", "zst_download_x", "download_node_sums"].every((name) => isDownload({ name }))).toBe(true);
+    expect(["downloader", "write_download", "verify_project"].some((name) => isDownload({ name }))).toBe(false);
+    // the bound uses the floored wall: the chain is 5 + 1 + 18, not 2 + 1 + 18
+    const ctx: BoundContext = { block: { bandwidthMBps: 50, fs: "root" } as Block, cores: 2, archiveBytes: { project: 250e6 }, images: {}, nodeBytes: 0 };
+    const fast = PIECES.map((p) => (p.name === "download_project" ? { ...p, wall_s: 2 } : p));
+    expect(boundFor(ctx, "version_change", "archive", fast).chain_s).toBeCloseTo(24);
+  });
+
+  it("floored walls: never below the link nor the measurement, a warning exactly when beaten by more than the burst (property)", () => {
+    fc.assert(
+      fc.property(fc.array(arbIteration, { minLength: 1, maxLength: 1 }), fc.integer({ min: 1, max: 1000 }), ([ps], mbps) => {
+        const bw = mbps * 1e6;
+        const { pieces, warnings } = floorDownloads(ps!, bw);
+        pieces.forEach((p, i) => {
+          const m = ps![i]!;
+          expect(p.wall_s).toBeGreaterThanOrEqual(m.wall_s);
+          if (isDownload(m) && m.bytes) expect(p.wall_s).toBe(Math.max(m.wall_s, m.bytes / bw));
+          else expect(p.wall_s).toBe(m.wall_s);
+        });
+        const beaten = ps!.filter((m) => isDownload(m) && m.bytes && m.wall_s < m.bytes / bw - 0.1);
+        expect(warnings.map((w) => w.split(":")[0])).toEqual(beaten.map((m) => m.name));
+      }),
+    );
+  });
+
+  it("rebounds a block's runs from the minima and keeps each run's own-iteration bound", () => {
+    const ctx: BoundContext = { block: { bandwidthMBps: 50, fs: "root" } as Block, cores: 2, archiveBytes: { project: 250e6 }, images: {}, nodeBytes: 30e6 };
+    // iteration 2 measured the project's extraction under contention (40 s instead of 18)
+    const slow = PIECES.map((p) => (p.name === "decompress_project" || p.name === "write_project" ? { ...p, wall_s: 40 } : p));
+    const iso: IsolatedCosts[] = [
+      { bandwidth_mb_per_s: 50, fs: "root", iteration: 1, legacy_wall_s: 44, pieces: PIECES },
+      { bandwidth_mb_per_s: 50, fs: "root", iteration: 2, legacy_wall_s: 70, pieces: slow },
+    ];
+    const r1 = syntheticRun("version_change", 1, 30_000);
+    const r2 = syntheticRun("version_change", 2, 30_000);
+    r2.apt_bytes = 500e6;
+    reboundBlock([r1, r2], iso, ctx);
+    expect(r1.lower_bound!.seconds).toBeCloseTo(24);
+    expect(r1.lower_bound_iteration!.seconds).toBeCloseTo(24);
+    expect(r2.lower_bound_iteration!.seconds).toBeCloseTo(46); // its own iteration: 5 + 1 + 40
+    expect(r2.lower_bound!.chain_s).toBeCloseTo(24); // the minima
+    expect(r2.lower_bound!.bytes).toBe(750e6); // its apt bytes count
+    expect(r2.wall_over_bound).toBeCloseTo(30 / r2.lower_bound!.seconds);
+    expect(r2.wall_over_bound_iteration).toBeCloseTo(30 / 46);
+    // without isolated costs (no legacy run): no bound at all
+    reboundBlock([r1], [], ctx);
+    expect(r1).toMatchObject({ lower_bound: null, wall_over_bound: null, lower_bound_iteration: null });
+  });
+
+  it("the report's block costs: minima per block, warnings named by iteration", () => {
+    const fast = PIECES.map((p) => (p.name === "download_project" ? { ...p, wall_s: 1 } : p));
+    const costs = blockCosts([
+      { bandwidth_mb_per_s: 50, fs: "root", iteration: 1, legacy_wall_s: 44, pieces: PIECES },
+      { bandwidth_mb_per_s: 50, fs: "root", iteration: 2, legacy_wall_s: 40, pieces: fast },
+      { bandwidth_mb_per_s: 200, fs: "ext4", iteration: 1, legacy_wall_s: 30, pieces: PIECES },
+    ]);
+    expect(costs.map((c) => [c.block, c.iterations])).toEqual([
+      ["50:root", [1, 2]],
+      ["200:ext4", [1]],
+    ]);
+    expect(costs[0]!.pieces.find((p) => p.name === "download_project")!.wall_s).toBe(1);
+    expect(costs[0]!.warnings).toEqual([expect.stringMatching(/^iteration 2: download_project: 1\.00 s/)]);
+    // 250 MB in 5 s at 200 MB/s is slower than the link: no warning
+    expect(costs[1]!.warnings).toEqual([]);
   });
 });
 
@@ -407,13 +617,47 @@ describe("report", () => {
     expect(result.headline.find((x) => x.block === "200:root")!.legacy_over_new.archive).toBeNull();
   });
 
+  it("reports the zstd archives like the other formats, and apt's bytes when a run knows them", () => {
+    const zst = [syntheticRun("cold_parallel", 1, 8_000, "archive-zst"), syntheticRun("cold_serial", 1, 16_000, "archive-zst")];
+    zst[0]!.apt_bytes = 120e6;
+    const r = buildResult({ ...result, runs: [...runs, ...zst] }, { ...settings, formats: ["archive", "archive-zst", "image"], zstd_level: 19 });
+    const h = r.headline.find((x) => x.block === "50:root")!;
+    expect(h.legacy_over_new["archive-zst"]).toMatchObject({ median: 5.5, n: 1 });
+    expect(h.serial_over_parallel["archive-zst"]).toMatchObject({ median: 2 });
+    const md = markdown(r);
+    expect(md).toMatch(/\| zstd archives: cold, parallel \| 8\.0 \| .*\| 5\.50 \|/);
+    expect(md).toContain("| zstd archives: cold, serial | 16.0 |");
+    expect(md).toContain(".tar.zst at zstd level 19");
+    // the apt row appears, with the one run that knows it
+    expect(md).toMatch(/\| downloaded by apt \(MB\) \|[^\n]*120\.0/);
+    // columns in the order archives, zstd archives, images
+    const header = md.split("\n").find((l) => l.startsWith("| figure |"))!;
+    expect(header.indexOf("archives: cold")).toBeLessThan(header.indexOf("zstd archives: cold"));
+    expect(header.indexOf("zstd archives: cold")).toBeLessThan(header.indexOf("images: cold"));
+    const dir = mkdtempSync(join(tmpdir(), "bench-report-zst-"));
+    try {
+      writeResults(dir, r);
+      expect(readFileSync(join(dir, "waterfall-cold-parallel-zst.svg"), "utf8")).toContain("zstd archives");
+      expect(readFileSync(join(dir, "waterfall-cold-serial-zst.svg"), "utf8")).toMatch(/^<svg/);
+      const json = JSON.parse(readFileSync(join(dir, "result.json"), "utf8")) as typeof r;
+      expect(json.runs.find((x) => x.format === "archive-zst" && x.kind === "cold_parallel")!.apt_bytes).toBe(120e6);
+      expect(json.isolated_min[0]!.pieces.length).toBe(PIECES.length);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("writes result.json, a Markdown report per block and the waterfalls", () => {
     const md = markdown(result);
     expect(md).toContain("## 50 MB/s, hosts on this machine's root fs");
     expect(md).toContain("## 200 MB/s, hosts on this machine's root fs");
     expect(md).toContain("| archives: cold, parallel | 11.5 (11.0–12.0) |");
     expect(md).toMatch(/\| images: cold, parallel \| .*\| 4\.20 \(4\.00–4\.40\) ✓ \(aim ≥ 2\) \|/);
-    expect(md).toContain("| decompress_project | 18.0 | 12.0 | 1.0 |");
+    expect(md).toContain("| decompress_project | 18.0 | 18.0 | 12.0 | 12.0 | 1.0 |  |");
+    expect(md).toContain("| download_project | 5.0 | 5.0 | 1.0 | 1.0 | 0.5 | 5.0 |");
+    expect(md).toContain("minimum over 1 iteration(s)");
+    expect(md).not.toContain("downloaded by apt"); // no run knows its apt bytes: no row
+    expect(md).not.toContain("**Warning**");
     expect(md).not.toContain("one-bundle upgrade"); // no such runs: no row
     const svg = waterfallSvg(runs[1]!, "cold <parallel>");
     expect(svg).toContain("cold &lt;parallel&gt;");
@@ -442,6 +686,7 @@ describe("command line", () => {
       latency: 0,
       smoke: false,
       formats: ["archive", "image"],
+      zstdLevel: 19,
       out: "/repo/results/bench-20260102T030405Z",
       blocks: [
         { bandwidthMBps: 50, fs: "root" },
@@ -463,6 +708,10 @@ describe("command line", () => {
       ],
     });
     expect(parseCli(["--bandwidth", "0", "--fs", "root"], "/r", now)).toMatchObject({ blocks: [{ bandwidthMBps: 0, fs: "root" }] });
+    expect(parseCli(["--formats", "archive,archive-zst,image", "--zstd-level", "6"], "/r", now)).toMatchObject({
+      formats: ["archive", "archive-zst", "image"],
+      zstdLevel: 6,
+    });
   });
   it("refuses bad values", () => {
     expect(() => parseCli(["--runs", "0"], "/r")).toThrow(/--runs/);
@@ -474,6 +723,8 @@ describe("command line", () => {
     expect(() => parseCli(["--bandwidth", "50", "--bandwidths", "50,200"], "/r")).toThrow(/give one/);
     expect(() => parseCli(["--bandwidths", "fast"], "/r")).toThrow(/--bandwidths/);
     expect(() => parseCli(["--apt", "all"], "/r")).toThrow(/--apt/);
+    expect(() => parseCli(["--zstd-level", "23"], "/r")).toThrow(/--zstd-level/);
+    expect(() => parseCli(["--zstd-level", "1.5"], "/r")).toThrow(/--zstd-level/);
     expect(() => parseCli(["--frobnicate"], "/r")).toThrow();
   });
 });
@@ -499,6 +750,48 @@ describe("workload content", () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+  it("turns a .tar.xz into a .tar.zst of the same tar bytes, cached beside it by level, named as the real bundle", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "bench-zst-"));
+    try {
+      const chunks: Buffer[] = [];
+      const tar = new TarWriter(async (c) => void chunks.push(c));
+      await tar.dir("bundle/");
+      await tar.file("bundle/index.js", Buffer.from("console.log(1);\n".repeat(500)), 0o644);
+      await tar.end();
+      const plain = Buffer.concat(chunks);
+      const xzPath = join(dir, "bundle-linux-amd64.tar.xz");
+      writeFileSync(xzPath, execFileSync("xz", ["-c", "-2"], { input: plain }));
+      const layout = bundleLayout("project", "1.0.0");
+      const b: WorkloadBundle = {
+        path: xzPath,
+        sha256: "0".repeat(64),
+        size_bytes: 1,
+        spec: { artifact: "project", version: "1.0.0", paddingBytes: 0, xzLevel: 2 },
+        fileName: layout.fileName,
+        topDir: layout.top,
+        stripComponents: layout.strip_components,
+        expectedFiles: layout.expected_files,
+        executables: layout.executables,
+        contentBytes: 8000,
+        files: 1,
+      };
+      const z = await buildWorkloadZst(b, 3);
+      expect(z.path).toBe(join(dir, "bundle-linux-amd64.z3.tar.zst"));
+      expect(z.fileName).toBe("bundle-linux-amd64.tar.zst");
+      expect(z.spec).toMatchObject({ compression: "zstd", zstdLevel: 3, version: "1.0.0" });
+      expect(execFileSync("zstd", ["-dc", z.path]).equals(plain)).toBe(true);
+      expect(z.size_bytes).toBe(readFileSync(z.path).length);
+      expect(z.files).toBe(1);
+      // cached: a second call reads the same file back
+      expect(await buildWorkloadZst(b, 3)).toEqual(z);
+      // an upgrade republishes it under the new version, still .tar.zst
+      expect(asVersion(z, "1.0.7")).toMatchObject({ fileName: "bundle-linux-amd64.tar.zst", spec: { version: "1.0.7" }, path: z.path });
+      await expect(buildWorkloadZst(b, 0)).rejects.toThrow(/zstd level/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("is deterministic for a seed", () => {
     const a = new Prng("s");
     const b = new Prng("s");
