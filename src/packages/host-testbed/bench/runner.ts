@@ -383,7 +383,8 @@ async function iteration(
   const hosts: BenchHost[] = [];
   const runs: RunRecord[] = [];
   let isolated: IsolatedCosts | null = null;
-  const block = (ctx.blockState ??= { isolated: [], runs: [] });
+  ctx.blockState ??= { isolated: [], runs: [] };
+  const block = ctx.blockState;
   const zst = opts.formats.includes("archive-zst");
   if (zst) await zstArchives(ctx);
   // Every run of the block so far is bounded again from the minima over the block's iterations so far
