@@ -383,7 +383,8 @@ def fold_run(events: list[dict[str, Any]]) -> RunRecord | None:
     run = RunRecord(first["run_id"], first["parallel"], started_ts=first["ts"], last_ts=first["ts"])
     for info in first["steps"]:
         run.steps[info["name"]] = {"deps": info["deps"], "start_s": None, "end_s": None, "duration_s": None,
-                                   "outcome": None, "message": "", "hint": None, "log_tail": None}  # fmt: skip
+                                   "outcome": None, "message": "", "hint": None, "log_tail": None,
+                                   "cpu": None}  # fmt: skip
     for event in events[1:]:
         run.last_ts = max(run.last_ts, event["ts"])
         at = round(event["ts"] - run.started_ts, 3)
@@ -391,7 +392,9 @@ def fold_run(events: list[dict[str, Any]]) -> RunRecord | None:
         if event["type"] == EventType.STEP_START and step is not None:
             step["start_s"] = at
         elif event["type"] == EventType.STEP_END and step is not None:
-            step.update({k: event[k] for k in ("outcome", "duration_s", "message", "hint", "log_tail")}, end_s=at)
+            step.update(
+                {k: event.get(k) for k in ("outcome", "duration_s", "message", "hint", "log_tail", "cpu")}, end_s=at
+            )
             if step["start_s"] is None:  # blocked: never started
                 step["start_s"] = round(at - event["duration_s"], 3)
         elif event["type"] == EventType.RUN_END:
@@ -480,6 +483,13 @@ def critical_path(steps: Sequence[Mapping[str, Any]]) -> tuple[list[str], float]
     return path, total
 
 
+def step_cpu_seconds(cpu: Mapping[str, Any] | None) -> float | None:
+    """A step_end event's CPU-seconds (its thread and the children it reaped); None when not measured."""
+    if not cpu:
+        return None
+    return float(cpu["user_s"]) + float(cpu["sys_s"]) + float(cpu["children_user_s"]) + float(cpu["children_sys_s"])
+
+
 def format_timings(config: Config) -> str:
     run = fold_run(last_run_events(config))
     if run is None or not any(s["outcome"] for s in run.steps.values()):
@@ -489,11 +499,16 @@ def format_timings(config: Config) -> str:
     lines = [f"run {run.run_id} ({status}), wall time {run.wall_s:.2f}s", ""]
     ranked = sorted(steps.items(), key=lambda kv: -float(kv[1]["duration_s"]))
     width = max(len(name) for name in steps)
+    cpus = {name: step_cpu_seconds(info["cpu"]) for name, info in steps.items()}
     for name, info in ranked:
+        cpu = cpus[name]
         lines.append(
             f"  {float(info['duration_s']):8.2f}s  {name:<{width}}  {info['outcome']:<9}"
-            f"  start +{float(info['start_s']):.2f}s"
+            f"  start +{float(info['start_s']):.2f}s  cpu {'-' if cpu is None else f'{cpu:.2f}s'}"
         )
+    measured = [c for c in cpus.values() if c is not None]
+    if measured:
+        lines += ["", f"CPU-seconds the steps report: {sum(measured):.2f}s (threads and the children they reaped)"]
     path, total = critical_path([{"name": n, **s} for n, s in steps.items()])
     share = 100.0 * total / run.wall_s if run.wall_s > 0 else 0.0
     lines += ["", f"critical path ({total:.2f}s, {share:.0f}% of the wall time): {' -> '.join(path)}"]
