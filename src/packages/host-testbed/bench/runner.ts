@@ -9,9 +9,11 @@
  * of a block: every fresh host it needs is brought up first; then the
  * legacy reference run (the old serial flow, bench/legacy.py, which also
  * measures each heavy piece alone: the isolated costs), then per format
- * (archives, images) a cold run with `parallel: true`, a warm re-run there
- * (nothing to do), a re-run after only the project bundle's version changed,
- * and a cold run with `parallel: false` on another fresh host. A host is
+ * (.tar.xz archives, .tar.zst archives with --formats archive-zst, images)
+ * a cold run with `parallel: true`, a warm re-run there (nothing to do), a
+ * re-run after only the project bundle's version changed, and a cold run
+ * with `parallel: false` on another fresh host. The bounds rest on each
+ * piece's minimum over the block's iterations. A host is
  * parked (stopped, loop devices released) after its runs and deleted only
  * when the iteration is over, so no teardown lands right before a timed run.
  * Iterations interleave the kinds, so slow phases of the machine hit all of
