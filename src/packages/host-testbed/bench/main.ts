@@ -8,7 +8,7 @@ import { parseArgs } from "node:util";
 import { whyNotSupported } from "../src/machine.js";
 import type { Format } from "./metrics.js";
 import { type BenchSettings, buildResult, writeResults } from "./report.js";
-import { type Block, defaultAptPackages, FILE_SYSTEMS, FORMATS, type HostFs, RUN_KINDS, type RunKind, runBench } from "./runner.js";
+import { APT_SOURCES, type AptSource, type Block, defaultAptPackages, FILE_SYSTEMS, FORMATS, type HostFs, RUN_KINDS, type RunKind, runBench } from "./runner.js";
 
 const HELP = `usage: pnpm bench [options]
 
@@ -33,6 +33,9 @@ and cold serial runs.
   --latency MS        first-byte latency of every artifact response (default 0)
   --apt real|test     the old bootstrap's package list (default), or the tests' small one
   --kinds LIST        comma-separated subset of ${RUN_KINDS.join(",")} (default: all)
+  --apt-source S      cache (default): the hosts' apt goes through a local caching proxy, paced by
+                      the block's bandwidth with the artifacts (filled before anything is timed);
+                      mirror: this machine's Debian mirror directly, not limited
   --xz-at-start       copy this machine's xz into each host first (Ubuntu images ship xz;
                       the testbed's Debian minbase does not)
   --smoke             quick check that the bench works: --runs 1 --scale 0.01 --apt test
@@ -50,6 +53,7 @@ interface Cli {
   formats: Format[];
   smoke: boolean;
   xzAtStart: boolean;
+  aptSource: AptSource;
   imageLevel: number | undefined;
   out: string;
 }
@@ -70,6 +74,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
       kinds: { type: "string" },
       smoke: { type: "boolean", default: false },
       "xz-at-start": { type: "boolean", default: false },
+      "apt-source": { type: "string" },
       "image-level": { type: "string" },
       out: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
@@ -136,6 +141,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
     formats,
     smoke,
     xzAtStart: values["xz-at-start"] ?? false,
+    aptSource: list("apt-source", values["apt-source"] ?? "cache", APT_SOURCES)[0]!,
     imageLevel:
       values["image-level"] === undefined ? undefined : number("image-level", values["image-level"], 19, (x) => Number.isInteger(x) && x >= 1 && x <= 22),
     out: resolve(values.out ?? join(repoRoot, "results", `bench-${smoke ? "smoke-" : ""}${stamp}`)),
@@ -162,6 +168,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     kinds: cli.kinds,
     latency_ms: cli.latency,
     xz_at_start: cli.xzAtStart,
+    apt_source: cli.aptSource,
     image_level: cli.imageLevel ?? null,
     machine: { cpus: cpus().length, kernel: release(), node: process.version },
   };
@@ -174,6 +181,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     kinds: cli.kinds,
     formats: cli.formats,
     xzAtStart: cli.xzAtStart,
+    aptSource: cli.aptSource,
     imageLevel: cli.imageLevel,
     log,
     // a partial results folder after every host's runs: a long run cut short still leaves its figures
