@@ -9,6 +9,8 @@ import { whyNotSupported } from "../src/machine.js";
 import type { Format } from "./metrics.js";
 import { type BenchSettings, buildResult, writeResults } from "./report.js";
 import {
+  APT_SOURCES,
+  type AptSource,
   type BenchRun,
   type Block,
   buildZstArchives,
@@ -48,6 +50,9 @@ and cold serial runs.
   --latency MS        first-byte latency of every artifact response (default 0)
   --apt real|test     the old bootstrap's package list (default), or the tests' small one
   --kinds LIST        comma-separated subset of ${RUN_KINDS.join(",")} (default: all)
+  --apt-source S      cache (default): the hosts' apt goes through a local caching proxy, paced by
+                      the block's bandwidth with the artifacts (filled before anything is timed);
+                      mirror: this machine's Debian mirror directly, not limited
   --xz-at-start       copy this machine's xz into each host first (Ubuntu images ship xz;
                       the testbed's Debian minbase does not)
   --smoke             quick check that the bench works: --runs 1 --scale 0.01 --apt test
@@ -65,6 +70,7 @@ interface Cli {
   formats: Format[];
   smoke: boolean;
   xzAtStart: boolean;
+  aptSource: AptSource;
   imageLevel: number | undefined;
   zstdLevel: number;
   out: string;
@@ -86,6 +92,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
       kinds: { type: "string" },
       smoke: { type: "boolean", default: false },
       "xz-at-start": { type: "boolean", default: false },
+      "apt-source": { type: "string" },
       "image-level": { type: "string" },
       "zstd-level": { type: "string" },
       out: { type: "string" },
@@ -153,6 +160,7 @@ export function parseCli(argv: string[], repoRoot: string, now = new Date()): Cl
     formats,
     smoke,
     xzAtStart: values["xz-at-start"] ?? false,
+    aptSource: list("apt-source", values["apt-source"] ?? "cache", APT_SOURCES)[0]!,
     imageLevel:
       values["image-level"] === undefined ? undefined : number("image-level", values["image-level"], 19, (x) => Number.isInteger(x) && x >= 1 && x <= 22),
     zstdLevel: number("zstd-level", values["zstd-level"], DEFAULT_ZSTD_LEVEL, (x) => Number.isInteger(x) && x >= 1 && x <= 22),
@@ -180,6 +188,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     kinds: cli.kinds,
     latency_ms: cli.latency,
     xz_at_start: cli.xzAtStart,
+    apt_source: cli.aptSource,
     image_level: cli.imageLevel ?? null,
     zstd_level: cli.formats.includes("archive-zst") ? cli.zstdLevel : null,
     machine: { cpus: cpus().length, kernel: release(), node: process.version },
@@ -202,6 +211,7 @@ export async function bench(argv: string[], opts: { repoRoot: string; log?: (lin
     kinds: cli.kinds,
     formats: cli.formats,
     xzAtStart: cli.xzAtStart,
+    aptSource: cli.aptSource,
     imageLevel: cli.imageLevel,
     zstdLevel: cli.zstdLevel,
     zstArchives: zst,

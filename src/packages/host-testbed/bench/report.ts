@@ -21,6 +21,8 @@ export interface BenchSettings {
   kinds: RunKind[];
   latency_ms: number;
   xz_at_start?: boolean;
+  /** Where the hosts' apt fetched from (absent in older results: the mirror). */
+  apt_source?: string;
   /** zstd level of the images; null: the converter's default (19). */
   image_level?: number | null;
   /** zstd level of the .tar.zst archives (archive-zst format); null when not run. */
@@ -256,6 +258,7 @@ export function markdown(result: BenchResult): string {
   lines.push(
     `\`${settings.command}\` — ${result.started_at} — ${settings.runs} run(s) per kind and block, scale ${settings.scale}, ` +
       `first-byte latency ${settings.latency_ms} ms${settings.xz_at_start ? ", xz in the host from the start" : ""}` +
+      `, apt ${settings.apt_source === "cache" ? "through the local cache at the block's bandwidth" : "from the mirror, not limited"}` +
       `${settings.image_level ? `, images at zstd level ${settings.image_level}` : ""}` +
       `${settings.zstd_level ? `, .tar.zst at zstd level ${settings.zstd_level}` : ""}; ` +
       `${settings.machine.cpus} CPUs, Linux ${settings.machine.kernel}, Node ${settings.machine.node}.`,

@@ -22,11 +22,13 @@
 import { chmodSync, copyFileSync, mkdirSync, readFileSync, symlinkSync } from "node:fs";
 import { cpus } from "node:os";
 import { join } from "node:path";
+import { type AptCache, startAptCache } from "../src/apt-cache.js";
+import { TokenBucket } from "../src/artifact-server.js";
 import { type BuiltFile, type BundleName, buildBundleImage, dashName, publishSite } from "../src/artifacts.js";
 import { newestRunEvents } from "../src/end-state.js";
 import { PowerCutDisk } from "../src/faults/power.js";
 import { ThrowawayHost } from "../src/host.js";
-import { hostsDir } from "../src/paths.js";
+import { cacheDir, hostsDir } from "../src/paths.js";
 import { run as runProc } from "../src/proc.js";
 import { type ProvisionedTestHost, TEST_APT_PACKAGES, Testbed, testHostRecord, testSecrets } from "../src/testbed.js";
 import {
@@ -115,6 +117,12 @@ export interface BenchOptions {
   xzAtStart?: boolean;
   /** zstd level of the bundle images (default: the converter's, 19, as a release would publish them). */
   imageLevel?: number;
+  /**
+   * Where the hosts' apt fetches from: `cache` (default) the local caching
+   * proxy (src/apt-cache.ts), paced by the block's bandwidth with the
+   * artifacts; `mirror` this machine's mirror directly, unlimited.
+   */
+  aptSource?: AptSource;
   /** zstd level of the `.tar.zst` archives of the archive-zst format (default 19). */
   zstdLevel?: number;
   /** The `.tar.zst` archives, when built beforehand (`buildZstArchives`); else built at the first archive-zst use. */
@@ -122,6 +130,9 @@ export interface BenchOptions {
   /** Called with everything so far after each host's runs (the CLI writes the results folder each time). */
   onIteration?: (partial: BenchRun) => void;
 }
+
+export const APT_SOURCES = ["cache", "mirror"] as const;
+export type AptSource = (typeof APT_SOURCES)[number];
 
 export interface RunRecord {
   kind: RunKind;
@@ -216,6 +227,15 @@ export interface BenchRun {
 }
 
 export async function runBench(opts: BenchOptions): Promise<BenchRun> {
+  const aptCache = (opts.aptSource ?? "cache") === "cache" ? await startAptCache({ dir: join(cacheDir(), "apt-cache"), log: opts.log }) : null;
+  try {
+    return await runBlocks(opts, aptCache);
+  } finally {
+    await aptCache?.close();
+  }
+}
+
+async function runBlocks(opts: BenchOptions, aptCache: AptCache | null): Promise<BenchRun> {
   const log = opts.log;
   const started_at = new Date().toISOString();
   if (!opts.kinds.includes("cold_parallel") && (opts.kinds.includes("warm") || opts.kinds.includes("version_change"))) {
@@ -230,12 +250,16 @@ export async function runBench(opts: BenchOptions): Promise<BenchRun> {
   const runs: RunRecord[] = [];
   const isolated: IsolatedCosts[] = [];
   let workload: WorkloadInfo | null = null;
+  if (aptCache) await warmAptCache(aptCache, opts);
   for (const block of opts.blocks) {
     log(`=== ${block.bandwidthMBps > 0 ? `${block.bandwidthMBps} MB/s` : "unlimited bandwidth"}, hosts on ${fsLabel(block.fs)}`);
+    // One link per block: the artifacts and (through the apt cache) apt share its bucket.
+    const bucket = block.bandwidthMBps > 0 ? new TokenBucket(block.bandwidthMBps * 1e6) : null;
+    aptCache?.setBucket(bucket);
     const bed = await Testbed.start({
       log,
       aptPackages: opts.aptPackages,
-      bandwidthBytesPerSec: block.bandwidthMBps > 0 ? block.bandwidthMBps * 1e6 : undefined,
+      ...(bucket ? { bucket } : {}),
       latencyMs: opts.latencyMs || undefined,
     });
     workload ??= {
@@ -253,7 +277,16 @@ export async function runBench(opts: BenchOptions): Promise<BenchRun> {
       node: { version: bed.node.spec.version, size_bytes: bed.node.size_bytes },
       apt_packages: opts.aptPackages,
     };
-    const ctx: RunContext = { bed, bundles, images, opts, block, cores, archiveBytes: Object.fromEntries(bundles.map((b) => [b.spec.artifact, b.size_bytes])) };
+    const ctx: RunContext = {
+      bed,
+      bundles,
+      images,
+      opts,
+      block,
+      cores,
+      aptCache,
+      archiveBytes: Object.fromEntries(bundles.map((b) => [b.spec.artifact, b.size_bytes])),
+    };
     checkLayout(bed, bundles);
     try {
       for (let i = 1; i <= opts.runs; i++) {
@@ -284,6 +317,8 @@ interface RunContext {
   block: Block;
   cores: number;
   archiveBytes: Record<string, number>;
+  /** The local apt cache the hosts' apt goes through (null: the mirror directly). */
+  aptCache: AptCache | null;
   /** The block's isolated costs and runs so far (attached by the first iteration of the block). */
   blockState?: { isolated: IsolatedCosts[]; runs: RunRecord[] };
 }
@@ -356,6 +391,7 @@ async function freshHost(ctx: RunContext): Promise<BenchHost> {
     copyFileSync("/usr/bin/xz", host.path("/usr/bin/xz"));
     chmodSync(host.path("/usr/bin/xz"), 0o755);
   }
+  if (ctx.aptCache) pointAptAtCache(host, ctx.aptCache);
   return {
     host,
     teardown: async () => {
@@ -363,6 +399,41 @@ async function freshHost(ctx: RunContext): Promise<BenchHost> {
       await disk?.detach();
     },
   };
+}
+
+const APT_CACHE_CONF = "/etc/apt/apt.conf.d/00cocalc-bench-apt-cache";
+
+function pointAptAtCache(host: ThrowawayHost, cache: AptCache): void {
+  host.writeFile(APT_CACHE_CONF, cache.aptConf(), { mode: 0o644, owner: "root" });
+}
+
+/**
+ * Fill the apt cache before anything is timed: on a throwaway host, unlimited,
+ * the indexes as apt-get update fetches them by default and as bootstrap.py
+ * asks for them (gz), and every package of the list with its recommends (the
+ * legacy flow installs them; bootstrap.py's no-recommends set is a subset).
+ * Pool files stay cached across invocations, so later warm-ups only refresh
+ * the indexes.
+ */
+async function warmAptCache(cache: AptCache, opts: BenchOptions): Promise<void> {
+  const t0 = Date.now();
+  cache.setBucket(null);
+  const before = { ...cache.stats };
+  const host = await ThrowawayHost.up({ log: opts.log });
+  try {
+    pointAptAtCache(host, cache);
+    const apt = ["apt-get", "-q", "-o", "Acquire::Retries=3"];
+    await host.exec([...apt, "update"], { timeoutMs: 10 * 60_000 });
+    await host.exec([...apt, "-o", "Acquire::CompressionTypes::Order::=gz", "update"], { timeoutMs: 10 * 60_000 });
+    await host.exec([...apt, "install", "-y", "--download-only", ...opts.aptPackages], { timeoutMs: 20 * 60_000 });
+  } finally {
+    await host.down();
+  }
+  const s = cache.stats;
+  opts.log(
+    `apt cache warmed in ${((Date.now() - t0) / 1000).toFixed(1)} s: ${s.requests - before.requests} requests, ` +
+      `${s.misses - before.misses} fetched from the mirror, ${((s.bytesServed - before.bytesServed) / 1e6).toFixed(1)} MB served`,
+  );
 }
 
 /**

@@ -18,6 +18,8 @@ export interface ArtifactServerOptions {
   host?: string;
   /** Shared limit for all response bodies together, bytes/s; 0 or absent means unlimited. */
   bandwidthBytesPerSec?: number;
+  /** A bucket shared with other servers (the benchmark's apt cache): overrides bandwidthBytesPerSec. */
+  bucket?: TokenBucket;
   /** Delay before the first byte of every response, ms. */
   latencyMs?: number;
   /** Called for every request (method, path, status, bytes sent). */
@@ -77,7 +79,8 @@ export class TokenBucket {
 
 const CHUNK = 16 * 1024;
 
-function throttle(bucket: TokenBucket): Transform {
+/** A stream that paces what passes through it by `bucket` (16 KiB pieces). */
+export function throttle(bucket: TokenBucket): Transform {
   return new Transform({
     transform(chunk: Buffer, _enc, done: TransformCallback) {
       void (async () => {
@@ -133,7 +136,7 @@ function resolvePath(root: string, urlPath: string): string | null {
 
 export function startArtifactServer(opts: ArtifactServerOptions): Promise<ArtifactServer> {
   const root = normalize(opts.root);
-  const bucket = opts.bandwidthBytesPerSec ? new TokenBucket(opts.bandwidthBytesPerSec) : null;
+  const bucket = opts.bucket ?? (opts.bandwidthBytesPerSec ? new TokenBucket(opts.bandwidthBytesPerSec) : null);
   const requests: RequestLogEntry[] = [];
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {

@@ -14,7 +14,7 @@ import { createServer } from "node:net";
 import { join } from "node:path";
 import type { Arch, BootstrapConfig } from "@cocalc/project-host-bootstrap";
 import { type HostStatus, type RunningHub, startHub } from "@cocalc/server";
-import { type ArtifactServer, startArtifactServer } from "./artifact-server.js";
+import { type ArtifactServer, startArtifactServer, type TokenBucket } from "./artifact-server.js";
 import {
   type BuiltBundle,
   type BuiltDeb,
@@ -73,6 +73,8 @@ export interface TestbedOptions {
   aptPackages?: string[];
   /** Artifact server limits (the benchmark's knobs). */
   bandwidthBytesPerSec?: number;
+  /** A token bucket shared with another server (the benchmark's apt cache); overrides bandwidthBytesPerSec. */
+  bucket?: TokenBucket;
   latencyMs?: number;
   hubPort?: number;
   /** PGlite data directory (persisted); in memory when absent. */
@@ -161,6 +163,7 @@ export class Testbed {
     const artifactServer = await startArtifactServer({
       root: siteRoot,
       bandwidthBytesPerSec: opts.bandwidthBytesPerSec,
+      ...(opts.bucket ? { bucket: opts.bucket } : {}),
       latencyMs: opts.latencyMs,
     });
     const site = publishSite(join(siteRoot, "main"), `${artifactServer.url}/main`, bundles, node, { arch: opts.arch, cloudflared });

@@ -7,7 +7,10 @@
  * nothing to do, stub start to exit); bootstrap.py rotates the credential
  * when the hub's time has come; with the hub down at boot the stub runs the
  * local bootstrap.py in reconcile mode, exits 0, and the run's events reach
- * the hub once it is back; a revoked credential (the hub's stop) still boots.
+ * the hub once it is back; a revoked credential (the hub's stop) still boots;
+ * re-provisioned with the exchange's answer reset in transit once, the stub
+ * asks again with the credential it chose and the hub logs a retry, not a
+ * replay (the idempotent exchange).
  *
  * Cost: one cold bootstrap (about a minute here) and a handful of re-runs and
  * reboots. Needs root like e2e.test.ts; SKIP_E2E=1 skips it and says why.
@@ -163,5 +166,40 @@ describe.skipIf(skip)(`every boot and the host credential on a throwaway host ($
     expect(r.run.code, lines(r)).toBe(0);
     expect(lines(r)).toMatch(/the hub refused this host's credential \(HTTP 401, credential_revoked\); reconciling/);
     await expectServiceHealthy(host, prov);
+  });
+
+  it("re-provisioned, the exchange's answer reset in transit once: the stub asks again with the credential it chose; a retry, not a replay", async () => {
+    const variant = { parallel: true, artifactUrl: fb.art.url, publicUrl: fb.hubProxy.url };
+    const n = await fb.bed.reprovision(prov, variant);
+    const p2: ProvisionedTestHost = {
+      ...n,
+      pageUrl: direct(n.pageUrl),
+      statusUrl: direct(n.statusUrl),
+      stub: renderStub({ ...stubOptionsFor(n.config, { token: n.token }), downloadRetries: 1 }),
+    };
+    const since = Date.now() - 1000;
+    const label = "exchange answer lost";
+    const remove = fb.hubProxy.add({ kind: "reset", match: (q) => q.method === "POST" && /\/credential$/.test(q.path), times: 1, afterBytes: 8, label });
+    let r: FaultRun;
+    try {
+      r = await fb.run(host, p2);
+    } finally {
+      remove();
+    }
+    expect(fb.hubProxy.fired(label)).toBe(1);
+    expect(r.run.code, lines(r)).toBe(0);
+    expect(lines(r)).toContain("no answer to the exchange; asking again with the same credential");
+    expect(lines(r)).toContain("the bootstrap token is spent and deleted");
+    const chosen = credential();
+    expect(chosen).toMatch(/^cchc_[A-Za-z0-9_-]{43}$/);
+    const ok = await fetch(direct(`${p2.config.hub.url}/config`), { headers: { authorization: `Bearer ${chosen}` } });
+    expect(ok.status).toBe(200);
+    const fresh = (await record()).log.filter((e) => Date.parse(e.at) >= since).map((e) => e.kind);
+    expect(fresh).toContain("retry");
+    expect(fresh).not.toContain("replay");
+    expect(fresh.filter((k) => k === "exchange")).toHaveLength(1);
+    expect((await fb.settledStatus(p2, 30_000)).state).toBe("done");
+    await expectServiceHealthy(host, p2);
+    log(`lost exchange answer: exit ${r.run.code} in ${(r.run.wallMs / 1000).toFixed(1)} s; log since: ${fresh.join(", ")}`);
   });
 });

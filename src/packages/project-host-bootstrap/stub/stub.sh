@@ -106,14 +106,16 @@ read_secret() {
 }
 
 # hub_request METHOD URL DEST: the answer's body in DEST, its status in
-# $http_status (000: no answer). $auth goes to curl on stdin (--config -),
-# never in argv. Retries only when there was no answer (or a 408/429/5xx).
+# $http_status (000: no answer). $auth (and $hub_body: more curl config
+# lines, the exchange's) go to curl on stdin (--config -), never in argv.
+# Retries only when there was no answer (or a 408/429/5xx).
 hub_request() {
   rm -f "$3"
   http_status=$(curl --silent --location --proto '=http,https' --request "$1" \
     --retry "$curl_retries" --retry-connrefused --connect-timeout 10 --max-time "$curl_max_time" \
     --output "$3" --write-out '%{http_code}' --config - "$2" <<EOF
 header = "Authorization: Bearer $auth"
+${hub_body-}
 EOF
   ) || http_status=000
   case $http_status in
@@ -145,39 +147,81 @@ recorded_sha256() {
 }
 
 # The exchange: the bootstrap token (single use) for this host's credential.
-# A POST is never retried after an answer: a second exchange is refused.
+# The host chooses the credential itself: 32 random bytes, written 0600 to
+# $pending before it asks (with the sha256 of the token it is for), and sends
+# only the credential's sha256. The same token and sha256 again gets the same
+# answer (the hub logs a retry), so a lost answer is asked for once more
+# here, and on the next run with the same file; the token with another
+# credential is refused (a replay). A hub of the previous version ignores the
+# body and answers a credential of its own, which is taken instead.
 # Returns 1 (with $hub_problem) when the hub cannot be used.
 exchange_token() {
   read_secret "$token_file"
+  for cmd in base64 dd tr; do
+    need_cmd "$cmd"
+  done
+  pending=$credential_file.pending
+  token_sha=$(token_digest <"$token_file") || err "cannot hash $token_file"
+  chosen=
+  [ -s "$pending" ] && [ "$(cat "$pending.token" 2>/dev/null)" = "$token_sha" ] && IFS= read -r chosen <"$pending"
+  case $chosen in
+    cchc_*[!A-Za-z0-9_-]*) chosen= ;;
+    cchc_*) ;;
+    *) chosen= ;;
+  esac
+  if [ ${#chosen} != 48 ]; then
+    rm -f "$pending" "$pending.token"
+    chosen=cchc_$(dd if=/dev/urandom bs=32 count=1 2>/dev/null | base64 | tr -d '\n=' | tr '+/' '-_') ||
+      err "cannot read 32 random bytes from /dev/urandom"
+    [ ${#chosen} = 48 ] || err "cannot read 32 random bytes from /dev/urandom"
+    printf '%s\n' "$chosen" >"$pending.part" || err "cannot write $pending.part"
+    chmod 600 "$pending.part" || err "cannot chmod 600 $pending.part"
+    printf '%s\n' "$token_sha" >"$pending.token" || err "cannot write $pending.token"
+    mv -f "$pending.part" "$pending" || err "cannot install $pending"
+  fi
+  chosen_sha=$(printf '%s' "$chosen" | sha256sum) || err "cannot hash $pending"
+  chosen_sha=${chosen_sha%% *}
+  hub_body=$(printf 'header = "Content-Type: application/json"\ndata = "{\\"credential_sha256\\":\\"%s\\"}"' "$chosen_sha")
   resp=$bootstrap_dir/.credential-answer
   say "exchanging the bootstrap token for this host's credential"
-  hub_request POST "$base_url/credential" "$resp"
+  for attempt in 1 2; do
+    hub_request POST "$base_url/credential" "$resp"
+    [ "$http_status" = 000 ] && [ "$attempt" = 1 ] || break
+    say "no answer to the exchange; asking again with the same credential (the exchange is idempotent)"
+    sleep 2
+  done
+  hub_body=
   case $http_status in
-    201)
+    200 | 201)
       credential=$(sed -n 's/.*"credential":"\(cchc_[A-Za-z0-9_-]*\)".*/\1/p' "$resp")
       rotate_after=$(sed -n 's/.*"rotate_after":"\([0-9T:.Z-]*\)".*/\1/p' "$resp")
+      answered_sha=$(sed -n 's/.*"credential_sha256":"\([0-9a-f]*\)".*/\1/p' "$resp")
+      [ "$answered_sha" = "$chosen_sha" ] && credential=$chosen
       rm -f "$resp"
-      [ -n "$credential" ] || err "the hub's answer to the exchange holds no credential"
+      [ -n "$credential" ] || err "the hub's answer to the exchange holds neither this host's credential_sha256 nor a credential"
       rm -f "$credential_file.part"
       printf '%s\n' "$credential" >"$credential_file.part" || err "cannot write $credential_file"
       chmod 600 "$credential_file.part" || err "cannot chmod 600 $credential_file.part"
       mv -f "$credential_file.part" "$credential_file" || err "cannot install $credential_file"
       printf '%s\n' "$rotate_after" >"$credential_file.rotate-after" || err "cannot write $credential_file.rotate-after"
-      token_digest <"$token_file" >"$exchanged_file" || err "cannot write $exchanged_file"
-      rm -f "$token_file"
+      printf '%s\n' "$token_sha" >"$exchanged_file" || err "cannot write $exchanged_file"
+      rm -f "$token_file" "$pending" "$pending.token"
       say "this host has its credential ($credential_file, 0600); the bootstrap token is spent and deleted"
       ;;
-    000)
+    000 | 5[0-9][0-9])
       rm -f "$resp"
-      hub_problem="the hub at $base_url did not answer"
-      return 1
+      say "the hub did not answer the exchange (HTTP $http_status); the next run asks again with the same credential"
+      [ -s "$credential_file" ] || {
+        hub_problem="the hub at $base_url did not answer the exchange (HTTP $http_status)"
+        return 1
+      }
       ;;
     *)
       code=$(answer_code "$resp")
-      rm -f "$resp"
+      rm -f "$resp" "$pending" "$pending.token"
       say "the hub refused the bootstrap token (HTTP $http_status${code:+, $code})"
       if [ "$code" = token_already_exchanged ] && [ -s "$credential_file" ]; then
-        token_digest <"$token_file" >"$exchanged_file" || err "cannot write $exchanged_file"
+        printf '%s\n' "$token_sha" >"$exchanged_file" || err "cannot write $exchanged_file"
         rm -f "$token_file"
       fi
       [ -s "$credential_file" ] || {

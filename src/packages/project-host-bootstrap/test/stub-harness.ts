@@ -24,6 +24,7 @@ export interface HubRequest {
   method: string;
   path: string;
   authorization: string | undefined;
+  body: string;
 }
 
 export interface HubStandIn {
@@ -35,10 +36,16 @@ export interface HubStandIn {
    * route); tests change them between runs.
    */
   files: { bootstrapPy: Buffer; config: Buffer; sha256?: string | null };
+  /** Answer the exchange like the hub before host-chosen credentials (ignore the body, make the credential). */
+  legacy: boolean;
+  /** Commit this many exchanges (or retries) and then drop the connection instead of answering (a lost answer). */
+  dropExchangeAnswers: number;
   /** A further bootstrap token this hub accepts (single use, like the first). */
   newToken(): string;
-  /** Every credential issued so far. */
-  credentials(): string[];
+  /** The sha256 of every credential the hub knows (host-chosen or made by it), in order. */
+  credentialHashes(): string[];
+  /** The credential log's kinds, in order (exchange, retry, replay). */
+  log: string[];
   /** Refuse every credential from now on (401 credential_revoked), as the hub does on stop/delete. */
   revokeAll(): void;
   close(): Promise<void>;
@@ -46,57 +53,96 @@ export interface HubStandIn {
 
 /**
  * A hub stand-in with the real hub's credential contract: `POST
- * <base>/credential` exchanges a token once (201 {credential, rotate_after};
- * again: 401 token_already_exchanged); the credential (or a token never
- * exchanged) opens `<base>/bootstrap.py`, `<base>/bootstrap.py.sha256` and
- * `<base>/config`.
+ * <base>/credential` with a token and `{"credential_sha256": H}` exchanges
+ * the token once for the host-chosen credential (201 {credential: null,
+ * credential_sha256, rotate_after}); the same token and H again: 200, a
+ * retry; any other: 401 token_already_exchanged, a replay. Without a body
+ * (or with `legacy`) it makes the credential (201 {credential, rotate_after}).
+ * The credential (or a token never exchanged) opens `<base>/bootstrap.py`,
+ * `<base>/bootstrap.py.sha256` and `<base>/config`.
  */
 export async function startHub(token: string, files: HubStandIn["files"]): Promise<HubStandIn> {
   const base = "/api/bootstrap/hosts/3f2c8a1e-7b4d-4e5f-9a6b-0c1d2e3f4a5b";
   const requests: HubRequest[] = [];
-  const tokens = new Map<string, boolean>([[token, false]]); // token -> exchanged
-  const credentials = new Set<string>();
+  // token -> null (not exchanged), "" (exchanged for a hub-made credential) or the chosen credential's sha256
+  const tokens = new Map<string, string | null>([[token, null]]);
+  const credentials: string[] = []; // sha256s
+  const log: string[] = [];
   let revoked = false;
-  const hub = { files } as HubStandIn;
+  const hub = { files, legacy: false, dropExchangeAnswers: 0, log } as HubStandIn;
   const json = (res: import("node:http").ServerResponse, status: number, body: unknown) =>
     res.writeHead(status, { "content-type": "application/json" }).end(JSON.stringify(body));
-  const server: Server = createServer((req, res) => {
-    requests.push({ method: req.method ?? "", path: req.url ?? "", authorization: req.headers.authorization });
-    const bearer = /^Bearer (\S+)$/.exec(req.headers.authorization ?? "")?.[1] ?? "";
-    if (req.method === "POST" && req.url === `${base}/credential`) {
-      if (tokens.get(bearer) === false) {
-        tokens.set(bearer, true);
-        const credential = `cchc_${randomBytes(32).toString("base64url")}`;
-        credentials.add(credential);
-        json(res, 201, { credential, rotate_after: "2030-01-01T00:00:00.000Z" });
-      } else if (tokens.get(bearer) === true) {
-        json(res, 401, { error: "bootstrap token already exchanged", code: "token_already_exchanged" });
-      } else if (credentials.has(bearer) && !revoked) {
-        json(res, 200, { credential: null, rotate_after: "2030-01-01T00:00:00.000Z" });
+  const known = (bearer: string) => credentials.includes(sha256(Buffer.from(bearer)));
+  const rotateAfter = "2030-01-01T00:00:00.000Z";
+  // Committed, then the connection drops before the answer (as a reset in transit would).
+  const answerOrDrop = (res: import("node:http").ServerResponse, status: number, body: unknown) => {
+    if (hub.dropExchangeAnswers > 0) {
+      hub.dropExchangeAnswers--;
+      res.socket?.destroy();
+      return;
+    }
+    json(res, status, body);
+  };
+  const exchange = (res: import("node:http").ServerResponse, bearer: string, body: string) => {
+    const chosen = hub.legacy ? undefined : (JSON.parse(body || "{}") as { credential_sha256?: string }).credential_sha256;
+    const state = tokens.get(bearer);
+    if (state === null) {
+      let answer: { credential: string | null; credential_sha256?: string; rotate_after: string };
+      if (chosen) {
+        tokens.set(bearer, chosen);
+        credentials.push(chosen);
+        answer = { credential: null, credential_sha256: chosen, rotate_after: rotateAfter };
       } else {
-        json(res, 401, { error: "unknown", code: "unknown_token" });
+        const credential = `cchc_${randomBytes(32).toString("base64url")}`;
+        tokens.set(bearer, "");
+        credentials.push(sha256(Buffer.from(credential)));
+        answer = { credential, rotate_after: rotateAfter };
       }
-      return;
+      log.push("exchange");
+      answerOrDrop(res, 201, answer);
+    } else if (state !== undefined && chosen && state === chosen) {
+      log.push("retry");
+      answerOrDrop(res, 200, { credential: null, credential_sha256: chosen, rotate_after: rotateAfter });
+    } else if (state !== undefined) {
+      log.push("replay");
+      json(res, 401, { error: "bootstrap token already exchanged", code: "token_already_exchanged" });
+    } else if (known(bearer) && !revoked) {
+      json(res, 200, { credential: null, rotate_after: rotateAfter });
+    } else {
+      json(res, 401, { error: "unknown", code: "unknown_token" });
     }
-    const ok = (credentials.has(bearer) && !revoked) || tokens.get(bearer) === false;
-    if (!ok) {
-      json(res, 401, { error: "refused", code: credentials.has(bearer) ? "credential_revoked" : "unknown_token" });
-      return;
-    }
-    const sha = hub.files.sha256 ?? null;
-    const body =
-      req.url === `${base}/bootstrap.py`
-        ? hub.files.bootstrapPy
-        : req.url === `${base}/config`
-          ? hub.files.config
-          : req.url === `${base}/bootstrap.py.sha256` && sha !== null
-            ? Buffer.from(`${sha}\n`)
-            : null;
-    if (req.method !== "GET" || body === null) {
-      res.writeHead(404).end("not found\n");
-      return;
-    }
-    res.writeHead(200, { "content-length": body.length }).end(body);
+  };
+  const server: Server = createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", () => {
+      const body = Buffer.concat(chunks).toString("utf8");
+      requests.push({ method: req.method ?? "", path: req.url ?? "", authorization: req.headers.authorization, body });
+      const bearer = /^Bearer (\S+)$/.exec(req.headers.authorization ?? "")?.[1] ?? "";
+      if (req.method === "POST" && req.url === `${base}/credential`) {
+        exchange(res, bearer, body);
+        return;
+      }
+      const ok = (known(bearer) && !revoked) || tokens.get(bearer) === null;
+      if (!ok) {
+        json(res, 401, { error: "refused", code: known(bearer) ? "credential_revoked" : "unknown_token" });
+        return;
+      }
+      const sha = hub.files.sha256 ?? null;
+      const answer =
+        req.url === `${base}/bootstrap.py`
+          ? hub.files.bootstrapPy
+          : req.url === `${base}/config`
+            ? hub.files.config
+            : req.url === `${base}/bootstrap.py.sha256` && sha !== null
+              ? Buffer.from(`${sha}\n`)
+              : null;
+      if (req.method !== "GET" || answer === null) {
+        res.writeHead(404).end("not found\n");
+        return;
+      }
+      res.writeHead(200, { "content-length": answer.length }).end(answer);
+    });
   });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   const { port } = server.address() as AddressInfo;
@@ -104,10 +150,10 @@ export async function startHub(token: string, files: HubStandIn["files"]): Promi
   hub.requests = requests;
   hub.newToken = () => {
     const t = newToken();
-    tokens.set(t, false);
+    tokens.set(t, null);
     return t;
   };
-  hub.credentials = () => [...credentials];
+  hub.credentialHashes = () => [...credentials];
   hub.revokeAll = () => {
     revoked = true;
   };

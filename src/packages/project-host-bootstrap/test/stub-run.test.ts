@@ -88,13 +88,16 @@ describe("a rendered stub, run for real", () => {
     expect(r.stderr + r.stdout).toContain("stand-in bootstrap.py ran");
     expect(r.code, r.stderr).toBe(0);
 
-    const [credential] = hub.credentials();
-    expect(credential).toMatch(/^cchc_/);
+    // The host chose its credential and sent only its sha256; the hub never sent a secret.
     const credentialFile = join(bootstrapDir, "host-credential");
+    const credential = readFileSync(credentialFile, "utf8").trimEnd();
+    expect(credential).toMatch(/^cchc_[A-Za-z0-9_-]{43}$/);
+    expect(hub.credentialHashes()).toEqual([sha256(credential)]);
+    expect(hub.log).toEqual(["exchange"]);
     const st = statSync(credentialFile);
     expect(st.mode & 0o777).toBe(0o600);
     expect(st.uid).toBe(user.uid);
-    expect(readFileSync(credentialFile, "utf8")).toBe(`${credential}\n`);
+    expect(existsSync(`${credentialFile}.pending`), "the pending credential is installed, not left behind").toBe(false);
     expect(readFileSync(`${credentialFile}.rotate-after`, "utf8")).toBe("2030-01-01T00:00:00.000Z\n");
     expect(existsSync(join(bootstrapDir, "bootstrap-token")), "the spent token file is deleted").toBe(false);
     expect(readFileSync(join(bootstrapDir, "bootstrap-token.exchanged"), "utf8")).toBe(`${sha256(`${token}\n`)}\n`); // of the token file's content
@@ -129,6 +132,7 @@ describe("a rendered stub, run for real", () => {
     expect(curlArgv).toContain("--config");
     expect(curlArgv).not.toContain(token);
     expect(curlArgv).not.toContain(credential);
+    expect(curlArgv).not.toContain(sha256(credential)); // the body goes in curl's config on stdin too
 
     // The exchange carried the token; everything after it the credential, in the header only.
     const path = (p: string) => new URL(`${hub.baseUrl}${p}`).pathname;
@@ -140,6 +144,7 @@ describe("a rendered stub, run for real", () => {
       `GET ${path("/config")}`,
     ]);
     expect(seen[0]!.authorization).toBe(`Bearer ${token}`);
+    expect(JSON.parse(seen[0]!.body)).toEqual({ credential_sha256: sha256(credential) });
     for (const q of seen.slice(1)) expect(q.authorization).toBe(`Bearer ${credential}`);
   });
 
@@ -166,7 +171,7 @@ describe("a rendered stub, run for real", () => {
     expect(r.code, r.stdout).toBe(0);
     const seen = hub.requests.slice(before);
     expect(seen.map((q) => `${q.method} ${q.path.split("/").pop()}`)).toEqual(["GET bootstrap.py.sha256", "GET config"]);
-    expect(seen.every((q) => q.authorization === `Bearer ${hub.credentials()[0]}`)).toBe(true);
+    expect(seen.every((q) => sha256(q.authorization?.replace(/^Bearer /, "") ?? "") === hub.credentialHashes()[0])).toBe(true);
     expect(existsSync(join(bootstrapDir, "bootstrap-token"))).toBe(false);
   });
 
@@ -301,6 +306,81 @@ describe("a rendered stub, run for real", () => {
     expect(r.code).toBe(1);
     expect(r.stdout).toMatch(/HTTP 401, token_already_exchanged\) and this host has no credential/);
     expect(existsSync(join(dir, "host-credential"))).toBe(false);
+  });
+
+  /** A fresh host (own dir, own token) and what the exchange left in it. */
+  function freshHost(name: string) {
+    const dir = join(user.home, name, "bootstrap");
+    const t = hub.newToken();
+    const files = (f: string) => join(dir, f);
+    return { dir, token: t, files, stub: () => writeStub(`${name}.sh`, renderStub(stubOptions({ bootstrapDir: dir, token: t }))) };
+  }
+
+  it("first boot, the exchange's answer lost once: asked again in the same run with the same credential (a retry, not a replay)", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const h = freshHost("lostonce");
+    hub.log.length = 0;
+    hub.dropExchangeAnswers = 1;
+    const before = hub.requests.length;
+    const r = await runStub(h.stub(), { env });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    expect(r.stdout).toContain("no answer to the exchange; asking again with the same credential");
+    expect(hub.log).toEqual(["exchange", "retry"]);
+    const posts = hub.requests.slice(before).filter((q) => q.method === "POST");
+    expect(posts).toHaveLength(2);
+    expect(posts[1]!.body).toBe(posts[0]!.body);
+    const credential = readFileSync(h.files("host-credential"), "utf8").trimEnd();
+    expect(JSON.parse(posts[0]!.body)).toEqual({ credential_sha256: sha256(credential) });
+    expect(existsSync(h.files("bootstrap-token"))).toBe(false);
+    expect(existsSync(h.files("host-credential.pending"))).toBe(false);
+  });
+
+  it("first boot, every answer lost: exit 1 with the chosen credential kept 0600; the next run reuses it and comes up", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const h = freshHost("lostall");
+    hub.log.length = 0;
+    hub.dropExchangeAnswers = 2;
+    const r1 = await runStub(h.stub(), { env });
+    expect(r1.code).toBe(1);
+    expect(r1.stdout).toMatch(/did not answer the exchange \(HTTP 000\); the next run asks again with the same credential/);
+    const pending = readFileSync(h.files("host-credential.pending"), "utf8").trimEnd();
+    expect(statSync(h.files("host-credential.pending")).mode & 0o777).toBe(0o600);
+    expect(existsSync(h.files("host-credential"))).toBe(false);
+    const r2 = await runStub(h.stub(), { env });
+    expect(r2.code, r2.stdout + r2.stderr).toBe(0);
+    expect(hub.log).toEqual(["exchange", "retry", "retry"]); // run 1: both answers lost; run 2: acknowledged
+    expect(readFileSync(h.files("host-credential"), "utf8")).toBe(`${pending}\n`);
+    expect(hub.credentialHashes()).toContain(sha256(pending));
+  });
+
+  it("a pending credential chosen for another token (an older user-data) is not reused: a new one is chosen", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const h = freshHost("stalepending");
+    execFileSync("install", ["-d", "-m", "700", "-o", String(user.uid), h.dir]);
+    const stale = `cchc_${"A".repeat(43)}`;
+    writeFileSync(h.files("host-credential.pending"), `${stale}\n`, { mode: 0o600 });
+    writeFileSync(h.files("host-credential.pending.token"), `${sha256("an older token\n")}\n`, { mode: 0o600 });
+    for (const f of ["host-credential.pending", "host-credential.pending.token"]) chownSync(h.files(f), user.uid, statSync(h.dir).gid);
+    const r = await runStub(h.stub(), { env });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    const credential = readFileSync(h.files("host-credential"), "utf8").trimEnd();
+    expect(credential).not.toBe(stale);
+    expect(credential).toMatch(/^cchc_[A-Za-z0-9_-]{43}$/);
+  });
+
+  it("a hub of the previous version (ignores the body, makes the credential): its credential is taken", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const h = freshHost("legacyhub");
+    hub.legacy = true;
+    try {
+      const r = await runStub(h.stub(), { env });
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+    } finally {
+      hub.legacy = false;
+    }
+    const credential = readFileSync(h.files("host-credential"), "utf8").trimEnd();
+    expect(hub.credentialHashes().at(-1)).toBe(sha256(credential));
+    expect(existsSync(h.files("host-credential.pending"))).toBe(false);
   });
 
   it("runs the real bootstrap.py from this package (check-config on a built config)", async () => {

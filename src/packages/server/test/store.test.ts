@@ -31,7 +31,7 @@ describe("migrations", () => {
     expect(ms.length).toBeGreaterThan(0);
     ms.forEach((m, i) => {
       expect(m.version).toBe(i + 1);
-      expect(m.sql).toMatch(/CREATE TABLE/);
+      expect(m.sql).toMatch(/\b(CREATE|ALTER) TABLE\b/);
     });
   });
 });

@@ -2,15 +2,25 @@
  * Host credentials. The bootstrap token in user-data is readable by anything
  * on the VM that reaches the cloud's metadata service, for as long as the VM
  * lives, so it is single use: on first contact the host's stub exchanges it
- * (`POST <host>/credential`) for a host credential of its own: 32 random
- * bytes, stored here only as a sha256, kept by the host in a 0600 file.
- * After the exchange the token is refused everywhere, and every further
- * attempt to exchange or use it is refused and recorded for the operator.
+ * (`POST <host>/credential`) for a host credential of its own, stored here
+ * only as a sha256 and kept by the host in a 0600 file. After the exchange
+ * the token is refused everywhere, and every further attempt to exchange or
+ * use it is refused and recorded for the operator.
+ *
+ * The exchange is idempotent for the host that made it. The stub chooses the
+ * credential itself (32 random bytes, written 0600 before it asks) and sends
+ * only its sha256 (`{"credential_sha256": …}`) with the token; the hub
+ * stores that hash on the credential and on the token, and never makes or
+ * sends a secret. The same token with the same hash again (the answer was
+ * lost) gets the same acknowledgement, logged as a `retry`; the token with
+ * any other hash is a `replay`, refused `token_already_exchanged`. A stub of
+ * the previous version sends no hash and gets a hub-made credential in the
+ * answer, once, as before (no retry possible for it).
  *
  * Rotation: each credential carries `rotate_after` (the hub's schedule).
  * From then on the same route, called with the credential, issues a
- * successor; the old one stays valid for a short grace, or until the
- * successor is first used, whichever comes first (a host that lost the
+ * successor (hub-made); the old one stays valid for a short grace, or until
+ * the successor is first used, whichever comes first (a host that lost the
  * answer can still ask again). `revokeHostCredentials()` ends every
  * credential and token of a host (the hub's stop, delete and deprovision).
  */
@@ -58,7 +68,10 @@ export interface CallContext {
 
 export type HostAuthVerdict =
   | { ok: true; kind: "token" | "credential"; credential?: StoredCredential }
-  | { ok: false; status: 401 | 403; code: HostAuthCode; message: string };
+  | { ok: false; status: 401 | 403 | 409; code: HostAuthCode; message: string };
+
+/** The sha256 (lowercase hex) of a host-chosen credential, as sent in the exchange. */
+export const CREDENTIAL_SHA256_RE = /^[0-9a-f]{64}$/;
 
 export type HostAuthCode =
   | "missing"
@@ -70,16 +83,25 @@ export type HostAuthCode =
   | "unknown_credential"
   | "credential_revoked"
   | "credential_superseded"
-  | "foreign_host";
+  | "foreign_host"
+  | "credential_in_use";
 
 export interface CredentialGrant {
-  /** The new credential (shown once), or null when the presented one is not due for rotation. */
+  /** A hub-made credential (shown once), or null: not due for rotation, or the host chose its own. */
   credential: string | null;
   rotateAfter: Date;
+  /** The host-chosen credential's sha256 the token was exchanged for: now (`new`) or before (`retry`). */
+  chosen?: { sha256: string; outcome: "new" | "retry" };
 }
 
-function refuse(status: 401 | 403, code: HostAuthCode, message: string): HostAuthVerdict & { ok: false } {
+function refuse(status: 401 | 403 | 409, code: HostAuthCode, message: string): HostAuthVerdict & { ok: false } {
   return { ok: false, status, code, message };
+}
+
+const REPLAY_DETAIL = "the user-data bootstrap token was presented after its exchange";
+
+function replayRefusal(): HostAuthVerdict & { ok: false } {
+  return refuse(401, "token_already_exchanged", "bootstrap token already exchanged for a host credential; it is single use");
 }
 
 function newCredential(): string {
@@ -109,8 +131,8 @@ async function checkToken(db: Queryable, hostId: string, token: string, now: Dat
   if (verdict.ok) return { ok: true, kind: "token" };
   switch (verdict.reason) {
     case "exchanged":
-      await logCredentialEvent(db, hostId, { at: now, kind: "replay", address, detail: "the user-data bootstrap token was presented after its exchange" });
-      return refuse(401, "token_already_exchanged", "bootstrap token already exchanged for a host credential; it is single use");
+      await logCredentialEvent(db, hostId, { at: now, kind: "replay", address, detail: REPLAY_DETAIL });
+      return replayRefusal();
     case "expired":
       return refuse(401, "token_expired", "bootstrap token expired");
     case "revoked":
@@ -146,20 +168,64 @@ export async function authorizeHost(db: Db, hostId: string, bearer: string | nul
 }
 
 /**
- * `POST <host>/credential`: a never-exchanged bootstrap token → a new host
- * credential (the token is spent; the host's earlier credentials are
- * revoked: a new exchange is a new identity). A host credential → a
- * successor when its rotate_after has passed, else `credential: null`.
- * Refusals are verdicts, never exceptions; every outcome is logged.
+ * The token was exchanged already. For the host-chosen credential it was
+ * exchanged for (the same sha256 again: the host lost the answer), the same
+ * acknowledgement, logged as a retry, as long as that credential and the
+ * token still stand. Anything else is a replay, refused and logged.
+ */
+async function retryOrReplay(
+  db: Queryable,
+  hostId: string,
+  token: string,
+  chosenSha256: string | null,
+  now: Date,
+  address: string | null,
+): Promise<{ ok: true; grant: CredentialGrant } | (HostAuthVerdict & { ok: false })> {
+  const stored = await findToken(db, hashToken(token));
+  if (!chosenSha256 || !stored?.exchangedFor || !sameHash(stored.exchangedFor, chosenSha256)) {
+    await logCredentialEvent(db, hostId, { at: now, kind: "replay", address, detail: REPLAY_DETAIL });
+    return replayRefusal();
+  }
+  const failed = async (v: HostAuthVerdict & { ok: false }) => {
+    await logCredentialEvent(db, hostId, { at: now, kind: "refused", address, detail: `exchange retry refused: ${v.code}` });
+    return v;
+  };
+  if (stored.revokedAt) return failed(refuse(401, "token_revoked", "bootstrap token revoked"));
+  const credential = await findCredential(db, chosenSha256);
+  if (!credential || credential.hostId !== hostId) return failed(refuse(401, "unknown_credential", "host credential unknown"));
+  if (credential.revokedAt) return failed(refuse(401, "credential_revoked", `host credential revoked (${credential.revokedWhy ?? "by the hub"})`));
+  if (credential.graceUntil && credential.graceUntil.getTime() <= now.getTime()) {
+    return failed(refuse(401, "credential_superseded", "host credential was rotated and its grace has ended"));
+  }
+  await logCredentialEvent(db, hostId, {
+    at: now,
+    kind: "retry",
+    address,
+    detail: "the exchange was asked again for the same host-chosen credential (its answer was lost); acknowledged again",
+  });
+  return { ok: true, grant: { credential: null, rotateAfter: credential.rotateAfter, chosen: { sha256: chosenSha256, outcome: "retry" } } };
+}
+
+/**
+ * `POST <host>/credential`: a never-exchanged bootstrap token → the host's
+ * credential: the one whose sha256 the host sent (`chosenSha256`), or, from
+ * a stub of the previous version that sends none, a new hub-made one (the
+ * token is spent; the host's earlier credentials are revoked: a new exchange
+ * is a new identity). The same token and sha256 again → the same answer
+ * (retry). A host credential → a successor when its rotate_after has passed,
+ * else `credential: null`. Refusals are verdicts, never exceptions; every
+ * outcome is logged.
  */
 export async function exchangeOrRotate(
   db: Db,
   hostId: string,
   bearer: string | null,
-  ctx: CallContext & CredentialPolicy = {},
+  ctx: CallContext & CredentialPolicy & { chosenSha256?: string | null } = {},
 ): Promise<{ ok: true; grant: CredentialGrant } | (HostAuthVerdict & { ok: false })> {
   const now = ctx.now ?? new Date();
   const address = ctx.address ?? null;
+  const chosen = ctx.chosenSha256 ?? null;
+  if (chosen !== null && !CREDENTIAL_SHA256_RE.test(chosen)) throw new TypeError("chosenSha256 must be 64 lowercase hex characters");
   const rotateAfter = new Date(now.getTime() + (ctx.rotateAfterMs ?? DEFAULT_ROTATE_AFTER_MS));
   if (bearer && CREDENTIAL_RE.test(bearer)) {
     const verdict = await checkCredential(db, hostId, bearer, now);
@@ -180,27 +246,43 @@ export async function exchangeOrRotate(
     return { ok: true, grant: { credential, rotateAfter } };
   }
   if (bearer && !TOKEN_RE.test(bearer)) return refuse(401, "malformed", "malformed bearer credential");
-  const verdict = await checkToken(db, hostId, bearer ?? "", now, address);
+  const verdict = await verifyToken(db, hostId, bearer, now);
+  if (!verdict.ok && verdict.reason === "exchanged") return retryOrReplay(db, hostId, bearer!, chosen, now, address);
   if (!verdict.ok) {
-    if (verdict.code !== "token_already_exchanged" && verdict.code !== "missing") {
-      await logCredentialEvent(db, hostId, { at: now, kind: "refused", address, detail: `exchange refused: ${verdict.code}` });
+    const refused = await checkToken(db, hostId, bearer ?? "", now, address);
+    if (!refused.ok && refused.code !== "missing") {
+      await logCredentialEvent(db, hostId, { at: now, kind: "refused", address, detail: `exchange refused: ${refused.code}` });
     }
-    return verdict;
+    return refused as HostAuthVerdict & { ok: false };
   }
-  const credential = newCredential();
-  const won = await db.transaction(async (tx) => {
-    if (!(await markTokenExchanged(tx, hashToken(bearer!), now, address))) return false;
+  const credential = chosen === null ? newCredential() : null;
+  const credentialHash = chosen ?? hashToken(credential!);
+  const outcome = await db.transaction(async (tx): Promise<"won" | "lost" | "in_use"> => {
+    // A sha256 that is some credential's already (this host's older one, another host's): refused, nothing changed.
+    if (chosen !== null && (await findCredential(tx, chosen))) return "in_use";
+    if (!(await markTokenExchanged(tx, hashToken(bearer!), now, address, chosen))) return "lost";
     await revokeCredentials(tx, hostId, now, "replaced by a new token exchange");
-    await insertCredential(tx, { credentialHash: hashToken(credential), hostId, createdAt: now, rotateAfter });
-    await logCredentialEvent(tx, hostId, { at: now, kind: "exchange", address, detail: "bootstrap token exchanged for a host credential" });
-    return true;
+    await insertCredential(tx, { credentialHash, hostId, createdAt: now, rotateAfter });
+    const detail =
+      chosen === null
+        ? "bootstrap token exchanged for a hub-made host credential (a stub without credential_sha256)"
+        : "bootstrap token exchanged for the host-chosen credential";
+    await logCredentialEvent(tx, hostId, { at: now, kind: "exchange", address, detail });
+    return "won";
   });
-  if (!won) {
-    // Another request exchanged it between our check and our update.
-    await logCredentialEvent(db, hostId, { at: now, kind: "replay", address, detail: "the user-data bootstrap token was presented after its exchange" });
-    return refuse(401, "token_already_exchanged", "bootstrap token already exchanged for a host credential; it is single use");
+  if (outcome === "in_use") {
+    // The host's own concurrent request may have exchanged the token for this very sha256 a moment ago.
+    if ((await findToken(db, hashToken(bearer!)))?.exchangedFor === chosen) return retryOrReplay(db, hostId, bearer!, chosen, now, address);
+    await logCredentialEvent(db, hostId, { at: now, kind: "refused", address, detail: "exchange refused: credential_in_use" });
+    return refuse(
+      409,
+      "credential_in_use",
+      "that credential_sha256 belongs to a credential already; choose a new credential (32 fresh random bytes) and ask again",
+    );
   }
-  return { ok: true, grant: { credential, rotateAfter } };
+  // Another request exchanged it between our check and our update: the same host's (a retry) or a replay.
+  if (outcome === "lost") return retryOrReplay(db, hostId, bearer!, chosen, now, address);
+  return { ok: true, grant: { credential, rotateAfter, ...(chosen === null ? {} : { chosen: { sha256: chosen, outcome: "new" as const } }) } };
 }
 
 /**

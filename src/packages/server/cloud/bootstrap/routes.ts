@@ -3,7 +3,7 @@
  *
  *   GET  P/bootstrap.py                  bootstrap.py, byte for byte (X-Bootstrap-Sha256)
  *   GET  P/hosts/:id/bootstrap.py        the same bytes (the stub's baseUrl is P/hosts/:id)
- *   POST P/hosts/:id/credential          token → host credential; credential → rotated one (credentials.ts)
+ *   POST P/hosts/:id/credential          token (+ sha256 of the host-chosen credential) → exchanged; credential → rotated one (credentials.ts)
  *   GET  P/hosts/:id/bootstrap.py.sha256 the sha256 of bootstrap.py as served    (Bearer credential)
  *   GET  P/hosts/:id/config              the host's config                 (Bearer credential)
  *   GET  P/hosts/:id/secrets/:name       one secret, text/plain            (Bearer credential)
@@ -26,7 +26,15 @@ import { bootstrapPyBytes, bootstrapPySha256, EventBatchSchema, MAX_BATCH_BYTES 
 import { SECRET_NAME_RE, UUID_RE } from "@cocalc/project-host-bootstrap/contract";
 import express, { type NextFunction, type Request, type Response, type Router } from "express";
 import { z } from "zod/v4";
-import { authorizeHost, type CredentialPolicy, exchangeOrRotate, type HostAuthVerdict, hostCredentialRecord } from "./credentials.js";
+import {
+  authorizeHost,
+  CREDENTIAL_RE,
+  CREDENTIAL_SHA256_RE,
+  type CredentialPolicy,
+  exchangeOrRotate,
+  type HostAuthVerdict,
+  hostCredentialRecord,
+} from "./credentials.js";
 import type { Db } from "./db.js";
 import { FleetQuerySchema, fleetView } from "./fleet.js";
 import { type BootstrapStatusAdapter, HostRecordReporter } from "./host-records.js";
@@ -105,6 +113,46 @@ function hostIdOf(req: Request): string {
 function isDataException(err: unknown): boolean {
   const code = (err as { code?: unknown } | null)?.code;
   return typeof code === "string" && code.startsWith("22");
+}
+
+/** The exchange's body: empty, or `{"credential_sha256": …}` (a few hundred bytes at most). */
+export const EXCHANGE_BODY_MAX_BYTES = 1024;
+const ExchangeBodySchema = z
+  .object(
+    {
+      credential_sha256: z
+        .string({ message: "must be a string: the sha256 of the host-chosen credential" })
+        .regex(CREDENTIAL_SHA256_RE, { message: "must be the sha256 of the host-chosen credential: 64 lowercase hex characters" })
+        .optional(),
+    },
+    { error: (issue) => (issue.code === "invalid_type" ? 'must be a JSON object: {"credential_sha256": "<64 lowercase hex>"}' : undefined) },
+  )
+  .strict();
+const EXCHANGE_BODY_HINT = `send no body, or {"credential_sha256": "<64 lowercase hex>"} (at most ${EXCHANGE_BODY_MAX_BYTES} bytes)`;
+
+const rawExchangeBody = express.raw({ limit: EXCHANGE_BODY_MAX_BYTES, type: () => true });
+
+/** The raw body, with this route's own clear 400s (too large, aborted, bad encoding): nothing is looked at before. */
+function exchangeBodyParser(req: Request, res: Response, next: NextFunction): void {
+  rawExchangeBody(req, res, (err?: unknown) => {
+    if (!err) return next();
+    const type = (err as { type?: unknown } | null)?.type;
+    const why = type === "entity.too.large" ? "too large" : type === "request.aborted" ? "aborted" : "unreadable";
+    next(new HttpError(400, `invalid credential request: the request body is ${why}; ${EXCHANGE_BODY_HINT}`));
+  });
+}
+
+function exchangeBody(raw: unknown): z.infer<typeof ExchangeBodySchema> {
+  if (!Buffer.isBuffer(raw) || raw.length === 0) return {};
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(raw.toString("utf8"));
+  } catch {
+    throw new HttpError(400, `invalid credential request: the request body is not JSON; ${EXCHANGE_BODY_HINT}`);
+  }
+  const body = ExchangeBodySchema.safeParse(parsed);
+  if (!body.success) throw badRequest("credential request", body.error);
+  return body.data;
 }
 
 const defaultLogError = (message: string, error: unknown) => console.error(`bootstrap: ${message}:`, error);
@@ -192,23 +240,42 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
   }
 
   /**
-   * Exchange (token) or rotate (credential). 201 `{credential, rotate_after}`
-   * with a new credential; 200 with `credential: null` when the presented
-   * credential is not due; 401/403 `{error, code}` otherwise (a replayed
-   * token: `token_already_exchanged`, recorded for the operator).
+   * Exchange (token) or rotate (credential). The body is empty (a stub of the
+   * previous version, and rotation) or `{"credential_sha256": "<64 hex>"}`,
+   * the sha256 of the credential the host chose, with a token only; anything
+   * else is a 400 naming the field, before anything is looked at.
+   * Answers: 201 `{credential: null, credential_sha256, rotate_after}` when
+   * the token was exchanged for the host-chosen credential now, 200 with the
+   * same when it was before (a retry after a lost answer); 201
+   * `{credential, rotate_after}` with a hub-made credential (no
+   * credential_sha256 sent, or rotation due); 200 with `credential: null`
+   * when the presented credential is not due; 401/403/409 `{error, code}`
+   * otherwise (a replayed token: `token_already_exchanged`, recorded for the
+   * operator).
    */
   async function exchangeCredential(req: Request, res: Response): Promise<void> {
     const hostId = hostIdOf(req);
-    const r = await exchangeOrRotate(db, hostId, bearerToken(req.get("authorization")), {
+    const body = exchangeBody(req.body);
+    const bearer = bearerToken(req.get("authorization"));
+    if (body.credential_sha256 !== undefined && bearer && CREDENTIAL_RE.test(bearer)) {
+      throw new HttpError(400, "invalid credential request: credential_sha256: only with a bootstrap token (rotation takes no body)");
+    }
+    const r = await exchangeOrRotate(db, hostId, bearer, {
       now: now(),
       address: callerAddress(req),
+      chosenSha256: body.credential_sha256 ?? null,
       ...deps.credentialPolicy,
     });
     if (!r.ok) throw refused(r);
+    const { chosen } = r.grant;
     res
-      .status(r.grant.credential ? 201 : 200)
+      .status(chosen ? (chosen.outcome === "new" ? 201 : 200) : r.grant.credential ? 201 : 200)
       .set("Cache-Control", "no-store")
-      .json({ credential: r.grant.credential, rotate_after: r.grant.rotateAfter.toISOString() });
+      .json({
+        credential: r.grant.credential,
+        ...(chosen ? { credential_sha256: chosen.sha256, exchange: chosen.outcome } : {}),
+        rotate_after: r.grant.rotateAfter.toISOString(),
+      });
   }
 
   /** bootstrap.py's sha256 over the host's authenticated channel: the stub takes a newer bootstrap.py only with it. */
@@ -357,7 +424,7 @@ export function createBootstrapRouter(deps: BootstrapRouterDeps): BootstrapRoute
   const router = express.Router();
   router.get("/bootstrap.py", sendBootstrapPy);
   router.get("/hosts/:id/bootstrap.py", sendHostBootstrapPy);
-  router.post("/hosts/:id/credential", exchangeCredential);
+  router.post("/hosts/:id/credential", exchangeBodyParser, exchangeCredential);
   router.get("/hosts/:id/bootstrap.py.sha256", sendBootstrapPySha);
   router.get("/hosts/:id/credentials", sendCredentialRecord);
   router.get("/hosts/:id/config", sendConfig);

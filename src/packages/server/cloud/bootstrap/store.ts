@@ -49,6 +49,8 @@ export interface StoredToken {
   /** When the token was exchanged for a host credential (single use), and from where. */
   exchangedAt?: Date | null;
   exchangedFrom?: string | null;
+  /** The sha256 of the host-chosen credential it was exchanged for (null: a hub-made one, older stubs). */
+  exchangedFor?: string | null;
 }
 
 interface TokenRow {
@@ -59,9 +61,10 @@ interface TokenRow {
   revoked_at: Date | null;
   exchanged_at: Date | null;
   exchanged_from: string | null;
+  exchanged_for: string | null;
 }
 
-const TOKEN_COLUMNS = "token_hash, host_id, created_at, expires_at, revoked_at, exchanged_at, exchanged_from";
+const TOKEN_COLUMNS = "token_hash, host_id, created_at, expires_at, revoked_at, exchanged_at, exchanged_from, exchanged_for";
 
 function tokenFromRow(r: TokenRow): StoredToken {
   return {
@@ -72,6 +75,7 @@ function tokenFromRow(r: TokenRow): StoredToken {
     revokedAt: r.revoked_at,
     exchangedAt: r.exchanged_at,
     exchangedFrom: r.exchanged_from,
+    exchangedFor: r.exchanged_for,
   };
 }
 
@@ -84,7 +88,7 @@ export async function revokeHostTokens(db: Queryable, hostId: string, now: Date)
   return rows.length;
 }
 
-export async function insertToken(db: Queryable, t: Omit<StoredToken, "revokedAt" | "exchangedAt" | "exchangedFrom">): Promise<void> {
+export async function insertToken(db: Queryable, t: Omit<StoredToken, "revokedAt" | "exchangedAt" | "exchangedFrom" | "exchangedFor">): Promise<void> {
   await db.query("INSERT INTO bootstrap_tokens (token_hash, host_id, created_at, expires_at) VALUES ($1, $2, $3, $4)", [
     t.tokenHash,
     t.hostId,
@@ -175,11 +179,17 @@ export async function listHostCredentials(db: Queryable, hostId: string): Promis
  * Mark a token exchanged, once: true for the one caller that flips it (a
  * concurrent second exchange of the same token gets false).
  */
-export async function markTokenExchanged(db: Queryable, tokenHash: string, now: Date, address: string | null): Promise<boolean> {
+export async function markTokenExchanged(
+  db: Queryable,
+  tokenHash: string,
+  now: Date,
+  address: string | null,
+  exchangedFor: string | null = null,
+): Promise<boolean> {
   const rows = await db.query<{ token_hash: string }>(
-    `UPDATE bootstrap_tokens SET exchanged_at = $2, exchanged_from = $3
+    `UPDATE bootstrap_tokens SET exchanged_at = $2, exchanged_from = $3, exchanged_for = $4
       WHERE token_hash = $1 AND exchanged_at IS NULL AND revoked_at IS NULL RETURNING token_hash`,
-    [tokenHash, now, address],
+    [tokenHash, now, address, exchangedFor],
   );
   return rows.length === 1;
 }
@@ -224,7 +234,7 @@ export async function recordCredentialUse(db: Queryable, c: StoredCredential, no
   return rows.length;
 }
 
-export type CredentialLogKind = "exchange" | "replay" | "rotate" | "revoke" | "refused";
+export type CredentialLogKind = "exchange" | "retry" | "replay" | "rotate" | "revoke" | "refused";
 
 export interface CredentialLogEntry {
   at: Date;
@@ -234,12 +244,12 @@ export interface CredentialLogEntry {
 }
 
 /**
- * Add an entry to the host's credential log. A `replay` or `refused` entry
+ * Add an entry to the host's credential log. A `retry`, `replay` or `refused` entry
  * that repeats one from the same address within a minute is not written
  * again (someone hammering with a leaked token cannot fill the table).
  */
 export async function logCredentialEvent(db: Queryable, hostId: string, e: CredentialLogEntry): Promise<void> {
-  if (e.kind === "replay" || e.kind === "refused") {
+  if (e.kind === "retry" || e.kind === "replay" || e.kind === "refused") {
     await db.query(
       `INSERT INTO bootstrap_credential_log (host_id, at, kind, address, detail)
        SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (
