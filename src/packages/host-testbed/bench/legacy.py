@@ -20,6 +20,8 @@ Usage: legacy.py SPEC.json; prints one JSON object on stdout:
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -125,9 +127,32 @@ def download(url: str, path: str, pieces: Pieces, name: str, group: str) -> None
     pieces.items[-1]["bytes"] = os.path.getsize(path)
 
 
+def apt_alone(spec: dict[str, Any]) -> None:
+    """Not legacy: bootstrap.py's own apt work alone on a fresh host, the
+    isolated cost of the new runs' apt chain (no recommends, its options,
+    man-db's trigger off as its apt step does). The argv and environment
+    come from the bootstrap.py the runs use (`apt_get_argv`, `APT_ENV`), so
+    they cannot drift apart."""
+    loader = importlib.util.spec_from_file_location("cocalc_bootstrap_for_apt", spec["bootstrap_py"])
+    assert loader is not None and loader.loader is not None
+    bootstrap = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bootstrap)
+    os.environ.update(bootstrap.APT_ENV)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink("/var/lib/man-db/auto-update")
+    pieces = Pieces()
+    t0 = time.monotonic()
+    run(bootstrap.apt_get_argv(["update"], 300), pieces, "new_apt_update", "new_apt")
+    run(bootstrap.apt_get_argv(["install", "--no-install-recommends", *spec["apt_packages"]], 300), pieces, "new_apt_install", "new_apt")
+    print(json.dumps({"legacy_wall_s": round(time.monotonic() - t0, 3), "pieces": pieces.items}))
+
+
 def main(spec_path: str) -> None:
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
+    if spec.get("mode") == "apt_alone":
+        apt_alone(spec)
+        return
     work = spec["work_dir"]
     os.makedirs(work, exist_ok=True)
     pieces = Pieces()

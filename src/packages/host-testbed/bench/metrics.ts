@@ -277,9 +277,10 @@ export type Format = "archive" | "archive-zst" | "image";
  * decompress | write, one pipe, xz or zstd; image: mount); Node download → verify →
  * install. Chains do not depend on each other. `bundles` are the bundles
  * the run installs (all for a cold run, the changed one for an upgrade);
- * `withBase` adds apt and Node (a cold run).
+ * `withBase` adds apt and Node (a cold run); `apt` picks whose apt work:
+ * the legacy flow's (with recommends) or bootstrap.py's measured alone.
  */
-export function chains(pieces: readonly Piece[], format: Format, bundles: readonly string[], withBase: boolean): Stage[][] {
+export function chains(pieces: readonly Piece[], format: Format, bundles: readonly string[], withBase: boolean, apt: "legacy" | "new" = "legacy"): Stage[][] {
   const by = new Map(pieces.map((p) => [p.name, p]));
   const stage = (name: string, ...names: string[]): Stage | null => {
     const ps = names.map((n) => by.get(n)).filter((p): p is Piece => p !== undefined);
@@ -292,7 +293,9 @@ export function chains(pieces: readonly Piece[], format: Format, bundles: readon
   };
   const out: Stage[][] = [];
   if (withBase) {
-    out.push(chain(stage("apt_update", "apt_update"), stage("apt_install", "apt_install")));
+    // `new`: bootstrap.py's apt measured alone (new_apt_*: no recommends); `legacy`: the old flow's
+    const p = apt === "new" ? "new_" : "";
+    out.push(chain(stage("apt_update", `${p}apt_update`), stage("apt_install", `${p}apt_install`)));
     const sums = by.has("download_node_sums") ? ["download_node_sums"] : [];
     out.push(
       chain(stage("download_node", "download_node", ...sums), stage("verify_node", "verify_node"), stage("install_node", "decompress_node", "write_node")),

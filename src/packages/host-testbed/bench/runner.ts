@@ -22,6 +22,7 @@
 import { chmodSync, copyFileSync, mkdirSync, readFileSync, symlinkSync } from "node:fs";
 import { cpus } from "node:os";
 import { join } from "node:path";
+import { BOOTSTRAP_PY_PATH } from "@cocalc/project-host-bootstrap";
 import { type AptCache, startAptCache } from "../src/apt-cache.js";
 import { TokenBucket } from "../src/artifact-server.js";
 import { type BuiltFile, type BundleName, buildBundleImage, dashName, publishSite } from "../src/artifacts.js";
@@ -448,8 +449,12 @@ async function iteration(
 ): Promise<{ runs: RunRecord[]; isolated: IsolatedCosts | null }> {
   const { opts } = ctx;
   // legacy first (its isolated costs bound the others), the serial runs last (a run cut short keeps the rest)
-  const wanted: { kind: "legacy" | "cold_parallel" | "cold_serial"; format: Format }[] = [];
-  if (opts.kinds.includes("legacy")) wanted.push({ kind: "legacy", format: "archive" });
+  const wanted: { kind: "legacy" | "apt_alone" | "cold_parallel" | "cold_serial"; format: Format }[] = [];
+  if (opts.kinds.includes("legacy")) {
+    wanted.push({ kind: "legacy", format: "archive" });
+    // bootstrap.py's own apt work alone (no recommends): the isolated cost of the new runs' apt chain
+    wanted.push({ kind: "apt_alone", format: "archive" });
+  }
   for (const kind of ["cold_parallel", "cold_serial"] as const) {
     if (opts.kinds.includes(kind)) for (const format of opts.formats) wanted.push({ kind, format });
   }
@@ -479,6 +484,9 @@ async function iteration(
         const out = await legacyRun(ctx, i, host);
         isolated = out.isolated;
         runs.push(out.record);
+      } else if (w.kind === "apt_alone") {
+        const pieces = await aptAloneRun(ctx, i, host);
+        if (isolated) isolated.pieces.push(...pieces);
       } else if (w.kind === "cold_parallel") {
         runs.push(...(await parallelHostRuns(ctx, i, host, w.format)));
       } else {
@@ -525,8 +533,10 @@ export function boundFor(ctx: BoundContext, kind: RunKind, format: Format, piece
   const all = Object.keys(ctx.archiveBytes);
   if (kind === "warm") return lowerBound([], aptBytes, bw, ctx.cores);
   if (kind === "version_change") return lowerBound(chains(floored, format, ["project"], false), bytesOf("project") + aptBytes, bw, ctx.cores);
+  // the new runs' apt is bootstrap.py's (no recommends) when it was measured alone; the legacy run's its own
+  const apt = kind !== "legacy" && floored.some((p) => p.name === "new_apt_install") ? "new" : "legacy";
   const bytes = all.reduce((a, b) => a + bytesOf(b), 0) + ctx.nodeBytes + aptBytes;
-  return lowerBound(chains(floored, format, all, true), bytes, bw, ctx.cores);
+  return lowerBound(chains(floored, format, all, true, apt), bytes, bw, ctx.cores);
 }
 
 /**
@@ -568,6 +578,25 @@ async function serialHostRun(ctx: RunContext, iteration: number, host: Throwaway
 }
 
 const LEGACY_SCRIPT = new URL("./legacy.py", import.meta.url);
+
+/**
+ * bootstrap.py's own apt work (`apt-get update`, `apt-get install
+ * --no-install-recommends`, with its options) alone on a fresh host: the
+ * pieces `new_apt_update` and `new_apt_install`, which the new runs' apt chain
+ * uses (the legacy flow installs with recommends: more packages, a longer chain).
+ */
+async function aptAloneRun(ctx: RunContext, iteration: number, host: ThrowawayHost): Promise<Piece[]> {
+  const { opts } = ctx;
+  host.writeFile("/root/bootstrap-for-apt.py", readFileSync(BOOTSTRAP_PY_PATH, "utf8"), { mode: 0o600, owner: "root" });
+  host.writeFile("/root/legacy.py", readFileSync(LEGACY_SCRIPT, "utf8"), { mode: 0o700, owner: "root" });
+  const spec = { mode: "apt_alone", bootstrap_py: "/root/bootstrap-for-apt.py", apt_packages: opts.aptPackages };
+  host.writeFile("/root/apt-alone-spec.json", JSON.stringify(spec), { mode: 0o600, owner: "root" });
+  const r = await host.exec(["python3", "/root/legacy.py", "/root/apt-alone-spec.json"], { allowFailure: true, timeoutMs: 30 * 60_000 });
+  if (r.code !== 0) throw new Error(`apt-alone run #${iteration} on ${host.name} failed (exit ${r.code}):\n${(r.stderr || r.stdout).slice(-3000)}`);
+  const parsed = JSON.parse(r.stdout.trim().split("\n").pop()!) as { legacy_wall_s: number; pieces: Piece[] };
+  opts.log(`apt alone #${iteration} (bootstrap.py's apt, no recommends): ${parsed.legacy_wall_s.toFixed(1)} s`);
+  return parsed.pieces;
+}
 
 /**
  * The old serial flow on a fresh host (bench/legacy.py), with the same
@@ -621,6 +650,7 @@ async function legacyRun(ctx: RunContext, iteration: number, host: ThrowawayHost
   opts.log(`legacy #${iteration} on ${host.name} (load ${probe.loadavg_1m.toFixed(1)}) ...`);
   const bytes = new ByteSampler(bed.artifactServer.requests);
   const account = new CpuAccount(host.rootfs, ctx.cores);
+  const aptBefore = ctx.aptCache?.stats.bytesServed ?? null;
   bytes.start();
   const t0 = Date.now();
   const r = await host.exec(["python3", "/root/legacy.py", "/root/legacy-spec.json"], { allowFailure: true, timeoutMs: 30 * 60_000 });
@@ -650,7 +680,8 @@ async function legacyRun(ctx: RunContext, iteration: number, host: ThrowawayHost
     wall_over_bound: null,
     lower_bound_iteration: null,
     wall_over_bound_iteration: null,
-    apt_bytes: null,
+    // what apt fetched through the cache during the run (runs are one at a time; null without the cache)
+    apt_bytes: aptBefore === null ? null : ctx.aptCache!.stats.bytesServed - aptBefore,
     steps_cpu_s: legacyPieces.reduce((a, x) => a + x.user_s + x.sys_s, 0),
     cpu: { ...cpu, wall_s: wallMs / 1000 },
     engine_overhead_s: 0,
@@ -682,6 +713,7 @@ async function measure(ctx: RunContext, kind: RunKind, format: Format, iteration
   const memory = new MemorySampler(host.rootfs);
   opts.log(`${format} ${kind} #${iteration} on ${host.name} (load ${noise.loadavg_1m.toFixed(1)}) ...`);
   const account = new CpuAccount(host.rootfs, ctx.cores);
+  const aptBefore = ctx.aptCache?.stats.bytesServed ?? null;
   bytes.start();
   memory.start();
   let result: Awaited<ReturnType<Testbed["bootstrap"]>>;
@@ -710,6 +742,8 @@ async function measure(ctx: RunContext, kind: RunKind, format: Format, iteration
     stepCpu: stepCpu(lines),
     format,
     block: ctx.block,
+    // what apt fetched through the cache during the run (runs are one at a time; null without the cache)
+    aptBytes: aptBefore === null ? null : ctx.aptCache!.stats.bytesServed - aptBefore,
   });
   opts.log(
     `${format} ${kind} #${iteration}: ${record.ok ? "ok" : "FAILED"} in ${record.wall_s.toFixed(1)} s` +
@@ -738,6 +772,8 @@ export interface Observed {
   stepCpu: Record<string, StepCpuSeconds>;
   format: Format;
   block: Block;
+  /** Bytes apt fetched through the apt cache during the run (null or absent: unknown). */
+  aptBytes?: number | null;
 }
 
 /** One run's figures from the stub's exit, the engine's state and log, and the samplers. */
@@ -775,7 +811,7 @@ export function runRecord(
     wall_over_bound: null,
     lower_bound_iteration: null,
     wall_over_bound_iteration: null,
-    apt_bytes: null,
+    apt_bytes: seen.aptBytes ?? null,
     steps_cpu_s: measured.length ? measured.reduce((a, c) => a + cpuTotal(c), 0) : null,
     cpu: seen.cpu,
     engine_overhead_s: engineOverheadSeconds(engine),

@@ -249,6 +249,17 @@ describe("resource lower bound", () => {
     ).toThrow(/lack a piece/);
   });
 
+  it("chains the new runs' apt from bootstrap.py's own apt measured alone (no recommends), the legacy run's from its own", () => {
+    const withNew = [...PIECES, piece("new_apt_update", "new_apt", 2, 0.8, 0.4), piece("new_apt_install", "new_apt", 9, 4, 2)];
+    expect(chains(withNew, "image", [], true, "new")[0]).toEqual([
+      { name: "apt_update", wall_s: 2, cpu_s: 1.2000000000000002 },
+      { name: "apt_install", wall_s: 9, cpu_s: 6 },
+    ]);
+    expect(chains(withNew, "image", [], true)[0]!.map((s) => s.wall_s)).toEqual([3, 17]);
+    // asked for bootstrap.py's apt without its measurement: refused, not silently the legacy one
+    expect(() => chains(PIECES, "image", [], true, "new")).toThrow(/lack a piece/);
+  });
+
   it("chains .tar.zst archives from their own pieces: download → verify → zstd | tar", () => {
     expect(chains(PIECES, "archive-zst", ["project"], false)).toEqual([
       [
@@ -323,6 +334,11 @@ describe("resource lower bound", () => {
     expect(boundFor(ctx, "version_change", "archive-zst", PIECES)).toMatchObject({ bytes: 255e6, seconds: 15.1, binding: "chain" });
     expect(boundFor(ctx, "cold_parallel", "archive-zst", PIECES).bytes).toBe(285e6);
     expect(() => boundFor({ ...ctx, zstBytes: undefined }, "cold_parallel", "archive-zst", PIECES)).toThrow(/zst/);
+    // with bootstrap.py's apt measured alone, the new runs' apt chain is that one; the legacy run keeps its own
+    const withNew = [...PIECES, piece("new_apt_update", "new_apt", 2, 0.5, 0.5), piece("new_apt_install", "new_apt", 30, 6, 4)];
+    expect(boundFor(ctx, "cold_parallel", "image", withNew).chain).toEqual(["apt_update", "apt_install"]);
+    expect(boundFor(ctx, "cold_parallel", "image", withNew).seconds).toBe(32);
+    expect(boundFor(ctx, "legacy", "archive", withNew)).toEqual(boundFor(ctx, "legacy", "archive", PIECES));
   });
 
   it("counts apt's bytes in the bytes term, nowhere else", () => {
