@@ -143,7 +143,12 @@ def apt_alone(spec: dict[str, Any]) -> None:
     pieces = Pieces()
     t0 = time.monotonic()
     run(bootstrap.apt_get_argv(["update"], 300), pieces, "new_apt_update", "new_apt")
-    run(bootstrap.apt_get_argv(["install", "--no-install-recommends", *spec["apt_packages"]], 300), pieces, "new_apt_install", "new_apt")
+    run(
+        bootstrap.apt_get_argv(["install", "--no-install-recommends", *spec["apt_packages"]], 300),
+        pieces,
+        "new_apt_install",
+        "new_apt",
+    )
     print(json.dumps({"legacy_wall_s": round(time.monotonic() - t0, 3), "pieces": pieces.items}))
 
 
