@@ -136,6 +136,7 @@ def apt_alone(spec: dict[str, Any]) -> None:
     loader = importlib.util.spec_from_file_location("cocalc_bootstrap_for_apt", spec["bootstrap_py"])
     assert loader is not None and loader.loader is not None
     bootstrap = importlib.util.module_from_spec(loader)
+    sys.modules[loader.name] = bootstrap  # dataclasses look their module up there
     loader.loader.exec_module(bootstrap)
     os.environ.update(bootstrap.APT_ENV)
     with contextlib.suppress(FileNotFoundError):
