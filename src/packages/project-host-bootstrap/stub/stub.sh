@@ -277,6 +277,60 @@ local_bootstrap_py() {
   return 1
 }
 
+# run_python PY ARGS: python3 PY ARGS, without compiling PY's ~6k lines on
+# every run (python3 caches no bytecode for a script, and compiling it costs
+# more than a whole run with nothing to do). The loader reads PY, refuses it
+# unless those very bytes have the sha256 recorded when it was verified, and
+# takes their compiled code from .bytecode/<that sha256>-<python's bytecode
+# magic> (0600; its own sha256 in front: a damaged one is compiled again),
+# else compiles and keeps it there, removing older ones. PY runs as the
+# script itself: __main__, with __file__, sys.argv[0] and sys.path[0] as
+# `python3 PY` gives them.
+run_python() {
+  script=$1
+  shift
+  sha=$(recorded_sha256 "$script.sha256") || err "no recorded sha256 for $script; not running it"
+  python3 -c '
+def load():
+    import builtins, hashlib, importlib.util, marshal, os, sys
+    p, want = sys.argv[1], sys.argv[2]
+    sys.argv[:] = [p] + sys.argv[3:]
+    sys.path[0] = os.path.dirname(os.path.abspath(p))
+    with open(p, "rb") as f:
+        src = f.read()
+    if hashlib.sha256(src).hexdigest() != want:
+        sys.exit(f"bootstrap-stub: error: {p} is not the verified one (sha256 {want}); not running it")
+    d = os.path.join(os.path.dirname(os.path.abspath(p)), ".bytecode")
+    cache = os.path.join(d, f"{want}-{importlib.util.MAGIC_NUMBER.hex()}")
+    code = None
+    try:
+        with open(cache, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data[32:]).digest() == data[:32]:
+            code = marshal.loads(data[32:])
+    except (OSError, ValueError, EOFError, TypeError):
+        pass
+    if code is None:
+        code = compile(src, p, "exec", dont_inherit=True)
+        data = marshal.dumps(code)
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            for old in os.listdir(d):
+                os.unlink(os.path.join(d, old))
+            fd = os.open(cache + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(hashlib.sha256(data).digest() + data)
+            os.replace(cache + ".part", cache)
+        except OSError:
+            pass
+    g = sys.modules["__main__"].__dict__
+    g.clear()
+    g.update(__name__="__main__", __file__=p, __builtins__=builtins, __doc__=None, __spec__=None)
+    exec(code, g)
+load()
+' "$script" "$sha" "$@"
+}
+
 # Tee everything from here on to the log. A fifo instead of a pipeline keeps
 # the exit code of bootstrap.py (POSIX sh has no pipefail).
 # The console copy is appended on every boot: past 4 MiB it moves to .1 (one
@@ -324,7 +378,7 @@ run_bootstrap() {
     [ $# -gt 0 ] || set -- reconcile
   fi
   say "running python3 $py --config $config_file $*"
-  python3 "$py" --config "$config_file" "$@" </dev/null
+  run_python "$py" --config "$config_file" "$@" </dev/null
   rc=$?
   say "bootstrap.py exited with $rc"
   stop_log

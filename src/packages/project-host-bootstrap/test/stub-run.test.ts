@@ -6,7 +6,7 @@
  * use a user namespace (`unshare -r`) when the kernel allows one.
  */
 import { execFileSync } from "node:child_process";
-import { chownSync, existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { chownSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { type AddressInfo, createServer as createNetServer } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -72,6 +72,10 @@ function writeStub(name: string, text: string): string {
   const path = join(top, name);
   writeFileSync(path, text, { mode: 0o700 });
   return path;
+}
+
+function bytecodeFiles(): string[] {
+  return readdirSync(join(bootstrapDir, ".bytecode")).sort();
 }
 
 function standInResult(): Record<string, unknown> {
@@ -170,6 +174,40 @@ describe("a rendered stub, run for real", () => {
     expect(existsSync(join(bootstrapDir, "bootstrap-token"))).toBe(false);
   });
 
+  it("runs bootstrap.py as the script itself, compiled once: the code is kept by its sha256 (0600) and used by the next run", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const py = join(bootstrapDir, "bootstrap.py");
+    const r1 = await runStub(writeStub("code1.sh", renderStub(stubOptions())), { env });
+    expect(r1.code, r1.stdout).toBe(0);
+    expect(standInResult().script).toEqual(["__main__", py, py, bootstrapDir]);
+    const cached = bytecodeFiles();
+    expect(cached).toEqual([expect.stringMatching(new RegExp(`^${sha256(STAND_IN_BOOTSTRAP_PY)}-[0-9a-f]{8}$`))]);
+    const path = join(bootstrapDir, ".bytecode", cached[0]!);
+    expect(statSync(path).mode & 0o777).toBe(0o600);
+    const data = readFileSync(path);
+    expect(sha256(data.subarray(32))).toBe(data.subarray(0, 32).toString("hex"));
+    const ino = statSync(path).ino;
+    const r2 = await runStub(writeStub("code2.sh", renderStub(stubOptions())), { env });
+    expect(r2.code, r2.stdout).toBe(0);
+    expect(r2.stdout).toContain("stand-in bootstrap.py ran");
+    expect(statSync(path).ino).toBe(ino); // used, not written again
+  });
+
+  it("a damaged compiled bootstrap.py (its own sha256 does not match) is compiled again; the run is not affected", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    expect((await runStub(writeStub("code3.sh", renderStub(stubOptions())), { env })).code).toBe(0);
+    const path = join(bootstrapDir, ".bytecode", bytecodeFiles()[0]!);
+    const data = readFileSync(path);
+    data[data.length - 1] ^= 0xff;
+    writeFileSync(path, data);
+    const r = await runStub(writeStub("code4.sh", renderStub(stubOptions())), { env });
+    expect(r.code, r.stdout).toBe(0);
+    expect(r.stdout).toContain("stand-in bootstrap.py ran");
+    const again = readFileSync(path);
+    expect(again.equals(data)).toBe(false);
+    expect(sha256(again.subarray(32))).toBe(again.subarray(0, 32).toString("hex"));
+  });
+
   it("exits with bootstrap.py's own exit code, through the tee", async () => {
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(3) };
     const stub = writeStub("rc3.sh", renderStub(stubOptions()));
@@ -220,6 +258,8 @@ describe("a rendered stub, run for real", () => {
     expect(readFileSync(join(bootstrapDir, "bootstrap.py"))).toEqual(newer);
     expect(readFileSync(join(bootstrapDir, "bootstrap.py.prev"))).toEqual(STAND_IN_BOOTSTRAP_PY);
     expect(readFileSync(join(bootstrapDir, "bootstrap.py.prev.sha256"), "utf8")).toBe(`${sha256(STAND_IN_BOOTSTRAP_PY)}\n`);
+    // the newer one ran from its own compiled code; the old one's is gone
+    expect(bytecodeFiles()).toEqual([expect.stringMatching(new RegExp(`^${sha256(newer)}-`))]);
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0), sha256: null };
     const r3 = await runStub(writeStub("back.sh", renderStub(stubOptions())), { env });
     expect(r3.code, r3.stdout).toBe(0);
