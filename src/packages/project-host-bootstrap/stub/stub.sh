@@ -122,6 +122,25 @@ EOF
   esac
 }
 
+# hub_get2 URL1 DEST1 URL2 DEST2: two GETs in one curl (one start, one
+# connection; starting curl costs more than the hub's answer), statuses in
+# $http_status and $http_status2. --fail-early: no answer to the first, no
+# second try (a down hub is waited for once).
+hub_get2() {
+  rm -f "$2" "$4"
+  http_status=$(curl --silent --location --proto '=http,https' --fail-early \
+    --retry "$curl_retries" --retry-connrefused --connect-timeout 10 --max-time "$curl_max_time" \
+    --write-out '%{http_code} ' --config - --output "$2" "$1" --output "$4" "$3" <<EOF
+header = "Authorization: Bearer $auth"
+EOF
+  ) || :
+  http_status2=${http_status#* }
+  http_status=${http_status%% *}
+  http_status2=${http_status2%% *}
+  case $http_status in [1-9][0-9][0-9]) ;; *) http_status=000 ;; esac
+  case $http_status2 in [1-9][0-9][0-9]) ;; *) http_status2=000 ;; esac
+}
+
 # The hub's error code from a JSON answer (empty when there is none).
 answer_code() {
   sed -n 's/.*"code":"\([a-z_]*\)".*/\1/p' "$1" 2>/dev/null | head -n 1
@@ -191,12 +210,15 @@ exchange_token() {
 # A newer bootstrap.py only through the credential and the sha256 the hub
 # gives with it (else the rendered one); the previous one is kept as
 # bootstrap.py.prev. Returns 1 (with $hub_problem) when the hub cannot be used.
+# The hub's answer for bootstrap.py.sha256 is in $bootstrap_py.sha256.part, its status in $http_status.
 update_bootstrap_py() {
   want=$bootstrap_py_sha256
-  hub_request GET "$base_url/bootstrap.py.sha256" "$bootstrap_py.sha256.part"
   case $http_status in
     200)
-      want=$(recorded_sha256 "$bootstrap_py.sha256.part") || err "the hub's bootstrap.py.sha256 is not a sha256"
+      want=$(recorded_sha256 "$bootstrap_py.sha256.part") || {
+        rm -f "$bootstrap_py.sha256.part" "$config_file.part"
+        err "the hub's bootstrap.py.sha256 is not a sha256"
+      }
       ;;
     404) ;; # a hub without that route: the rendered sha256
     000)
@@ -225,7 +247,10 @@ update_bootstrap_py() {
   fi
   if ! verify_sha256 "$bootstrap_py.part" "$want" || ! python3 "$bootstrap_py.part" --version >/dev/null 2>&1 </dev/null; then
     rm -f "$bootstrap_py.part"
-    [ -s "$bootstrap_py.sha256" ] || err "bootstrap.py does not have the expected sha256 $want (or does not run); not running it"
+    [ -s "$bootstrap_py.sha256" ] || {
+      rm -f "$config_file.part"
+      err "bootstrap.py does not have the expected sha256 $want (or does not run); not running it"
+    }
     say "the new bootstrap.py does not have the expected sha256 $want (or does not run); keeping the current one"
     return 0
   fi
@@ -237,13 +262,12 @@ update_bootstrap_py() {
   printf '%s\n' "$want" >"$bootstrap_py.sha256" || err "cannot write $bootstrap_py.sha256"
 }
 
-fetch_config() {
-  say "downloading $base_url/config"
-  hub_request GET "$base_url/config" "$config_file.part"
-  if [ "$http_status" != 200 ]; then
+# The config as the hub answered it ($config_file.part, status $config_status).
+install_config() {
+  if [ "$config_status" != 200 ]; then
     code=$(answer_code "$config_file.part")
     rm -f "$config_file.part"
-    hub_problem="downloading the config failed (HTTP $http_status${code:+, $code})"
+    hub_problem="downloading the config failed (HTTP $config_status${code:+, $code})"
     return 1
   fi
   mv -f "$config_file.part" "$config_file" || err "cannot install $config_file"
@@ -260,8 +284,14 @@ from_hub() {
     return 1
   fi
   read_secret "$credential_file"
-  update_bootstrap_py || return 1
-  fetch_config
+  say "downloading $base_url/bootstrap.py.sha256 and $base_url/config"
+  hub_get2 "$base_url/bootstrap.py.sha256" "$bootstrap_py.sha256.part" "$base_url/config" "$config_file.part"
+  config_status=$http_status2
+  update_bootstrap_py || {
+    rm -f "$config_file.part"
+    return 1
+  }
+  install_config
 }
 
 # The local bootstrap.py that was verified when it was installed, else the previous one.

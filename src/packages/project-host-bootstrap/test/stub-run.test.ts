@@ -74,6 +74,13 @@ function writeStub(name: string, text: string): string {
   return path;
 }
 
+/** How many times curl ran (the recorder logs one --write-out per run). */
+function curlRuns(): number {
+  return readFileSync(curl.argvLog, "utf8")
+    .split("\n")
+    .filter((l) => l === "--write-out").length;
+}
+
 function bytecodeFiles(): string[] {
   return readdirSync(join(bootstrapDir, ".bytecode")).sort();
 }
@@ -140,8 +147,8 @@ describe("a rendered stub, run for real", () => {
     expect(seen.map((q) => `${q.method} ${q.path}`)).toEqual([
       `POST ${path("/credential")}`,
       `GET ${path("/bootstrap.py.sha256")}`,
+      `GET ${path("/config")}`, // in the same curl as the sha256
       `GET ${path("/bootstrap.py")}`,
-      `GET ${path("/config")}`,
     ]);
     expect(seen[0]!.authorization).toBe(`Bearer ${token}`);
     for (const q of seen.slice(1)) expect(q.authorization).toBe(`Bearer ${credential}`);
@@ -166,10 +173,12 @@ describe("a rendered stub, run for real", () => {
   it("on every later run: the token is not written again nor sent; the credential is used; an unchanged bootstrap.py is not downloaded", async () => {
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
     const before = hub.requests.length;
+    const curlsBefore = curlRuns();
     const r = await runStub(writeStub("again.sh", renderStub(stubOptions())), { env });
     expect(r.code, r.stdout).toBe(0);
     const seen = hub.requests.slice(before);
     expect(seen.map((q) => `${q.method} ${q.path.split("/").pop()}`)).toEqual(["GET bootstrap.py.sha256", "GET config"]);
+    expect(curlRuns() - curlsBefore).toBe(1); // both in one curl
     expect(seen.every((q) => q.authorization === `Bearer ${hub.credentials()[0]}`)).toBe(true);
     expect(existsSync(join(bootstrapDir, "bootstrap-token"))).toBe(false);
   });
