@@ -329,7 +329,7 @@ def test_wait_until_healthy_asks_again_soon_then_backs_off_to_poll_s(monkeypatch
             behaviour.files["/healthz"] = b"ok"
 
     with serve(behaviour) as url:
-        monkeypatch.setattr(bootstrap.time, "sleep", fake_sleep)
+        monkeypatch.setattr(time, "sleep", fake_sleep)
         answer = bootstrap.wait_until_healthy(f"{url}/healthz", 60, poll_s=0.5)
     assert answer == "HTTP 200"
     assert slept == [0.02, 0.04, 0.08, 0.16, 0.32, 0.5, 0.5]
