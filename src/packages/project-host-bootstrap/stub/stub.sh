@@ -307,7 +307,7 @@ local_bootstrap_py() {
   return 1
 }
 
-# run_python PY ARGS: python3 PY ARGS, without compiling PY's ~6k lines on
+# run_python PY ARGS: python3 PY ARGS, without compiling PY's ~9k lines on
 # every run (python3 caches no bytecode for a script, and compiling it costs
 # more than a whole run with nothing to do). The loader reads PY, refuses it
 # unless those very bytes have the sha256 recorded when it was verified, and
