@@ -207,7 +207,7 @@ describe("a rendered stub, run for real", () => {
     expect((await runStub(writeStub("code3.sh", renderStub(stubOptions())), { env })).code).toBe(0);
     const path = join(bootstrapDir, ".bytecode", bytecodeFiles()[0]!);
     const data = readFileSync(path);
-    data[data.length - 1] ^= 0xff;
+    data.writeUInt8(data.readUInt8(data.length - 1) ^ 0xff, data.length - 1);
     writeFileSync(path, data);
     const r = await runStub(writeStub("code4.sh", renderStub(stubOptions())), { env });
     expect(r.code, r.stdout).toBe(0);
