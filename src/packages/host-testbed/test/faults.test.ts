@@ -542,7 +542,8 @@ describe.skipIf(!!skipReason)("faults: the bootstrap broken and run again", () =
         const found = await foundState(host);
         const prov = await fb.provision(host);
         const c = prov.config;
-        fb.hubProxy.refuseAfter(new RegExp(`/hosts/${prov.hostId}/config$`), 3600_000);
+        // the stub's last request to the hub on a fresh host: bootstrap.py (after the sha256 and the config, one curl)
+        fb.hubProxy.refuseAfter(new RegExp(`/hosts/${prov.hostId}/bootstrap\\.py$`), 3600_000);
         let down: FaultRun;
         try {
           down = await fb.run(host, prov, { log: linePrefixer("[hub down early] ") });

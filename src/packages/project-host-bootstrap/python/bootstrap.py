@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import base64
 import bz2
-import concurrent.futures
 import contextlib
 import contextvars
 import copy
@@ -3782,15 +3781,20 @@ def http_status(url: str, timeout_s: float) -> tuple[int | None, str]:
         return None, str(getattr(e, "reason", None) or e)
 
 
-def wait_until_healthy(url: str, timeout_s: float, *, poll_s: float = 0.5) -> str:
+def wait_until_healthy(url: str, timeout_s: float, *, poll_s: float = 0.5, first_poll_s: float = 0.02) -> str:
+    """The first 2xx answer of `url` within timeout_s. Asked again after 20 ms, doubling up to
+    poll_s: a restarted daemon is usually up within a few tens of ms (a fixed 0.5 s was most of an
+    upgrade's restart), and a refused connection costs next to nothing."""
     deadline = time.monotonic() + timeout_s
+    delay = first_poll_s
     while True:
         status, what = http_status(url, timeout_s=5)
         if status is not None and 200 <= status < 300:
             return what
         if time.monotonic() >= deadline:
             raise BootstrapError(f"{url} not healthy after {timeout_s:g}s (last answer: {what})")
-        time.sleep(poll_s)
+        time.sleep(min(delay, poll_s))
+        delay *= 2
 
 
 def tcp_reachable(url: str, timeout_s: float = 5.0) -> str | None:
@@ -7305,34 +7309,60 @@ class Runner:
         return self.steps
 
     def _execute(self) -> str | None:
+        """Every step in its own thread, at most `jobs` at once, in dependency order.
+        (Plain threads: concurrent.futures would import logging, ~10 % of a warm run's start.)"""
         sorter = graphlib.TopologicalSorter({n: self.plan.deps(n) for n in self.plan.names()})
         sorter.prepare()
         ready: list[str] = []
-        running: dict[concurrent.futures.Future[bool], str] = {}
+        running: dict[str, threading.Thread] = {}
+        finished: list[tuple[str, bool | BaseException]] = []
+        done = threading.Condition()
         failed: str | None = None
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="step") as pool:
+
+        def work(name: str, ctx: contextvars.Context) -> None:
+            outcome: bool | BaseException
             try:
-                while True:
-                    if failed is None:
-                        ready = sorted([*ready, *sorter.get_ready()], key=self.plan.index.__getitem__)
-                        while ready and len(running) < self.jobs:
-                            name = ready.pop(0)
-                            # each worker gets its own copy of the context: its CURRENT_STEP
-                            worker_ctx = contextvars.copy_context()
-                            running[pool.submit(worker_ctx.run, self._run_step, name)] = name
-                    if not running:
-                        return failed
-                    finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                    for future in sorted(finished, key=lambda f: self.plan.index[running[f]]):
-                        name = running.pop(future)
-                        if future.result():
-                            sorter.done(name)
-                        elif failed is None:
-                            failed = name
-            except BaseException:
-                # Interrupted: stop the commands of running steps so they end quickly.
-                terminate_running_commands()
-                raise
+                outcome = ctx.run(self._run_step, name)
+            except BaseException as e:  # re-raised in the main thread, as a future's result() would
+                outcome = e
+            with done:
+                finished.append((name, outcome))
+                done.notify()
+
+        try:
+            while True:
+                if failed is None:
+                    ready = sorted([*ready, *sorter.get_ready()], key=self.plan.index.__getitem__)
+                    while ready and len(running) < self.jobs:
+                        name = ready.pop(0)
+                        # each worker gets its own copy of the context: its CURRENT_STEP
+                        thread = threading.Thread(
+                            target=work, args=(name, contextvars.copy_context()), name=f"step {name}"
+                        )
+                        running[name] = thread
+                        thread.start()
+                if not running:
+                    return failed
+                with done:
+                    while not finished:
+                        done.wait()
+                    batch = sorted(finished, key=lambda f: self.plan.index[f[0]])
+                    finished.clear()
+                for name, outcome in batch:
+                    running.pop(name).join()
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    if outcome:
+                        sorter.done(name)
+                    elif failed is None:
+                        failed = name
+        except BaseException:
+            # Interrupted: stop the commands of running steps so they end quickly.
+            terminate_running_commands()
+            raise
+        finally:
+            for thread in running.values():  # as the pool did: no step outlives the run
+                thread.join()
 
     def _mark_blocked(self, failed: str | None) -> None:
         for name in self.plan.names():
@@ -7624,7 +7654,9 @@ class EventSender:
                     if self.deadline is not None:
                         return
                     with self.spool.changed:
-                        self.spool.changed.wait(1.0)
+                        # close() sets the deadline under this lock: checked here, its wake-up is never missed
+                        if self.deadline is None:
+                            self.spool.changed.wait(1.0)
                     continue
                 path, events = batch
                 self._make_durable(path)

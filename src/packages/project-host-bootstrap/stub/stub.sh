@@ -124,6 +124,25 @@ EOF
   esac
 }
 
+# hub_get2 URL1 DEST1 URL2 DEST2: two GETs in one curl (one start, one
+# connection; starting curl costs more than the hub's answer), statuses in
+# $http_status and $http_status2. --fail-early: no answer to the first, no
+# second try (a down hub is waited for once).
+hub_get2() {
+  rm -f "$2" "$4"
+  http_status=$(curl --silent --location --proto '=http,https' --fail-early \
+    --retry "$curl_retries" --retry-connrefused --connect-timeout 10 --max-time "$curl_max_time" \
+    --write-out '%{http_code} ' --config - --output "$2" "$1" --output "$4" "$3" <<EOF
+header = "Authorization: Bearer $auth"
+EOF
+  ) || :
+  http_status2=${http_status#* }
+  http_status=${http_status%% *}
+  http_status2=${http_status2%% *}
+  case $http_status in [1-9][0-9][0-9]) ;; *) http_status=000 ;; esac
+  case $http_status2 in [1-9][0-9][0-9]) ;; *) http_status2=000 ;; esac
+}
+
 # The hub's error code from a JSON answer (empty when there is none).
 answer_code() {
   sed -n 's/.*"code":"\([a-z_]*\)".*/\1/p' "$1" 2>/dev/null | head -n 1
@@ -235,12 +254,15 @@ exchange_token() {
 # A newer bootstrap.py only through the credential and the sha256 the hub
 # gives with it (else the rendered one); the previous one is kept as
 # bootstrap.py.prev. Returns 1 (with $hub_problem) when the hub cannot be used.
+# The hub's answer for bootstrap.py.sha256 is in $bootstrap_py.sha256.part, its status in $http_status.
 update_bootstrap_py() {
   want=$bootstrap_py_sha256
-  hub_request GET "$base_url/bootstrap.py.sha256" "$bootstrap_py.sha256.part"
   case $http_status in
     200)
-      want=$(recorded_sha256 "$bootstrap_py.sha256.part") || err "the hub's bootstrap.py.sha256 is not a sha256"
+      want=$(recorded_sha256 "$bootstrap_py.sha256.part") || {
+        rm -f "$bootstrap_py.sha256.part" "$config_file.part"
+        err "the hub's bootstrap.py.sha256 is not a sha256"
+      }
       ;;
     404) ;; # a hub without that route: the rendered sha256
     000)
@@ -269,7 +291,10 @@ update_bootstrap_py() {
   fi
   if ! verify_sha256 "$bootstrap_py.part" "$want" || ! python3 "$bootstrap_py.part" --version >/dev/null 2>&1 </dev/null; then
     rm -f "$bootstrap_py.part"
-    [ -s "$bootstrap_py.sha256" ] || err "bootstrap.py does not have the expected sha256 $want (or does not run); not running it"
+    [ -s "$bootstrap_py.sha256" ] || {
+      rm -f "$config_file.part"
+      err "bootstrap.py does not have the expected sha256 $want (or does not run); not running it"
+    }
     say "the new bootstrap.py does not have the expected sha256 $want (or does not run); keeping the current one"
     return 0
   fi
@@ -281,13 +306,12 @@ update_bootstrap_py() {
   printf '%s\n' "$want" >"$bootstrap_py.sha256" || err "cannot write $bootstrap_py.sha256"
 }
 
-fetch_config() {
-  say "downloading $base_url/config"
-  hub_request GET "$base_url/config" "$config_file.part"
-  if [ "$http_status" != 200 ]; then
+# The config as the hub answered it ($config_file.part, status $config_status).
+install_config() {
+  if [ "$config_status" != 200 ]; then
     code=$(answer_code "$config_file.part")
     rm -f "$config_file.part"
-    hub_problem="downloading the config failed (HTTP $http_status${code:+, $code})"
+    hub_problem="downloading the config failed (HTTP $config_status${code:+, $code})"
     return 1
   fi
   mv -f "$config_file.part" "$config_file" || err "cannot install $config_file"
@@ -304,8 +328,14 @@ from_hub() {
     return 1
   fi
   read_secret "$credential_file"
-  update_bootstrap_py || return 1
-  fetch_config
+  say "downloading $base_url/bootstrap.py.sha256 and $base_url/config"
+  hub_get2 "$base_url/bootstrap.py.sha256" "$bootstrap_py.sha256.part" "$base_url/config" "$config_file.part"
+  config_status=$http_status2
+  update_bootstrap_py || {
+    rm -f "$config_file.part"
+    return 1
+  }
+  install_config
 }
 
 # The local bootstrap.py that was verified when it was installed, else the previous one.
@@ -319,6 +349,60 @@ local_bootstrap_py() {
     say "$py does not match its recorded sha256; not using it" >&2
   done
   return 1
+}
+
+# run_python PY ARGS: python3 PY ARGS, without compiling PY's ~9k lines on
+# every run (python3 caches no bytecode for a script, and compiling it costs
+# more than a whole run with nothing to do). The loader reads PY, refuses it
+# unless those very bytes have the sha256 recorded when it was verified, and
+# takes their compiled code from .bytecode/<that sha256>-<python's bytecode
+# magic> (0600; its own sha256 in front: a damaged one is compiled again),
+# else compiles and keeps it there, removing older ones. PY runs as the
+# script itself: __main__, with __file__, sys.argv[0] and sys.path[0] as
+# `python3 PY` gives them.
+run_python() {
+  script=$1
+  shift
+  sha=$(recorded_sha256 "$script.sha256") || err "no recorded sha256 for $script; not running it"
+  python3 -c '
+def load():
+    import builtins, hashlib, importlib.util, marshal, os, sys
+    p, want = sys.argv[1], sys.argv[2]
+    sys.argv[:] = [p] + sys.argv[3:]
+    sys.path[0] = os.path.dirname(os.path.abspath(p))
+    with open(p, "rb") as f:
+        src = f.read()
+    if hashlib.sha256(src).hexdigest() != want:
+        sys.exit(f"bootstrap-stub: error: {p} is not the verified one (sha256 {want}); not running it")
+    d = os.path.join(os.path.dirname(os.path.abspath(p)), ".bytecode")
+    cache = os.path.join(d, f"{want}-{importlib.util.MAGIC_NUMBER.hex()}")
+    code = None
+    try:
+        with open(cache, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data[32:]).digest() == data[:32]:
+            code = marshal.loads(data[32:])
+    except (OSError, ValueError, EOFError, TypeError):
+        pass
+    if code is None:
+        code = compile(src, p, "exec", dont_inherit=True)
+        data = marshal.dumps(code)
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            for old in os.listdir(d):
+                os.unlink(os.path.join(d, old))
+            fd = os.open(cache + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(hashlib.sha256(data).digest() + data)
+            os.replace(cache + ".part", cache)
+        except OSError:
+            pass
+    g = sys.modules["__main__"].__dict__
+    g.clear()
+    g.update(__name__="__main__", __file__=p, __builtins__=builtins, __doc__=None, __spec__=None)
+    exec(code, g)
+load()
+' "$script" "$sha" "$@"
 }
 
 # Tee everything from here on to the log. A fifo instead of a pipeline keeps
@@ -368,7 +452,7 @@ run_bootstrap() {
     [ $# -gt 0 ] || set -- reconcile
   fi
   say "running python3 $py --config $config_file $*"
-  python3 "$py" --config "$config_file" "$@" </dev/null
+  run_python "$py" --config "$config_file" "$@" </dev/null
   rc=$?
   say "bootstrap.py exited with $rc"
   stop_log

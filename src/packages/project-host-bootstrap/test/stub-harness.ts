@@ -260,6 +260,7 @@ result = {
     "token_file_exists": os.path.exists(os.path.join(bootstrap_dir, "bootstrap-token")),
     "leaks": leaks,
     "stdin_is_devnull": os.path.samefile("/proc/self/fd/0", "/dev/null"),
+    "script": [__name__, __file__, sys.argv[0], sys.path[0]],
 }
 with open(os.path.join(bootstrap_dir, "stand-in-result.json"), "w") as f:
     json.dump(result, f)

@@ -6,7 +6,7 @@
  * use a user namespace (`unshare -r`) when the kernel allows one.
  */
 import { execFileSync } from "node:child_process";
-import { chownSync, existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { chownSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { type AddressInfo, createServer as createNetServer } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -72,6 +72,17 @@ function writeStub(name: string, text: string): string {
   const path = join(top, name);
   writeFileSync(path, text, { mode: 0o700 });
   return path;
+}
+
+/** How many times curl ran (the recorder logs one --write-out per run). */
+function curlRuns(): number {
+  return readFileSync(curl.argvLog, "utf8")
+    .split("\n")
+    .filter((l) => l === "--write-out").length;
+}
+
+function bytecodeFiles(): string[] {
+  return readdirSync(join(bootstrapDir, ".bytecode")).sort();
 }
 
 function standInResult(): Record<string, unknown> {
@@ -140,8 +151,8 @@ describe("a rendered stub, run for real", () => {
     expect(seen.map((q) => `${q.method} ${q.path}`)).toEqual([
       `POST ${path("/credential")}`,
       `GET ${path("/bootstrap.py.sha256")}`,
+      `GET ${path("/config")}`, // in the same curl as the sha256
       `GET ${path("/bootstrap.py")}`,
-      `GET ${path("/config")}`,
     ]);
     expect(seen[0]!.authorization).toBe(`Bearer ${token}`);
     expect(JSON.parse(seen[0]!.body)).toEqual({ credential_sha256: sha256(credential) });
@@ -167,12 +178,48 @@ describe("a rendered stub, run for real", () => {
   it("on every later run: the token is not written again nor sent; the credential is used; an unchanged bootstrap.py is not downloaded", async () => {
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
     const before = hub.requests.length;
+    const curlsBefore = curlRuns();
     const r = await runStub(writeStub("again.sh", renderStub(stubOptions())), { env });
     expect(r.code, r.stdout).toBe(0);
     const seen = hub.requests.slice(before);
     expect(seen.map((q) => `${q.method} ${q.path.split("/").pop()}`)).toEqual(["GET bootstrap.py.sha256", "GET config"]);
+    expect(curlRuns() - curlsBefore).toBe(1); // both in one curl
     expect(seen.every((q) => sha256(q.authorization?.replace(/^Bearer /, "") ?? "") === hub.credentialHashes()[0])).toBe(true);
     expect(existsSync(join(bootstrapDir, "bootstrap-token"))).toBe(false);
+  });
+
+  it("runs bootstrap.py as the script itself, compiled once: the code is kept by its sha256 (0600) and used by the next run", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    const py = join(bootstrapDir, "bootstrap.py");
+    const r1 = await runStub(writeStub("code1.sh", renderStub(stubOptions())), { env });
+    expect(r1.code, r1.stdout).toBe(0);
+    expect(standInResult().script).toEqual(["__main__", py, py, bootstrapDir]);
+    const cached = bytecodeFiles();
+    expect(cached).toEqual([expect.stringMatching(new RegExp(`^${sha256(STAND_IN_BOOTSTRAP_PY)}-[0-9a-f]{8}$`))]);
+    const path = join(bootstrapDir, ".bytecode", cached[0]!);
+    expect(statSync(path).mode & 0o777).toBe(0o600);
+    const data = readFileSync(path);
+    expect(sha256(data.subarray(32))).toBe(data.subarray(0, 32).toString("hex"));
+    const ino = statSync(path).ino;
+    const r2 = await runStub(writeStub("code2.sh", renderStub(stubOptions())), { env });
+    expect(r2.code, r2.stdout).toBe(0);
+    expect(r2.stdout).toContain("stand-in bootstrap.py ran");
+    expect(statSync(path).ino).toBe(ino); // used, not written again
+  });
+
+  it("a damaged compiled bootstrap.py (its own sha256 does not match) is compiled again; the run is not affected", async () => {
+    hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0) };
+    expect((await runStub(writeStub("code3.sh", renderStub(stubOptions())), { env })).code).toBe(0);
+    const path = join(bootstrapDir, ".bytecode", bytecodeFiles()[0]!);
+    const data = readFileSync(path);
+    data.writeUInt8(data.readUInt8(data.length - 1) ^ 0xff, data.length - 1);
+    writeFileSync(path, data);
+    const r = await runStub(writeStub("code4.sh", renderStub(stubOptions())), { env });
+    expect(r.code, r.stdout).toBe(0);
+    expect(r.stdout).toContain("stand-in bootstrap.py ran");
+    const again = readFileSync(path);
+    expect(again.equals(data)).toBe(false);
+    expect(sha256(again.subarray(32))).toBe(again.subarray(0, 32).toString("hex"));
   });
 
   it("exits with bootstrap.py's own exit code, through the tee", async () => {
@@ -225,6 +272,8 @@ describe("a rendered stub, run for real", () => {
     expect(readFileSync(join(bootstrapDir, "bootstrap.py"))).toEqual(newer);
     expect(readFileSync(join(bootstrapDir, "bootstrap.py.prev"))).toEqual(STAND_IN_BOOTSTRAP_PY);
     expect(readFileSync(join(bootstrapDir, "bootstrap.py.prev.sha256"), "utf8")).toBe(`${sha256(STAND_IN_BOOTSTRAP_PY)}\n`);
+    // the newer one ran from its own compiled code; the old one's is gone
+    expect(bytecodeFiles()).toEqual([expect.stringMatching(new RegExp(`^${sha256(newer)}-`))]);
     hub.files = { bootstrapPy: STAND_IN_BOOTSTRAP_PY, config: standInConfig(0), sha256: null };
     const r3 = await runStub(writeStub("back.sh", renderStub(stubOptions())), { env });
     expect(r3.code, r3.stdout).toBe(0);

@@ -4,6 +4,7 @@
  * validated, and a truncated download runs nothing.
  */
 import { execFileSync, spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -175,5 +176,46 @@ describe("renderStub text", () => {
       spawnSync("sh", [writeScript("truncated.sh", text.slice(0, cut))], { encoding: "utf8", cwd: work, timeout: 10_000 });
       expect(existsSync(join(work, "truncated-target")), `cut at ${cut}`).toBe(false);
     }
+  });
+});
+
+describe("the stub's bytecode loader (run_python), run on its own", () => {
+  const text = readFileSync(STUB_SH_PATH, "utf8");
+  const m = /\n {2}python3 -c '\n([\s\S]*?)\n' "\$script" "\$sha" "\$@"\n/.exec(text);
+  const loader = m?.[1] ?? "";
+  const dir = mkdtempSync(join(tmpdir(), "stub-loader-"));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const sha256 = (b: Buffer | string) => createHash("sha256").update(b).digest("hex");
+
+  function load(script: string, sha: string, ...args: string[]) {
+    return spawnSync("python3", ["-c", loader, script, sha, ...args], { encoding: "utf8", cwd: dir });
+  }
+
+  it("is found in stub.sh", () => {
+    expect(loader).toMatch(/^def load\(\):/);
+  });
+
+  it("refuses bytes that do not have the verified sha256 (changed after the stub checked them): nothing runs", () => {
+    const own = mkdtempSync(join(dir, "refused-"));
+    const py = join(own, "bootstrap.py");
+    const marker = join(own, "ran");
+    writeFileSync(py, `open(${JSON.stringify(marker)}, "w").close()\n`);
+    const r = load(py, sha256("something else"));
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/is not the verified one \(sha256 [0-9a-f]{64}\); not running it/);
+    expect(existsSync(marker)).toBe(false);
+    expect(existsSync(join(own, ".bytecode"))).toBe(false);
+  });
+
+  it("runs verified bytes as the script, with its arguments and exit code; a traceback names the file", () => {
+    const py = join(dir, "bootstrap.py");
+    const src = 'import sys\nprint(__name__, __file__, sys.argv)\nif "boom" in sys.argv:\n    raise RuntimeError("boom")\nsys.exit(7)\n';
+    writeFileSync(py, src);
+    const r = load(py, sha256(src), "--config", "c.json");
+    expect(r.status).toBe(7);
+    expect(r.stdout.trim()).toBe(`__main__ ${py} ['${py}', '--config', 'c.json']`);
+    const boom = load(py, sha256(src), "boom");
+    expect(boom.status).toBe(1);
+    expect(boom.stderr).toContain(`File "${py}", line 4`);
   });
 });

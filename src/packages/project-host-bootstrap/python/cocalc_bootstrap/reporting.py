@@ -154,7 +154,9 @@ class EventSender:
                     if self.deadline is not None:
                         return
                     with self.spool.changed:
-                        self.spool.changed.wait(1.0)
+                        # close() sets the deadline under this lock: checked here, its wake-up is never missed
+                        if self.deadline is None:
+                            self.spool.changed.wait(1.0)
                     continue
                 path, events = batch
                 self._make_durable(path)

@@ -315,3 +315,30 @@ def test_secrets_step_unreachable_hub_fails_with_a_hint_about_the_hub_not_a_down
     assert "hub.secrets_url" in (failure.value.hint or "")
     assert "partial download" not in (failure.value.hint or "")
     assert not bootstrap.secrets_staging_dir(config).joinpath("conat-password").exists()
+
+
+def test_wait_until_healthy_asks_again_soon_then_backs_off_to_poll_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted daemon is asked again after 20 ms, then 40, 80, ... up to poll_s (a real
+    HTTP server that answers 404 until the daemon is "up", then 200)."""
+    behaviour = Behaviour()
+    slept: list[float] = []
+
+    def fake_sleep(delay: float) -> None:
+        slept.append(delay)
+        if len(slept) == 7:
+            behaviour.files["/healthz"] = b"ok"
+
+    with serve(behaviour) as url:
+        monkeypatch.setattr(time, "sleep", fake_sleep)
+        answer = bootstrap.wait_until_healthy(f"{url}/healthz", 60, poll_s=0.5)
+    assert answer == "HTTP 200"
+    assert slept == [0.02, 0.04, 0.08, 0.16, 0.32, 0.5, 0.5]
+    assert len(behaviour.requests) == 8
+
+
+def test_wait_until_healthy_fails_after_its_timeout_with_the_last_answer() -> None:
+    with (
+        serve(Behaviour()) as url,
+        pytest.raises(bootstrap.BootstrapError, match=r"not healthy after 0\.3s \(last answer: HTTP 404\)"),
+    ):
+        bootstrap.wait_until_healthy(f"{url}/healthz", 0.3)
