@@ -128,6 +128,18 @@ def apt_update(lock_timeout_s: int, log: Log) -> None:
     retry(attempt, what="apt-get update", attempts=3, deadline_s=lock_timeout_s + 1800, base_s=5.0)
 
 
+def apt_download(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
+    """`apt-get install --download-only`: the packages (and what they need) into apt's cache, nothing installed."""
+    wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
+    run_command(
+        apt_get_argv(["install", "--download-only", "--no-install-recommends", *packages], lock_timeout_s),
+        sudo=True,
+        env=APT_ENV,
+        timeout_s=lock_timeout_s + 1800,
+        hint=APT_HINT,
+    )
+
+
 def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
     wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
     run_command(

@@ -35,7 +35,7 @@ from .events import (
 )
 from .lifecycle import PruneStep
 from .log import CURRENT_STEP, REDACTOR, utc_timestamp
-from .slots import CpuSlots
+from .slots import CpuSlots, LinkFirst
 from .step import Context, Step, atomic_write_text
 from .steps_host import DirectoriesStep, FilesStep, InstallSecretsStep, PreflightStep, SecretsStep
 from .steps_install import (
@@ -432,9 +432,16 @@ class Runner:
         if ctx.cpu is None:
             slots = CpuSlots(cpu_slots(ctx.config), on_wait=self._cpu_wait, on_granted=self._cpu_granted)
             ctx = dataclasses.replace(ctx, cpu=slots)
-        self.ctx = ctx
         self.state = state
         self.jobs = max(1, jobs if jobs is not None else default_jobs(plan, ctx.config))
+        if ctx.link is None:
+            # apt has the link first only when every step can run at once: then apt is never queued
+            # behind a download that waits for it (serial runs and short job limits: nobody first)
+            holder = LINK_FIRST_STEP if LINK_FIRST_STEP in plan.names() and self.jobs >= len(plan.names()) else None
+            ctx = dataclasses.replace(
+                ctx, link=LinkFirst(holder, on_wait=self._link_wait, on_granted=self._link_granted)
+            )
+        self.ctx = ctx
         self.progress = Progress(plan, state)
         self.steps = {name: StepRun(name) for name in plan.names()}
         self.t0 = time.monotonic()
@@ -454,6 +461,24 @@ class Runner:
 
     def _cpu_granted(self, who: str, waited_s: float) -> None:
         self.log.info(f"got a CPU slot after waiting {waited_s:.1f}s", event="cpu_slot", waited_s=round(waited_s, 3))
+        phase = self.plan.classes[who].phase if who in self.plan.classes else "bootstrapping"
+        self.events.emit(ProgressEvent(phase=phase, percent=self.progress.percent()))
+
+    # -- the link first to apt (slots.py) ----------------------------------
+
+    def _link_wait(self, who: str, holder: str) -> None:
+        self.log.info(
+            f"waiting for {holder}'s downloads to finish first ({holder} goes first on the shared link)",
+            event="link_wait",
+            holder=holder,
+        )
+        self.events.emit(
+            ProgressEvent(phase=f"{who}: waiting for {holder}'s downloads", percent=self.progress.percent())
+        )
+
+    def _link_granted(self, who: str, waited_s: float, timed_out: bool) -> None:
+        why = f"gave up waiting after {waited_s:.1f}s" if timed_out else f"after waiting {waited_s:.1f}s"
+        self.log.info(f"downloading now ({why})", event="link_granted", waited_s=round(waited_s, 3))
         phase = self.plan.classes[who].phase if who in self.plan.classes else "bootstrapping"
         self.events.emit(ProgressEvent(phase=phase, percent=self.progress.percent()))
 
@@ -526,11 +551,15 @@ class Runner:
                         sorter.done(name)
                     elif failed is None:
                         failed = name
+                        if self.ctx.link is not None:
+                            self.ctx.link.release()  # the holder may never start now: nobody waits for it
         except BaseException:
             # Interrupted: stop the commands of running steps so they end quickly.
             terminate_running_commands()
             raise
         finally:
+            if self.ctx.link is not None:
+                self.ctx.link.release()  # interrupted: a waiting download must not hold up the join
             for thread in running.values():  # as the pool did: no step outlives the run
                 thread.join()
 
@@ -589,6 +618,8 @@ class Runner:
             record.log_tail = e.log_tail if isinstance(e, BootstrapError) else None
             self.log.debug("step failed", event="traceback", traceback=traceback.format_exc())
         record.end_s = self._now()
+        if self.ctx.link is not None and name == self.ctx.link.holder:
+            self.ctx.link.release()  # done, failed or had nothing to fetch: the link is everyone's
         cpu = StepCpuSeconds(**meter.stop())
         duration = record.end_s - record.start_s
         if record.outcome is not Outcome.FAILED:
@@ -650,6 +681,10 @@ class Runner:
 def cpu_slots(config: Config) -> int:
     """How many CPU-heavy jobs (extractions) run at once: the config's cpu_slots, else one per core."""
     return config.cpu_slots or os.cpu_count() or 1
+
+
+# The step that has the link first (slots.LinkFirst): apt, the longest chain of a cold host.
+LINK_FIRST_STEP = "apt"
 
 
 def default_jobs(plan: Plan, config: Config) -> int:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from .commands import run_command
 from .config import Config
 from .log import Log
-from .slots import CpuSlots
+from .slots import CpuSlots, LinkFirst
 
 # (steps) one class per step of the flow, each a subclass of Step; the
 # tuple STEPS lists them all and is what the plan is built from.
@@ -32,11 +32,13 @@ class StepState:
 @dataclass
 class Context:
     """What every step gets: the validated config and the logger (and, in
-    the engine, the CPU slots its CPU-heavy work takes; None: no limit)."""
+    the engine, the CPU slots its CPU-heavy work takes and who has the link
+    first; None: no limit)."""
 
     config: Config
     log: Log
     cpu: CpuSlots | None = None
+    link: LinkFirst | None = None
 
 
 class Step:
@@ -68,6 +70,11 @@ class Step:
 
     def apply(self) -> None:
         pass
+
+    def link_turn(self) -> None:
+        """Before a download: wait while the step with the link first (apt) still fetches (slots.LinkFirst)."""
+        if self.ctx.link is not None:
+            self.ctx.link.turn(self.name)
 
 
 # -- files owned by root, written through sudo ---------------------------------

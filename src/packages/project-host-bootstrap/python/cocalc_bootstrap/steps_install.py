@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .apt import APT_ENV, APT_HINT, apt_install, apt_quiesced, apt_update, wait_for_locks
+from .apt import APT_ENV, APT_HINT, apt_download, apt_install, apt_quiesced, apt_update, wait_for_locks
 from .archive import install_archive, point_symlink
 from .commands import CommandError, backoff_delay, run_command
 from .config import ArtifactSpec
@@ -96,7 +96,22 @@ class AptStep(Step):
                 self.update_lists()
             else:
                 self.log.info(f"skipping apt-get update: the lists are {age:.0f}s old (limit {spec.lists_max_age_s}s)")
+            self.fetch_first(missing)
             self.install(missing)
+
+    def fetch_first(self, packages: list[str]) -> None:
+        """When apt has the link first (slots.LinkFirst): fetch the packages, then let the other
+        downloads go while dpkg works. A failed fetch only gives the link up: install() retries."""
+        link = self.ctx.link
+        if link is None or link.holder != self.name or not link.held:
+            return
+        try:
+            apt_download(packages, self.config.apt.lock_timeout_s, self.log)
+            self.log.info("apt's packages are fetched; the other downloads may use the link now")
+        except CommandError as e:
+            self.log.warn(f"apt-get install --download-only failed ({e.message}); installing as usual")
+        finally:
+            link.release()
 
     def update_lists(self) -> None:
         apt_update(self.config.apt.lock_timeout_s, self.log)
@@ -154,6 +169,7 @@ class DownloadBundleStep(Step):
         if self.check().satisfied:
             return
         s = self.spec
+        self.link_turn()
         if s.image is not None and wants_image(self.config, self.artifact, s, self.log):
             target = image_download(self.config, self.artifact, s)
             download_verified(s.image.url, target, s.image.sha256, log=self.log, size_bytes=s.image.size_bytes)
@@ -359,6 +375,7 @@ class NodeStep(Step):
             raise BootstrapError(f"{base}/SHASUMS256.txt: {e}", hint=self.hint) from None
         archive = downloads_dir(self.config) / name
         if not verified_download(archive, sha256):
+            self.link_turn()
             download_verified(f"{base}/{name}", archive, sha256, log=self.log)
 
         def answers_version(staging: Path) -> None:
