@@ -2414,6 +2414,7 @@ class Step:
     phase: ClassVar[str] = "bootstrapping"
     hint: ClassVar[str] = "See the log for the failing command's output."
     version: ClassVar[int] = 1  # bump when apply() changes meaning: part of the fingerprint
+    uses_link: ClassVar[bool] = False  # its downloads wait while apt has the link first (link_turn)
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -2432,8 +2433,9 @@ class Step:
         pass
 
     def link_turn(self) -> None:
-        """Before a download: wait while the step with the link first (apt) still fetches (slots.LinkFirst)."""
-        if self.ctx.link is not None:
+        """Before a download: wait while the step with the link first (apt) still fetches (slots.LinkFirst).
+        Only for steps that say so (uses_link): the engine counts them to be sure apt always gets a thread."""
+        if self.ctx.link is not None and self.uses_link:
             self.ctx.link.turn(self.name)
 
 
@@ -5209,6 +5211,7 @@ class DownloadBundleStep(Step):
     deps = ("directories",)
     weight_s = 15.0
     phase = "downloading bundles"
+    uses_link = True
     hint = DOWNLOAD_HINT
 
     @property
@@ -5383,6 +5386,7 @@ class NodeStep(Step):
     name = "node"
     deps = ("directories",)
     weight_s = 15.0
+    uses_link = True
     phase = "installing Node.js"
     hint = (
         "<node.dist_url>/v<version>/SHASUMS256.txt must list node-v<version>-linux-<x64|arm64>.tar.xz; "
@@ -7356,9 +7360,10 @@ class Runner:
         self.state = state
         self.jobs = max(1, jobs if jobs is not None else default_jobs(plan, ctx.config))
         if ctx.link is None:
-            # apt has the link first only when every step can run at once: then apt is never queued
-            # behind a download that waits for it (serial runs and short job limits: nobody first)
-            holder = LINK_FIRST_STEP if LINK_FIRST_STEP in plan.names() and self.jobs >= len(plan.names()) else None
+            # apt has the link first only when there are more threads than steps that may wait for it:
+            # then apt always gets a thread and never queues behind them (serial runs: nobody first)
+            waiters = sum(1 for cls in plan.classes.values() if cls.uses_link)
+            holder = LINK_FIRST_STEP if LINK_FIRST_STEP in plan.names() and self.jobs > waiters else None
             ctx = dataclasses.replace(
                 ctx, link=LinkFirst(holder, on_wait=self._link_wait, on_granted=self._link_granted)
             )

@@ -435,9 +435,10 @@ class Runner:
         self.state = state
         self.jobs = max(1, jobs if jobs is not None else default_jobs(plan, ctx.config))
         if ctx.link is None:
-            # apt has the link first only when every step can run at once: then apt is never queued
-            # behind a download that waits for it (serial runs and short job limits: nobody first)
-            holder = LINK_FIRST_STEP if LINK_FIRST_STEP in plan.names() and self.jobs >= len(plan.names()) else None
+            # apt has the link first only when there are more threads than steps that may wait for it:
+            # then apt always gets a thread and never queues behind them (serial runs: nobody first)
+            waiters = sum(1 for cls in plan.classes.values() if cls.uses_link)
+            holder = LINK_FIRST_STEP if LINK_FIRST_STEP in plan.names() and self.jobs > waiters else None
             ctx = dataclasses.replace(
                 ctx, link=LinkFirst(holder, on_wait=self._link_wait, on_granted=self._link_granted)
             )

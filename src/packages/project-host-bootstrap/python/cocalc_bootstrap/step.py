@@ -54,6 +54,7 @@ class Step:
     phase: ClassVar[str] = "bootstrapping"
     hint: ClassVar[str] = "See the log for the failing command's output."
     version: ClassVar[int] = 1  # bump when apply() changes meaning: part of the fingerprint
+    uses_link: ClassVar[bool] = False  # its downloads wait while apt has the link first (link_turn)
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -72,8 +73,9 @@ class Step:
         pass
 
     def link_turn(self) -> None:
-        """Before a download: wait while the step with the link first (apt) still fetches (slots.LinkFirst)."""
-        if self.ctx.link is not None:
+        """Before a download: wait while the step with the link first (apt) still fetches (slots.LinkFirst).
+        Only for steps that say so (uses_link): the engine counts them to be sure apt always gets a thread."""
+        if self.ctx.link is not None and self.uses_link:
             self.ctx.link.turn(self.name)
 
 

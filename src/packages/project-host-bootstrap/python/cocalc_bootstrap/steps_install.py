@@ -143,6 +143,7 @@ class DownloadBundleStep(Step):
     deps = ("directories",)
     weight_s = 15.0
     phase = "downloading bundles"
+    uses_link = True
     hint = DOWNLOAD_HINT
 
     @property
@@ -317,6 +318,7 @@ class NodeStep(Step):
     name = "node"
     deps = ("directories",)
     weight_s = 15.0
+    uses_link = True
     phase = "installing Node.js"
     hint = (
         "<node.dist_url>/v<version>/SHASUMS256.txt must list node-v<version>-linux-<x64|arm64>.tar.xz; "

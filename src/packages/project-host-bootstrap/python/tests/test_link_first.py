@@ -74,7 +74,9 @@ class Recorder(bootstrap.EventSink):
         self.events.append(event)
 
 
-def fake(name: str, body: Callable[[bootstrap.Step], None], deps: tuple[str, ...] = ()) -> type[bootstrap.Step]:
+def fake(
+    name: str, body: Callable[[bootstrap.Step], None], deps: tuple[str, ...] = (), *, uses_link: bool = False
+) -> type[bootstrap.Step]:
     ran: list[bool] = []
 
     class S(bootstrap.Step):
@@ -87,6 +89,7 @@ def fake(name: str, body: Callable[[bootstrap.Step], None], deps: tuple[str, ...
 
     S.name = name
     S.deps = deps
+    S.uses_link = uses_link
     S.__name__ = f"Step_{name}"
     return S
 
@@ -136,7 +139,11 @@ def test_the_engine_gives_apt_the_link_first_then_the_downloads_go_while_dpkg_wo
         step.link_turn()
         note(f"downloads: {step.name}")
 
-    steps = [fake("apt", apt), fake("download_project", download), fake("node", download)]
+    steps = [
+        fake("apt", apt),
+        fake("download_project", download, uses_link=True),
+        fake("node", download, uses_link=True),
+    ]
     events, text, (runner, error) = run_plan(tmp_path, steps)
     assert error is None
     assert runner.ctx.link.holder == "apt" and not runner.ctx.link.held
@@ -160,24 +167,41 @@ def test_the_link_is_everyones_when_apt_ends_whatever_its_outcome(tmp_path: Path
     def download(step: bootstrap.Step) -> None:
         got.append(bootstrap.LinkFirst.turn(step.ctx.link, step.name) if step.ctx.link else -1.0)
 
-    steps = [fake("apt", apt), fake("download_project", download)]
+    steps = [fake("apt", apt), fake("download_project", download, uses_link=True)]
     _, text, (runner, error) = run_plan(tmp_path, steps)
     assert (error is not None) == (apt_outcome == "fails")
     assert len(got) == 1 and got[0] < bootstrap.LINK_MAX_WAIT_S  # released by apt's end, not by the timeout
     assert "gave up waiting" not in text
 
 
-def test_serial_runs_and_plans_without_apt_have_nobody_first(tmp_path: Path) -> None:
+def test_nobody_first_in_serial_runs_without_apt_or_with_too_few_threads(tmp_path: Path) -> None:
     def noop(step: bootstrap.Step) -> None:
         step.link_turn()
 
-    _, _, (serial, _) = run_plan(tmp_path / "a", [fake("apt", noop), fake("download_project", noop)], parallel=False)
+    def dl(name: str) -> type[bootstrap.Step]:
+        return fake(name, noop, uses_link=True)
+
+    _, _, (serial, _) = run_plan(tmp_path / "a", [fake("apt", noop), dl("download_project")], parallel=False)
     assert serial.ctx.link.holder is None
-    _, _, (no_apt, _) = run_plan(tmp_path / "b", [fake("download_project", noop), fake("node", noop)])
+    _, _, (no_apt, _) = run_plan(tmp_path / "b", [dl("download_project"), dl("node")])
     assert no_apt.ctx.link.holder is None
+    # as many threads as waiters: apt could queue behind them, so nobody goes first
+    cfg = dataclasses.replace(engine_config(tmp_path), parallel=True)
+    plan = bootstrap.Plan([fake("apt", noop), dl("download_project"), dl("node")])
+    ctx = bootstrap.Context(cfg, bootstrap.Log(tmp_path / "c.log", echo=False))
+    state = bootstrap.StateStore(tmp_path / "c-state.json")
+    assert bootstrap.Runner(plan, ctx, state=state, jobs=2).ctx.link.holder is None
+    assert bootstrap.Runner(plan, ctx, state=state, jobs=3).ctx.link.holder == "apt"
+    # a step that does not say it uses the link never waits on it
+    quiet = fake("other", noop)(dataclasses.replace(ctx, link=bootstrap.LinkFirst("apt", max_wait_s=30)))
+    started = time.monotonic()
+    quiet.link_turn()
+    assert time.monotonic() - started < 5
 
 
-def test_the_apt_step_fetches_first_only_when_it_holds_the_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_apt_step_fetches_first_only_when_it_holds_the_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[str] = []
     monkeypatch.setattr(bootstrap, "apt_download", lambda pkgs, t, log: calls.append("download-only " + " ".join(pkgs)))
     cfg = engine_config(tmp_path)
@@ -196,12 +220,16 @@ def test_a_failed_fetch_gives_the_link_up_and_leaves_the_install_to_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def fail(pkgs: list[str], t: int, log: Any) -> None:
-        found = bootstrap.CommandResult(("apt-get",), 100, 0.1, "E: Unable to fetch some archives", "E: Unable to fetch")
+        found = bootstrap.CommandResult(
+            ("apt-get",), 100, 0.1, "E: Unable to fetch some archives", "E: Unable to fetch"
+        )
         raise bootstrap.CommandError("apt-get install exited with 100", found)
 
     monkeypatch.setattr(bootstrap, "apt_download", fail)
     link = bootstrap.LinkFirst("apt")
-    step = bootstrap.AptStep(bootstrap.Context(engine_config(tmp_path), bootstrap.Log(tmp_path / "a.log", echo=False), link=link))
+    step = bootstrap.AptStep(
+        bootstrap.Context(engine_config(tmp_path), bootstrap.Log(tmp_path / "a.log", echo=False), link=link)
+    )
     step.fetch_first(["podman"])
     assert not link.held
     assert "installing as usual" in (tmp_path / "a.log").read_text()
