@@ -168,7 +168,7 @@ def test_the_link_is_everyones_when_apt_ends_whatever_its_outcome(tmp_path: Path
         got.append(bootstrap.LinkFirst.turn(step.ctx.link, step.name) if step.ctx.link else -1.0)
 
     steps = [fake("apt", apt), fake("download_project", download, uses_link=True)]
-    _, text, (runner, error) = run_plan(tmp_path, steps)
+    _, text, (_, error) = run_plan(tmp_path, steps)
     assert (error is not None) == (apt_outcome == "fails")
     assert len(got) == 1 and got[0] < bootstrap.LINK_MAX_WAIT_S  # released by apt's end, not by the timeout
     assert "gave up waiting" not in text
@@ -190,8 +190,9 @@ def test_nobody_first_in_serial_runs_without_apt_or_with_too_few_threads(tmp_pat
     plan = bootstrap.Plan([fake("apt", noop), dl("download_project"), dl("node")])
     ctx = bootstrap.Context(cfg, bootstrap.Log(tmp_path / "c.log", echo=False))
     state = bootstrap.StateStore(tmp_path / "c-state.json")
-    assert bootstrap.Runner(plan, ctx, state=state, jobs=2).ctx.link.holder is None
-    assert bootstrap.Runner(plan, ctx, state=state, jobs=3).ctx.link.holder == "apt"
+    two, three = (bootstrap.Runner(plan, ctx, state=state, jobs=n).ctx.link for n in (2, 3))
+    assert two is not None and two.holder is None
+    assert three is not None and three.holder == "apt"
     # a step that does not say it uses the link never waits on it
     quiet = fake("other", noop)(dataclasses.replace(ctx, link=bootstrap.LinkFirst("apt", max_wait_s=30)))
     started = time.monotonic()
