@@ -438,7 +438,8 @@ class Runner:
             # apt has the link first only when there are more threads than steps that may wait for it:
             # then apt always gets a thread and never queues behind them (serial runs: nobody first)
             waiters = sum(1 for cls in plan.classes.values() if cls.uses_link)
-            holder = LINK_FIRST_STEP if LINK_FIRST_STEP in plan.names() and self.jobs > waiters else None
+            first = [n for n in plan.names() if plan.classes[n].link_first(ctx)] if self.jobs > waiters else []
+            holder = first[0] if first else None
             ctx = dataclasses.replace(
                 ctx, link=LinkFirst(holder, on_wait=self._link_wait, on_granted=self._link_granted)
             )
@@ -682,10 +683,6 @@ class Runner:
 def cpu_slots(config: Config) -> int:
     """How many CPU-heavy jobs (extractions) run at once: the config's cpu_slots, else one per core."""
     return config.cpu_slots or os.cpu_count() or 1
-
-
-# The step that has the link first (slots.LinkFirst): apt, the longest chain of a cold host.
-LINK_FIRST_STEP = "apt"
 
 
 def default_jobs(plan: Plan, config: Config) -> int:

@@ -72,6 +72,11 @@ class Step:
     def apply(self) -> None:
         pass
 
+    @classmethod
+    def link_first(cls, ctx: Context) -> bool:
+        """Should this step have the link first in this run (slots.LinkFirst)? Only apt says so, and not always."""
+        return False
+
     def link_turn(self) -> None:
         """Before a download: wait while the step with the link first (apt) still fetches (slots.LinkFirst).
         Only for steps that say so (uses_link): the engine counts them to be sure apt always gets a thread."""

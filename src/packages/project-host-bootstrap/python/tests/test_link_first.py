@@ -75,8 +75,15 @@ class Recorder(bootstrap.EventSink):
 
 
 def fake(
-    name: str, body: Callable[[bootstrap.Step], None], deps: tuple[str, ...] = (), *, uses_link: bool = False
+    name: str,
+    body: Callable[[bootstrap.Step], None],
+    deps: tuple[str, ...] = (),
+    *,
+    uses_link: bool = False,
+    first: bool | None = None,
 ) -> type[bootstrap.Step]:
+    """A step; `first`: whether it asks for the link first (default: only the one named apt)."""
+    wants_first = name == "apt" if first is None else first
     ran: list[bool] = []
 
     class S(bootstrap.Step):
@@ -86,6 +93,10 @@ def fake(
         def apply(self) -> None:
             body(self)
             ran.append(True)
+
+        @classmethod
+        def link_first(cls, ctx: bootstrap.Context) -> bool:
+            return wants_first
 
     S.name = name
     S.deps = deps
@@ -193,6 +204,10 @@ def test_nobody_first_in_serial_runs_without_apt_or_with_too_few_threads(tmp_pat
     two, three = (bootstrap.Runner(plan, ctx, state=state, jobs=n).ctx.link for n in (2, 3))
     assert two is not None and two.holder is None
     assert three is not None and three.holder == "apt"
+    # apt present but not asking to go first (a bundle will be extracted): nobody first
+    plan2 = bootstrap.Plan([fake("apt", noop, first=False), dl("download_project")])
+    link2 = bootstrap.Runner(plan2, ctx, state=state, jobs=16).ctx.link
+    assert link2 is not None and link2.holder is None
     # a step that does not say it uses the link never waits on it
     quiet = fake("other", noop)(dataclasses.replace(ctx, link=bootstrap.LinkFirst("apt", max_wait_s=30)))
     started = time.monotonic()
@@ -234,3 +249,31 @@ def test_a_failed_fetch_gives_the_link_up_and_leaves_the_install_to_retry(
     step.fetch_first(["podman"])
     assert not link.held
     assert "installing as usual" in (tmp_path / "a.log").read_text()
+
+
+def test_apt_goes_first_only_when_every_bundle_is_mounted_from_an_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an archive to extract, that bundle's chain is the longer one: its download must not wait."""
+    cfg = engine_config(tmp_path)
+    ctx = bootstrap.Context(cfg, bootstrap.Log(tmp_path / "f.log", echo=False))
+    assert all(getattr(cfg.artifacts, a).image is None for a in bootstrap.BUNDLE_ARTIFACTS)
+    assert bootstrap.AptStep.link_first(ctx) is False  # archives only
+    image = bootstrap.ImageSpec(url="https://example.org/i.sqfs", sha256="a" * 64, size_bytes=None)
+    arts = {a: dataclasses.replace(getattr(cfg.artifacts, a), image=image) for a in bootstrap.BUNDLE_ARTIFACTS}
+    with_images = dataclasses.replace(cfg, artifacts=dataclasses.replace(cfg.artifacts, **arts))
+    ctx_images = bootstrap.Context(with_images, ctx.log)
+    monkeypatch.setattr(bootstrap, "images_unsupported", lambda log: None)  # a kernel that mounts them
+    assert bootstrap.AptStep.link_first(ctx_images) is True
+    monkeypatch.setattr(bootstrap, "images_unsupported", lambda log: "no squashfs in /proc/filesystems")
+    assert bootstrap.AptStep.link_first(ctx_images) is False  # the archives are installed instead
+    one_archive = dataclasses.replace(
+        with_images.artifacts, tools=dataclasses.replace(with_images.artifacts.tools, image=None)
+    )
+    monkeypatch.setattr(bootstrap, "images_unsupported", lambda log: None)
+    assert (
+        bootstrap.AptStep.link_first(
+            bootstrap.Context(dataclasses.replace(with_images, artifacts=one_archive), ctx.log)
+        )
+        is False
+    )
