@@ -2925,9 +2925,8 @@ def decompressor_problems(config: Config) -> list[tuple[str, str]]:
         return []
     zstd = [
         name
-        for name in ("project_host", "project", "tools")
-        if getattr(config.artifacts, name).image is None
-        and ZSTD_URL_RE.search(urllib.parse.urlsplit(getattr(config.artifacts, name).url).path)
+        for name, spec in config.artifacts.items()
+        if spec.image is None and ZSTD_URL_RE.search(urllib.parse.urlsplit(spec.url).path)
     ]
     if not zstd:
         return []
@@ -3625,20 +3624,14 @@ def apt_update(lock_timeout_s: int, log: Log) -> None:
 
 def apt_download(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
     """`apt-get install --download-only`: the packages (and what they need) into apt's cache, nothing installed."""
-    wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
-    run_command(
-        apt_get_argv(["install", "--download-only", "--no-install-recommends", *packages], lock_timeout_s),
-        sudo=True,
-        env=APT_ENV,
-        timeout_s=lock_timeout_s + 1800,
-        hint=APT_HINT,
-    )
+    apt_install(packages, lock_timeout_s, log, download_only=True)
 
 
-def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
+def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log, *, download_only: bool = False) -> None:
     wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
+    only = ["--download-only"] if download_only else []
     run_command(
-        apt_get_argv(["install", "--no-install-recommends", *packages], lock_timeout_s),
+        apt_get_argv(["install", *only, "--no-install-recommends", *packages], lock_timeout_s),
         sudo=True,
         env=APT_ENV,
         timeout_s=lock_timeout_s + 1800,
@@ -5118,9 +5111,6 @@ def fetch_secret(url: str, token: str) -> str:
 # steps_install: Steps that install software: apt, bundle downloads and installs, Node.js.
 # ============================================================================
 
-# The bundles a host installs (the config's artifacts, Node aside).
-BUNDLE_ARTIFACTS = ("project_host", "project", "tools")
-
 
 class AptStep(Step):
     """The configured Debian packages: waits for the locks, never kills their holder."""
@@ -5181,8 +5171,7 @@ class AptStep(Step):
         image (a mount). Where a bundle is extracted, its download → extraction chain is the longer
         one (measured at 50 MB/s: holding the link for apt made an archive run 31.9 s → 43.9 s, an
         image run 29.9 s → 21.9 s), so its download must not wait."""
-        arts = ctx.config.artifacts
-        return all(wants_image(ctx.config, name, getattr(arts, name), ctx.log) for name in BUNDLE_ARTIFACTS)
+        return all(wants_image(ctx.config, name, spec, ctx.log) for name, spec in ctx.config.artifacts.items())
 
     def fetch_first(self, packages: list[str]) -> None:
         """When apt has the link first (slots.LinkFirst): fetch the packages, then let the other

@@ -130,20 +130,14 @@ def apt_update(lock_timeout_s: int, log: Log) -> None:
 
 def apt_download(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
     """`apt-get install --download-only`: the packages (and what they need) into apt's cache, nothing installed."""
-    wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
-    run_command(
-        apt_get_argv(["install", "--download-only", "--no-install-recommends", *packages], lock_timeout_s),
-        sudo=True,
-        env=APT_ENV,
-        timeout_s=lock_timeout_s + 1800,
-        hint=APT_HINT,
-    )
+    apt_install(packages, lock_timeout_s, log, download_only=True)
 
 
-def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log) -> None:
+def apt_install(packages: Sequence[str], lock_timeout_s: int, log: Log, *, download_only: bool = False) -> None:
     wait_for_locks(DPKG_LOCKS, time.monotonic() + lock_timeout_s, log)
+    only = ["--download-only"] if download_only else []
     run_command(
-        apt_get_argv(["install", "--no-install-recommends", *packages], lock_timeout_s),
+        apt_get_argv(["install", *only, "--no-install-recommends", *packages], lock_timeout_s),
         sudo=True,
         env=APT_ENV,
         timeout_s=lock_timeout_s + 1800,

@@ -86,9 +86,8 @@ def decompressor_problems(config: Config) -> list[tuple[str, str]]:
         return []
     zstd = [
         name
-        for name in ("project_host", "project", "tools")
-        if getattr(config.artifacts, name).image is None
-        and ZSTD_URL_RE.search(urllib.parse.urlsplit(getattr(config.artifacts, name).url).path)
+        for name, spec in config.artifacts.items()
+        if spec.image is None and ZSTD_URL_RE.search(urllib.parse.urlsplit(spec.url).path)
     ]
     if not zstd:
         return []

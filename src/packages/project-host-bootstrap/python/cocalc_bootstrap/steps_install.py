@@ -45,9 +45,6 @@ from .layout import (
 from .slots import cpu_slot
 from .step import Context, Step, StepState, atomic_write_text, write_user_file
 
-# The bundles a host installs (the config's artifacts, Node aside).
-BUNDLE_ARTIFACTS = ("project_host", "project", "tools")
-
 
 class AptStep(Step):
     """The configured Debian packages: waits for the locks, never kills their holder."""
@@ -108,8 +105,7 @@ class AptStep(Step):
         image (a mount). Where a bundle is extracted, its download → extraction chain is the longer
         one (measured at 50 MB/s: holding the link for apt made an archive run 31.9 s → 43.9 s, an
         image run 29.9 s → 21.9 s), so its download must not wait."""
-        arts = ctx.config.artifacts
-        return all(wants_image(ctx.config, name, getattr(arts, name), ctx.log) for name in BUNDLE_ARTIFACTS)
+        return all(wants_image(ctx.config, name, spec, ctx.log) for name, spec in ctx.config.artifacts.items())
 
     def fetch_first(self, packages: list[str]) -> None:
         """When apt has the link first (slots.LinkFirst): fetch the packages, then let the other

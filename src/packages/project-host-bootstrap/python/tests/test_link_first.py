@@ -257,10 +257,10 @@ def test_apt_goes_first_only_when_every_bundle_is_mounted_from_an_image(
     """With an archive to extract, that bundle's chain is the longer one: its download must not wait."""
     cfg = engine_config(tmp_path)
     ctx = bootstrap.Context(cfg, bootstrap.Log(tmp_path / "f.log", echo=False))
-    assert all(getattr(cfg.artifacts, a).image is None for a in bootstrap.BUNDLE_ARTIFACTS)
+    assert all(getattr(cfg.artifacts, a).image is None for a, _ in cfg.artifacts.items())
     assert bootstrap.AptStep.link_first(ctx) is False  # archives only
     image = bootstrap.ImageSpec(url="https://example.org/i.sqfs", sha256="a" * 64, size_bytes=None)
-    arts = {a: dataclasses.replace(getattr(cfg.artifacts, a), image=image) for a in bootstrap.BUNDLE_ARTIFACTS}
+    arts = {a: dataclasses.replace(getattr(cfg.artifacts, a), image=image) for a, _ in cfg.artifacts.items()}
     with_images = dataclasses.replace(cfg, artifacts=dataclasses.replace(cfg.artifacts, **arts))
     ctx_images = bootstrap.Context(with_images, ctx.log)
     monkeypatch.setattr(bootstrap, "images_unsupported", lambda log: None)  # a kernel that mounts them
